@@ -1,0 +1,168 @@
+"""The contract between the fork server and a tier.
+
+The fork server (``forkserver.py``) owns the test protocol; a tier owns only *how the
+process that runs the test is confined*. For each test the server calls, in order:
+
+    box = Box(...)
+    tier.prepare(box)                 # host side, in the server, before any fork
+    pid = tier.spawn(box, run)        # forks; the confined process calls run()
+    ... server waits on pid, reading wire messages from box.result_fd's read end ...
+    tier.kill(box, pid)               # only on timeout / shutdown: kill the whole tree
+    tier.finish(box, pid, status, ru) # host side, after pid is reaped: readings, cleanup
+
+``run`` never returns: it runs the test protocol and ``os._exit``s with 0. If the pid
+the server waits on is not the process that called ``run`` (e.g. a PID-namespace init
+sits between them), the tier must send ``{"t": "exit", "status": <raw wait status of
+the runner>, "rusage": rusage_dict(ru)}`` on ``box.result_fd`` once the runner is
+reaped, so crashes are reported with the runner's real signal/exit code.
+
+Tiers compose facets (``pytest_isolate.facets``) in a fixed order, as nsjail does:
+cgroup join → namespaces → mounts/root → hostname → network → devices → rlimits →
+capabilities → no_new_privs/setsid → run.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+from pytest_isolate.spec import IsolationSpec
+
+
+class Unavailable(Exception):
+    """The tier cannot run on this host; str() is one line: what is missing, how to fix."""
+
+
+@dataclass
+class WorkerContext:
+    """Facts shared by every test one fork server runs."""
+
+    run_id: str  # short id of this pytest run; every host object we create carries it
+    rundir: Path  # host dir of the run; the controller removes it at session end
+    workdir: Path  # this worker's dir under rundir
+    rootdir: Path  # pytest rootdir: visible at its usual path inside sandboxes
+    basetemp: Path  # pytest basetemp: bound read-write so tmp_path works as usual
+    invocation_dir: Path
+    switch_netns: str | None = None  # path of the run's switch netns (network="ip")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Box:
+    """One test's sandbox, as the host side (fork server) sees it."""
+
+    nodeid: str
+    spec: IsolationSpec
+    index: int  # sequence number within the worker: unique names for host objects
+    scratch: Path  # per-test host dir; removed after finish()
+    hostname: str  # UTS name for tiers with their own UTS namespace
+    result_fd: int  # write end of the message pipe; inherited by the child
+    usage: dict[str, Any] = field(default_factory=dict)  # readings (observe.usage shape)
+    notes: list[str] = field(default_factory=list)  # report lines ("OOM-killed", ...)
+    events: list[dict[str, Any]] = field(default_factory=list)  # escape/overuse records
+    state: dict[str, Any] = field(default_factory=dict)  # tier-private
+
+
+class Tier:
+    """Base tier: subclasses override what they confine."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def availability(cls) -> str | None:
+        """None when this host can run the tier, else one line: what is missing and how
+        to enable it. Called once per run on the controller (cheap probes only)."""
+        return None
+
+    def prepare(self, box: Box) -> None:
+        """Host-side set-up before the fork (e.g. create the test's cgroup)."""
+
+    def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
+        raise NotImplementedError
+
+    def kill(self, box: Box, pid: int) -> None:
+        """Kill everything the test started, not only ``pid``."""
+        kill_tree(pid)
+
+    def finish(self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None) -> None:
+        """Host-side readings and clean-up after ``pid`` was reaped."""
+
+    def close(self) -> None:
+        """Release per-worker resources at worker shutdown."""
+
+
+def fork_child(body: Callable[[], NoReturn]) -> int:
+    """fork(); the child runs ``body`` and never returns into the caller's stack.
+
+    Any exception escaping ``body`` is printed and the child exits 70 (EX_SOFTWARE):
+    a confinement step that fails must not fall back into the fork server's loop.
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        except BaseException:  # noqa: BLE001 - last resort in a forked child
+            import traceback
+
+            try:
+                traceback.print_exc()
+            finally:
+                os._exit(70)
+        os._exit(0)
+    return pid
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (via /proc/<pid>/task/*/children), deepest last."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Kill ``pid`` and every descendant; stop them first so none can fork meanwhile."""
+    procs = [pid, *descendants(pid)]
+    for p in procs:
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except OSError:
+            pass
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+
+
+def rusage_dict(ru: resource.struct_rusage | None) -> dict[str, float]:
+    """The rusage fields reports use, JSON-ready (maxrss in bytes)."""
+    if ru is None:
+        return {}
+    return {
+        "cpu_user": ru.ru_utime,
+        "cpu_sys": ru.ru_stime,
+        "max_rss": ru.ru_maxrss * 1024,
+        "write_bytes": float(ru.ru_oublock * 512),
+    }
