@@ -1,0 +1,119 @@
+"""Runs inside the sandbox: one item's full protocol, reports sent up a pipe.
+
+This is the last step of the confinement order: by the time ``run_items`` is called the
+tier has already confined the process. It never returns; it ``os._exit``s so no
+``atexit`` handler or pytest session teardown of the (forked) parent runs twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import sys
+from typing import Any, NoReturn
+
+import pytest
+
+from pytest_isolate import wire
+
+#: Signal the fork server sends a timed-out runner so it dumps its Python stack.
+STACK_SIGNAL = signal.SIGRTMIN + 3
+#: comm name of the process that runs the test, so the fork server finds it in the
+#: sandbox's process tree whatever tier structure sits above it.
+RUNNER_COMM = b"isolate-test"
+
+
+class _Forwarder:
+    """Child-side plugin: sends what pytest logs to the controller instead."""
+
+    def __init__(self, config: pytest.Config, fd: int) -> None:
+        self.config = config
+        self.fd = fd
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        wire.send(self.fd, {"t": "report", "data": data})
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_warning_recorded(self, warning_message: Any, when: str, nodeid: str, location: Any) -> None:
+        wire.send(
+            self.fd,
+            {
+                "t": "warning",
+                "message": str(warning_message.message),
+                "category": getattr(warning_message.category, "__name__", "UserWarning"),
+                "category_module": getattr(warning_message.category, "__module__", "builtins"),
+                "filename": warning_message.filename,
+                "lineno": warning_message.lineno,
+                "when": when,
+                "nodeid": nodeid,
+                "location": list(location) if location else None,
+            },
+        )
+
+
+def _set_comm(name: bytes) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - cosmetic, never fatal
+        pass
+
+
+def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
+    try:  # TEMP until facets/rlimits.py lands
+        from pytest_isolate.facets import rlimits
+    except ImportError:
+        return
+    from pytest_isolate.spec import IsolationSpec
+
+    rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
+
+
+def run_items(
+    config: pytest.Config,
+    items: list[pytest.Item],
+    nextitem: pytest.Item | None,
+    result_fd: int,
+    stack_fd: int,
+    term_fd: int,
+    spec_dict: dict[str, Any],
+    enforced_by_cgroup: bool,
+) -> NoReturn:
+    """Run ``items`` in this (already confined) process, then exit."""
+    code = 0
+    try:
+        _set_comm(RUNNER_COMM)
+        # Uncaptured output (-s, or anything outside pytest's capture) goes where the
+        # user's terminal is, as it would in-process.
+        os.dup2(term_fd, 1)
+        os.dup2(term_fd, 2)
+        # The server ignores SIGINT (the controller handles Ctrl-C); tests get Python's
+        # usual handler back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        faulthandler.enable(file=stack_fd, all_threads=True)
+        faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
+        _apply_rlimits(spec_dict, enforced_by_cgroup)
+        config.pluginmanager.register(_Forwarder(config, result_fd), "isolate-forwarder")
+        for i, item in enumerate(items):
+            nxt = items[i + 1] if i + 1 < len(items) else nextitem
+            config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+    except BaseException as exc:  # noqa: BLE001 - report, never fall back into the server
+        code = 70
+        try:
+            import traceback
+
+            wire.send(result_fd, {"t": "internal", "error": "".join(traceback.format_exception(exc))})
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(code)

@@ -1,0 +1,269 @@
+"""Controller side: pools of isolated workers, dispatch, worker death, clean-up.
+
+One worker (execnet gateway + fork server) serves every host tier — process, chroot,
+jail and zone differ only in how the forked child confines itself — so a suite mixing
+tiers still collects once. UML needs a worker per guest configuration, since the
+worker lives inside the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import execnet
+import pytest
+
+from pytest_isolate import remote, wire
+from pytest_isolate.spec import IsolationSpec
+from pytest_isolate.tiers.base import kill_tree
+
+#: How long a worker may take to start and collect before it is declared dead.
+START_TIMEOUT = 300.0
+#: Extra seconds beyond a test's own timeout before the controller stops trusting the
+#: fork server to report (it enforces the timeout itself; this guards a wedged worker).
+GUARD = 60.0
+
+
+class WorkerDied(Exception):
+    """The worker process (gateway or fork server) is gone; str() says how."""
+
+
+def pool_key(spec: IsolationSpec) -> tuple[Any, ...]:
+    if spec.tier == "uml":
+        return ("uml", spec.kernel, spec.memory, spec.cpus, spec.network)
+    return ("host",)
+
+
+class Worker:
+    """One execnet gateway with its fork server."""
+
+    def __init__(self, ctl: Controller, index: int, key: tuple[Any, ...], spec: IsolationSpec) -> None:
+        self.ctl = ctl
+        self.index = index
+        self.key = key
+        self.workdir = ctl.rundir / f"w{index}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.basetemp = ctl.basetemp / f"iso{index}"
+        self.uml = key[0] == "uml"
+        self.gw: execnet.Gateway | None = None
+        self.ch: Any = None
+        self.server_pid: int | None = None
+        self._start(spec)
+
+    def _gateway_spec(self, spec: IsolationSpec) -> str:
+        if not self.uml:
+            return f"popen//python={sys.executable}"
+        from pytest_isolate.tiers import uml
+
+        opts = uml.UmlOptions(
+            kernel=uml.find_kernel(spec.kernel or self.ctl.uml_kernel),
+            memory=spec.memory or 256 << 20,
+            cpus=spec.cpus,
+            network=spec.network,
+        )
+        return uml.gateway_spec(opts, self.workdir / "uml", os.path.realpath(sys.executable))
+
+    def _start(self, spec: IsolationSpec) -> None:
+        cfg = self.ctl.config
+        self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
+        self.ch = self.gw.remote_exec(remote)
+        workerinput = dict(getattr(cfg, "workerinput", None) or {})
+        workerinput.setdefault("workerid", "master")
+        workerinput.setdefault("workercount", 1)
+        workerinput.setdefault("testrunuid", self.ctl.run_id)
+        workerinput.setdefault("mainargv", list(sys.argv))
+        workerinput["isolate_server"] = True
+        self.ch.send(
+            {
+                "args": list(cfg.invocation_params.args),
+                "dir": str(cfg.invocation_params.dir),
+                "sys_path": list(sys.path),
+                "workerinput": workerinput,
+                "ctx": {
+                    "run_id": self.ctl.run_id,
+                    "rundir": str(self.ctl.rundir),
+                    "workdir": str(self.workdir),
+                    "rootdir": str(cfg.rootpath),
+                    "basetemp": str(self.basetemp),
+                    "invocation_dir": str(cfg.invocation_params.dir),
+                    "switch_netns": self.ctl.switch_path(),
+                    "extra": {"worker_index": self.index},
+                },
+            }
+        )
+        msg = self.receive(START_TIMEOUT)
+        if msg.get("t") != "ready":
+            raise WorkerDied(f"unexpected first message from worker: {msg!r}")
+        self.server_pid = msg["pid"]
+
+    def receive(self, timeout: float | None) -> dict[str, Any]:
+        try:
+            raw = self.ch.receive(timeout)
+        except self.ch.TimeoutError:
+            raise WorkerDied(f"no answer from the isolated worker within {timeout:g}s") from None
+        except (EOFError, OSError, execnet.RemoteError) as exc:
+            raise WorkerDied(self._death(str(exc))) from None
+        if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
+            raise WorkerDied(self._death(f"fork server exited with code {raw[1]}"))
+        return json.loads(raw)
+
+    def _death(self, why: str) -> str:
+        tail = ""
+        if self.uml:
+            with contextlib.suppress(Exception):
+                from pytest_isolate.tiers import uml
+
+                tail = uml.console_tail(self.workdir / "uml")
+        log = self.workdir / "server.log"
+        with contextlib.suppress(OSError):
+            text = log.read_text(errors="replace").strip()
+            if text:
+                tail = (tail + "\n" if tail else "") + "\n".join(text.splitlines()[-30:])
+        why = why.strip().splitlines()[-1] if why.strip() else "worker died"
+        return f"isolated worker died ({why})" + (f"\n--- last output ---\n{tail}" if tail else "")
+
+    def run(self, nodeid: str, spec: IsolationSpec) -> dict[str, Any]:
+        self.ch.send(wire.encode({"t": "run", "nodeid": nodeid, "spec": spec.to_dict()}))
+        guard = spec.timeout + GUARD if spec.timeout else None
+        return self.receive(guard)
+
+    def close(self) -> None:
+        """Stop the worker and everything below it, politely first."""
+        if self.ch is not None:
+            with contextlib.suppress(Exception):
+                self.ch.send(wire.encode({"t": "shutdown"}))
+        pid = None
+        if self.gw is not None:
+            popen = getattr(getattr(self.gw, "_io", None), "popen", None)
+            pid = getattr(popen, "pid", None)
+            with contextlib.suppress(Exception):
+                self.gw.exit()
+                self.gw.join(timeout=5)
+        if self.server_pid and not self.uml:
+            # The server is in its own session; wait for it to clean up, then insist.
+            end = time.monotonic() + 5
+            while time.monotonic() < end and os.path.exists(f"/proc/{self.server_pid}"):
+                time.sleep(0.02)
+            with contextlib.suppress(OSError):
+                kill_tree(self.server_pid)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM if self.uml else signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                popen.wait(timeout=10)  # type: ignore[union-attr]
+        if self.uml:
+            with contextlib.suppress(Exception):
+                from pytest_isolate.tiers import uml
+
+                uml.close_guest(self.workdir / "uml")
+        self.gw = self.ch = None
+
+
+class Controller:
+    """Owns the run directory, the workers, and the end-of-session sweep."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.run_id = secrets.token_hex(4)
+        self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
+        self.rundir.mkdir(mode=0o755)
+        self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        self.group = execnet.Group()
+        self.workers: dict[tuple[Any, ...], Worker] = {}
+        self.count = 0
+        self.uml_kernel: str | None = config.getoption("isolate_uml_kernel", None)
+        self.needs_switch = False
+        self._switch: Any = None
+
+    def switch_path(self) -> str | None:
+        if not self.needs_switch:
+            return None
+        if self._switch is None:
+            from pytest_isolate.facets import net
+
+            self._switch = net.Switch.create(self.run_id)
+        return self._switch.path
+
+    def worker(self, spec: IsolationSpec) -> Worker:
+        key = pool_key(spec)
+        w = self.workers.get(key)
+        if w is None:
+            self.count += 1
+            w = Worker(self, self.count, key, spec)
+            self.workers[key] = w
+        return w
+
+    def run(self, nodeid: str, spec: IsolationSpec) -> dict[str, Any]:
+        """Run one test; a dead worker yields a failure for that test and is replaced."""
+        key = pool_key(spec)
+        try:
+            w = self.worker(spec)
+        except WorkerDied as exc:
+            self.drop(key)
+            return {"t": "done", "nodeid": nodeid, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - e.g. a UML kernel that will not boot
+            self.drop(key)
+            return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {exc}"}
+        try:
+            done = w.run(nodeid, spec)
+        except WorkerDied as exc:
+            self.drop(key)
+            return {"t": "done", "nodeid": nodeid, "error": str(exc), "worker_died": True}
+        if spec.tier == "uml" and spec.scope == "test":
+            self.drop(key)
+        return done
+
+    def drop(self, key: tuple[Any, ...]) -> None:
+        w = self.workers.pop(key, None)
+        if w is not None:
+            w.close()
+
+    def shutdown(self) -> None:
+        for key in list(self.workers):
+            self.drop(key)
+        with contextlib.suppress(Exception):
+            self.group.terminate(timeout=5)
+        if self._switch is not None:
+            with contextlib.suppress(Exception):
+                self._switch.close()
+        sweep(self.run_id, self.rundir)
+
+
+def sweep(run_id: str, rundir: Path) -> list[str]:
+    """Remove everything carrying ``run_id``: mounts under the run dir, cgroups, the
+    switch namespace, then the run dir. Safe to call twice."""
+    removed: list[str] = []
+    removed += _unmount_under(rundir)
+    for mod in ("cgroups", "net"):
+        with contextlib.suppress(Exception):
+            facet = __import__(f"pytest_isolate.facets.{mod}", fromlist=["sweep"])
+            removed += facet.sweep(run_id)
+    if rundir.exists():
+        shutil.rmtree(rundir, ignore_errors=True)
+        removed.append(str(rundir))
+    return removed
+
+
+def _unmount_under(root: Path) -> list[str]:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prefix = str(root)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return []
+    mine = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    for p in sorted(set(mine), key=len, reverse=True):
+        libc.umount2(p.encode(), 2)  # MNT_DETACH
+    return mine

@@ -1,0 +1,796 @@
+"""Network facet: loopback, the run's private switch, per-test veths, taps for UML guests.
+
+Safety contract (house rule): every address handed out lies in ``SUBNET``; the switch is a
+bridge in a namespace of its own with no uplink; nothing here adds a route, so a test
+namespace has only the connected route of ``SUBNET`` and traffic can reach only the
+namespaces this run created. All set-up is rtnetlink with messages encoded by pyroute2,
+never the ``ip`` command.
+
+Speed: ``pyroute2.IPRoute`` spins up an asyncio loop per instance; its first use in a
+freshly forked child costs ~4-5 ms (copy-on-write faults over a large code path), too
+much for work done per test. The per-test paths (``loopback_up``, ``attach_ip``)
+therefore send pyroute2-encoded messages over a plain ``AF_NETLINK`` socket
+(``_Rtnl``); the rare paths (switch, taps, sweep) use ``IPRoute`` as usual.
+
+Importing this module imports pyroute2 (~110-150 ms): import it in the fork server
+*before* forking, never for the first time inside a test child.
+
+Privileges. As root in the initial user namespace the switch netns is bind-mounted at
+``/run/netns/pytest-isolate-<run_id>`` (found by name by ``sweep``). Unprivileged, a
+netns can be neither mounted nor joined from the initial user namespace, so the switch
+lives in a user namespace of its own, kept alive by a holder process, and its ``path``
+is ``/proc/<holder>/ns/net``; a test process must then *join* that user namespace
+(``enter_switch_userns``) before it unshares its own namespaces instead of creating a
+fresh user namespace: a process in a sibling user namespace holds no capability over
+the switch and cannot attach to it.
+
+Pitfalls for tiers:
+- Open the switch path *before* pivot_root or mounting a fresh /proc (neither
+  /run/netns/... nor /proc/<holder>/... is reachable afterwards) and pass the fd to
+  ``attach_ip``; close it in the test process once attached, or root code in the test
+  could setns into the switch.
+- The switch netns lives as long as anything references it: an open fd, a process in
+  it (a UML launcher), or a copy of its bind mount in a mount namespace created while it
+  existed (iproute2 avoids the last by making /run/netns a shared mount point; we do not,
+  as that mount would outlive the run). Test mount namespaces die with their tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+__all__ = [
+    "BRIDGE",
+    "NETNS_DIR",
+    "SUBNET",
+    "Switch",
+    "address_for",
+    "attach_ip",
+    "create_tap",
+    "delete_tap",
+    "enter_switch_userns",
+    "ip_available",
+    "loopback_up",
+    "peer_name",
+    "sweep",
+    "switch_name",
+]
+
+#: One private subnet per run. A /12 rather than a /16: 16 workers x 10000 tests need
+#: 160000 distinct addresses, more than a /16 holds. It exists only inside our namespaces.
+SUBNET = ipaddress.IPv4Network("10.208.0.0/12")
+#: ``address_for`` gives each worker a block of 2**_SEQ_BITS addresses.
+_SEQ_BITS = 14
+_MAX_WORKERS = 1 << (SUBNET.max_prefixlen - SUBNET.prefixlen - _SEQ_BITS)  # 64
+_PER_WORKER = (1 << _SEQ_BITS) - 2  # host numbers 1..16382 of each block: never .0/.max
+
+BRIDGE = "br0"
+NETNS_DIR = "/run/netns"
+_PREFIX = "pytest-isolate-"
+_HOLDER_TAG = "pytest-isolate-switch-holder"  # argv marker: how sweep finds holders
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1)
+IFF_UP = 0x1
+NETLINK_ROUTE = 0
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _ok(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _setns(fd: int, nstype: int) -> None:
+    _ok(_libc.setns(fd, nstype), "setns")
+
+
+def _unshare(flags: int) -> None:
+    _ok(_libc.unshare(flags), "unshare")
+
+
+# --------------------------------------------------------------------------- netlink
+
+
+class _Rtnl:
+    """A blocking rtnetlink socket: pyroute2 encodes, the kernel answers with an ack.
+
+    Bound to the netns that was current for the calling thread when it was opened (a
+    netlink socket keeps that netns for life), which is what lets us operate on the
+    switch after a brief ``setns`` there and back.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> _Rtnl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, data: bytes, seq: int, what: str) -> list[bytes]:
+        """Send one encoded request, return the raw replies that precede its ack."""
+        self.sock.sendto(data, (0, 0))
+        replies: list[bytes] = []
+        while True:
+            buf = self.sock.recv(65536)
+            off = 0
+            while off + 16 <= len(buf):
+                length, mtype, _flags, mseq = struct.unpack_from("=IHHI", buf, off)
+                if length < 16:
+                    raise OSError(errno.EPROTO, "malformed netlink reply")
+                if mseq == seq:
+                    if mtype == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", buf, off + 16)
+                        if code:
+                            raise OSError(-code, f"{what}: {os.strerror(-code)}")
+                        return replies
+                    if mtype == NLMSG_DONE:
+                        return replies
+                    replies.append(buf[off : off + length])
+                off += (length + 3) & ~3
+
+
+class _Template:
+    """A message encoded once by pyroute2 (in the fork server), filled per use by patching.
+
+    Encoding a nested message with pyroute2 costs ~0.14 ms warm but ~0.9 ms in a freshly
+    forked child (copy-on-write faults all over its code path); patching a few bytes
+    costs microseconds. Each hole is a sentinel value, unique in the encoded bytes, whose
+    offset is found once; ``fill`` writes same-width values there.
+    """
+
+    def __init__(self, msg: ifinfmsg | ifaddrmsg, mtype: int, flags: int, **holes: bytes) -> None:
+        msg["header"]["type"] = mtype
+        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+        msg.encode()
+        self.data = bytes(msg.data)
+        self.holes: dict[str, tuple[int, int]] = {}
+        for name, sentinel in holes.items():
+            if self.data.count(sentinel) != 1:
+                raise AssertionError(f"sentinel for {name} not unique in the encoded message")
+            self.holes[name] = (self.data.index(sentinel), len(sentinel))
+
+    def fill(self, seq: int, **values: bytes) -> bytes:
+        buf = bytearray(self.data)
+        struct.pack_into("=I", buf, 8, seq)  # nlmsghdr.nlmsg_seq
+        for name, value in values.items():
+            off, width = self.holes[name]
+            if len(value) != width:
+                raise ValueError(f"{name}: {len(value)} bytes for a {width}-byte hole")
+            buf[off : off + width] = value
+        return bytes(buf)
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack("=I", v)
+
+
+_PEER_HOLE = b"pi\x01\x02\x03\x04\x05\x06\x07\x08"  # the width of peer_name()
+_FD_HOLE = _u32(0x7EADBEEF)
+_INDEX_HOLE = _u32(0x7DDDDDD1)
+_MASTER_HOLE = _u32(0x7DDDDDD2)
+_LOCAL_HOLE = bytes([255, 1, 2, 3])
+_ADDRESS_HOLE = bytes([255, 4, 5, 6])
+
+
+def _ifname_tpl(mtype: int, name: bytes) -> _Template:
+    msg = ifinfmsg()
+    msg["attrs"] = [("IFLA_IFNAME", name.decode("latin-1"))]
+    return _Template(msg, mtype, 0, name=name)
+
+
+def _veth_tpl(ifname: str) -> _Template:
+    """Create ``ifname`` up, its peer (named by the hole) straight in netns fd (hole)."""
+    peer = {
+        "attrs": [("IFLA_IFNAME", _PEER_HOLE.decode("latin-1")), ("IFLA_NET_NS_FD", 0x7EADBEEF)]
+    }
+    msg = ifinfmsg()
+    msg["flags"] = IFF_UP
+    msg["change"] = IFF_UP
+    msg["attrs"] = [
+        ("IFLA_IFNAME", ifname),
+        (
+            "IFLA_LINKINFO",
+            {
+                "attrs": [
+                    ("IFLA_INFO_KIND", "veth"),
+                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
+                ]
+            },
+        ),
+    ]
+    return _Template(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, peer=_PEER_HOLE, fd=_FD_HOLE)
+
+
+def _addr_tpl() -> _Template:
+    msg = ifaddrmsg()
+    msg["family"] = socket.AF_INET
+    msg["prefixlen"] = 32
+    msg["index"] = 0x7DDDDDD1
+    msg["attrs"] = [("IFA_LOCAL", "255.1.2.3"), ("IFA_ADDRESS", "255.4.5.6")]
+    return _Template(
+        msg,
+        RTM_NEWADDR,
+        NLM_F_CREATE | NLM_F_EXCL,
+        index=_INDEX_HOLE,
+        local=_LOCAL_HOLE,
+        address=_ADDRESS_HOLE,
+    )
+
+
+def _port_tpl() -> _Template:
+    """Enslave the (named) peer to the bridge (index in the hole) and bring it up."""
+    msg = ifinfmsg()
+    msg["flags"] = IFF_UP
+    msg["change"] = IFF_UP
+    msg["attrs"] = [("IFLA_IFNAME", _PEER_HOLE.decode("latin-1")), ("IFLA_MASTER", 0x7DDDDDD2)]
+    return _Template(msg, RTM_NEWLINK, 0, peer=_PEER_HOLE, master=_MASTER_HOLE)
+
+
+def _lo_up_tpl() -> _Template:
+    msg = ifinfmsg()
+    msg["index"] = 1  # the loopback device is always ifindex 1 in a netns
+    msg["flags"] = IFF_UP
+    msg["change"] = IFF_UP
+    return _Template(msg, RTM_NEWLINK, 0)
+
+
+# Encoded once, at import in the fork server; see _Template for why.
+_LO_UP = _lo_up_tpl().fill(1)
+_VETH_TPL: dict[str, _Template] = {"eth0": _veth_tpl("eth0")}
+_ADDR_TPL = _addr_tpl()
+_PORT_TPL = _port_tpl()
+_GET_BRIDGE = _ifname_tpl(RTM_GETLINK, BRIDGE.encode()).fill(1)
+_GET_ETH0 = _ifname_tpl(RTM_GETLINK, b"eth0").fill(2)
+
+
+def _index_of(replies: list[bytes]) -> int:
+    (reply,) = replies
+    return struct.unpack_from("=i", reply, 16 + 4)[0]  # ifinfomsg.ifi_index
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the calling thread's netns (a fresh netns starts with it down)."""
+    with _Rtnl() as nl:
+        nl.send_raw(_LO_UP, 1, "bring lo up")
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def _open_ns(ns: str | int) -> tuple[int, bool]:
+    """(fd, whether we opened it) for a netns given as a path or an already open fd."""
+    if isinstance(ns, int):
+        return ns, False
+    return os.open(ns, os.O_RDONLY | os.O_CLOEXEC), True
+
+
+@contextlib.contextmanager
+def _in_netns(ns: str | int) -> Iterator[None]:
+    """Run the block with the calling *thread* in netns ``ns``, then go back.
+
+    setns(CLONE_NEWNET) is per thread, so this is safe in a threaded controller; the
+    way back is an fd of our own netns saved first, never a path (the caller's netns
+    may have no name and ``/proc/1`` may be another namespace's init).
+    """
+    fd, owned = _open_ns(ns)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd, CLONE_NEWNET)
+        try:
+            yield
+        finally:
+            _setns(home, CLONE_NEWNET)
+    finally:
+        os.close(home)
+        if owned:
+            os.close(fd)
+
+
+def _rtnl_in(ns: str | int) -> _Rtnl:
+    """A netlink socket bound in netns ``ns``: only its creation happens over there."""
+    with _in_netns(ns):
+        return _Rtnl()
+
+
+def _same_ns(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def enter_switch_userns(switch: str | int) -> bool:
+    """Join the user namespace that owns the switch netns, if it is not ours already.
+
+    Needed only for an unprivileged switch (see the module docstring): call it in the
+    single-threaded test process *before* unsharing the test's namespaces, and do not
+    unshare a new user namespace afterwards. Returns whether it switched namespaces.
+    """
+    fd, owned = _open_ns(switch)
+    try:
+        ufd = fcntl.ioctl(fd, NS_GET_USERNS)
+    finally:
+        if owned:
+            os.close(fd)
+    try:
+        mine = os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _same_ns(ufd, mine):
+                return False
+        finally:
+            os.close(mine)
+        _setns(ufd, CLONE_NEWUSER)
+        return True
+    finally:
+        os.close(ufd)
+
+
+def _in_initial_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def _has_caps(*bits: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                eff = int(line.split()[1], 16)
+                return all(eff >> b & 1 for b in bits)
+    return False
+
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
+
+
+def _privileged() -> bool:
+    """Can we mount a netns under /run/netns and setns into it (root in the initial userns)?"""
+    return _in_initial_userns() and _has_caps(_CAP_NET_ADMIN, _CAP_SYS_ADMIN)
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def address_for(worker_index: int, seq: int) -> tuple[str, int]:
+    """Address and prefix length for test ``seq`` of worker ``worker_index``.
+
+    Each worker owns a block of 16382 host numbers in ``SUBNET`` (64 workers); ``seq``
+    wraps inside the block, by which time the namespace that held the address is long gone.
+    """
+    if not 0 <= worker_index < _MAX_WORKERS:
+        raise ValueError(f"worker_index must be in [0, {_MAX_WORKERS}), got {worker_index}")
+    if seq < 0:
+        raise ValueError(f"seq must be >= 0, got {seq}")
+    host = (worker_index << _SEQ_BITS) | (1 + seq % _PER_WORKER)
+    return str(SUBNET.network_address + host), SUBNET.prefixlen
+
+
+def peer_name(address: str) -> str:
+    """Name of the switch-side veth end for ``address``: unique in the switch, as the
+    address is unique in the run, and ``pi<hex>`` so it is recognisably ours."""
+    return "pi" + ipaddress.IPv4Address(address).packed.hex()
+
+
+def switch_name(run_id: str) -> str:
+    return f"{_PREFIX}{run_id}"
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+def _setup_switch_netns() -> None:
+    """In the (fresh) switch netns of the calling thread: ``lo`` and ``br0`` up.
+
+    The bridge keeps its defaults: STP off, so a port forwards as soon as it is up.
+    """
+    with IPRoute() as ipr:
+        ipr.link("set", index=1, state="up")
+        ipr.link("add", ifname=BRIDGE, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+
+
+@dataclass
+class Switch:
+    """The run's private L2 segment: a network namespace holding a bridge, no uplink,
+    no route out."""
+
+    run_id: str
+    path: str  # netns file: /run/netns/<name> (root) or /proc/<holder>/ns/net
+    holder: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _made_dir: bool = field(default=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return switch_name(self.run_id)
+
+    @classmethod
+    def create(cls, run_id: str) -> Switch:
+        if _privileged():
+            return cls._create_mounted(run_id)
+        return cls._create_held(run_id)
+
+    @classmethod
+    def _create_mounted(cls, run_id: str) -> Switch:
+        """Bind-mount a fresh netns at /run/netns/<name>, as ``ip netns add`` does.
+
+        Unlike iproute2 we do not turn /run/netns into a shared mount point: that would
+        leave a mount on the host after the run. The cost: a mount namespace created
+        while the switch exists keeps its own copy of the bind mount, so the switch netns
+        outlives ``close()`` until that mount namespace dies (test children's do at exit).
+        """
+        path = os.path.join(NETNS_DIR, switch_name(run_id))
+        made_dir = False
+        for _ in range(5):  # another run may rmdir an empty NETNS_DIR under our feet
+            try:
+                os.mkdir(NETNS_DIR, 0o755)
+                made_dir = True
+            except FileExistsError:
+                pass
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise OSError(errno.ENOENT, f"cannot create {path}")
+        sw = cls(run_id=run_id, path=path, _made_dir=made_dir)
+        try:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _unshare(CLONE_NEWNET)  # this thread only
+                try:
+                    _ok(
+                        _libc.mount(
+                            b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None
+                        ),
+                        f"bind mount {path}",
+                    )
+                    _setup_switch_netns()
+                finally:
+                    _setns(home, CLONE_NEWNET)
+            finally:
+                os.close(home)
+        except BaseException:
+            sw.close()
+            raise
+        return sw
+
+    @classmethod
+    def _create_held(cls, run_id: str) -> Switch:
+        """Unprivileged: a holder process owns a new user + net namespace.
+
+        A separate interpreter (not a fork) because the caller may be threaded, and
+        setns into a user namespace is refused to threaded processes anyway. The holder
+        exits when its stdin reaches EOF, i.e. when we close it or die.
+        """
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]);"
+            "from pytest_isolate.facets.net import _holder_main; _holder_main()"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, pkg_root, _HOLDER_TAG, switch_name(run_id)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode(errors="replace").strip()
+        if line != "ok":
+            proc.kill()
+            proc.wait()
+            raise OSError(errno.EPERM, f"switch holder failed: {line or 'no answer'}")
+        return cls(run_id=run_id, path=f"/proc/{proc.pid}/ns/net", holder=proc)
+
+    def close(self) -> None:
+        """Delete the namespace; veth peers and taps inside die with it (asynchronously:
+        the kernel dismantles a netns in a work queue once the last reference is gone)."""
+        if self.holder is not None:
+            with contextlib.suppress(OSError):
+                if self.holder.stdin is not None:
+                    self.holder.stdin.close()
+            try:
+                self.holder.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.holder.kill()
+                self.holder.wait()
+            if self.holder.stdout is not None:
+                self.holder.stdout.close()
+            self.holder = None
+            return
+        _unmount_netns(self.path)
+        if self._made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(NETNS_DIR)
+
+    def __enter__(self) -> Switch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unmount_netns(path: str) -> bool:
+    if not os.path.lexists(path):
+        return False
+    _libc.umount2(path.encode(), MNT_DETACH)  # EINVAL if it was never mounted: fine
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return True
+
+
+def _holder_main() -> None:
+    """Body of the unprivileged switch holder (runs in its own interpreter)."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        _unshare(CLONE_NEWUSER)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+        _unshare(CLONE_NEWNET)
+        _setup_switch_netns()
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        sys.stdout.write(f"{type(e).__name__}: {e}\n")
+        sys.stdout.flush()
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the controller closes us
+    sys.stdout.write("ok\n")
+    sys.stdout.flush()
+    sys.stdin.buffer.read()  # until EOF
+    os._exit(0)
+
+
+def _holders(name: str) -> list[int]:
+    want = [_HOLDER_TAG.encode(), name.encode()]
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[-3:-1] == want or argv[-2:] == want:
+            out.append(int(entry))
+    return out
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def sweep(run_id: str) -> list[str]:
+    """Remove the run's switch (mounted netns or holder process) if still there.
+
+    Nothing else of the run lives on the host side: veth peers and taps are inside the
+    switch netns and die with it. Returns a description of each object removed.
+    """
+    name = switch_name(run_id)
+    removed = []
+    path = os.path.join(NETNS_DIR, name)
+    if _unmount_netns(path):
+        removed.append(path)
+        # an empty /run/netns means nothing (iproute2 recreates it): leave none behind
+        with contextlib.suppress(OSError):
+            if not os.path.ismount(NETNS_DIR):
+                os.rmdir(NETNS_DIR)
+    for pid in _holders(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            removed.append(f"holder process {pid}")
+        for _ in range(200):  # reap it if it is ours; a zombie of another parent is dead
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if _dead(pid):
+                break
+            time.sleep(0.005)
+    return removed
+
+
+# --------------------------------------------------------------------------- per test
+
+
+def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str = "eth0") -> None:
+    """Plug the calling thread's netns into the switch with ``address/prefixlen``.
+
+    One veth pair, created here with its peer placed straight into the switch
+    (IFLA_NET_NS_FD on the peer), then the peer enslaved to ``br0`` and up from a netlink
+    socket opened in the switch. No route is added beyond the connected one of the
+    subnet. When this netns dies, the veth dies and takes its peer with it.
+
+    ``switch_path`` may be an open fd of the switch netns: after pivot_root the path
+    under /run/netns is usually not reachable, so open it before and pass the fd.
+    """
+    peer = peer_name(address).encode()
+    veth = _VETH_TPL.get(ifname)
+    if veth is None:  # not pre-encoded: costs ~1 ms cold in a child
+        veth = _VETH_TPL[ifname] = _veth_tpl(ifname)
+    sw_fd, owned = _open_ns(switch_path)
+    try:
+        with _Rtnl() as here:
+            here.send_raw(
+                veth.fill(1, peer=peer, fd=_u32(sw_fd)),
+                1,
+                f"create veth {ifname} with peer {peer.decode()} in the switch",
+            )
+            if ifname == "eth0":
+                index = _index_of(here.send_raw(_GET_ETH0, 2, "look up eth0"))
+            else:
+                index = _index_of(
+                    here.send_raw(
+                        _ifname_tpl(RTM_GETLINK, ifname.encode()).fill(2), 2, f"look up {ifname}"
+                    )
+                )
+            ip = ipaddress.IPv4Address(address).packed
+            buf = bytearray(_ADDR_TPL.fill(3, index=_u32(index), local=ip, address=ip))
+            buf[16 + 1] = prefixlen  # ifaddrmsg.ifa_prefixlen
+            here.send_raw(bytes(buf), 3, f"add {address}/{prefixlen} to {ifname}")
+        with _rtnl_in(sw_fd) as there:
+            bridge = _index_of(there.send_raw(_GET_BRIDGE, 1, f"look up {BRIDGE} in the switch"))
+            there.send_raw(
+                _PORT_TPL.fill(2, peer=peer, master=_u32(bridge)),
+                2,
+                f"enslave {peer.decode()} to {BRIDGE}",
+            )
+    finally:
+        if owned:
+            os.close(sw_fd)
+
+
+def create_tap(
+    switch_path: str | int, name: str, owner: int | None = None, group: int | None = None
+) -> None:
+    """A persistent tap ``name`` in the switch, enslaved to ``br0`` and up, for a UML
+    guest's interface (``ethN=tuntap,<name>``).
+
+    UML opens /dev/net/tun and attaches by name, and a tun fd binds to the netns of the
+    process that opened it: so the ``linux.uml`` process must itself run in the switch
+    netns (setns before exec) and see /dev/net/tun. ``owner``/``group`` let a
+    non-root UML attach without CAP_NET_ADMIN. Unprivileged, call it (like UML) from a
+    process that joined the switch's user namespace (``enter_switch_userns``).
+    """
+    if len(name) > 15:
+        raise ValueError(f"interface name too long: {name!r}")
+    with _in_netns(switch_path), IPRoute() as ipr:
+        spec: dict[str, object] = {"ifname": name, "kind": "tuntap", "mode": "tap"}
+        if owner is not None:
+            spec["uid"] = owner
+        if group is not None:
+            spec["gid"] = group
+        ipr.link("add", **spec)
+        (idx,) = ipr.link_lookup(ifname=name)
+        (br,) = ipr.link_lookup(ifname=BRIDGE)
+        ipr.link("set", index=idx, master=br, state="up")
+
+
+def delete_tap(switch_path: str | int, name: str) -> None:
+    """Remove a tap made by ``create_tap`` (a persistent tap outlives its users)."""
+    with _rtnl_in(switch_path) as nl:
+        nl.send_raw(_ifname_tpl(RTM_DELLINK, name.encode()).fill(1), 1, f"delete tap {name}")
+
+
+# --------------------------------------------------------------------------- availability
+
+
+def _probe_kinds(go_back: bool = True) -> str | None:
+    """Create a bridge and a veth pair in a throwaway netns of the calling thread.
+
+    Catches kernels built without CONFIG_BRIDGE / CONFIG_VETH (or module loading
+    forbidden) with a precise reason instead of a failure in the first test.
+    ``go_back=False`` in a process that cannot setns back (it left the user namespace
+    owning its old netns) and exits right after.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _unshare(CLONE_NEWNET)  # this thread only; the netns dies when we leave it
+        try:
+            with IPRoute() as ipr:
+                # no deletes: unregistering a device waits for RCU (~tens of ms);
+                # the kernel dismantles the netns in the background instead
+                for kind, extra in (("bridge", {}), ("veth", {"peer": "piprobe2"})):
+                    try:
+                        ipr.link("add", ifname=f"piprobe{kind[0]}", kind=kind, **extra)
+                    except Exception as e:  # noqa: BLE001 - any failure is the answer
+                        return f"network='ip' needs {kind} devices in the kernel ({e})"
+        finally:
+            if go_back:
+                _setns(home, CLONE_NEWNET)
+    finally:
+        os.close(home)
+    return None
+
+
+def _probe_unprivileged() -> None:
+    """Body of ip_available's probe interpreter: exit status 0 or a one-line reason."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        _unshare(CLONE_NEWUSER)
+        for name, value in (
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1"),
+            ("gid_map", f"0 {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(value)
+    except OSError as e:
+        sys.exit(f"user namespaces: {e.strerror}")
+    why = _probe_kinds(go_back=False)
+    if why:
+        sys.exit(why)
+
+
+def ip_available() -> str | None:
+    """None when ``network="ip"`` can work here, else one line: what is missing.
+
+    Root in the initial user namespace is probed in place (a throwaway netns, ~5 ms).
+    Otherwise the switch needs a user namespace of its own: probed in a separate
+    interpreter (~0.2 s, once per run), since a threaded controller must not fork and
+    cannot setns into a user namespace.
+    """
+    if not os.path.exists("/proc/thread-self/ns/net"):
+        return "network='ip' needs /proc with namespace files (Linux >= 3.17)"
+    if _privileged():
+        return _probe_kinds()
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from pytest_isolate.facets.net import _probe_unprivileged; _probe_unprivileged()"
+    )
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, pkg_root], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"network='ip': probe failed to run ({e})"
+    if r.returncode == 0:
+        return None
+    why = (r.stderr.strip().splitlines() or [f"probe exited {r.returncode}"])[-1]
+    if why.startswith("user namespaces"):
+        return (
+            f"network='ip' without root needs unprivileged user namespaces ({why}): "
+            "enable them (sysctl user.max_user_namespaces>0, kernel.unprivileged_userns_clone=1, "
+            "kernel.apparmor_restrict_unprivileged_userns=0) or run as root"
+        )
+    return why

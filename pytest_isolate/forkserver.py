@@ -1,0 +1,435 @@
+"""The fork server: a warm, single-threaded pytest session that forks one child per test.
+
+Started by ``remote.py`` (inside an execnet gateway) with ``subprocess``, so it has no
+threads and ``fork()`` is safe. It re-parses the controller's command line exactly as
+an xdist worker does, collects once, and then serves ``run`` commands: for each test it
+asks the tier to spawn a confined child, waits for it (timeout, crash), reads the
+child's reports, and answers with one ``done`` message carrying reports and readings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from pytest_isolate import wire
+from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, run_items
+from pytest_isolate.spec import IsolationSpec
+from pytest_isolate.tiers.base import Box, Tier, WorkerContext, descendants, kill_tree, rusage_dict
+
+#: Seconds a timed-out test is given to dump its stack before its tree is killed.
+STACK_GRACE = 1.0
+#: How often a running test's process tree is sampled (tiers without a cgroup).
+SAMPLE_INTERVAL = 0.05
+
+
+def load_tier(name: str, ctx: WorkerContext) -> Tier:
+    """Tier classes are imported lazily: a host that cannot run UML never imports it."""
+    if name == "process":
+        from pytest_isolate.tiers.process import ProcessTier as cls
+    elif name == "chroot":
+        from pytest_isolate.tiers.chroot import ChrootTier as cls
+    elif name == "jail":
+        from pytest_isolate.tiers.jail import JailTier as cls
+    elif name == "zone":
+        from pytest_isolate.tiers.zone import ZoneTier as cls
+    elif name == "uml":
+        from pytest_isolate.tiers.uml import UmlTier as cls
+    else:
+        raise ValueError(f"unknown tier {name!r}")
+    return cls(ctx)
+
+
+def _hostname(nodeid: str) -> str:
+    """A short, valid UTS name from the test id (tests that print it see which test)."""
+    name = nodeid.rsplit("::", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-").lower()
+    return (name or "isolated")[:63]
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+class ForkServer:
+    """pytest plugin registered in the server's config; owns the serve loop."""
+
+    def __init__(self, config: pytest.Config, cmd_fd: int, evt_fd: int, term_fd: int, init: dict[str, Any]) -> None:
+        self.config = config
+        self.cmd_fd = cmd_fd
+        self.evt_fd = evt_fd
+        self.term_fd = term_fd
+        c = init["ctx"]
+        self.ctx = WorkerContext(
+            run_id=c["run_id"],
+            rundir=Path(c["rundir"]),
+            workdir=Path(c["workdir"]),
+            rootdir=Path(c["rootdir"]),
+            basetemp=Path(c["basetemp"]),
+            invocation_dir=Path(c["invocation_dir"]),
+            switch_netns=c.get("switch_netns"),
+            extra=dict(c.get("extra") or {}),
+        )
+        self.tiers: dict[str, Tier] = {}
+        self.items: dict[str, pytest.Item] = {}
+        self.seq = 0
+
+    # -- pytest hooks -------------------------------------------------------------
+    @pytest.hookimpl(trylast=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        # The server's own terminal output would only be noise (and children write to
+        # the user's terminal): give the reporter a sink.
+        tr = config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            from _pytest._io import TerminalWriter
+
+            tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = {item.nodeid: item for item in session.items}
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        errors = [r for r in getattr(session, "_isolate_collect_errors", [])]
+        wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "errors": errors})
+        try:
+            self.serve()
+        finally:
+            for tier in self.tiers.values():
+                with contextlib.suppress(Exception):
+                    tier.close()
+        return True
+
+    # -- serving ------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            try:
+                cmd = wire.recv(self.cmd_fd)
+            except EOFError:
+                return
+            if cmd["t"] == "shutdown":
+                return
+            if cmd["t"] == "run":
+                try:
+                    msg = self.run_test(cmd)
+                except Exception:  # noqa: BLE001 - the server must survive a bad test
+                    msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
+                wire.send(self.evt_fd, msg)
+
+    def tier(self, name: str) -> Tier:
+        if name not in self.tiers:
+            self.tiers[name] = load_tier(name, self.ctx)
+        return self.tiers[name]
+
+    def _capture_files(self) -> list[Any]:
+        """pytest's global capture tmpfiles, shared with forked children (same open file
+        description), so the output of a child that crashed can still be read here."""
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        gc = getattr(capman, "_global_capturing", None)
+        files = []
+        for cap in (getattr(gc, "out", None), getattr(gc, "err", None)):
+            tmp = getattr(cap, "tmpfile", None)
+            if tmp is not None and hasattr(tmp, "buffer") and tmp.name != os.devnull:
+                files.append(tmp)
+        return files
+
+    def run_test(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        nodeid = cmd["nodeid"]
+        item = self.items.get(nodeid)
+        if item is None:
+            return {"t": "done", "nodeid": nodeid, "error": f"{nodeid}: not collected by the isolated worker"}
+        spec = IsolationSpec.from_dict(cmd["spec"])
+        tier = self.tier(spec.tier)
+        self.seq += 1
+        scratch = self.ctx.workdir / f"t{self.seq}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        stack_fd = os.open(scratch / "stack", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        box = Box(nodeid, spec, self.seq, scratch, _hostname(nodeid), w)
+        captures = self._capture_files()
+        for f in captures:
+            f.seek(0)
+            f.truncate()
+        cgroup_memory = spec.tier in ("zone", "uml")
+
+        def run() -> NoReturn:
+            os.close(r)
+            run_items(self.config, [item], None, w, stack_fd, self.term_fd, cmd["spec"], cgroup_memory)
+
+        msgs: list[dict[str, Any]] = []
+        status = 0
+        ru = None
+        timed_out = False
+        pid = 0
+        t0 = time.perf_counter()
+        try:
+            tier.prepare(box)
+            pid = tier.spawn(box, run)
+            os.close(w)
+            w = -1
+            status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout)
+        finally:
+            if w >= 0:
+                os.close(w)
+            wall = time.perf_counter() - t0
+            try:
+                if pid:
+                    tier.finish(box, pid, status, ru)
+            finally:
+                leftovers = self._reap_orphans()
+                os.close(r)
+        result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)
+        os.close(stack_fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return result
+
+    def _wait(
+        self, box: Box, tier: Tier, pid: int, r: int, msgs: list[dict[str, Any]], timeout: float | None
+    ) -> tuple[int, Any, bool]:
+        reader = wire.Reader()
+        pidfd = os.pidfd_open(pid)
+        deadline = time.monotonic() + timeout if timeout else None
+        timed_out = False
+        try:
+            while True:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([r, pidfd], [], [], wait)
+                if r in ready:
+                    self._drain(r, reader, msgs)
+                if pidfd in ready:
+                    break
+                if not ready and deadline is not None and not timed_out:
+                    timed_out = True
+                    self._dump_stack(pid, box)
+                    tier.kill(box, pid)
+                    deadline = None
+            _, status, ru = os.wait4(pid, 0)
+            self._drain(r, reader, msgs)
+            return status, ru, timed_out
+        finally:
+            os.close(pidfd)
+
+    @staticmethod
+    def _drain(r: int, reader: wire.Reader, msgs: list[dict[str, Any]]) -> None:
+        # Non-blocking: a daemon the test left may keep the write end open forever.
+        while True:
+            try:
+                data = os.read(r, 1 << 16)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            msgs.extend(reader.feed(data))
+
+    def _dump_stack(self, pid: int, box: Box) -> None:
+        for p in [pid, *descendants(pid)]:
+            try:
+                with open(f"/proc/{p}/comm", "rb") as f:
+                    if f.read().strip() != RUNNER_COMM:
+                        continue
+                os.kill(p, STACK_SIGNAL)
+            except OSError:
+                continue
+            stack = box.scratch / "stack"
+            end = time.monotonic() + STACK_GRACE
+            size = -1
+            while time.monotonic() < end:
+                time.sleep(0.05)
+                new = stack.stat().st_size
+                if new and new == size:
+                    break
+                size = new
+            return
+
+    def _reap_orphans(self) -> list[dict[str, Any]]:
+        """Processes a test left behind reparent to us (we are a subreaper): kill and
+        report them, so nothing of one test outlives it."""
+        found = []
+        for p in descendants(os.getpid()):
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            found.append({"pid": p, "cmdline": cmdline})
+        if found:
+            for p in found:
+                kill_tree(p["pid"])
+            for p in found:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(p["pid"], 0)
+        return found
+
+    def _result(
+        self,
+        item: pytest.Item,
+        box: Box,
+        msgs: list[dict[str, Any]],
+        status: int,
+        ru: Any,
+        timed_out: bool,
+        wall: float,
+        stack_fd: int,
+        captures: list[Any],
+        leftovers: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        reports = [m["data"] for m in msgs if m.get("t") == "report"]
+        warnings = [m for m in msgs if m.get("t") == "warning"]
+        internal = [m["error"] for m in msgs if m.get("t") == "internal"]
+        for m in msgs:
+            if m.get("t") == "exit":  # an init between us and the runner told the truth
+                status = m["status"]
+                if m.get("rusage"):
+                    box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
+            elif m.get("t") == "leftover":
+                leftovers = leftovers + list(m.get("procs") or [])
+        usage = {"wall": wall, **rusage_dict(ru), **box.usage}
+        exit_info: dict[str, Any] = {}
+        if os.WIFSIGNALED(status):
+            exit_info = {"signal": os.WTERMSIG(status), "signame": _signame(os.WTERMSIG(status))}
+        elif os.WIFEXITED(status):
+            exit_info = {"exit_code": os.WEXITSTATUS(status)}
+        finished = any(rep.get("when") == "teardown" for rep in reports)
+        crash = None
+        if timed_out or not finished or internal:
+            crash = self._crash_report(item, box, reports, exit_info, timed_out, stack_fd, captures, internal)
+            reports.append(crash)
+        record = {
+            "nodeid": item.nodeid,
+            "tier": box.spec.tier,
+            "exit": exit_info,
+            "crashed": bool(crash) and not timed_out,
+            "timed_out": timed_out,
+            "usage": usage,
+            "notes": box.notes,
+            "events": box.events,
+            "leftovers": leftovers,
+            "changes": box.state.get("changes", []),
+        }
+        return {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
+
+    def _crash_report(
+        self,
+        item: pytest.Item,
+        box: Box,
+        reports: list[dict[str, Any]],
+        exit_info: dict[str, Any],
+        timed_out: bool,
+        stack_fd: int,
+        captures: list[Any],
+        internal: list[str],
+    ) -> dict[str, Any]:
+        """A failed report for the phase the child died in, built here where the item is."""
+        whens = [rep.get("when") for rep in reports]
+        when = "teardown" if "call" in whens else ("call" if "setup" in whens else "setup")
+        if when == "call" and any(rep.get("when") == "setup" and rep.get("outcome") != "passed" for rep in reports):
+            when = "teardown"
+        if timed_out:
+            head = f"timed out after {box.spec.timeout:g}s"
+        elif "signal" in exit_info:
+            head = f"crashed with {exit_info['signame']} (signal {exit_info['signal']})"
+        elif internal:
+            head = "the isolated child failed before it could report"
+        else:
+            head = f"exited with code {exit_info.get('exit_code')} before the test finished"
+        head = f"{box.spec.tier}: {head}"
+        os.lseek(stack_fd, 0, os.SEEK_SET)
+        stack = _user_frames(os.read(stack_fd, 1 << 20).decode(errors="replace"))
+        parts = [head]
+        if stack:
+            parts.append(("Python stack when it timed out:\n" if timed_out else "Python stack:\n") + stack)
+        parts.extend(internal)
+        sections = []
+        for name, f in zip(("stdout", "stderr"), captures, strict=False):
+            with contextlib.suppress(Exception):
+                f.buffer.seek(0)
+                text = f.buffer.read().decode(errors="replace")
+                if text:
+                    sections.append((f"Captured {name} {when}", text))
+        rep = pytest.TestReport(
+            nodeid=item.nodeid,
+            location=item.location,
+            keywords={k: 1 for k in item.keywords},
+            outcome="failed",
+            longrepr="\n".join(parts),
+            when=when,  # type: ignore[arg-type]
+            sections=sections,
+            duration=0.0,
+            user_properties=list(item.user_properties),
+        )
+        return self.config.hook.pytest_report_to_serializable(config=self.config, report=rep)
+
+
+_NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"')
+
+
+def _user_frames(dump: str) -> str:
+    """faulthandler's dump without pytest's, pluggy's and our own frames: the user wants
+    to see where *their* code was."""
+    lines = [ln for ln in dump.strip().splitlines() if not any(n in ln for n in _NOISE)]
+    return "\n".join(lines).strip()
+
+
+def main() -> None:
+    cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
+    init = wire.recv(cmd_fd)
+    os.chdir(init["dir"])
+    sys.path[:] = init["sys_path"]
+    # Orphans of a test reparent to us, so nothing a test started can outlive it.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: the gateway died
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller handles Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    term_fd = os.dup(2)
+    log = os.open(Path(init["ctx"]["workdir"]) / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(log, 2)
+    for fd in (log, devnull):
+        os.close(fd)
+    for fd in (cmd_fd, evt_fd, term_fd):
+        os.set_inheritable(fd, False)
+
+    from _pytest.config import _prepareconfig
+
+    config = _prepareconfig(list(init["args"]), None)
+    opt = config.option
+    opt.usepdb = False
+    opt.basetemp = init["ctx"]["basetemp"]
+    for name, value in (("numprocesses", None), ("dist", "no"), ("looponfail", False), ("tx", None)):
+        if hasattr(opt, name):
+            setattr(opt, name, value)
+    config.workerinput = dict(init["workerinput"])  # type: ignore[attr-defined]
+    config.workeroutput = {}  # type: ignore[attr-defined]
+    server = ForkServer(config, cmd_fd, evt_fd, term_fd, init)
+    config.pluginmanager.register(server, "isolate-forkserver")
+    try:
+        config.hook.pytest_cmdline_main(config=config)
+    finally:
+        with contextlib.suppress(Exception):
+            for p in descendants(os.getpid()):
+                kill_tree(p)
+
+
+if __name__ == "__main__":
+    main()

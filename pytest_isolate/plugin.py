@@ -1,0 +1,310 @@
+"""pytest hooks only: options, the ``isolate`` marker, dispatch to sandboxes.
+
+Everything with substance lives elsewhere: parsing in ``spec``, workers in
+``controller``, output in ``report``. This module wires them into pytest's hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+import pytest
+
+from pytest_isolate import report
+from pytest_isolate.spec import (
+    TIERS,
+    IsolationSpec,
+    SpecError,
+    marker_values,
+    parse_values,
+    resolve,
+)
+
+SPEC_KEY = pytest.StashKey[IsolationSpec]()
+#: Flags/ini options for the budget-like keys: (key, help).
+_KEY_HELP = {
+    "timeout": "wall-clock budget per test, e.g. '30s'; over it the test fails and its process tree is killed",
+    "cpu_time": "CPU-time budget per test, e.g. '10s'",
+    "memory": "peak memory budget per test, e.g. '256M' (hard limit in zone/uml)",
+    "cpu": "CPU share per test as a fraction of one CPU, e.g. 0.5 (zone/uml)",
+    "pids": "max processes/threads at once per test (hard limit in zone)",
+    "disk": "bytes a test may write inside its sandbox, e.g. '100M'",
+    "fds": "max open file descriptors per test",
+    "io": "block IO bandwidth per test in bytes/s, e.g. '50M' (zone)",
+    "network": "network of jail/zone/uml tests: 'none' (loopback only) or 'ip' (one address on the run's private switch)",
+    "scope": "sandbox scope: 'test' (fresh per test; default), 'module' or 'session'",
+    "rootfs": "directory to use as the read-only lower root instead of the host / (chroot/jail/zone)",
+    "cpus": "CPUs of a UML guest",
+}
+
+
+def _flag(key: str) -> str:
+    return "--isolate-" + key.replace("_", "-")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "test isolation (pytest-isolate)")
+    group.addoption(
+        "--isolate",
+        dest="isolate_tier",
+        default=None,
+        metavar="TIER",
+        help=f"isolation tier for every test without an isolate marker: {', '.join(TIERS)} (default: none)",
+    )
+    parser.addini("isolate", f"default isolation tier ({', '.join(TIERS)})", default=None)
+    for key, text in _KEY_HELP.items():
+        group.addoption(_flag(key), dest=f"isolate_{key}", default=None, metavar=key.upper(), help=text)
+        parser.addini(f"isolate_{key}", text, default=None)
+    group.addoption(
+        "--isolate-uml-kernel",
+        dest="isolate_uml_kernel",
+        default=None,
+        metavar="PATH",
+        help="User-Mode Linux kernel for the uml tier (default: linux.uml or linux on PATH)",
+    )
+    parser.addini("isolate_uml_kernel", "User-Mode Linux kernel for the uml tier", default=None)
+    group.addoption(
+        "--isolate-report",
+        dest="isolate_report",
+        default=None,
+        metavar="PATH",
+        help="write a JSON report with one record per isolated test",
+    )
+    parser.addini("isolate_report", "path of the JSON report", default=None)
+    group.addoption(
+        "--isolate-unavailable",
+        dest="isolate_unavailable",
+        default=None,
+        choices=("skip", "fail"),
+        help="what happens to tests whose tier cannot run on this host (default: fail)",
+    )
+    parser.addini("isolate_unavailable", "skip|fail for tests whose tier cannot run here", default=None)
+    group.addoption(
+        "--isolate-top",
+        dest="isolate_top",
+        default=None,
+        type=int,
+        metavar="N",
+        help="show the N isolated tests with the highest peak memory and CPU (default 5, 0 = off)",
+    )
+    parser.addini("isolate_top", "top N tests by memory and CPU in the summary", default=None)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_isolate import hookspec
+
+    pluginmanager.add_hookspecs(hookspec)
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    """Command line first, then ini."""
+    value = config.getoption(name, None)
+    if value is None:
+        ini = "isolate" if name == "isolate_tier" else name
+        value = config.getini(ini) or None
+    return value
+
+
+def _run_layers(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The command-line and ini layers, validated once (usage errors name the flag)."""
+    cli: dict[str, Any] = {}
+    ini: dict[str, Any] = {}
+    names = {"tier": ("isolate_tier", "--isolate", "isolate")}
+    names.update({k: (f"isolate_{k}", _flag(k), f"isolate_{k}") for k in _KEY_HELP})
+    names["kernel"] = ("isolate_uml_kernel", "--isolate-uml-kernel", "isolate_uml_kernel")
+    for key, (dest, flag, ininame) in names.items():
+        value = config.getoption(dest, None)
+        if value is not None:
+            cli.update(parse_values({key: value}, flag))
+        raw = config.getini(ininame)
+        if raw:
+            ini.update(parse_values({key: raw}, f"ini option {ininame}"))
+    return cli, ini
+
+
+def is_server(config: pytest.Config) -> bool:
+    return bool(getattr(config, "workerinput", {}).get("isolate_server"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "isolate(tier=None, *, timeout=None, memory=None, cpu=None, cpu_time=None, pids=None, "
+        "disk=None, fds=None, io=None, network=None, scope=None, rootfs=None, kernel=None, "
+        f"cpus=None, allow=None): run the test in an isolation tier ({', '.join(TIERS[1:])}) "
+        "with budgets; the closest marker wins key by key. See docs/reference.md.",
+    )
+    try:
+        cli, ini = _run_layers(config)
+        unavailable = _option(config, "isolate_unavailable") or "fail"
+        if unavailable not in ("skip", "fail"):
+            raise SpecError(f"ini option isolate_unavailable: unknown value {unavailable!r} (valid: skip, fail)")
+    except SpecError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[_LAYERS] = (cli, ini)
+    plugin = IsolatePlugin(config, unavailable)
+    config.pluginmanager.register(plugin, "isolate-plugin")
+    if not is_server(config):
+        config.pluginmanager.register(report.ReportPlugin(config), "isolate-report")
+
+
+_LAYERS = pytest.StashKey[tuple[dict[str, Any], dict[str, Any]]]()
+
+
+def item_spec(item: pytest.Item) -> IsolationSpec:
+    """Resolve marker > command line > ini > default, key by key."""
+    marker_layer: dict[str, Any] = {}
+    for mark in item.iter_markers("isolate"):  # closest first
+        for k, v in marker_values(mark.args, mark.kwargs, "isolate marker").items():
+            marker_layer.setdefault(k, v)
+    cli, ini = item.config.stash[_LAYERS]
+    return resolve([marker_layer, cli, ini])
+
+
+class IsolatePlugin:
+    def __init__(self, config: pytest.Config, unavailable: str) -> None:
+        self.config = config
+        self.unavailable = unavailable
+        self.server = is_server(config)
+        self.ctl: Any = None
+        self._availability: dict[str, str | None] = {}
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(self, collector: pytest.Collector):  # type: ignore[no-untyped-def]
+        rep = yield
+        if rep.outcome != "passed" or not rep.result:
+            return rep
+        errors = []
+        for node in rep.result:
+            if isinstance(node, pytest.Item):
+                try:
+                    node.stash[SPEC_KEY] = item_spec(node)
+                except SpecError as exc:
+                    errors.append(f"{node.nodeid}: {exc}")
+        if errors:
+            rep.outcome = "failed"
+            rep.longrepr = "\n".join(errors)
+            rep.result = []
+        return rep
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str] | None:
+        cli, ini = config.stash[_LAYERS]
+        tier = cli.get("tier") or ini.get("tier") or "none"
+        return [f"isolate: default tier {tier}"]
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        specs = [item.stash.get(SPEC_KEY, None) for item in items]
+        self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone") for s in specs)
+
+    def availability(self, tier: str) -> str | None:
+        if tier not in self._availability:
+            from pytest_isolate import tiers
+
+            self._availability[tier] = tiers.availability(tier, self.config)
+        return self._availability[tier]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+        if self.server:
+            return None
+        spec = item.stash.get(SPEC_KEY, None)
+        if spec is None or not spec.isolated:
+            return None
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reason = self.availability(spec.tier)
+        if reason:
+            reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
+            record = report.new_record(item, spec, reports, {"unavailable": reason})
+        else:
+            done = self.controller().run(item.nodeid, spec)
+            reports, record = self._unpack(item, spec, done)
+        self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
+        report.attach(reports[-1], record)
+        for rep in reports:
+            ihook.pytest_runtest_logreport(report=rep)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def controller(self) -> Any:
+        if self.ctl is None:
+            from pytest_isolate.controller import Controller
+
+            self.ctl = Controller(self.config)
+            self.ctl.needs_switch = getattr(self, "needs_switch", False)
+        return self.ctl
+
+    def _unpack(self, item: pytest.Item, spec: IsolationSpec, done: dict[str, Any]):  # type: ignore[no-untyped-def]
+        hook = self.config.hook
+        if "error" in done:
+            reports = _synthetic(item, "failed", done["error"])
+            return reports, report.new_record(item, spec, reports, {"worker_error": done["error"]})
+        reports = [hook.pytest_report_from_serializable(config=self.config, data=_tuples(d)) for d in done["reports"]]
+        for w in done.get("warnings", ()):
+            _replay_warning(self.config, w)
+        return reports, report.new_record(item, spec, reports, done["record"])
+
+    def pytest_sessionfinish(self) -> None:
+        if self.ctl is not None:
+            self.ctl.shutdown()
+            self.ctl = None
+
+    def pytest_unconfigure(self) -> None:
+        # Reached on Ctrl-C and internal errors too.
+        if self.ctl is not None:
+            with contextlib.suppress(Exception):
+                self.ctl.shutdown()
+            self.ctl = None
+
+
+def _tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """Undo what JSON did to tuples pytest relies on (skip longrepr, location, properties)."""
+    if isinstance(data.get("longrepr"), list):
+        data["longrepr"] = tuple(data["longrepr"])
+    if isinstance(data.get("location"), list):
+        data["location"] = tuple(data["location"])
+    if data.get("user_properties"):
+        data["user_properties"] = [tuple(p) for p in data["user_properties"]]
+    if data.get("sections"):
+        data["sections"] = [tuple(p) for p in data["sections"]]
+    return data
+
+
+def _synthetic(item: pytest.Item, outcome: str, message: str) -> list[pytest.TestReport]:
+    """Reports for a test that never ran in a sandbox (unavailable tier, dead worker)."""
+    keywords = {k: 1 for k in item.keywords}
+    if outcome == "skipped":
+        path, lineno, _ = item.location
+        longrepr: Any = (str(path), (lineno or 0) + 1, f"Skipped: {message}")
+        when = "setup"
+    else:
+        longrepr = message
+        when = "call"
+    reps = []
+    if when == "call":
+        reps.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "setup"))
+    reps.append(pytest.TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when))  # type: ignore[arg-type]
+    reps.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown"))
+    return reps
+
+
+def _replay_warning(config: pytest.Config, w: dict[str, Any]) -> None:
+    category: type[Warning] = UserWarning
+    with contextlib.suppress(Exception):
+        mod = __import__(w["category_module"], fromlist=[w["category"]])
+        cat = getattr(mod, w["category"])
+        if isinstance(cat, type) and issubclass(cat, Warning):
+            category = cat
+    try:
+        message = category(w["message"])
+    except Exception:  # noqa: BLE001 - odd constructors
+        message = UserWarning(w["message"])
+    wm = warnings.WarningMessage(message, category, w["filename"], w["lineno"])
+    loc = tuple(w["location"]) if w.get("location") else None
+    config.hook.pytest_warning_recorded.call_historic(
+        kwargs=dict(warning_message=wm, when=w["when"], nodeid=w["nodeid"], location=loc)
+    )
+

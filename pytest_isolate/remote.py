@@ -1,0 +1,75 @@
+"""execnet remote side: start the fork server next to this gateway and relay to it.
+
+Sent by ``gateway.remote_exec(remote)``, so it must not import ``pytest_isolate`` at
+module level: the first message carries the controller's ``sys.path``. It runs wherever
+the gateway lives — on the host, or inside a UML guest — and is deliberately thin: the
+gateway's IO thread makes this process unfit to fork, so all forking happens in the
+single-threaded fork server it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+
+def serve(channel) -> None:  # type: ignore[no-untyped-def]
+    init = channel.receive()
+    sys.path[:] = init["sys_path"]
+    from pytest_isolate import wire
+
+    cmd_r, cmd_w = os.pipe()
+    evt_r, evt_w = os.pipe()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
+    boot = f"import sys; sys.path.insert(0, {here!r}); from pytest_isolate.forkserver import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", boot, str(cmd_r), str(evt_w)],
+        pass_fds=(cmd_r, evt_w),
+        stdin=subprocess.DEVNULL,
+        cwd=init["dir"],
+        # Out of the terminal's process group: Ctrl-C goes to the controller, which
+        # then shuts workers down in order instead of racing them.
+        start_new_session=True,
+    )
+    os.close(cmd_r)
+    os.close(evt_w)
+    wire.send(cmd_w, init)
+
+    def to_server(msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            if msg is None:  # channel closed: the controller is gone
+                os.close(cmd_w)
+                return
+            os.write(cmd_w, msg)
+        except OSError:
+            pass
+
+    channel.setcallback(to_server, endmarker=None)
+    # Frames from the server go up unparsed: the controller decodes them.
+    buf = bytearray()
+    try:
+        while True:
+            data = os.read(evt_r, 1 << 20)
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 4:
+                n = int.from_bytes(buf[:4], "big")
+                if len(buf) < 4 + n:
+                    break
+                channel.send(bytes(buf[4 : 4 + n]))
+                del buf[: 4 + n]
+    finally:
+        code = proc.wait()
+        if not channel.isclosed():
+            try:
+                channel.send(("exit", code))
+            except OSError:
+                pass
+
+
+if __name__ == "__channelexec__":
+    threading.current_thread().name = "isolate-remote"
+    serve(channel)  # type: ignore[name-defined]  # noqa: F821

@@ -1,0 +1,169 @@
+"""Reporting: per-test records, the terminal sections, the JSON report, junit properties.
+
+A record rides on the test's last report as the attribute ``isolate``. pytest's report
+serialization keeps extra attributes, so records cross pytest-xdist's boundary with the
+reports themselves and the xdist controller sees exactly what a single process sees.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_isolate.spec import IsolationSpec, format_size
+
+SCHEMA_VERSION = 1
+
+
+def outcome_of(reports: list[pytest.TestReport]) -> str:
+    """One word per test, as pytest's summary counts it."""
+    for rep in reports:
+        if rep.when != "call" and rep.failed:
+            return "error"
+    for rep in reports:
+        if hasattr(rep, "wasxfail"):
+            return "xpassed" if rep.passed else "xfailed"
+        if rep.failed:
+            return "failed"
+        if rep.skipped:
+            return "skipped"
+    return "passed"
+
+
+def new_record(
+    item: pytest.Item, spec: IsolationSpec, reports: list[pytest.TestReport], raw: dict[str, Any]
+) -> dict[str, Any]:
+    usage = dict(raw.get("usage") or {})
+    exit_info = raw.get("exit") or {}
+    record: dict[str, Any] = {
+        "nodeid": item.nodeid,
+        "tier": spec.tier,
+        "outcome": outcome_of(reports),
+        "duration": round(sum(r.duration for r in reports), 6),
+        "cpu_user": usage.get("cpu_user"),
+        "cpu_sys": usage.get("cpu_sys"),
+        "peak_rss": usage.get("max_rss"),
+        "exit_code": exit_info.get("exit_code"),
+        "signal": exit_info.get("signame"),
+        "crashed": bool(raw.get("crashed")) or "worker_error" in raw,
+        "timed_out": bool(raw.get("timed_out")),
+        "spec": spec.to_dict(),
+        "budgets": spec.budgets(),
+        "usage": usage,
+        "escapes": list(raw.get("escapes") or []),
+        "overuse": list(raw.get("overuse") or []),
+        "leftovers": list(raw.get("leftovers") or []),
+        "changes": list(raw.get("changes") or []),
+        "notes": list(raw.get("notes") or []),
+    }
+    for key in ("unavailable", "worker_error"):
+        if key in raw:
+            record[key] = raw[key]
+    return record
+
+
+def attach(rep: pytest.TestReport, record: dict[str, Any]) -> None:
+    """Put the record on the report and its figures into junit ``user_properties``
+    (junitxml reads them from the teardown report, the last one)."""
+    rep.isolate = record  # type: ignore[attr-defined]
+    props = [("isolate_tier", record["tier"])]
+    for key in ("cpu_user", "cpu_sys", "peak_rss", "exit_code", "signal"):
+        if record.get(key) is not None:
+            props.append((f"isolate_{key}", record[key]))
+    if record["crashed"]:
+        props.append(("isolate_crashed", True))
+    if record["timed_out"]:
+        props.append(("isolate_timed_out", True))
+    for e in record["escapes"]:
+        props.append(("isolate_escape", f"{e.get('technique')}: {e.get('verdict')}"))
+    for o in record["overuse"]:
+        props.append(("isolate_overuse", o.get("message", o.get("budget"))))
+    rep.user_properties = list(rep.user_properties) + props
+
+
+class ReportPlugin:
+    """Registered in the user's pytest (not in fork servers)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = getattr(report, "isolate", None)
+        if isinstance(record, dict):
+            self.records.append(record)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.records or hasattr(self.config, "workerinput"):
+            return
+        tr = terminalreporter
+        tr.section("isolation")
+        tiers = Counter(r["tier"] for r in self.records)
+        crashed = [r for r in self.records if r["crashed"] and not r["timed_out"]]
+        timed_out = [r for r in self.records if r["timed_out"]]
+        unavailable = [r for r in self.records if r.get("unavailable")]
+        tr.write_line(
+            "tests per tier: " + ", ".join(f"{t} {n}" for t, n in sorted(tiers.items()))
+            + f"; crashed {len(crashed)}; timed out {len(timed_out)}"
+            + (f"; tier unavailable {len(unavailable)}" if unavailable else "")
+        )
+        for r in crashed:
+            how = r.get("signal") or (f"exit code {r['exit_code']}" if r.get("exit_code") is not None else "worker died")
+            tr.write_line(f"CRASHED {r['nodeid']} [{r['tier']}]: {how}")
+        for r in timed_out:
+            tr.write_line(f"TIMEOUT {r['nodeid']} [{r['tier']}]: over {r['budgets'].get('timeout')}s")
+        for reason in sorted({r["unavailable"] for r in unavailable}):
+            tr.write_line(f"UNAVAILABLE {reason}")
+        self._usage_section(tr)
+
+    def _usage_section(self, tr: Any) -> None:
+        top = self.config.getoption("isolate_top", None)
+        if top is None:
+            top = int(self.config.getini("isolate_top") or 5)
+        measured = [r for r in self.records if r.get("peak_rss") is not None]
+        if not top or not measured:
+            return
+        by_mem = sorted(measured, key=lambda r: r["usage"].get("peak_memory") or r["peak_rss"] or 0, reverse=True)
+        tr.write_line(f"top {min(top, len(measured))} by peak memory:")
+        for r in by_mem[:top]:
+            peak = r["usage"].get("peak_memory") or r["peak_rss"]
+            cpu = (r.get("cpu_user") or 0) + (r.get("cpu_sys") or 0)
+            tr.write_line(f"  {format_size(peak):>10}  cpu {cpu:6.2f}s  {r['nodeid']} [{r['tier']}]")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self) -> None:
+        if hasattr(self.config, "workerinput"):
+            return  # an xdist worker: its records travel to the controller on the reports
+        self.config.hook.pytest_isolate_report(config=self.config, records=self.records)
+        path = self.config.getoption("isolate_report", None) or self.config.getini("isolate_report")
+        if path:
+            write_json(Path(self.config.invocation_params.dir, path), self.records)
+
+
+def write_json(path: Path, records: list[dict[str, Any]]) -> None:
+    """Write atomically so CI never uploads a half-written report."""
+    doc = {
+        "schema": SCHEMA_VERSION,
+        "generator": "pytest-isolate-tiers",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "summary": {
+            "tests": len(records),
+            "tiers": dict(Counter(r["tier"] for r in records)),
+            "outcomes": dict(Counter(r["outcome"] for r in records)),
+            "crashed": sum(1 for r in records if r["crashed"] and not r["timed_out"]),
+            "timed_out": sum(1 for r in records if r["timed_out"]),
+            "escapes": sum(len(r["escapes"]) for r in records),
+            "overuse": sum(len(r["overuse"]) for r in records),
+        },
+        "tests": records,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
