@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import os
+import resource
 import signal
 import sys
 from typing import Any, NoReturn
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_isolate import wire
+from pytest_isolate.spec import IsolationSpec
 
 #: Signal the fork server sends a timed-out runner so it dumps its Python stack.
 STACK_SIGNAL = signal.SIGRTMIN + 3
@@ -25,20 +27,29 @@ STACK_SIGNAL = signal.SIGRTMIN + 3
 RUNNER_COMM = b"isolate-test"
 
 
-class _Forwarder:
-    """Child-side plugin: sends what pytest logs to the controller instead."""
+class Forwarder:
+    """Sends what pytest logs in a child to the controller instead.
 
-    def __init__(self, config: pytest.Config, fd: int) -> None:
+    Registered once in the fork server (registering a plugin costs ~1 ms: pytest parses
+    it for fixtures) and inherited by every child; ``fd`` is -1 in the server itself,
+    which never runs tests, and set to the test's pipe in the child.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.fd = fd
+        self.fd = -1
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.fd < 0:
+            return
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         wire.send(self.fd, {"t": "report", "data": data})
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_warning_recorded(self, warning_message: Any, when: str, nodeid: str, location: Any) -> None:
+        if self.fd < 0:
+            return
         wire.send(
             self.fd,
             {
@@ -63,18 +74,20 @@ def _set_comm(name: bytes) -> None:
         pass
 
 
-def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
-    try:  # TEMP until facets/rlimits.py lands
-        from pytest_isolate.facets import rlimits
-    except ImportError:
-        return
-    from pytest_isolate.spec import IsolationSpec
+try:  # TEMP until facets/rlimits.py lands
+    from pytest_isolate.facets import rlimits
+except ImportError:
+    rlimits = None  # type: ignore[assignment]
 
-    rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
+
+def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
+    if rlimits is not None:
+        rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
 
 
 def run_items(
     config: pytest.Config,
+    forwarder: Forwarder,
     items: list[pytest.Item],
     nextitem: pytest.Item | None,
     result_fd: int,
@@ -98,7 +111,7 @@ def run_items(
         faulthandler.enable(file=stack_fd, all_threads=True)
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
         _apply_rlimits(spec_dict, enforced_by_cgroup)
-        config.pluginmanager.register(_Forwarder(config, result_fd), "isolate-forwarder")
+        forwarder.fd = result_fd
         for i, item in enumerate(items):
             nxt = items[i + 1] if i + 1 < len(items) else nextitem
             config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
@@ -115,5 +128,20 @@ def run_items(
             sys.stdout.flush()
             sys.stderr.flush()
         except BaseException:  # noqa: BLE001
+            pass
+    if code == 0:
+        # Our own figures, so the server need not wait for the kernel to tear this
+        # process down (~3 ms for a warm pytest heap) before answering.
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        usage = {
+            "cpu_user": me.ru_utime + kids.ru_utime,
+            "cpu_sys": me.ru_stime + kids.ru_stime,
+            "max_rss": max(me.ru_maxrss, kids.ru_maxrss) * 1024,
+            "write_bytes": float((me.ru_oublock + kids.ru_oublock) * 512),
+        }
+        try:
+            wire.send(result_fd, {"t": "end", "rusage": usage})
+        except OSError:
             pass
     os._exit(code)

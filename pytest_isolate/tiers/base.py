@@ -72,6 +72,9 @@ class Tier:
     """Base tier: subclasses override what they confine."""
 
     name: ClassVar[str] = ""
+    #: True when the pid ``spawn`` returns is the process that calls ``run``: the server
+    #: may then answer as soon as the runner says it is done and reap it afterwards.
+    direct: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

@@ -11,6 +11,7 @@ from pytest_isolate.tiers.base import Box, Tier, fork_child
 
 class ProcessTier(Tier):
     name = "process"
+    direct = True
 
     def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
         def body() -> NoReturn:
