@@ -207,7 +207,9 @@ class ForkServer:
                 if pid:
                     tier.finish(box, pid, status, ru)
             finally:
-                leftovers = leftovers_early + self._reap_orphans(exclude=self.exiting)
+                leftovers = leftovers_early + self._reap_orphans(
+                    exclude=self.exiting + [p["pid"] for p in leftovers_early]
+                )
                 os.close(r)
         result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)
         os.close(stack_fd)
@@ -299,7 +301,7 @@ class ForkServer:
                 break
             if pid == 0:
                 break
-            if pid in skip:
+            if pid in self.exiting:
                 self.exiting.remove(pid)
         return found
 
