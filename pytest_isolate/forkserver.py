@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -66,6 +67,17 @@ def _signame(sig: int) -> str:
         return f"signal {sig}"
 
 
+@dataclass
+class _Slot:
+    seq: int
+    scratch: Path
+    r: int
+    w: int
+    stack_fd: int
+    pid: int = 0  # a zygote's pid
+    go: int = -1  # a zygote's job pipe
+
+
 class ForkServer:
     """pytest plugin registered in the server's config; owns the serve loop."""
 
@@ -92,6 +104,8 @@ class ForkServer:
         self.seq = 0
         #: Runners that said "end" and are still being torn down by the kernel.
         self.exiting: list[int] = []
+        self.zygote: _Slot | None = None
+        self.want_zygote = False
 
     # -- pytest hooks -------------------------------------------------------------
     @pytest.hookimpl(trylast=True)
@@ -115,6 +129,7 @@ class ForkServer:
         try:
             self.serve()
         finally:
+            self._drop_zygote()
             for tier in self.tiers.values():
                 with contextlib.suppress(Exception):
                     tier.close()
@@ -135,6 +150,8 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
+                if self.want_zygote:
+                    self._make_zygote()
 
     def tier(self, name: str) -> Tier:
         if name not in self.tiers:
@@ -153,6 +170,55 @@ class ForkServer:
                 files.append(tmp)
         return files
 
+    def _new_slot(self) -> _Slot:
+        """Per-test plumbing: scratch dir, message pipe, stack-dump file."""
+        self.seq += 1
+        scratch = self.ctx.workdir / f"t{self.seq}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        stack_fd = os.open(scratch / "stack", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        return _Slot(self.seq, scratch, r, w, stack_fd)
+
+    def _make_zygote(self) -> None:
+        """Pre-fork the next `process`-tier child while the controller is busy logging
+        the last result: fork and child set-up leave the per-test critical path."""
+        slot = self._new_slot()
+        go_r, go_w = os.pipe()
+        gc.freeze()
+        self._reap_exiting()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(go_w)
+                os.close(slot.r)
+                os.setpgid(0, 0)
+                try:
+                    job = wire.recv(go_r)
+                except EOFError:
+                    os._exit(0)
+                run_items(
+                    self.config, self.forwarder, [self.items[job["nodeid"]]], None,
+                    slot.w, slot.stack_fd, self.term_fd, job["spec"], False,
+                )
+            finally:
+                os._exit(70)
+        os.close(go_r)
+        os.close(slot.w)
+        slot.w = -1
+        slot.pid, slot.go = pid, go_w
+        self.zygote = slot
+
+    def _drop_zygote(self) -> None:
+        z, self.zygote = self.zygote, None
+        if z is not None:
+            os.close(z.go)  # EOF: the zygote exits without running anything
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(z.pid, 0)
+            for fd in (z.r, z.stack_fd):
+                os.close(fd)
+            shutil.rmtree(z.scratch, ignore_errors=True)
+
     def run_test(self, cmd: dict[str, Any]) -> dict[str, Any]:
         nodeid = cmd["nodeid"]
         item = self.items.get(nodeid)
@@ -160,13 +226,14 @@ class ForkServer:
             return {"t": "done", "nodeid": nodeid, "error": f"{nodeid}: not collected by the isolated worker"}
         spec = IsolationSpec.from_dict(cmd["spec"])
         tier = self.tier(spec.tier)
-        self.seq += 1
-        scratch = self.ctx.workdir / f"t{self.seq}"
-        scratch.mkdir(parents=True, exist_ok=True)
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        stack_fd = os.open(scratch / "stack", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        box = Box(nodeid, spec, self.seq, scratch, _hostname(nodeid), w)
+        zygote = self.zygote if spec.tier == "process" else None
+        if zygote is None:
+            self._drop_zygote()
+        self.zygote = None
+        self.want_zygote = spec.tier == "process"
+        slot = zygote or self._new_slot()
+        r, stack_fd = slot.r, slot.stack_fd
+        box = Box(nodeid, spec, slot.seq, slot.scratch, _hostname(nodeid), slot.w)
         captures = self._capture_files()
         for f in captures:
             f.seek(0)
@@ -175,7 +242,7 @@ class ForkServer:
 
         def run() -> NoReturn:
             os.close(r)
-            run_items(self.config, self.forwarder, [item], None, w, stack_fd, self.term_fd, cmd["spec"], cgroup_memory)
+            run_items(self.config, self.forwarder, [item], None, slot.w, stack_fd, self.term_fd, cmd["spec"], cgroup_memory)
 
         msgs: list[dict[str, Any]] = []
         leftovers_early: list[dict[str, Any]] = []
@@ -186,22 +253,27 @@ class ForkServer:
         t0 = time.perf_counter()
         try:
             tier.prepare(box)
-            # Everything the warm server allocated becomes permanent for the GC: a child's
-            # collection then never walks (and copy-on-write faults) the inherited heap —
-            # measured 20 ms → 2 ms per child that collects.
-            gc.freeze()
-            self._reap_exiting()
-            pid = tier.spawn(box, run)
-            os.close(w)
-            w = -1
+            if zygote is not None:
+                pid = zygote.pid
+                wire.send(zygote.go, {"nodeid": nodeid, "spec": cmd["spec"]})
+                os.close(zygote.go)
+            else:
+                # Everything the warm server allocated becomes permanent for the GC: a
+                # child's collection then never walks (and copy-on-write faults) the
+                # inherited heap — measured 20 ms → 2 ms per child that collects.
+                gc.freeze()
+                self._reap_exiting()
+                pid = tier.spawn(box, run)
+                os.close(slot.w)
+                slot.w = -1
             status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout)
             if status is None:  # the runner ended cleanly and is exiting: don't wait
                 leftovers_early = self._kill_descendants(pid)
                 self.exiting.append(pid)
                 status = 0
         finally:
-            if w >= 0:
-                os.close(w)
+            if slot.w >= 0:
+                os.close(slot.w)
             wall = time.perf_counter() - t0
             try:
                 if pid:
@@ -213,7 +285,7 @@ class ForkServer:
                 os.close(r)
         result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)
         os.close(stack_fd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(slot.scratch, ignore_errors=True)
         return result
 
     def _wait(
@@ -291,7 +363,7 @@ class ForkServer:
     def _reap_orphans(self, exclude: list[int] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """Processes a test left behind reparent to us (we are a subreaper): kill and
         report them, so nothing of one test outlives it."""
-        skip = set(exclude)
+        skip = set(exclude) | ({self.zygote.pid} if self.zygote else set())
         found = self._kill([p for p in descendants(os.getpid()) if p not in skip and not _zombie(p)])
         # Reap what died (killed orphans, zombies): nothing may be reported twice.
         while True:
