@@ -124,8 +124,12 @@ class ForkServer:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
-        errors = [r for r in getattr(session, "_isolate_collect_errors", [])]
-        wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "errors": errors})
+        # Create basetemp once, here: children inherit the cached path. Left to each child,
+        # pytest would wipe and re-create it per test, deleting earlier tests' tmp_path.
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        if factory is not None:
+            factory.getbasetemp()
+        wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items)})
         try:
             self.serve()
         finally:
