@@ -80,6 +80,12 @@ except ImportError:
     rlimits = None  # type: ignore[assignment]
 
 
+try:  # TEMP until observe/escapes.py lands
+    from pytest_isolate.observe import escapes as _escapes
+except ImportError:
+    _escapes = None  # type: ignore[assignment]
+
+
 def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
     if rlimits is not None:
         rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
@@ -112,6 +118,9 @@ def run_items(
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
         _apply_rlimits(spec_dict, enforced_by_cgroup)
         forwarder.fd = result_fd
+        if _escapes is not None:
+            basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+            _escapes.arm(result_fd, [basetemp])
         for i, item in enumerate(items):
             nxt = items[i + 1] if i + 1 < len(items) else nextitem
             config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)

@@ -183,6 +183,27 @@ class Controller:
         self.uml_kernel: str | None = config.getoption("isolate_uml_kernel", None)
         self.needs_switch = False
         self._switch: Any = None
+        self.canaries: Any = None
+        try:
+            from pytest_isolate.observe.escapes import Canaries
+        except ImportError:  # TEMP until observe/escapes lands
+            Canaries = None  # type: ignore[assignment]  # noqa: N806
+        if Canaries is not None:
+            self.canaries = Canaries(self.rundir, self.run_id)
+            # Sandboxes inherit the environment of the workers: tests can find the
+            # tripwires (the escape matrix targets them on purpose).
+            os.environ.update(self.canaries.env)
+
+    def canary_escapes(self, tier: str) -> list[dict[str, Any]]:
+        """Tripwire contacts since the last test, as escape records of this test."""
+        if self.canaries is None:
+            return []
+        contacts = self.canaries.contacts()
+        if not contacts:
+            return []
+        from pytest_isolate.observe.escapes import verdicts
+
+        return verdicts(tier, [], [], [], contacts)
 
     def switch_path(self) -> str | None:
         if not self.needs_switch:
@@ -235,6 +256,12 @@ class Controller:
         if self._switch is not None:
             with contextlib.suppress(Exception):
                 self._switch.close()
+        if self.canaries is not None:
+            with contextlib.suppress(Exception):
+                self.canaries.close()
+            for key in self.canaries.env:
+                os.environ.pop(key, None)
+            self.canaries = None
         sweep(self.run_id, self.rundir)
 
 

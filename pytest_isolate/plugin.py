@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate import report
+from pytest_isolate import policy, report
 from pytest_isolate.spec import (
     TIERS,
     IsolationSpec,
@@ -81,6 +81,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="what happens to tests whose tier cannot run on this host (default: fail)",
     )
     parser.addini("isolate_unavailable", "skip|fail for tests whose tier cannot run here", default=None)
+    for name, what, default in (
+        ("escape", "a test whose sandbox was escaped (blocked attempts are shown, never failed)", "fail"),
+        ("overuse", "a test over a budget its tier could only observe, not enforce", "fail"),
+    ):
+        group.addoption(
+            f"--isolate-on-{name}",
+            dest=f"isolate_on_{name}",
+            default=None,
+            choices=("fail", "warn", "ignore"),
+            help=f"what happens to {what} (default: {default})",
+        )
+        parser.addini(f"isolate_on_{name}", f"fail|warn|ignore for {what}", default=None)
     group.addoption(
         "--isolate-top",
         dest="isolate_top",
@@ -141,6 +153,10 @@ def pytest_configure(config: pytest.Config) -> None:
         unavailable = _option(config, "isolate_unavailable") or "fail"
         if unavailable not in ("skip", "fail"):
             raise SpecError(f"ini option isolate_unavailable: unknown value {unavailable!r} (valid: skip, fail)")
+        for name in ("isolate_on_escape", "isolate_on_overuse"):
+            value = _option(config, name) or "fail"
+            if value not in ("fail", "warn", "ignore"):
+                raise SpecError(f"ini option {name}: unknown value {value!r} (valid: fail, warn, ignore)")
     except SpecError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[_LAYERS] = (cli, ini)
@@ -222,7 +238,9 @@ class IsolatePlugin:
         else:
             done = self.controller().run(item.nodeid, spec)
             reports, record = self._unpack(item, spec, done)
+            record["escapes"] += self.controller().canary_escapes(spec.tier)
         self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
+        policy.apply(self.config, item, spec, reports, record)
         report.attach(reports[-1], record)
         for rep in reports:
             ihook.pytest_runtest_logreport(report=rep)

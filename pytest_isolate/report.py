@@ -120,9 +120,32 @@ class ReportPlugin:
             tr.write_line(f"TIMEOUT {r['nodeid']} [{r['tier']}]: over {r['budgets'].get('timeout')}s")
         for reason in sorted({r["unavailable"] for r in unavailable}):
             tr.write_line(f"UNAVAILABLE {reason}")
+        self._escape_section(tr)
         self._usage_section(tr)
 
+    def _escape_section(self, tr: Any) -> None:
+        with_escapes = [r for r in self.records if r["escapes"]]
+        if not with_escapes:
+            return
+        tr.section("isolation escapes", sep="-")
+        for r in with_escapes:
+            tr.write_line(f"{r['nodeid']} [{r['tier']}]")
+            for e in r["escapes"]:
+                where = f" at {e['where']}" if e.get("where") else ""
+                allowed = " (allowed)" if e.get("allowed") else ""
+                tr.write_line(
+                    f"  {e.get('verdict', '?').upper():8} {e.get('technique')}{where}{allowed}: {e.get('evidence')}"
+                )
+
     def _usage_section(self, tr: Any) -> None:
+        over = [r for r in self.records if r["overuse"]]
+        if over:
+            tr.section("resource usage", sep="-")
+            tr.write_line(f"{len(over)} test(s) over budget:")
+            for r in over:
+                for o in r["overuse"]:
+                    how = "enforced" if o.get("enforced") else "observed"
+                    tr.write_line(f"  {r['nodeid']} [{r['tier']}] ({how}): {o.get('message')}")
         top = self.config.getoption("isolate_top", None)
         if top is None:
             top = int(self.config.getini("isolate_top") or 5)
