@@ -91,20 +91,40 @@ def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
         rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
 
 
+def _usage_now() -> dict[str, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cpu_user": me.ru_utime + kids.ru_utime,
+        "cpu_sys": me.ru_stime + kids.ru_stime,
+        "max_rss": max(me.ru_maxrss, kids.ru_maxrss) * 1024,
+        "write_bytes": float((me.ru_oublock + kids.ru_oublock) * 512),
+    }
+
+
 def run_items(
     config: pytest.Config,
     forwarder: Forwarder,
-    items: list[pytest.Item],
-    nextitem: pytest.Item | None,
+    items: dict[str, pytest.Item],
+    job: dict[str, Any] | None,
     result_fd: int,
     stack_fd: int,
     term_fd: int,
-    spec_dict: dict[str, Any],
     enforced_by_cgroup: bool,
+    go_fd: int = -1,
 ) -> NoReturn:
-    """Run ``items`` in this (already confined) process, then exit."""
+    """Run jobs in this (already confined) process, then exit.
+
+    ``job`` is ``{"nodeid", "spec", "next"}``; ``None`` means "wait for the first job on
+    ``go_fd``" (a pre-forked child). While a job names a ``next`` item, fixtures stay up
+    for it (``scope="module"``/``"session"``): the child reports ``item_done`` and waits
+    on ``go_fd`` for that next job.
+    """
     code = 0
+    session = None
     try:
+        if job is None:
+            job = wire.recv(go_fd)
         _set_comm(RUNNER_COMM)
         # Uncaptured output (-s, or anything outside pytest's capture) goes where the
         # user's terminal is, as it would in-process.
@@ -116,14 +136,27 @@ def run_items(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         faulthandler.enable(file=stack_fd, all_threads=True)
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
-        _apply_rlimits(spec_dict, enforced_by_cgroup)
+        _apply_rlimits(job["spec"], enforced_by_cgroup)
         forwarder.fd = result_fd
         if _escapes is not None:
             basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
             _escapes.arm(result_fd, [basetemp])
-        for i, item in enumerate(items):
-            nxt = items[i + 1] if i + 1 < len(items) else nextitem
+        while True:
+            item = items[job["nodeid"]]
+            session = item.session
+            nxt = items.get(job["next"]) if job.get("next") else None
             config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+            if nxt is None or go_fd < 0:
+                break
+            sys.stdout.flush()
+            sys.stderr.flush()
+            wire.send(result_fd, {"t": "item_done", "rusage": _usage_now()})
+            try:
+                job = wire.recv(go_fd)
+            except EOFError:
+                # The controller moved on (e.g. -x): tear down what was kept up.
+                session._setupstate.teardown_exact(None)  # type: ignore[attr-defined]
+                break
     except BaseException as exc:  # noqa: BLE001 - report, never fall back into the server
         code = 70
         try:
@@ -141,16 +174,8 @@ def run_items(
     if code == 0:
         # Our own figures, so the server need not wait for the kernel to tear this
         # process down (~3 ms for a warm pytest heap) before answering.
-        me = resource.getrusage(resource.RUSAGE_SELF)
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        usage = {
-            "cpu_user": me.ru_utime + kids.ru_utime,
-            "cpu_sys": me.ru_stime + kids.ru_stime,
-            "max_rss": max(me.ru_maxrss, kids.ru_maxrss) * 1024,
-            "write_bytes": float((me.ru_oublock + kids.ru_oublock) * 512),
-        }
         try:
-            wire.send(result_fd, {"t": "end", "rusage": usage})
+            wire.send(result_fd, {"t": "end", "rusage": _usage_now()})
         except OSError:
             pass
     os._exit(code)

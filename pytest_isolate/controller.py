@@ -131,8 +131,9 @@ class Worker:
         why = why.strip().splitlines()[-1] if why.strip() else "worker died"
         return f"isolated worker died ({why})" + (f"\n--- last output ---\n{tail}" if tail else "")
 
-    def run(self, nodeid: str, spec: IsolationSpec) -> dict[str, Any]:
-        self.ch.send(wire.encode({"t": "run", "nodeid": nodeid, "spec": spec.to_dict()}))
+    def run(self, nodeid: str, spec: IsolationSpec, group: str | None, nextid: str | None) -> dict[str, Any]:
+        cmd = {"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid}
+        self.ch.send(wire.encode(cmd))
         guard = spec.timeout + GUARD if spec.timeout else None
         return self.receive(guard)
 
@@ -223,8 +224,13 @@ class Controller:
             self.workers[key] = w
         return w
 
-    def run(self, nodeid: str, spec: IsolationSpec) -> dict[str, Any]:
-        """Run one test; a dead worker yields a failure for that test and is replaced."""
+    def run(
+        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None
+    ) -> dict[str, Any]:
+        """Run one test; a dead worker yields a failure for that test and is replaced.
+
+        ``group``/``nextid``: with ``scope="module"``/``"session"`` the sandbox child keeps
+        its fixtures up for ``nextid`` when that test belongs to the same group."""
         key = pool_key(spec)
         try:
             w = self.worker(spec)
@@ -235,7 +241,7 @@ class Controller:
             self.drop(key)
             return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {exc}"}
         try:
-            done = w.run(nodeid, spec)
+            done = w.run(nodeid, spec, group, nextid)
         except WorkerDied as exc:
             self.drop(key)
             return {"t": "done", "nodeid": nodeid, "error": str(exc), "worker_died": True}

@@ -74,8 +74,11 @@ class _Slot:
     r: int
     w: int
     stack_fd: int
-    pid: int = 0  # a zygote's pid
-    go: int = -1  # a zygote's job pipe
+    pid: int = 0  # a waiting child's pid
+    go: int = -1  # a waiting child's job pipe
+    group: str | None = None  # "zygote", or the scope group a kept child serves
+    tier: Tier | None = None
+    box: Box | None = None
 
 
 class ForkServer:
@@ -104,7 +107,8 @@ class ForkServer:
         self.seq = 0
         #: Runners that said "end" and are still being torn down by the kernel.
         self.exiting: list[int] = []
-        self.zygote: _Slot | None = None
+        #: A child waiting for its next job: a pre-forked zygote or a kept scope child.
+        self.waiting: _Slot | None = None
         self.want_zygote = False
 
     # -- pytest hooks -------------------------------------------------------------
@@ -133,7 +137,7 @@ class ForkServer:
         try:
             self.serve()
         finally:
-            self._drop_zygote()
+            self._drop_waiting()
             for tier in self.tiers.values():
                 with contextlib.suppress(Exception):
                     tier.close()
@@ -154,7 +158,7 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
-                if self.want_zygote:
+                if self.want_zygote and self.waiting is None:
                     self._make_zygote()
 
     def tier(self, name: str) -> Tier:
@@ -197,31 +201,36 @@ class ForkServer:
                 os.close(go_w)
                 os.close(slot.r)
                 os.setpgid(0, 0)
-                try:
-                    job = wire.recv(go_r)
-                except EOFError:
-                    os._exit(0)
                 run_items(
-                    self.config, self.forwarder, [self.items[job["nodeid"]]], None,
-                    slot.w, slot.stack_fd, self.term_fd, job["spec"], False,
+                    self.config, self.forwarder, self.items, None,
+                    slot.w, slot.stack_fd, self.term_fd, False, go_r,
                 )
             finally:
                 os._exit(70)
         os.close(go_r)
         os.close(slot.w)
         slot.w = -1
-        slot.pid, slot.go = pid, go_w
-        self.zygote = slot
+        slot.pid, slot.go, slot.group = pid, go_w, "zygote"
+        self.waiting = slot
 
-    def _drop_zygote(self) -> None:
-        z, self.zygote = self.zygote, None
-        if z is not None:
-            os.close(z.go)  # EOF: the zygote exits without running anything
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(z.pid, 0)
-            for fd in (z.r, z.stack_fd):
-                os.close(fd)
-            shutil.rmtree(z.scratch, ignore_errors=True)
+    def _drop_waiting(self) -> None:
+        """Release the waiting child: EOF on its job pipe makes it tear down and exit."""
+        z, self.waiting = self.waiting, None
+        if z is None:
+            return
+        os.close(z.go)
+        deadline = time.monotonic() + 30
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(z.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:  # a teardown that hangs
+                    kill_tree(z.pid)
+                time.sleep(0.002)
+        if z.tier is not None and z.box is not None:
+            with contextlib.suppress(Exception):
+                z.tier.finish(z.box, z.pid, 0, None)
+        for fd in (z.r, z.stack_fd):
+            os.close(fd)
+        shutil.rmtree(z.scratch, ignore_errors=True)
 
     def run_test(self, cmd: dict[str, Any]) -> dict[str, Any]:
         nodeid = cmd["nodeid"]
@@ -230,38 +239,52 @@ class ForkServer:
             return {"t": "done", "nodeid": nodeid, "error": f"{nodeid}: not collected by the isolated worker"}
         spec = IsolationSpec.from_dict(cmd["spec"])
         tier = self.tier(spec.tier)
-        zygote = self.zygote if spec.tier == "process" else None
-        if zygote is None:
-            self._drop_zygote()
-        self.zygote = None
-        self.want_zygote = spec.tier == "process"
-        slot = zygote or self._new_slot()
+        group = cmd.get("group")
+        job = {"nodeid": nodeid, "spec": cmd["spec"], "next": cmd.get("next") if group else None}
+        waiting = self.waiting
+        if waiting is not None and (
+            (waiting.group == "zygote" and spec.tier == "process") or (group and waiting.group == group)
+        ):
+            self.waiting = None  # reuse it: a zygote, or the kept child of this group
+        else:
+            self._drop_waiting()
+            waiting = None
+        self.want_zygote = spec.tier == "process" and not job["next"]
+        slot = waiting or self._new_slot()
         r, stack_fd = slot.r, slot.stack_fd
-        box = Box(nodeid, spec, slot.seq, slot.scratch, _hostname(nodeid), slot.w)
+        box = slot.box if waiting is not None and waiting.box is not None else Box(
+            nodeid, spec, slot.seq, slot.scratch, _hostname(nodeid), slot.w
+        )
         captures = self._capture_files()
         for f in captures:
             f.seek(0)
             f.truncate()
         cgroup_memory = spec.tier in ("zone", "uml")
+        go_r, go_w = os.pipe() if group and waiting is None else (-1, -1)
 
         def run() -> NoReturn:
             os.close(r)
-            run_items(self.config, self.forwarder, [item], None, slot.w, stack_fd, self.term_fd, cmd["spec"], cgroup_memory)
+            if go_w >= 0:
+                os.close(go_w)
+            run_items(
+                self.config, self.forwarder, self.items, job,
+                slot.w, stack_fd, self.term_fd, cgroup_memory, go_r,
+            )
 
         msgs: list[dict[str, Any]] = []
         leftovers_early: list[dict[str, Any]] = []
         status: int | None = 0
         ru = None
         timed_out = False
+        kept = False
         pid = 0
         t0 = time.perf_counter()
         try:
-            tier.prepare(box)
-            if zygote is not None:
-                pid = zygote.pid
-                wire.send(zygote.go, {"nodeid": nodeid, "spec": cmd["spec"]})
-                os.close(zygote.go)
+            if waiting is not None:
+                pid = waiting.pid
+                wire.send(waiting.go, job)
             else:
+                tier.prepare(box)
                 # Everything the warm server allocated becomes permanent for the GC: a
                 # child's collection then never walks (and copy-on-write faults) the
                 # inherited heap — measured 20 ms → 2 ms per child that collects.
@@ -270,26 +293,42 @@ class ForkServer:
                 pid = tier.spawn(box, run)
                 os.close(slot.w)
                 slot.w = -1
+                if go_r >= 0:
+                    os.close(go_r)
+                    slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, group, tier, box
             status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout)
-            if status is None:  # the runner ended cleanly and is exiting: don't wait
+            if status == "kept":  # the child keeps fixtures up for the next item of its group
+                kept = True
+                status = 0
+                slot.group = group
+                self.waiting = slot
+            elif status is None:  # the runner ended cleanly and is exiting: don't wait
                 leftovers_early = self._kill_descendants(pid)
                 self.exiting.append(pid)
                 status = 0
+            elif slot.go >= 0:  # a kept child that died or ended
+                os.close(slot.go)
+                slot.go = -1
         finally:
             if slot.w >= 0:
                 os.close(slot.w)
+                slot.w = -1
             wall = time.perf_counter() - t0
-            try:
-                if pid:
-                    tier.finish(box, pid, status, ru)
-            finally:
-                leftovers = leftovers_early + self._reap_orphans(
-                    exclude=self.exiting + [p["pid"] for p in leftovers_early]
-                )
-                os.close(r)
-        result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)
-        os.close(stack_fd)
-        shutil.rmtree(slot.scratch, ignore_errors=True)
+            if not kept:
+                try:
+                    if pid:
+                        tier.finish(box, pid, status, ru)  # type: ignore[arg-type]
+                finally:
+                    leftovers = leftovers_early + self._reap_orphans(
+                        exclude=self.exiting + [p["pid"] for p in leftovers_early]
+                    )
+                    os.close(r)
+            else:
+                leftovers = []
+        result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)  # type: ignore[arg-type]
+        if not kept:
+            os.close(stack_fd)
+            shutil.rmtree(slot.scratch, ignore_errors=True)
         return result
 
     def _wait(
@@ -307,7 +346,10 @@ class ForkServer:
                 ready, _, _ = select.select([r, pidfd], [], [], wait)
                 if r in ready:
                     self._drain(r, reader, msgs)
-                    if tier.direct and msgs and msgs[-1].get("t") == "end":
+                    last = msgs[-1].get("t") if msgs else None
+                    if last == "item_done":
+                        return "kept", None, False  # type: ignore[return-value]
+                    if tier.direct and last == "end":
                         return None, None, False
                 if pidfd in ready:
                     break
@@ -367,7 +409,7 @@ class ForkServer:
     def _reap_orphans(self, exclude: list[int] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """Processes a test left behind reparent to us (we are a subreaper): kill and
         report them, so nothing of one test outlives it."""
-        skip = set(exclude) | ({self.zygote.pid} if self.zygote else set())
+        skip = set(exclude) | ({self.waiting.pid} if self.waiting else set())
         found = self._kill([p for p in descendants(os.getpid()) if p not in skip and not _zombie(p)])
         # Reap what died (killed orphans, zombies): nothing may be reported twice.
         while True:
@@ -418,7 +460,7 @@ class ForkServer:
                 status = m["status"]
                 if m.get("rusage"):
                     box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
-            elif m.get("t") == "end" and ru is None:
+            elif m.get("t") in ("end", "item_done") and ru is None:
                 box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
             elif m.get("t") == "leftover":
                 leftovers = leftovers + list(m.get("procs") or [])

@@ -236,7 +236,11 @@ class IsolatePlugin:
             reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
             record = report.new_record(item, spec, reports, {"unavailable": reason})
         else:
-            done = self.controller().run(item.nodeid, spec)
+            group = scope_group(item, spec)
+            nextid = None
+            if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
+                nextid = nextitem.nodeid
+            done = self.controller().run(item.nodeid, spec, group, nextid)
             reports, record = self._unpack(item, spec, done)
             record["escapes"] += self.controller().canary_escapes(spec.tier)
         self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
@@ -276,6 +280,14 @@ class IsolatePlugin:
             with contextlib.suppress(Exception):
                 self.ctl.shutdown()
             self.ctl = None
+
+
+def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:
+    """Tests with the same group may share one sandbox child (and its fixtures)."""
+    if spec is None or spec.scope not in ("module", "session") or spec.tier == "uml" and spec.scope == "test":
+        return None
+    where = item.nodeid.split("::", 1)[0] if spec.scope == "module" else "session"
+    return f"{spec.scope}:{where}:{sorted(spec.to_dict().items())}"
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:

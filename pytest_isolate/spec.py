@@ -162,7 +162,7 @@ class IsolationSpec:
     fds: int | None = None
     io: int | None = None
     network: str = "none"
-    scope: str = "test"
+    scope: str | None = None  # None: fresh child per test (and one UML guest per worker)
     rootfs: str | None = None
     kernel: str | None = None
     cpus: int | None = None
