@@ -1,0 +1,400 @@
+"""`jail` tier: own mount, PID, IPC, UTS and network namespaces (+ a user namespace
+when not root), an overlay root entered with pivot_root, and a tiny init.
+
+Process tree of one test (pids as the host sees them)::
+
+    fork server ── init (PID 1 inside) ── runner (PID 2 inside: calls run())
+                                      └── whatever the test starts
+
+Why an init: PID 1 of a namespace ignores every signal it has no handler for, so a test
+that runs ``os.kill(os.getpid(), SIGTERM)`` as PID 1 would not die. The init reaps
+everything, reports the runner's real wait status (``{"t": "exit"}``, base.py), lists
+what the test left running (``{"t": "leftover"}``), and when it exits the kernel kills
+the rest of the namespace. It also lists what the test changed in the overlay and
+writes that to ``<scratch>/changes.json``, which ``finish`` reads: the upper layer lives
+on a tmpfs of the test's own mount namespace, so nothing is ever mounted on the host and
+nothing can be left mounted there, whatever happens to the fork server.
+
+How the init is created without a middle process (a fork costs ~1.5 ms in a process
+that imported pytest):
+
+- root: the fork server ``unshare(CLONE_NEWPID)``s, forks (the child is PID 1 of the new
+  namespace) and ``setns``es back to its own PID namespace for the next test.
+- unprivileged: ``clone(CLONE_NEWUSER|CLONE_NEWPID|...)`` (namespaces.clone_fork): the
+  child is init of a PID namespace owned by its new user namespace.
+- unprivileged with ``network="ip"``: the test must join the user namespace that owns
+  the run's switch first (facets.net), so one middle process does that and forks the init.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+# Everything the init and the runner use is imported here, in the warm fork server: a
+# module first imported in a test's child costs ~1.5 ms there, every test (net imports
+# pyroute2: ~110 ms).
+from pytest_isolate import wire
+from pytest_isolate.facets import caps, devices, mounts, net  # noqa: F401 - devices: see above
+from pytest_isolate.facets import namespaces as ns
+from pytest_isolate.tiers.base import Box, Tier, WorkerContext, fork_child, kill_tree, rusage_dict
+from pytest_isolate.tiers.chroot import TMP_DIRS, _in_initial_userns, lower_for, overlay_available
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# Resolved here, in the server: a first attribute lookup in every child costs ~0.1 ms.
+_prctl = _libc.prctl
+
+#: Written by the init into the test's scratch dir, read by finish().
+CHANGES_FILE = "changes.json"
+
+
+def _set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """Die with the fork server: an orphaned init would keep its namespace alive."""
+    _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def _privileged() -> bool:
+    return os.geteuid() == 0 and _in_initial_userns()
+
+
+_unshare_probe: dict[int, str | None] = {}
+
+
+def _probe_unshare(flags: int) -> str | None:
+    """Can a child of ours unshare ``flags``? (containers without CAP_SYS_ADMIN cannot)."""
+    if flags in _unshare_probe:
+        return _unshare_probe[flags]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - forked child
+        os.close(r)
+        try:
+            ns.unshare(flags)
+            os.write(w, b"ok")
+        except OSError as exc:
+            os.write(w, str(exc).encode()[:500])
+        os._exit(0)
+    os.close(w)
+    try:
+        msg = os.read(r, 1024).decode(errors="replace")
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    reason = None if msg == "ok" else (
+        f"cannot create namespaces ({msg or 'probe died'}); a container needs CAP_SYS_ADMIN "
+        "or --privileged, or run unprivileged with user namespaces enabled"
+    )
+    _unshare_probe[flags] = reason
+    return reason
+
+
+def list_procs(exclude: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:
+    """Live (non-zombie) processes visible in our /proc, with their command lines."""
+    out: list[dict[str, Any]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                st = f.read()
+            state = st[st.rindex(b")") + 2 : st.rindex(b")") + 3]
+            if state in (b"Z", b"X"):
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            cmdline = " ".join(argv) or "[" + st[st.index(b"(") + 1 : st.rindex(b")")].decode(errors="replace") + "]"
+        except (OSError, ValueError):
+            continue
+        out.append({"pid": int(name), "cmdline": cmdline[:500]})
+    return out
+
+
+class JailTier(Tier):
+    name = "jail"
+    #: Capabilities the runner drops (see caps.JAIL_DROP / caps.ZONE_DROP).
+    drop_caps: tuple[int, ...] = caps.JAIL_DROP
+    dev_mode = "bind"
+    mask = False
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        self._pidns_fd: int | None = None
+        self._binds: dict[tuple[str, tuple[str, ...] | None], list[tuple[Path, bool]]] = {}
+        self._uid, self._gid = os.geteuid(), os.getegid()
+        self._privileged = _privileged()
+
+    @classmethod
+    def availability(cls) -> str | None:
+        ov = overlay_available()
+        if ov:
+            return ov
+        if _privileged():
+            return _probe_unshare(ns.JAIL_FLAGS)
+        reason = ns.userns_available()
+        if reason:
+            return f"the {cls.name} tier runs unprivileged only in a user namespace: {reason}"
+        return None
+
+    def close(self) -> None:
+        if self._pidns_fd is not None:
+            os.close(self._pidns_fd)
+            self._pidns_fd = None
+
+    # -- host side ------------------------------------------------------------------
+
+    def prepare(self, box: Box) -> None:
+        box.scratch.mkdir(parents=True, exist_ok=True)
+        lower = lower_for(box)
+        userns = not self._privileged
+        # Planned here, per test, from the current mount table: a mount that appeared
+        # below an overlay layer since the last test would make that layer fail.
+        split = mounts.plan_split(lower) if mounts.needs_split(lower, userns) else None
+        hidden = mounts.hidden_by(split) if split is not None else None
+        key = (os.fspath(lower), tuple(hidden) if hidden is not None else None)
+        binds = self._binds.get(key)
+        if binds is None:
+            binds = self._binds[key] = mounts.needed_binds(
+                lower, self.ctx.rootdir, self.ctx.basetemp, hidden=hidden
+            )
+        cwd = os.getcwd()
+        if box.spec.rootfs and not any(Path(cwd).is_relative_to(p) for p, _ in binds):
+            cwd = os.fspath(self.ctx.rootdir)
+        box.state["jail_cwd"] = cwd
+        box.state["jail_plan"] = (split, binds)
+
+    def _sync_needed(self, box: Box) -> bool:
+        """Must the child wait until the host side has done something to it (cgroup)?"""
+        return False
+
+    def _after_fork(self, box: Box, pid: int) -> None:
+        """Host-side work on the new child while it waits (zone: join the cgroup)."""
+
+    def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
+        go_r = go_w = -1
+        if self._sync_needed(box):
+            go_r, go_w = os.pipe()
+        switch = self.ctx.switch_netns if box.spec.network == "ip" else None
+
+        def init_entry(unshare_flags: int, maps: bool) -> NoReturn:
+            if go_w >= 0:
+                os.close(go_w)
+                os.read(go_r, 1)  # released once the host side is done (or gone: EOF)
+                os.close(go_r)
+            self._init(box, run, unshare_flags, maps, switch)
+
+        try:
+            if self._privileged:
+                if self._pidns_fd is None:
+                    self._pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                ns.unshare(ns.CLONE_NEWPID)
+                try:
+                    pid = fork_child(
+                        lambda: _guarded(lambda: init_entry(ns.JAIL_FLAGS & ~ns.CLONE_NEWPID, False), box.result_fd)
+                    )
+                finally:
+                    ns.setns(self._pidns_fd, ns.CLONE_NEWPID)
+            elif switch is None:
+                pid = ns.clone_fork(ns.JAIL_FLAGS | ns.CLONE_NEWUSER)
+                if pid == 0:
+                    _guarded(lambda: init_entry(0, True), box.result_fd)
+            else:
+                pid = fork_child(lambda: _guarded(lambda: self._middle(box, switch, init_entry), box.result_fd))
+            if go_w >= 0:
+                try:
+                    self._after_fork(box, pid)
+                except BaseException:
+                    os.kill(pid, signal.SIGKILL)
+                    raise
+        finally:
+            if go_w >= 0:
+                os.close(go_r)
+                os.close(go_w)  # EOF releases the child
+        box.state["jail_pid"] = pid
+        return pid
+
+    def kill(self, box: Box, pid: int) -> None:
+        # SIGKILL of a PID namespace's init kills every process in it; in the middle
+        # process layout, kill_tree reaches the init as a descendant.
+        kill_tree(pid)
+
+    def finish(self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None) -> None:
+        path = box.scratch / CHANGES_FILE
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            box.state["changes"] = list(data.get("changes", []))[: mounts.MAX_CHANGES + 1]
+            box.usage["disk_bytes"] = int(data.get("disk_bytes", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # the init died before writing it (killed on timeout, crashed)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+    # -- in the child ---------------------------------------------------------------
+
+    def _middle(self, box: Box, switch: str, init_entry: Callable[[int, bool], NoReturn]) -> NoReturn:
+        """Unprivileged + network="ip": join the switch's user namespace, fork the init."""
+        _set_pdeathsig()
+        net.enter_switch_userns(switch)
+        ns.unshare(ns.CLONE_NEWPID)
+        child = fork_child(
+            lambda: _guarded(lambda: init_entry(ns.JAIL_FLAGS & ~ns.CLONE_NEWPID, False), box.result_fd)
+        )
+        _, status = os.waitpid(child, 0)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70)
+
+    def _init(
+        self, box: Box, run: Callable[[], NoReturn], unshare_flags: int, maps: bool, switch: str | None
+    ) -> NoReturn:
+        """PID 1 of the test's namespaces: build the root, fork the runner, reap, report."""
+        _set_pdeathsig()
+        if maps:
+            ns.write_id_maps(self._uid, self._gid)
+        if unshare_flags:
+            ns.unshare(unshare_flags)
+        userns = not self._privileged
+        split, binds = box.state["jail_plan"]
+        mounts.make_private("/")
+        scratch = box.scratch
+        sfd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        # The test's writable layer: a tmpfs only this mount namespace sees.
+        mounts.mount_tmpfs(scratch, size=box.spec.disk, mode=0o700)
+        for sub in ("upper", "work", "root"):
+            os.mkdir(scratch / sub, 0o755)
+        lower = lower_for(box)
+        plan = mounts.RootPlan(
+            merged=scratch / "root",
+            upper=scratch / "upper",
+            work=scratch / "work",
+            lower=lower,
+            binds=binds,
+            dev=self.dev_mode,
+            mask=self.mask,
+            userns=userns,
+            overlay_flags=mounts.MS_NODEV,
+        )
+        layout = mounts.build_root(plan, split)
+        ignore = list(TMP_DIRS)
+        _add_hosts_entry(plan.merged, box.hostname, scratch, lower)
+        ns.sethostname(box.hostname)
+        net.loopback_up()
+        if switch is not None:
+            address, prefixlen = net.address_for(self.ctx.extra.get("worker_index", 0), box.index)
+            net.attach_ip(switch, address, prefixlen)
+        upfd = os.open(plan.upper, os.O_RDONLY | os.O_DIRECTORY)
+        lowfd = os.open(lower, os.O_PATH | os.O_DIRECTORY)
+        mounts.enter_root(plan.merged)
+        try:
+            os.chdir(box.state["jail_cwd"])
+        except OSError:
+            os.chdir("/")
+        private = (sfd, upfd, lowfd)
+
+        def runner() -> NoReturn:
+            for fd in private:
+                os.close(fd)
+            self._confine_runner(box)
+            run()
+
+        rpid = fork_child(runner)
+        status, ru = _reap_until(rpid)
+        _finish_namespace(box, rpid, status, ru)
+        try:
+            changes, _ = mounts.scan_root(layout, f"/proc/self/fd/{upfd}", f"/proc/self/fd/{lowfd}", "/", ignore)
+            vfs = os.fstatvfs(upfd)  # the test's tmpfs: uppers, and a split root's dirs
+            used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+            data = json.dumps({"changes": changes, "disk_bytes": used}).encode()
+            fd = os.open(CHANGES_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=sfd)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        os._exit(0)
+
+    def _confine_runner(self, box: Box) -> None:
+        """Last steps in the runner, after the root is in place (base.py's order)."""
+        os.setpgid(0, 0)
+        caps.drop(self.drop_caps)
+
+
+def _guarded(body: Callable[[], NoReturn], result_fd: int) -> NoReturn:
+    """Run a child body; on any exception tell the host side why, then exit 70."""
+    try:
+        body()
+    except BaseException as exc:  # noqa: BLE001 - never fall back into the server's stack
+        try:
+            traceback.print_exc()
+            wire.send(result_fd, {"t": "internal", "error": "".join(traceback.format_exception(exc))})
+        finally:
+            os._exit(70)
+    os._exit(0)
+
+
+def _add_hosts_entry(root: Path, hostname: str, scratch: Path, lower: Path) -> bool:
+    """Make the sandbox's hostname resolvable, as it is on a normal host.
+
+    Why: ``socket.gethostbyname(socket.gethostname())`` is common in tests and would fail
+    (there is no DNS in the sandbox's network namespace). The file is a copy on the
+    test's tmpfs bound over ``/etc/hosts`` rather than an edit through the overlay, so
+    the upper layer stays empty for a test that writes nothing (its scan is then free).
+    """
+    target = root / "etc" / "hosts"
+    try:
+        if not target.is_file():
+            return False
+        with open(os.path.join(lower, "etc/hosts"), "rb") as f:
+            data = f.read()
+        copy = scratch / "hosts"
+        with open(copy, "wb") as f:
+            f.write(data + f"\n127.0.1.1\t{hostname}\n".encode())
+        mounts.bind(copy, target)
+        return True
+    except OSError:
+        return False
+
+
+def _reap_until(target: int) -> tuple[int, resource.struct_rusage | None]:
+    """As PID 1: reap every child until ``target`` is reaped; its (status, rusage)."""
+    while True:
+        try:
+            pid, status, ru = os.wait4(-1, 0)
+        except ChildProcessError:
+            return 0, None
+        if pid == target:
+            return status, ru
+
+
+def _finish_namespace(box: Box, runner: int, status: int, ru: resource.struct_rusage | None) -> None:
+    """The runner is gone: freeze the rest, report it, kill it, reap it."""
+    try:
+        os.kill(-1, signal.SIGSTOP)  # from PID 1: every other process of the namespace
+    except ProcessLookupError:
+        pass
+    left = list_procs()
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wire.send(box.result_fd, {"t": "exit", "status": status, "rusage": rusage_dict(ru)})
+    if left:
+        wire.send(box.result_fd, {"t": "leftover", "procs": left})
+    while True:
+        try:
+            os.wait4(-1, 0)
+        except ChildProcessError:
+            break

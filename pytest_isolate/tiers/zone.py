@@ -1,0 +1,97 @@
+"""`zone` tier: a jail plus its own cgroup, a minimal /dev, masked /proc, dropped
+capabilities, no_new_privs and a session of its own.
+
+On top of the jail (see jail.py for the process layout):
+
+- cgroup (facets.cgroups): created in ``prepare``; the host side moves the init into it
+  right after the fork, while the init waits on a pipe, so the init and everything it
+  starts are in the group before the test runs a single instruction. Limits come from
+  the spec (memory, pids, cpu share, io bytes/s); ``finish`` records the group's
+  readings, ``kill`` kills the whole group (nothing can double-fork out of it).
+- /dev: tmpfs with null, zero, full, random, urandom, tty, a private devpts, shm
+  (facets.devices) instead of the host's (which would hand uid 0 the host's disks).
+- /proc: /proc/sys, sysrq-trigger, ... read-only, kcore, kmsg, keys, ... covered
+  (mounts.mask_paths).
+- capabilities: caps.ZONE_DROP from the bounding, effective, permitted, inheritable and
+  ambient sets; then no_new_privs; then setsid() (no controlling tty: no TIOCSTI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+
+from pytest_isolate.facets import caps, cgroups
+from pytest_isolate.tiers.base import Box, Unavailable, kill_tree
+from pytest_isolate.tiers.jail import JailTier
+
+
+def limits_for(spec) -> cgroups.Limits:  # type: ignore[no-untyped-def]
+    return cgroups.Limits(memory=spec.memory, pids=spec.pids, cpu=spec.cpu, io=spec.io)
+
+
+class ZoneTier(JailTier):
+    name = "zone"
+    drop_caps = caps.ZONE_DROP
+    dev_mode = "minimal"
+    mask = True
+
+    @classmethod
+    def availability(cls) -> str | None:
+        reason = super().availability()
+        if reason:
+            return reason
+        host = cgroups.detect()
+        problem = host.missing(cgroups.Limits())
+        if problem:
+            return f"the zone tier needs a cgroup of its own per test: {problem}"
+        return None
+
+    @staticmethod
+    def spec_problem(spec) -> str | None:  # type: ignore[no-untyped-def]
+        """None when this host can enforce every limit ``spec`` asks for, else why not."""
+        return cgroups.detect().missing(limits_for(spec))
+
+    def prepare(self, box: Box) -> None:
+        super().prepare(box)
+        host = cgroups.detect()
+        limits = limits_for(box.spec)
+        problem = host.missing(limits)
+        if problem:
+            raise Unavailable(problem)
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"w{os.getpid()}-{box.index}")
+        try:
+            box.state["zone_cg"] = cgroups.TestCgroup(host, self.ctx.run_id, name, limits)
+        except cgroups.CgroupUnavailable as exc:
+            raise Unavailable(str(exc)) from None
+
+    def _sync_needed(self, box: Box) -> bool:
+        return "zone_cg" in box.state
+
+    def _after_fork(self, box: Box, pid: int) -> None:
+        box.state["zone_cg"].attach(pid)
+
+    def _confine_runner(self, box: Box) -> None:
+        caps.drop(self.drop_caps)
+        caps.no_new_privs()
+        caps.new_session()
+
+    def kill(self, box: Box, pid: int) -> None:
+        cg: cgroups.TestCgroup | None = box.state.get("zone_cg")
+        if cg is not None:
+            cg.kill()
+        kill_tree(pid)  # anything that was not (yet) in the group: the init itself
+
+    def finish(self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None) -> None:
+        try:
+            super().finish(box, pid, status, rusage)
+        finally:
+            cg: cgroups.TestCgroup | None = box.state.pop("zone_cg", None)
+            if cg is not None:
+                try:
+                    box.usage.update(cg.read())
+                finally:
+                    cg.remove()
+                    if cg.leftover:
+                        box.notes.append(f"zone: cgroup not removed: {', '.join(cg.leftover)}")
