@@ -57,8 +57,8 @@ CAP_CHECKPOINT_RESTORE = 40
 NAMES = {v: k for k, v in globals().items() if k.startswith("CAP_") and isinstance(v, int)}
 
 #: What a jail drops. It has its own network namespace, so the test must not reconfigure
-#: it (e.g. route out of a network="ip" veth, or firewall); and it may not change its network or firewall, and may not open files by handle: with
-#: CAP_DAC_READ_SEARCH, open_by_handle_at() reaches the host filesystem through any bind
+#: it (e.g. route out of a network="ip" veth, or firewall); and it may not open files
+#: by handle: with CAP_DAC_READ_SEARCH, open_by_handle_at() reaches the host filesystem through any bind
 #: mount (basetemp), the "shocker" escape.
 JAIL_DROP: tuple[int, ...] = (CAP_NET_ADMIN, CAP_DAC_READ_SEARCH)
 
