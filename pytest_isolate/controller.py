@@ -175,8 +175,10 @@ class Controller:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.run_id = secrets.token_hex(4)
+        sweep_stale()
         self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
         self.rundir.mkdir(mode=0o755)
+        (self.rundir / "owner").write_text(f"{os.getpid()} {_starttime(os.getpid())}\n")
         self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
@@ -283,6 +285,30 @@ def sweep(run_id: str, rundir: Path) -> list[str]:
     if rundir.exists():
         shutil.rmtree(rundir, ignore_errors=True)
         removed.append(str(rundir))
+    return removed
+
+
+def _starttime(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "?"
+
+
+def sweep_stale() -> list[str]:
+    """Sweep runs whose controller died without cleaning up (SIGKILL, a segfault in an
+    unisolated test): the next session on the machine removes what they left."""
+    removed: list[str] = []
+    for owner in Path("/tmp").glob("pytest-isolate-*/owner"):
+        try:
+            pid, start = owner.read_text().split()
+        except (OSError, ValueError):
+            continue
+        if os.path.exists(f"/proc/{pid}") and _starttime(int(pid)) == start:
+            continue  # alive (and not a recycled pid)
+        run_id = owner.parent.name.removeprefix("pytest-isolate-")
+        removed += sweep(run_id, owner.parent)
     return removed
 
 
