@@ -28,7 +28,15 @@ import pytest
 from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.spec import IsolationSpec
-from pytest_isolate.tiers.base import Box, Tier, WorkerContext, descendants, kill_tree, rusage_dict
+from pytest_isolate.tiers.base import (
+    Box,
+    Tier,
+    Unavailable,
+    WorkerContext,
+    descendants,
+    kill_tree,
+    rusage_dict,
+)
 
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
 STACK_GRACE = 1.0
@@ -155,6 +163,8 @@ class ForkServer:
             if cmd["t"] == "run":
                 try:
                     msg = self.run_test(cmd)
+                except Unavailable as exc:  # the tier cannot give this spec here
+                    msg = {"t": "done", "nodeid": cmd["nodeid"], "unavailable": str(exc)}
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)

@@ -261,6 +261,10 @@ class IsolatePlugin:
 
     def _unpack(self, item: pytest.Item, spec: IsolationSpec, done: dict[str, Any]):  # type: ignore[no-untyped-def]
         hook = self.config.hook
+        if "unavailable" in done:
+            reason = f"{spec.tier}: {done['unavailable']}".replace(f"{spec.tier}: {spec.tier}: ", f"{spec.tier}: ")
+            reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
+            return reports, report.new_record(item, spec, reports, {"unavailable": reason})
         if "error" in done:
             reports = _synthetic(item, "failed", done["error"])
             return reports, report.new_record(item, spec, reports, {"worker_error": done["error"]})
