@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_isolate import wire
+from pytest_isolate.facets import rlimits
 from pytest_isolate.spec import IsolationSpec
 
 #: Signal the fork server sends a timed-out runner so it dumps its Python stack.
@@ -74,21 +75,10 @@ def _set_comm(name: bytes) -> None:
         pass
 
 
-try:  # TEMP until facets/rlimits.py lands
-    from pytest_isolate.facets import rlimits
-except ImportError:
-    rlimits = None  # type: ignore[assignment]
-
-
 try:  # TEMP until observe/escapes.py lands
     from pytest_isolate.observe import escapes as _escapes
 except ImportError:
     _escapes = None  # type: ignore[assignment]
-
-
-def _apply_rlimits(spec_dict: dict[str, Any], cgroup_memory: bool) -> None:
-    if rlimits is not None:
-        rlimits.apply(IsolationSpec.from_dict(spec_dict), cgroup_memory=cgroup_memory)
 
 
 def _usage_now() -> dict[str, float]:
@@ -136,7 +126,10 @@ def run_items(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         faulthandler.enable(file=stack_fd, all_threads=True)
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
-        _apply_rlimits(job["spec"], enforced_by_cgroup)
+        # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
+        rlimits.apply(
+            IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
+        )
         forwarder.fd = result_fd
         if _escapes is not None:
             basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]

@@ -27,6 +27,8 @@ import pytest
 
 from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
+from pytest_isolate.facets import rlimits
+from pytest_isolate.observe import usage
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import (
     Box,
@@ -350,9 +352,20 @@ class ForkServer:
         pidfd = os.pidfd_open(pid)
         deadline = time.monotonic() + timeout if timeout else None
         timed_out = False
+        # Tiers without a cgroup are sampled from /proc while the test runs: peak memory
+        # of the whole tree and peak process count. A test shorter than one interval
+        # costs nothing (rusage has its figures).
+        sampler = box.state["sampler"] = usage.TreeSampler(box.spec.memory) if not self._cgroup(box) else None
+        next_sample = time.monotonic() + SAMPLE_INTERVAL
         try:
             while True:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                now = time.monotonic()
+                wait = None if deadline is None else max(0.0, deadline - now)
+                if sampler is not None:
+                    if now >= next_sample:
+                        sampler.sample(pid)
+                        next_sample = now + SAMPLE_INTERVAL
+                    wait = min(wait, next_sample - now) if wait is not None else max(0.0, next_sample - now)
                 ready, _, _ = select.select([r, pidfd], [], [], wait)
                 if r in ready:
                     self._drain(r, reader, msgs)
@@ -363,7 +376,7 @@ class ForkServer:
                         return None, None, False
                 if pidfd in ready:
                     break
-                if not ready and deadline is not None and not timed_out:
+                if not ready and deadline is not None and not timed_out and time.monotonic() >= deadline:
                     timed_out = True
                     self._dump_stack(pid, box)
                     tier.kill(box, pid)
@@ -405,6 +418,11 @@ class ForkServer:
                     break
                 size = new
             return
+
+    @staticmethod
+    def _cgroup(box: Box) -> bool:
+        """Whether the test's readings and limits come from a cgroup (zone, uml)."""
+        return box.spec.tier in ("zone", "uml")
 
     def _reap_exiting(self) -> None:
         for pid in self.exiting:
@@ -474,7 +492,18 @@ class ForkServer:
                 box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
             elif m.get("t") == "leftover":
                 leftovers = leftovers + list(m.get("procs") or [])
-        usage = {"wall": wall, **rusage_dict(ru), **box.usage}
+        ru_figures = rusage_dict(ru) or {k: box.usage[k] for k in ("cpu_user", "cpu_sys", "max_rss", "write_bytes") if k in box.usage}
+        sampler = box.state.get("sampler")
+        readings = usage.merge(
+            ru_figures,
+            box.usage if self._cgroup(box) else None,
+            sampler.result() if sampler is not None else None,
+            wall,
+        )
+        readings.update({k: v for k, v in box.usage.items() if k not in readings})
+        readings.setdefault("max_rss", ru_figures.get("max_rss"))
+        if "disk_bytes" in readings:
+            readings.setdefault("disk_used", readings["disk_bytes"])
         exit_info: dict[str, Any] = {}
         if os.WIFSIGNALED(status):
             exit_info = {"signal": os.WTERMSIG(status), "signame": _signame(os.WTERMSIG(status))}
@@ -488,14 +517,21 @@ class ForkServer:
         escapes_found: list[dict[str, Any]] = []
         if _escapes is not None:
             escapes_found = _escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
+        cg = self._cgroup(box)
+        enforced = rlimits.enforced(box.spec, cgroup_memory=cg, cgroup_pids=cg) | {"timeout"}
+        if cg:
+            enforced |= {"memory", "pids", "cpu", "io"}
+        flags = {"timed_out": timed_out, "signal": exit_info.get("signame")}
+        overuse = usage.check(box.spec, {**readings, **flags}, enforced)
         record = {
+            "overuse": overuse,
             "escapes": escapes_found,
             "nodeid": item.nodeid,
             "tier": box.spec.tier,
             "exit": exit_info,
             "crashed": bool(crash) and not timed_out,
             "timed_out": timed_out,
-            "usage": usage,
+            "usage": readings,
             "notes": box.notes,
             "events": box.events,
             "leftovers": leftovers,

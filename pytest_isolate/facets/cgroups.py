@@ -1,0 +1,932 @@
+"""cgroups: one group per test, for hard limits, exact readings and a kill that misses nothing.
+
+Why cgroups and not only rlimits: a cgroup sees the *whole* process tree of a test, even
+processes that double-fork away from it, so its memory/pids/CPU figures are exact totals
+and ``kill()`` cannot miss a daemonised grandchild. rlimits (``facets.rlimits``) are per
+process and remain the fallback for tiers without a cgroup.
+
+Host layouts handled (``CgroupHost.mode``):
+
+- ``v2``: pure unified hierarchy. One group per test under a run-level parent whose
+  ``cgroup.subtree_control`` enables memory, pids, cpu, io (whatever is available).
+  Rootless: the base is the deepest *delegated* ancestor of our own cgroup that can give
+  the controllers to children (see ``_v2_hierarchy``), e.g. the ``app.slice`` of a
+  ``systemd-run --user --scope -p Delegate=yes`` scope. cgroup v2's no-internal-process
+  rule means a cgroup holding processes (our own, usually) cannot enable controllers for
+  its children, so we create *siblings* of our own cgroup under a delegated parent
+  rather than moving pytest itself around.
+- ``v1``: one group per controller hierarchy (memory, cpu, cpuacct, pids, blkio, freezer),
+  created under our own cgroup of each hierarchy (so an outer limit keeps applying).
+- ``hybrid`` (systemd's hybrid layout, this project's CI host): the v1 controllers do the
+  limiting; the controller-less cgroup2 at ``/sys/fs/cgroup/unified`` adds one more group
+  per test purely for ``cgroup.kill`` (and core ``cpu.stat``).
+- ``none``: nothing mounted; ``missing()`` says so.
+
+Readings need no reset: every test gets a fresh group, whose peak counters start at 0.
+On v1 a process that joins a memory group keeps its existing pages charged to its old
+group (``move_charge_at_immigrate`` is 0), so ``peak_memory`` is what the test touched
+*after* joining — the forked runner's shared interpreter pages are not counted, which is
+what a memory budget means. After an OOM kill v1's ``memory.failcnt`` may stay 0, so
+``oom_kills`` comes from ``memory.oom_control`` (v1) / ``memory.events`` (v2).
+
+Cost per test on this host (hybrid: memory, cpuacct, pids + unified; cpu/blkio with a
+limit), medians: probe (once per process) 0.26 ms; create 0.17–0.27 ms, attach (in the
+forked child) 0.33 ms, read 0.17 ms, remove 0.07 ms — under 1 ms in all. ``kill`` of a
+6-process tree through cgroup.kill: 2.1 ms. One attach in ~50 took 10 ms here: a
+migration takes the global cgroup_threadgroup_rwsem, whose writer may wait for an RCU
+grace period (cgroup2's ``favordynmods`` mount option trades that away).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Every host object of a run is named PREFIX + run_id, so ``sweep`` finds it.
+PREFIX = "pytest-isolate-"
+#: CFS period for CPU quotas: 100 ms is the kernel default and keeps throttling smooth.
+CFS_PERIOD_US = 100_000
+#: The kernel refuses quotas under 1 ms.
+MIN_QUOTA_US = 1_000
+#: v1 hierarchies we create groups in. cpuset/devices are left alone (cpuset needs
+#: cpus/mems copied before a task can join; devices is the zone's business via mounts).
+V1_USED = ("memory", "cpu", "cpuacct", "pids", "blkio", "freezer")
+#: v2 controllers enabled for test groups when the host offers them.
+V2_WANTED = ("memory", "pids", "cpu", "io")
+_LIMIT_CTRL = {"memory": "memory", "pids": "pids", "cpu": "cpu", "io": "io"}
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DELEGATE_HINT = "`systemd-run --user --scope -p Delegate=yes pytest ...`"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the kernel enforces for one test's group.
+
+    memory: bytes, hard (OOM kill at it, no swap beyond it); pids: max tasks;
+    cpu: fraction of one CPU (0.5 → 50 ms per 100 ms); io: bytes/s, applied to reads
+    and to writes each, on the block device backing ``/``. On v1 blkio throttles reads
+    and direct/sync writes only: buffered writeback is not attributed to cgroups there.
+    """
+
+    memory: int | None = None
+    pids: int | None = None
+    cpu: float | None = None
+    io: int | None = None
+
+    def names(self) -> list[str]:
+        return [k for k in ("memory", "pids", "cpu", "io") if getattr(self, k) is not None]
+
+
+class CgroupUnavailable(RuntimeError):
+    """A group with the requested limits cannot be made here; str() is one line."""
+
+
+# -- small file helpers: raw os calls, cgroup files are tiny and this runs per test ----
+
+
+def _read(path: Path | str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path | str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _kv(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                out[parts[0]] = int(parts[1])
+            except ValueError:
+                pass
+    return out
+
+
+def _procs(d: Path) -> list[int]:
+    try:
+        return [int(x) for x in _read(d / "cgroup.procs").split()]
+    except OSError:
+        return []
+
+
+def _unescape(s: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+def _writable(d: Path) -> bool:
+    """Can we mkdir here and move a process out of here (cgroup.procs)?
+
+    For rootless v2 the kernel also wants write access to cgroup.procs of the common
+    ancestor of source and destination; our groups live below this base, so it is this.
+    """
+    return os.access(d, os.W_OK) and os.access(d / "cgroup.procs", os.W_OK)
+
+
+def _boot_disabled() -> set[str]:
+    """Controllers present in the kernel but disabled (cgroup_disable=, or not enabled)."""
+    out: set[str] = set()
+    try:
+        for line in _read("/proc/cgroups").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 4 and parts[3] == "0":
+                out.add(parts[0])
+    except OSError:
+        pass
+    return out
+
+
+def _block_device(path: str = "/") -> tuple[str | None, str]:
+    """The whole-disk ``MAJ:MIN`` backing ``path``: throttling refuses partitions."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError as e:
+        return None, f"cannot stat {path}: {e.strerror}"
+    maj, mi = os.major(dev), os.minor(dev)
+    if maj == 0:
+        return None, (
+            f"{path} is on a filesystem without a block device (device 0:{mi}, e.g. "
+            "overlay, tmpfs or btrfs): io limits need / on a plain block device"
+        )
+    sysdir = Path(f"/sys/dev/block/{maj}:{mi}")
+    if not sysdir.exists():
+        return None, f"no block device {maj}:{mi} in /sys/dev/block for {path}"
+    if (sysdir / "partition").exists():
+        try:
+            return _read(sysdir.resolve().parent / "dev").strip(), ""
+        except OSError as e:
+            return None, f"cannot find the disk of partition {maj}:{mi}: {e.strerror}"
+    return f"{maj}:{mi}", ""
+
+
+@dataclass
+class _Hier:
+    """One mounted hierarchy as we use it."""
+
+    kind: str  # "v1" | "v2"
+    mount: Path
+    #: v1: controllers bound to it; v2: controllers our run parents can give their children.
+    controllers: frozenset[str]
+    base: Path | None  # where run parents are created; None = unusable (see why)
+    why: str = ""
+    #: v2: controllers to switch on in base/cgroup.subtree_control before use.
+    enable_at_base: tuple[str, ...] = ()
+    #: v2: controller → why it is unusable, with "{c}" standing for the controller name.
+    whys: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_mounts(text: str) -> list[tuple[str, str, str, set[str]]]:
+    """(fstype, mount point, root inside the filesystem, super options) of cgroup mounts."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        f, r = left.split(), right.split()
+        if len(f) < 5 or not r or r[0] not in ("cgroup", "cgroup2"):
+            continue
+        opts = set(r[2].split(",")) if len(r) > 2 else set()
+        out.append((r[0], _unescape(f[4]), _unescape(f[3]), opts))
+    return out
+
+
+def _parse_own(text: str) -> dict[str, str]:
+    """controller → own cgroup path; the v2 line ("0::/path") is keyed by ""."""
+    own: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrls, path = parts
+        if not ctrls:
+            own[""] = path
+        for c in ctrls.split(","):
+            if c:
+                own[c] = path
+    return own
+
+
+def _under(mount: Path, mroot: str, path: str) -> Path | None:
+    """Directory of cgroup ``path`` in a hierarchy mounted at ``mount`` with root ``mroot``."""
+    mroot = mroot.rstrip("/") or "/"
+    if mroot == "/":
+        rel = path.lstrip("/")
+    elif path == mroot or path.startswith(mroot + "/"):
+        rel = path[len(mroot) :].lstrip("/")
+    else:
+        return None
+    d = mount / rel if rel else mount
+    return d if d.is_dir() else None
+
+
+def _v2_hierarchy(
+    mount: Path, own_dir: Path, wanted: tuple[str, ...], uid: int, disabled: set[str]
+) -> _Hier:
+    """Pick where test groups go in a cgroup2 tree.
+
+    Candidates are our own cgroup and its ancestors up to the mount, filtered to the
+    ones we may write (for rootless users: the delegated part). For each, the usable
+    controllers are those already in its subtree_control, or — if it holds no
+    processes (or is the real root, which is exempt) and we may write subtree_control —
+    those in its cgroup.controllers. The candidate giving the most wanted controllers
+    wins; ties go to the deepest, to stay as close to our own cgroup as possible.
+    """
+    chain: list[Path] = []
+    d = own_dir
+    while True:
+        chain.append(d)
+        # Never climb out of a pytest-isolate test group: a pytest run inside a zone
+        # test must stay under that test's limits, not make siblings of it.
+        if (
+            d == mount
+            or mount not in d.parents
+            or d.name.startswith(PREFIX)
+            or d.parent.name.startswith(PREFIX)
+        ):
+            break
+        d = d.parent
+    best: tuple[int, int, Path, set[str], set[str]] | None = None
+    blocked: list[str] = []
+    for depth, cand in enumerate(reversed(chain)):
+        if not _writable(cand):
+            continue
+        try:
+            avail = set(_read(cand / "cgroup.controllers").split())
+            enabled = set(_read(cand / "cgroup.subtree_control").split())
+        except OSError:
+            continue
+        real_root = not (cand / "cgroup.type").exists()
+        can_enable = os.access(cand / "cgroup.subtree_control", os.W_OK) and (
+            real_root or not _procs(cand)
+        )
+        usable = (avail if can_enable else enabled) & set(wanted)
+        if not can_enable and (avail - enabled) & set(wanted):
+            blocked.append(str(cand))
+        score = (len(usable), depth)
+        if best is None or score > best[:2]:
+            best = (len(usable), depth, cand, usable, usable - enabled)
+    if best is None:
+        who = "root" if uid == 0 else f"uid {uid}"
+        return _Hier(
+            "v2",
+            mount,
+            frozenset(),
+            None,
+            why=(
+                f"no cgroup v2 directory from {own_dir} up to {mount} is writable by {who}"
+                + (
+                    f": run pytest under {_DELEGATE_HINT}"
+                    if uid != 0
+                    else " (read-only cgroup mount? in a container, mount cgroup2 read-write)"
+                )
+            ),
+        )
+    _, _, base, usable, to_enable = best
+    try:
+        offered = set(_read(mount / "cgroup.controllers").split())
+    except OSError:
+        offered = set()
+    whys: dict[str, str] = {}
+    for c in wanted:
+        if c in usable:
+            continue
+        if c in disabled:
+            whys[c] = (
+                "the {c} controller is disabled at boot: add cgroup_enable={c} to the kernel command line"
+            )
+        elif c not in offered:
+            whys[c] = (
+                f"cgroup2 at {mount} does not offer the {{c}} controller (bound to a v1 "
+                "hierarchy, or not compiled in)"
+            )
+        elif uid != 0:
+            whys[c] = (
+                f"the {{c}} controller is not delegated to uid {uid} (own cgroup {own_dir}): "
+                f"run pytest under {_DELEGATE_HINT}"
+                + (" with io delegated to user@.service" if c == "io" else "")
+            )
+        else:
+            where = ", ".join(blocked) or str(base)
+            whys[c] = (
+                f"the {{c}} controller cannot be enabled for children of {where}: it holds "
+                "processes (cgroup v2 no-internal-process rule): run pytest in a leaf cgroup "
+                "whose parent holds no processes, or at the cgroup root"
+            )
+    return _Hier(
+        "v2", mount, frozenset(usable), base, enable_at_base=tuple(sorted(to_enable)), whys=whys
+    )
+
+
+class CgroupHost:
+    """What this host's cgroups offer us, probed once (see ``detect``)."""
+
+    def __init__(
+        self,
+        mode: str,
+        v1: dict[str, _Hier],
+        v2: _Hier | None,
+        uid: int,
+        io_device: str | None,
+        io_why: str,
+        why: str = "",
+        v2_kill: bool = False,
+        disabled: set[str] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.v1 = v1  # controller → hierarchy (co-mounted controllers share one object)
+        self.v2 = v2
+        self.uid = uid
+        self.io_device = io_device
+        self.io_why = io_why
+        self.why = why  # why nothing at all is usable (mode "none", ...)
+        self.v2_kill = v2_kill
+        self.disabled = disabled or set()  # controllers switched off at boot
+        self._parents: set[Path] = set()
+
+    # -- probing ---------------------------------------------------------------------
+
+    @classmethod
+    def probe(
+        cls,
+        *,
+        v1: bool = True,
+        v2: bool = True,
+        v2_mount: Path | str | None = None,
+        v2_wanted: tuple[str, ...] = V2_WANTED,
+        mountinfo: str | None = None,
+        proc_cgroup: str | None = None,
+    ) -> CgroupHost:
+        """Probe the host. Tests use ``v1=False, v2_mount=<a cgroup2 mount>`` to drive
+        the pure-v2 code path on a hybrid host, and ``v2=False`` for the v1-only one."""
+        uid = os.geteuid()
+        mounts = _parse_mounts(
+            mountinfo if mountinfo is not None else _read("/proc/self/mountinfo")
+        )
+        own = _parse_own(proc_cgroup if proc_cgroup is not None else _read("/proc/self/cgroup"))
+        disabled = _boot_disabled()
+        hiers: dict[str, _Hier] = {}
+        if v1:
+            for fstype, mp, mroot, opts in mounts:
+                if fstype != "cgroup":
+                    continue
+                ctrls = opts & set(V1_USED)
+                if not ctrls or any(c in hiers for c in ctrls):
+                    continue
+                path = next((own[c] for c in ctrls if c in own), None)
+                d = _under(Path(mp), mroot, path) if path is not None else None
+                if d is None:
+                    h = _Hier(
+                        "v1",
+                        Path(mp),
+                        frozenset(ctrls),
+                        None,
+                        why=f"own cgroup not visible under {mp}",
+                    )
+                elif not _writable(d):
+                    h = _Hier(
+                        "v1",
+                        Path(mp),
+                        frozenset(ctrls),
+                        None,
+                        why=(
+                            f"cgroup v1 {','.join(sorted(ctrls))} hierarchy {d} is not writable by "
+                            f"uid {uid}: run as root, or use a cgroup v2 host and {_DELEGATE_HINT}"
+                        ),
+                    )
+                else:
+                    h = _Hier("v1", Path(mp), frozenset(ctrls), d)
+                for c in ctrls:
+                    hiers[c] = h
+        v2h: _Hier | None = None
+        if not v2:
+            v2_entries = []
+        elif v2_mount is not None:
+            v2_entries = [("cgroup2", str(v2_mount), "/", set())]
+        else:
+            v2_entries = [m for m in mounts if m[0] == "cgroup2"]
+        if v2_entries and "" in own:
+            _, mp, mroot, _ = v2_entries[0]
+            d = _under(Path(mp), mroot, own[""])
+            wanted = tuple(
+                c for c in v2_wanted if c not in hiers and (c != "io" or "blkio" not in hiers)
+            )
+            if d is None:
+                v2h = _Hier(
+                    "v2",
+                    Path(mp),
+                    frozenset(),
+                    None,
+                    why=f"own cgroup {own['']} not visible under {mp}",
+                )
+            else:
+                v2h = _v2_hierarchy(Path(mp), d, wanted, uid, disabled)
+        has_v1 = any(c in hiers for c in ("memory", "cpu", "cpuacct", "pids", "blkio"))
+        if has_v1 and v2h is not None:
+            mode = "hybrid"
+        elif has_v1:
+            mode = "v1"
+        elif v2h is not None:
+            mode = "v2"
+        else:
+            mode = "none"
+        io_device, io_why = _block_device("/")
+        why = ""
+        if mode == "none":
+            why = "no cgroup filesystem is mounted (mount cgroup2 on /sys/fs/cgroup)"
+        return cls(mode, hiers, v2h, uid, io_device, io_why, why, _kernel_at_least(5, 14), disabled)
+
+    # -- queries ---------------------------------------------------------------------
+
+    def _ctrl(self, ctrl: str) -> tuple[_Hier | None, str]:
+        """The hierarchy enforcing ``ctrl`` (v2 name), or None and why not."""
+        v1name = "blkio" if ctrl == "io" else ctrl
+        h = self.v1.get(v1name)
+        if h is not None:
+            return (h, "") if h.base is not None else (None, h.why)
+        if self.v2 is not None and self.v2.base is not None and ctrl in self.v2.controllers:
+            return self.v2, ""
+        if ctrl in self.disabled or v1name in self.disabled:
+            extra = " swapaccount=1" if ctrl == "memory" else ""
+            return None, (
+                f"the {v1name} controller is disabled at boot: add cgroup_enable={v1name}{extra} "
+                "to the kernel command line"
+            )
+        if self.v2 is not None:
+            why = self.v2.why or self.v2.whys.get(ctrl) or f"cgroup2 at {self.v2.mount} lacks {{c}}"
+            return None, why.replace("{c}", ctrl)
+        return None, self.why or f"no {v1name} cgroup hierarchy is mounted"
+
+    def _usable(self) -> list[_Hier]:
+        seen: list[_Hier] = []
+        for h in [*self.v1.values(), self.v2]:
+            if h is not None and h.base is not None and all(h is not s for s in seen):
+                seen.append(h)
+        return seen
+
+    def missing(self, limits: Limits) -> str | None:
+        """None if a TestCgroup with ``limits`` can be made here, else one line saying
+        which limit cannot be enforced, why, and how to enable it."""
+        if self.mode == "none":
+            return f"cgroups: {self.why}"
+        probs: dict[str, list[str]] = {}  # reason → limit names (one clause per reason)
+        for name in limits.names():
+            h, why = self._ctrl(_LIMIT_CTRL[name])
+            if h is None:
+                tmpl = (self.v2.whys.get(name) if self.v2 is not None else None) or why
+                probs.setdefault(tmpl, []).append(name)
+            elif name == "io" and self.io_device is None:
+                probs.setdefault(self.io_why, []).append(name)
+        if not probs and not self._usable():
+            whys = [h.why for h in [*self.v1.values(), self.v2] if h is not None and h.why]
+            return "cgroups: " + (whys[0] if whys else "no usable cgroup hierarchy")
+        clauses = []
+        for tmpl, names in probs.items():
+            label = ", ".join(names) + (" limits" if len(names) > 1 else " limit")
+            clauses.append(f"{label}: " + tmpl.replace("{c}", ",".join(names)))
+        return "; ".join(clauses) or None
+
+    def enforceable(self, limits: Limits) -> set[str]:
+        """Names of the limits in ``limits`` this host can enforce (for partial use)."""
+        out = set()
+        for name in limits.names():
+            h, _ = self._ctrl(_LIMIT_CTRL[name])
+            if h is not None and (name != "io" or self.io_device is not None):
+                out.add(name)
+        return out
+
+    def describe(self) -> str:
+        """One line for the pytest header."""
+        if self.mode == "none":
+            return f"cgroups: none ({self.why})"
+        parts = []
+        v1_ok = [c for c in V1_USED if c in self.v1 and self.v1[c].base is not None]
+        v1_bad = [c for c in V1_USED if c in self.v1 and self.v1[c].base is None]
+        if v1_ok:
+            parts.append("v1 " + ",".join(v1_ok))
+        if v1_bad:
+            parts.append("v1 " + ",".join(v1_bad) + " not writable")
+        if self.v2 is not None:
+            if self.v2.base is None:
+                parts.append("v2 unusable")
+            else:
+                feats = [c for c in V2_WANTED if c in self.v2.controllers]
+                feats.append("kill" if self.v2_kill else "freeze")
+                where = "" if self.mode == "hybrid" else f" under {self.v2.base}"
+                parts.append("v2 " + ",".join(feats) + where)
+        return f"cgroups: {self.mode} ({'; '.join(parts)})"
+
+    # -- group plumbing (used by TestCgroup and sweep) --------------------------------
+
+    def _plan(self, limits: Limits) -> dict[str, _Hier]:
+        """role → hierarchy for one test. Roles: memory, pids, cpu, cpuacct, io, v2, freezer."""
+        plan: dict[str, _Hier] = {}
+        for role in ("memory", "pids"):
+            h, _ = self._ctrl(role)
+            if h is not None:
+                plan[role] = h
+        if limits.cpu is not None:
+            h, _ = self._ctrl("cpu")
+            if h is not None:
+                plan["cpu"] = h
+        if limits.io is not None:
+            h, _ = self._ctrl("io")
+            if h is not None:
+                plan["io"] = h
+        v2 = self.v2 if self.v2 is not None and self.v2.base is not None else None
+        acct = self.v1.get("cpuacct")
+        if acct is not None and acct.base is not None:
+            plan["cpuacct"] = acct
+        elif v2 is not None:
+            plan["cpuacct"] = v2
+        if v2 is not None:
+            plan["v2"] = v2
+        else:
+            fr = self.v1.get("freezer")
+            if fr is not None and fr.base is not None:
+                plan["freezer"] = fr
+        return plan
+
+    def _run_parent(self, h: _Hier, run_id: str) -> Path:
+        assert h.base is not None
+        return h.base / f"{PREFIX}{run_id}"
+
+    def _make_parent(self, h: _Hier, parent: Path) -> None:
+        if h.kind == "v2" and h.enable_at_base:
+            assert h.base is not None
+            enabled = set(_read(h.base / "cgroup.subtree_control").split())
+            need = [c for c in h.enable_at_base if c not in enabled]
+            if need:
+                _write(h.base / "cgroup.subtree_control", " ".join("+" + c for c in need))
+        try:
+            os.mkdir(parent)
+        except FileExistsError:
+            pass
+        if h.kind == "v2" and h.controllers:
+            avail = set(_read(parent / "cgroup.controllers").split())
+            enabled = set(_read(parent / "cgroup.subtree_control").split())
+            need = sorted((h.controllers & avail) - enabled)
+            if need:
+                _write(parent / "cgroup.subtree_control", " ".join("+" + c for c in need))
+        self._parents.add(parent)
+
+    def _make_group(self, h: _Hier, run_id: str, name: str) -> Path:
+        parent = self._run_parent(h, run_id)
+        if parent not in self._parents:
+            self._make_parent(h, parent)
+        d = parent / name
+        try:
+            os.mkdir(d)
+        except FileNotFoundError:  # the parent was swept meanwhile: make it again
+            self._parents.discard(parent)
+            self._make_parent(h, parent)
+            os.mkdir(d)
+        return d
+
+
+_HOST: CgroupHost | None = None
+
+
+def detect() -> CgroupHost:
+    """The host's cgroup layout, probed once per process (forked children inherit it)."""
+    global _HOST
+    if _HOST is None:
+        _HOST = CgroupHost.probe()
+    return _HOST
+
+
+def _wait_empty(dirs: list[Path], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        if not any(_populated(d) for d in dirs):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def _populated(d: Path) -> bool:
+    """Any live process in ``d`` or below (v2: cgroup.events; v1: cgroup.procs here)."""
+    try:
+        return _kv(_read(d / "cgroup.events")).get("populated", 0) == 1
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return bool(_procs(d))
+
+
+def _freeze(d: Path, kind: str, on: bool) -> bool:
+    try:
+        if kind == "v2":
+            _write(d / "cgroup.freeze", "1" if on else "0")
+        else:
+            _write(d / "freezer.state", "FROZEN" if on else "THAWED")
+        return True
+    except OSError:
+        return False
+
+
+def _kill_loop(dirs: list[Path], freezer: tuple[Path, str] | None, timeout: float = 5.0) -> bool:
+    """SIGKILL everything in ``dirs`` until they are empty.
+
+    Frozen first when a freezer is at hand, so a fork bomb cannot outrun the loop: the
+    signals are queued while frozen and take effect at thaw, and a task with a pending
+    SIGKILL cannot fork. Without a freezer the loop still converges: each round kills
+    all current members, and a killed task cannot fork again.
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    while True:
+        frozen = freezer is not None and _freeze(*freezer, on=True)
+        pids = {p for d in dirs for p in _procs(d)} - {me}
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+        if frozen:
+            assert freezer is not None
+            _freeze(*freezer, on=False)
+        if not pids:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+
+
+class TestCgroup:
+    """The cgroup(s) of one test: one directory in every hierarchy it needs."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, host: CgroupHost, run_id: str, name: str, limits: Limits) -> None:
+        if not _RUN_ID_RE.match(run_id) or not _RUN_ID_RE.match(name):
+            raise ValueError(
+                f"cgroup run id / name must match [A-Za-z0-9_.-]+: {run_id!r}, {name!r}"
+            )
+        problem = host.missing(limits)
+        if problem:
+            raise CgroupUnavailable(problem)
+        self.host = host
+        self.run_id = run_id
+        self.name = name
+        self.limits = limits
+        self.dirs: dict[str, Path] = {}  # role → directory
+        self.kinds: dict[str, str] = {}  # role → "v1" | "v2"
+        self.leftover: list[str] = []  # dirs remove() could not delete (sweep will)
+        made: dict[Path, Path] = {}
+        try:
+            for role, h in host._plan(limits).items():
+                d = made.get(h.mount)
+                if d is None:
+                    d = host._make_group(h, run_id, name)
+                    made[h.mount] = d
+                self.dirs[role] = d
+                self.kinds[role] = h.kind
+            self._apply()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _unique(self) -> list[Path]:
+        out: list[Path] = []
+        for d in self.dirs.values():
+            if d not in out:
+                out.append(d)
+        return out
+
+    def _apply(self) -> None:
+        lim = self.limits
+        if lim.memory is not None:
+            d = self.dirs["memory"]
+            if self.kinds["memory"] == "v1":
+                _write(d / "memory.limit_in_bytes", str(lim.memory))
+                # With swap accounting, also cap memory+swap, or the group swaps instead
+                # of being OOM-killed at its budget.
+                try:
+                    _write(d / "memory.memsw.limit_in_bytes", str(lim.memory))
+                except OSError:
+                    pass
+            else:
+                _write(d / "memory.max", str(lim.memory))
+                try:
+                    _write(d / "memory.swap.max", "0")
+                except OSError:
+                    pass
+        if lim.pids is not None:
+            _write(self.dirs["pids"] / "pids.max", str(lim.pids))
+        if lim.cpu is not None:
+            quota = max(MIN_QUOTA_US, round(lim.cpu * CFS_PERIOD_US))
+            d = self.dirs["cpu"]
+            if self.kinds["cpu"] == "v1":
+                _write(d / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(d / "cpu.cfs_quota_us", str(quota))
+            else:
+                _write(d / "cpu.max", f"{quota} {CFS_PERIOD_US}")
+        if lim.io is not None:
+            dev = self.host.io_device
+            d = self.dirs["io"]
+            if self.kinds["io"] == "v1":
+                _write(d / "blkio.throttle.read_bps_device", f"{dev} {lim.io}")
+                _write(d / "blkio.throttle.write_bps_device", f"{dev} {lim.io}")
+            else:
+                _write(d / "io.max", f"{dev} rbps={lim.io} wbps={lim.io}")
+
+    def attach(self, pid: int = 0) -> None:
+        """Move ``pid`` (0: the caller) into every group; its future children inherit them.
+
+        Call it before unsharing namespaces: after a user-namespace unshare the caller
+        may no longer have the rights to write cgroup.procs.
+        """
+        val = str(pid) if pid else "0"  # "0" = the writer, whatever its PID namespace
+        for d in self._unique():
+            _write(d / "cgroup.procs", val)
+
+    def read(self) -> dict:
+        """Exact figures for the whole group; keys absent when this host cannot tell.
+
+        ``write_bytes`` needs an io group: on v2 whenever the io controller is ours; on
+        v1 only with an io limit (v1 blkio does not see buffered writeback, so without
+        a limit it would read ~0 and rusage is the better source).
+        """
+        out: dict[str, float | int] = {}
+        d = self.dirs.get("memory")
+        if d is not None:
+            try:
+                if self.kinds["memory"] == "v1":
+                    out["peak_memory"] = int(_read(d / "memory.max_usage_in_bytes"))
+                    out["oom_kills"] = _kv(_read(d / "memory.oom_control")).get("oom_kill", 0)
+                else:
+                    try:
+                        out["peak_memory"] = int(_read(d / "memory.peak"))
+                    except FileNotFoundError:  # < 5.19: only the current figure
+                        out["peak_memory"] = int(_read(d / "memory.current"))
+                    out["oom_kills"] = _kv(_read(d / "memory.events")).get("oom_kill", 0)
+            except OSError:
+                pass
+        d = self.dirs.get("pids")
+        if d is not None:
+            try:
+                out["peak_pids"] = int(_read(d / "pids.peak"))
+            except (OSError, ValueError):
+                pass
+            try:
+                out["pids_max_hits"] = _kv(_read(d / "pids.events")).get("max", 0)
+            except OSError:
+                pass
+        d = self.dirs.get("cpuacct")
+        if d is not None:
+            try:
+                if self.kinds["cpuacct"] == "v1":
+                    # usage is exact (scheduler runtime); the user/sys split is sampled
+                    # at ticks, so scale the split to the exact total, as the kernel's
+                    # cputime_adjust does for rusage and for v2's cpu.stat.
+                    total = int(_read(d / "cpuacct.usage")) / 1e9
+                    u = int(_read(d / "cpuacct.usage_user"))
+                    s = int(_read(d / "cpuacct.usage_sys"))
+                    out["cpu_user"] = total * u / (u + s) if u + s else total
+                    out["cpu_sys"] = total * s / (u + s) if u + s else 0.0
+                else:
+                    st = _kv(_read(d / "cpu.stat"))
+                    out["cpu_user"] = st.get("user_usec", 0) / 1e6
+                    out["cpu_sys"] = st.get("system_usec", 0) / 1e6
+            except OSError:
+                pass
+        d = self.dirs.get("cpu")
+        out["cpu_throttled"] = 0.0  # no quota, no throttling
+        if d is not None:
+            try:
+                st = _kv(_read(d / "cpu.stat"))
+                if self.kinds["cpu"] == "v1":
+                    out["cpu_throttled"] = st.get("throttled_time", 0) / 1e9
+                else:
+                    out["cpu_throttled"] = st.get("throttled_usec", 0) / 1e6
+            except OSError:
+                pass
+        d = self.dirs.get("io")
+        v2 = self.dirs.get("v2")
+        try:
+            if d is not None and self.kinds["io"] == "v1":
+                total = 0
+                for line in _read(d / "blkio.throttle.io_service_bytes_recursive").splitlines():
+                    parts = line.split()
+                    if len(parts) == 3 and parts[1] == "Write":
+                        total += int(parts[2])
+                out["write_bytes"] = total
+            elif v2 is not None and "io" in self.host.v2.controllers:  # type: ignore[union-attr]
+                total = 0
+                for m in re.finditer(r"\bwbytes=(\d+)", _read(v2 / "io.stat")):
+                    total += int(m.group(1))
+                out["write_bytes"] = total
+        except OSError:
+            pass
+        return out
+
+    def kill(self) -> None:
+        """Kill every process in the group, however it got there; returns once empty."""
+        dirs = self._unique()
+        v2 = self.dirs.get("v2")
+        if v2 is not None and self.host.v2_kill:
+            try:
+                _write(v2 / "cgroup.kill", "1")
+            except OSError:
+                pass
+            else:
+                _wait_empty([v2], 2.0)
+            # On a hybrid host a process could have left the unified group only: look
+            # at every hierarchy before trusting cgroup.kill alone.
+            if not any(_populated(d) for d in dirs):
+                return
+        freezer: tuple[Path, str] | None = None
+        if v2 is not None:
+            freezer = (v2, "v2")
+        elif "freezer" in self.dirs:
+            freezer = (self.dirs["freezer"], "v1")
+        _kill_loop(dirs, freezer)
+        _wait_empty(dirs, 2.0)
+
+    def remove(self) -> None:
+        """rmdir every group; already-gone is fine; a busy one is killed and retried."""
+        killed = False
+        for d in self._unique():
+            deadline = time.monotonic() + 2.0
+            while True:
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        self.leftover.append(str(d))
+                        break
+                    if not killed:
+                        self.kill()
+                        killed = True
+                    time.sleep(0.005)
+
+    def __repr__(self) -> str:
+        return f"TestCgroup({self.run_id}/{self.name}: {', '.join(map(str, self._unique()))})"
+
+
+def sweep(run_id: str, host: CgroupHost | None = None) -> list[str]:
+    """Kill and remove everything run ``run_id`` left in any hierarchy; deepest first."""
+    if not _RUN_ID_RE.match(run_id):
+        raise ValueError(f"invalid run id {run_id!r}")
+    host = host or detect()
+    removed: list[str] = []
+    for h in host._usable():
+        parent = host._run_parent(h, run_id)
+        if not parent.is_dir():
+            continue
+        dirs = [Path(dp) for dp, _, _ in os.walk(parent, topdown=False)]
+        killed = False
+        if h.kind == "v2" and host.v2_kill:
+            try:
+                _write(parent / "cgroup.kill", "1")  # recursive: the whole subtree
+                killed = _wait_empty([parent], 2.0)
+            except OSError:
+                pass
+        if not killed:
+            freezer = (parent, "v2") if h.kind == "v2" else None
+            if freezer is None and "freezer" in h.controllers:
+                freezer = (parent, "v1")
+            _kill_loop(dirs, freezer)
+        for d in dirs:  # os.walk(topdown=False) lists children before parents
+            deadline = time.monotonic() + 2.0
+            while True:
+                try:
+                    os.rmdir(d)
+                    removed.append(str(d))
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        break
+                    _kill_loop([d], None, timeout=0.5)
+                    time.sleep(0.005)
+        host._parents.discard(parent)
+    return removed

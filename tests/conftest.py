@@ -1,0 +1,256 @@
+"""Shared helpers for the tests that run the plugin in a real pytest subprocess.
+
+Every test that runs the plugin (it requests ``pytester``, or uses :func:`run_pytest`)
+is followed by a leak check: the plugin promises that nothing of a run outlives it —
+no ``/tmp/pytest-isolate-*`` run dir, no fork server, no mount. Other engineers may run
+the plugin on this machine at the same time, so the check only blames objects that
+appeared during the test *and* that no live run still owns (the run dir's ``owner``
+names a live controller, or a live process — e.g. a fork server holding ``server.log``
+— still uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+#: Plugins installed in this environment that the project does not need: each costs
+#: ~0.4 s of import per pytest process (controller + fork server), so the suite turns
+#: them off in every pytest it starts. Never the cache provider: --lf/--ff need it.
+FAST_ADDOPTS = "-p no:hypothesispytest -p no:benchmark"
+#: How long objects of a finished run may take to disappear before it counts as a leak.
+LEAK_GRACE = 5.0
+RUN_DIR_RE = re.compile(r"/tmp/pytest-isolate-[0-9a-f]+")
+
+
+# -- /proc helpers -----------------------------------------------------------------
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def cmdline(pid: int) -> str:
+    return _read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def procs_with(token: str) -> list[tuple[int, str]]:
+    """Live processes whose argv contains ``token`` (zombies have an empty cmdline)."""
+    me = os.getpid()
+    out = []
+    for pid in all_pids():
+        if pid == me:
+            continue
+        cl = cmdline(pid)
+        if token in cl:
+            out.append((pid, cl))
+    return out
+
+
+def wait_gone(token: str, timeout: float = LEAK_GRACE) -> list[tuple[int, str]]:
+    """Processes with ``token`` still alive after ``timeout`` (empty when all gone)."""
+    end = time.monotonic() + timeout
+    while True:
+        left = procs_with(token)
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.05)
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def fork_servers_under(root: Path) -> list[tuple[int, str]]:
+    """Fork servers started from a directory under ``root`` (our pytester dirs): the
+    server's cwd is the invocation dir of the run that started it."""
+    prefix = str(root)
+    return [
+        (pid, cl)
+        for pid, cl in procs_with("pytest_isolate.forkserver")
+        if _cwd(pid) == prefix or _cwd(pid).startswith(prefix + "/")
+    ]
+
+
+def run_dirs() -> set[str]:
+    return {str(p) for p in Path("/tmp").glob("pytest-isolate-*") if RUN_DIR_RE.fullmatch(str(p))}
+
+
+def isolate_mounts() -> set[str]:
+    text = _read("/proc/self/mountinfo").decode(errors="replace")
+    return {line for line in text.splitlines() if "pytest-isolate" in line}
+
+
+def paths_in_use() -> set[str]:
+    """Every cwd and open file of every live process (to tell a live run from a leak)."""
+    used: set[str] = set()
+    for pid in all_pids():
+        used.add(_cwd(pid))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return used
+
+
+def _owner_alive(run_dir: str) -> bool:
+    """The controller writes ``<pid> <starttime>`` to ``owner`` in its run dir."""
+    try:
+        pid = int(Path(run_dir, "owner").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return os.path.exists(f"/proc/{pid}") and bool(cmdline(pid))
+
+
+def _in_use(run_dir: str, used: set[str]) -> bool:
+    if _owner_alive(run_dir):
+        return True
+    return any(u == run_dir or u.startswith(run_dir + "/") for u in used)
+
+
+class LeakSnapshot:
+    """What existed before a plugin run; :meth:`leaks` lists what the run left."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dirs = run_dirs()
+        self.mounts = isolate_mounts()
+
+    def _current(self) -> list[str]:
+        problems = [f"fork server left running: pid {p} {c}" for p, c in fork_servers_under(self.root)]
+        new_dirs = run_dirs() - self.dirs
+        new_mounts = isolate_mounts() - self.mounts
+        if new_dirs or new_mounts:
+            used = paths_in_use()
+            for d in sorted(new_dirs):
+                if not _in_use(d, used):
+                    problems.append(f"run dir left behind: {d}")
+            for m in sorted(new_mounts):
+                owner = RUN_DIR_RE.search(m)
+                if owner is None or not _in_use(owner.group(0), used):
+                    problems.append(f"mount left behind: {m}")
+        return problems
+
+    def leaks(self, grace: float = LEAK_GRACE) -> list[str]:
+        end = time.monotonic() + grace
+        while True:
+            problems = self._current()
+            if not problems or time.monotonic() > end:
+                return problems
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def leak_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every pytester dir and run_pytest dir of this session lives below this."""
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For tests that run the plugin: faster inner pytests, and nothing left behind."""
+    if "pytester" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("pytester")  # set up first: it chdirs and resets the env
+    # pytester removed PYTEST_ADDOPTS when it was set up; this one is ours.
+    request.getfixturevalue("monkeypatch").setenv("PYTEST_ADDOPTS", FAST_ADDOPTS)
+    snap = LeakSnapshot(request.getfixturevalue("leak_root"))
+    yield
+    leaks = snap.leaks()
+    assert not leaks, f"{request.node.nodeid} left behind:\n" + "\n".join(leaks)
+
+
+# -- running pytest once for several tests -----------------------------------------
+def run_pytest(
+    path: Path, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> pytest.RunResult:
+    """Run ``python -m pytest`` in ``path`` the way ``pytester.runpytest_subprocess``
+    does, for module-scoped fixtures (pytester is function-scoped) that run a suite
+    once and let several tests assert on the same result. Checks for leaks itself."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTEST_ADDOPTS", None)
+    full_env.update({"PYTEST_ADDOPTS": FAST_ADDOPTS, "PY_COLORS": "0"})
+    full_env.update(env or {})
+    basetemp = path / "basetemp"
+    snap = LeakSnapshot(path)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", f"--basetemp={basetemp}", *args],
+        cwd=path,
+        env=full_env,
+        capture_output=True,
+        timeout=timeout,
+    )
+    duration = time.monotonic() - t0
+    out = proc.stdout.decode(errors="replace").splitlines()
+    err = proc.stderr.decode(errors="replace").splitlines()
+    result = pytest.RunResult(proc.returncode, out, err, duration)
+    leaks = snap.leaks()
+    assert not leaks, "pytest " + " ".join(args) + " left behind:\n" + "\n".join(leaks)
+    return result
+
+
+def write_files(path: Path, files: dict[str, str]) -> None:
+    import textwrap
+
+    for name, text in files.items():
+        p = path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text).lstrip("\n"))
+
+
+def junit_cases(path: Path, drop_prefix: str = "isolate_") -> list[dict[str, object]]:
+    """The testcases of a junit file as comparable dicts (properties without ours)."""
+    import xml.etree.ElementTree as ET
+
+    cases = []
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        case: dict[str, object] = {"name": tc.get("name"), "classname": tc.get("classname"), "properties": []}
+        for child in tc:
+            if child.tag == "properties":
+                case["properties"] = [
+                    (p.get("name"), p.get("value"))
+                    for p in child
+                    if not (p.get("name") or "").startswith(drop_prefix)
+                ]
+            else:
+                case[child.tag] = (child.get("message"), child.get("type"), (child.text or "").strip())
+        cases.append(case)
+    return cases
+
+
+def junit_properties(path: Path) -> dict[str, dict[str, str]]:
+    """``{testcase name: {property: value}}`` (the last value wins for repeated names)."""
+    import xml.etree.ElementTree as ET
+
+    out: dict[str, dict[str, str]] = {}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        props = out.setdefault(str(tc.get("name")), {})
+        for p in tc.iter("property"):
+            props[str(p.get("name"))] = str(p.get("value"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def h() -> object:
+    """This module's helpers, for test modules (importing ``conftest`` by name breaks as
+    soon as another test directory has a conftest of its own)."""
+    return sys.modules[__name__]
