@@ -137,8 +137,12 @@ class Worker:
         guard = spec.timeout + GUARD if spec.timeout else None
         return self.receive(guard)
 
-    def close(self) -> None:
-        """Stop the worker and everything below it, politely first."""
+    def close(self, fast: bool = False) -> None:
+        """Stop the worker and everything below it: politely, or at once (``fast``, on
+        Ctrl-C, when a test may still be running and the user is waiting)."""
+        if fast and self.server_pid and not self.uml:
+            with contextlib.suppress(OSError):
+                kill_tree(self.server_pid)
         if self.ch is not None:
             with contextlib.suppress(Exception):
                 self.ch.send(wire.encode({"t": "shutdown"}))
@@ -251,14 +255,14 @@ class Controller:
             self.drop(key)
         return done
 
-    def drop(self, key: tuple[Any, ...]) -> None:
+    def drop(self, key: tuple[Any, ...], fast: bool = False) -> None:
         w = self.workers.pop(key, None)
         if w is not None:
-            w.close()
+            w.close(fast)
 
-    def shutdown(self) -> None:
+    def shutdown(self, fast: bool = False) -> None:
         for key in list(self.workers):
-            self.drop(key)
+            self.drop(key, fast)
         with contextlib.suppress(Exception):
             self.group.terminate(timeout=5)
         if self._switch is not None:

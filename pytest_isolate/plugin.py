@@ -273,16 +273,16 @@ class IsolatePlugin:
             _replay_warning(self.config, w)
         return reports, report.new_record(item, spec, reports, done["record"])
 
-    def pytest_sessionfinish(self) -> None:
+    def pytest_sessionfinish(self, exitstatus: int) -> None:
         if self.ctl is not None:
-            self.ctl.shutdown()
+            self.ctl.shutdown(fast=exitstatus == pytest.ExitCode.INTERRUPTED)
             self.ctl = None
 
     def pytest_unconfigure(self) -> None:
         # Reached on Ctrl-C and internal errors too.
         if self.ctl is not None:
             with contextlib.suppress(Exception):
-                self.ctl.shutdown()
+                self.ctl.shutdown(fast=True)
             self.ctl = None
 
 

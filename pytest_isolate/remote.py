@@ -20,6 +20,7 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
     sys.path[:] = init["sys_path"]
     from pytest_isolate import wire
 
+    _subreaper()
     cmd_r, cmd_w = os.pipe()
     evt_r, evt_w = os.pipe()
     here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
@@ -47,27 +48,76 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
             pass
 
     channel.setcallback(to_server, endmarker=None)
-    # Frames from the server go up unparsed: the controller decodes them.
+    # Frames from the server go up unparsed: the controller decodes them. We watch the
+    # server process itself, not only the pipe: a test the server forked may hold the
+    # pipe open after the server died (e.g. the test killed it).
+    import select
+
+    pidfd = os.pidfd_open(proc.pid)
     buf = bytearray()
+
+    def forward(data: bytes) -> None:
+        buf.extend(data)
+        while len(buf) >= 4:
+            n = int.from_bytes(buf[:4], "big")
+            if len(buf) < 4 + n:
+                return
+            channel.send(bytes(buf[4 : 4 + n]))
+            del buf[: 4 + n]
+
     try:
         while True:
-            data = os.read(evt_r, 1 << 20)
-            if not data:
-                break
-            buf += data
-            while len(buf) >= 4:
-                n = int.from_bytes(buf[:4], "big")
-                if len(buf) < 4 + n:
+            ready, _, _ = select.select([evt_r, pidfd], [], [])
+            if evt_r in ready:
+                data = os.read(evt_r, 1 << 20)
+                if not data:
                     break
-                channel.send(bytes(buf[4 : 4 + n]))
-                del buf[: 4 + n]
+                forward(data)
+            elif pidfd in ready:  # server gone; take what it wrote, then stop
+                os.set_blocking(evt_r, False)
+                try:
+                    while data := os.read(evt_r, 1 << 20):
+                        forward(data)
+                except BlockingIOError:
+                    pass
+                break
     finally:
         code = proc.wait()
+        _kill_orphans()
         if not channel.isclosed():
             try:
                 channel.send(("exit", code))
             except OSError:
                 pass
+
+
+def _kill_orphans() -> None:
+    """We are a subreaper: whatever a dead fork server left running is ours to kill."""
+    import signal
+
+    me = os.getpid()
+    for _ in range(50):
+        kids: list[int] = []
+        for tid in os.listdir(f"/proc/{me}/task"):
+            try:
+                with open(f"/proc/{me}/task/{tid}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        if not kids:
+            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+def _subreaper() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
 if __name__ == "__channelexec__":

@@ -442,7 +442,6 @@ def test_killed_worker_shows_what_the_test_printed(worker_kill: tuple[Path, pyte
     assert "printed before killing the worker" in section(result, "test_kill_worker")
 
 
-@pytest.mark.xfail(strict=True, reason="worker death: the orphaned test child keeps running and the run waits for it")
 def test_killed_worker_takes_its_test_with_it(worker_kill: tuple[Path, pytest.RunResult]) -> None:
     path, _ = worker_kill
     assert not (path / "survived").exists(), "the test process outlived its dead worker"
@@ -582,7 +581,7 @@ def test_ctrl_c_stops_the_run_and_cleans_up(tmp_path: Path, h: Any) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = out.decode(errors="replace")
-    assert took < 12.0, f"pytest took {took:.1f}s to stop after Ctrl-C"
+    assert took < 5.0, f"pytest took {took:.1f}s to stop after Ctrl-C"
     assert "KeyboardInterrupt" in text, text
     assert proc.returncode == pytest.ExitCode.INTERRUPTED
     assert "test_never_reached" not in text
