@@ -96,7 +96,7 @@ class Worker:
                     "basetemp": str(self.basetemp),
                     "invocation_dir": str(cfg.invocation_params.dir),
                     "switch_netns": self.ctl.switch_path(),
-                    "extra": {"worker_index": self.index},
+                    "extra": {"worker_index": self.ctl.worker_index(self.index)},
                 },
             }
         )
@@ -193,7 +193,7 @@ class Controller:
         self.canaries: Any = None
         try:
             from pytest_isolate.observe.escapes import Canaries
-        except ImportError:  # TEMP until observe/escapes lands
+        except Exception:  # noqa: BLE001 - TEMP until observe/escapes lands
             Canaries = None  # type: ignore[assignment]  # noqa: N806
         if Canaries is not None:
             self.canaries = Canaries(self.rundir, self.run_id)
@@ -216,10 +216,20 @@ class Controller:
         if not self.needs_switch:
             return None
         if self._switch is None:
-            from pytest_isolate.facets import net
-
-            self._switch = net.Switch.create(self.run_id)
+            self._switch = SharedSwitch.open(self.switch_id())
         return self._switch.path
+
+    def switch_id(self) -> str:
+        """Under pytest-xdist every worker of the run joins one switch (named from xdist's
+        test-run uid), so tests running in parallel can reach each other."""
+        uid = (getattr(self.config, "workerinput", None) or {}).get("testrunuid")
+        return f"x{str(uid)[:10]}" if uid else self.run_id
+
+    def worker_index(self, local: int) -> int:
+        """Address block of a worker: unique across the xdist workers sharing a switch."""
+        wid = str((getattr(self.config, "workerinput", None) or {}).get("workerid", "gw0"))
+        n = int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
+        return (n * 4 + local) % 64
 
     def worker(self, spec: IsolationSpec) -> Worker:
         key = pool_key(spec)
@@ -292,6 +302,93 @@ def sweep(run_id: str, rundir: Path) -> list[str]:
     return removed
 
 
+class SharedSwitch:
+    """A run's switch namespace, shared by every controller of the run (xdist workers).
+
+    Each user holds a shared ``flock`` on the switch's lock file for as long as it uses
+    it; whoever can take the lock exclusively is the last one and deletes the switch.
+    A lock nobody holds at all marks a switch left by runs that died: swept on sight.
+    """
+
+    def __init__(self, switch: Any, fd: int, lock: Path) -> None:
+        self.switch = switch
+        self.path = switch.path
+        self.fd = fd
+        self.lock = lock
+
+    @classmethod
+    def open(cls, switch_id: str) -> SharedSwitch:
+        import fcntl
+
+        from pytest_isolate.facets import net
+
+        lock = Path(f"/tmp/pytest-isolate-switch-{switch_id}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A second lock file serialises creation; the users' lock above stays shared.
+        mutex = os.open(f"{lock}.create", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(mutex, fcntl.LOCK_EX)
+            path = os.path.join(net.NETNS_DIR, net.switch_name(switch_id))
+            if os.path.exists(path) and _is_mountpoint(path):
+                switch = net.Switch(run_id=switch_id, path=path)
+            else:
+                switch = net.Switch.create(switch_id)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.close(mutex)
+        return cls(switch, fd, lock)
+
+    def close(self) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)  # others still use it
+            return
+        try:
+            self.switch.close()
+            self.lock.unlink(missing_ok=True)
+            Path(f"{self.lock}.create").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only if empty; /run/netns may be ours
+                os.rmdir(os.path.dirname(self.path))
+        finally:
+            os.close(self.fd)
+
+
+def sweep_stale_switches() -> list[str]:
+    import fcntl
+
+    removed = []
+    for lock in Path("/tmp").glob("pytest-isolate-switch-*.lock"):
+        switch_id = lock.name.removeprefix("pytest-isolate-switch-").removesuffix(".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        with contextlib.suppress(Exception):
+            from pytest_isolate.facets import net
+
+            removed += net.sweep(switch_id)
+        lock.unlink(missing_ok=True)
+        Path(f"{lock}.create").unlink(missing_ok=True)
+        os.close(fd)
+    return removed
+
+
+def _is_mountpoint(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
 def _starttime(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -303,7 +400,7 @@ def _starttime(pid: int) -> str:
 def sweep_stale() -> list[str]:
     """Sweep runs whose controller died without cleaning up (SIGKILL, a segfault in an
     unisolated test): the next session on the machine removes what they left."""
-    removed: list[str] = []
+    removed: list[str] = sweep_stale_switches()
     for owner in Path("/tmp").glob("pytest-isolate-*/owner"):
         try:
             pid, start = owner.read_text().split()

@@ -601,7 +601,7 @@ def _zombie(pid: int) -> bool:
 
 try:  # TEMP until observe/escapes.py lands
     from pytest_isolate.observe import escapes as _escapes
-except ImportError:
+except Exception:  # noqa: BLE001
     _escapes = None  # type: ignore[assignment]
 
 _NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"')

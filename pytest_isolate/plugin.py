@@ -34,7 +34,8 @@ _KEY_HELP = {
     "fds": "max open file descriptors per test",
     "io": "block IO bandwidth per test in bytes/s, e.g. '50M' (zone)",
     "network": "network of jail/zone/uml tests: 'none' (loopback only) or 'ip' (one address on the run's private switch)",
-    "scope": "sandbox scope: 'test' (fresh per test; default), 'module' or 'session'",
+    "scope": "share a sandbox: 'module' or 'session' keep one child (and its fixtures) for consecutive tests; "
+    "default: a fresh child per test; 'test' for uml: a fresh guest per test",
     "rootfs": "directory to use as the read-only lower root instead of the host / (chroot/jail/zone)",
     "cpus": "CPUs of a UML guest",
 }
@@ -245,6 +246,7 @@ class IsolatePlugin:
             record["escapes"] += self.controller().canary_escapes(spec.tier)
         self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
         policy.apply(self.config, item, spec, reports, record)
+        record["outcome"] = report.outcome_of(reports)  # the policy may have failed it
         report.attach(reports[-1], record)
         for rep in reports:
             ihook.pytest_runtest_logreport(report=rep)

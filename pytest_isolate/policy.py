@@ -17,7 +17,6 @@ from pytest_isolate.spec import IsolationSpec
 class IsolationWarning(pytest.PytestWarning):
     """An isolated test did something worth knowing that the policy does not fail."""
 
-    __module__ = "pytest_isolate"
 
 
 def _policy(config: pytest.Config, name: str) -> str:

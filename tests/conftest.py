@@ -253,4 +253,8 @@ def junit_properties(path: Path) -> dict[str, dict[str, str]]:
 def h() -> object:
     """This module's helpers, for test modules (importing ``conftest`` by name breaks as
     soon as another test directory has a conftest of its own)."""
-    return sys.modules[__name__]
+    return _SELF
+
+
+# Captured at import: later conftests (tests/tiers/) are also imported as "conftest".
+_SELF = sys.modules[__name__]
