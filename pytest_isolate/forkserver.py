@@ -110,6 +110,7 @@ class ForkServer:
             switch_netns=c.get("switch_netns"),
             extra=dict(c.get("extra") or {}),
         )
+        self.sampling = (config.getoption("isolate_readings", None) or config.getini("isolate_readings") or "on") == "on"
         self.forwarder = Forwarder(config)
         config.pluginmanager.register(self.forwarder, "isolate-forwarder")
         self.tiers: dict[str, Tier] = {}
@@ -355,7 +356,10 @@ class ForkServer:
         # Tiers without a cgroup are sampled from /proc while the test runs: peak memory
         # of the whole tree and peak process count. A test shorter than one interval
         # costs nothing (rusage has its figures).
-        sampler = box.state["sampler"] = usage.TreeSampler(box.spec.memory) if not self._cgroup(box) else None
+        sampler = None
+        if self.sampling and not self._cgroup(box):
+            sampler = usage.TreeSampler(box.spec.memory)
+        box.state["sampler"] = sampler
         next_sample = time.monotonic() + SAMPLE_INTERVAL
         try:
             while True:

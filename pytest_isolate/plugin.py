@@ -95,6 +95,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         )
         parser.addini(f"isolate_on_{name}", f"fail|warn|ignore for {what}", default=None)
     group.addoption(
+        "--isolate-readings",
+        dest="isolate_readings",
+        default=None,
+        choices=("on", "off"),
+        help="sample usage from /proc while tests run (tiers without a cgroup); off leaves "
+        "rusage and cgroup totals only (default: on)",
+    )
+    parser.addini("isolate_readings", "on|off: sample usage from /proc while tests run", default=None)
+    group.addoption(
         "--isolate-top",
         dest="isolate_top",
         default=None,
