@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
-import traceback
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from pytest_isolate.facets import caps
 from pytest_isolate.facets import namespaces as ns
-
-
-def in_child(fn: Callable[[], Any]) -> Any:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            out = {"ok": fn()}
-        except BaseException:  # noqa: BLE001
-            out = {"tb": traceback.format_exc()}
-        os.write(w, json.dumps(out, default=repr).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(data)
-    if "tb" in res:
-        raise AssertionError("child failed:\n" + res["tb"])
-    return res["ok"]
+from tests.forked import in_child
 
 
 def _raw_socket() -> str:

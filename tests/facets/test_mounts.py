@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 
 from pytest_isolate.facets import devices, mounts
 from pytest_isolate.facets import namespaces as ns
+from tests import forked
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount tests run as root")
 
@@ -26,32 +25,17 @@ def in_child(fn: Callable[[], Any], flags: int = ns.CLONE_NEWNS) -> Any:
     With CLONE_NEWPID the function runs in a grandchild (the PID namespace's init), so
     a fresh /proc can be mounted.
     """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            ns.unshare(flags)
-            if flags & ns.CLONE_NEWPID:
-                k = os.fork()
-                if k:
-                    _, st = os.waitpid(k, 0)
-                    os._exit(0)
-            mounts.make_private("/")
-            out = {"ok": fn()}
-        except BaseException:  # noqa: BLE001
-            out = {"tb": traceback.format_exc()}
-        os.write(w, json.dumps(out, default=repr).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(data)
-    if "tb" in res:
-        raise AssertionError("child failed:\n" + res["tb"])
-    return res["ok"]
+
+    def setup() -> None:
+        ns.unshare(flags)
+        if flags & ns.CLONE_NEWPID:
+            k = os.fork()
+            if k:
+                os.waitpid(k, 0)
+                os._exit(0)
+        mounts.make_private("/")
+
+    return forked.in_child(fn, setup)
 
 
 def _mounted(path: str) -> bool:

@@ -7,39 +7,15 @@ import os
 import random
 import socket
 import threading
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pytest_isolate.facets import namespaces as ns
+from tests.forked import in_child
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create namespaces without a user namespace")
-
-
-def in_child(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a forked child (namespaces must not touch the test process)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            out = {"ok": fn()}
-        except BaseException:  # noqa: BLE001
-            out = {"tb": traceback.format_exc()}
-        os.write(w, json.dumps(out, default=repr).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    res = json.loads(data)
-    if "tb" in res:
-        raise AssertionError("child failed:\n" + res["tb"])
-    return res["ok"]
 
 
 @root_only

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import select
 import shutil
@@ -20,6 +19,7 @@ from pytest_isolate import wire
 from pytest_isolate.facets import cgroups
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import Box, Tier, WorkerContext, descendants
+from tests.forked import in_child
 
 SYSTEM_MOUNTS = ("/", "/proc", "/sys", "/dev")
 
@@ -144,32 +144,15 @@ class Harness:
             for dirpath, dirnames, filenames in os.walk(p):
                 for n in [dirpath, *(os.path.join(dirpath, x) for x in dirnames + filenames)]:
                     os.lchown(n, 65534, 65534)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                os.close(r)
-                os.setgroups([])
-                os.setresgid(65534, 65534, 65534)
-                os.setresuid(65534, 65534, 65534)
-                # A uid change makes the process non-dumpable, and /proc/self/* root-owned:
-                # it could not write its own uid_map. A user who starts pytest is dumpable.
-                ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
-                out = {"ok": fn()}
-            except BaseException:  # noqa: BLE001
-                out = {"tb": traceback.format_exc()}
-            os.write(w, json.dumps(out, default=repr).encode())
-            os._exit(0)
-        os.close(w)
-        data = b""
-        while chunk := os.read(r, 1 << 16):
-            data += chunk
-        os.close(r)
-        os.waitpid(pid, 0)
-        res = json.loads(data)
-        if "tb" in res:
-            raise AssertionError("as_nobody child failed:\n" + res["tb"])
-        return res["ok"]
+        def drop_to_nobody() -> None:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            # A uid change makes the process non-dumpable, and /proc/self/* root-owned:
+            # it could not write its own uid_map. A user who starts pytest is dumpable.
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+
+        return in_child(fn, drop_to_nobody)
 
     def close(self) -> None:
         for t in self.tiers.values():
