@@ -104,6 +104,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("isolate_readings", "on|off: sample usage from /proc while tests run", default=None)
     group.addoption(
+        "--isolate-advise",
+        dest="isolate_advise",
+        action="store_true",
+        default=False,
+        help="after the run, print for each isolated test the weakest tier that would have "
+        "contained everything it did, with a marker to paste",
+    )
+    group.addoption(
         "--isolate-top",
         dest="isolate_top",
         default=None,

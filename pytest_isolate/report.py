@@ -122,6 +122,10 @@ class ReportPlugin:
             tr.write_line(f"UNAVAILABLE {reason}")
         self._escape_section(tr)
         self._usage_section(tr)
+        if self.config.getoption("isolate_advise", False):
+            tr.section("isolation advice", sep="-")
+            for line in advise(self.records):
+                tr.write_line(line)
 
     def _escape_section(self, tr: Any) -> None:
         with_escapes = [r for r in self.records if r["escapes"]]
@@ -167,6 +171,40 @@ class ReportPlugin:
         path = self.config.getoption("isolate_report", None) or self.config.getini("isolate_report")
         if path:
             write_json(Path(self.config.invocation_params.dir, path), self.records)
+
+
+def advise(records: list[dict[str, Any]]) -> list[str]:
+    """The weakest tier that would have contained what each test did.
+
+    What a test *attempted* (every escape record, blocked or not) is checked against the
+    measured table of which tier lets which technique through; budgets that were
+    observed but not enforced ask for a tier with a cgroup.
+    """
+    from pytest_isolate.observe.escapes import TIER_ESCAPES
+    from pytest_isolate.spec import LADDER
+
+    lines = []
+    for r in records:
+        techniques = sorted({e["technique"] for e in r["escapes"] if e.get("technique")})
+        need = LADDER.index("process")
+        why: list[str] = []
+        for t in techniques:
+            leaks_at = TIER_ESCAPES.get(t, frozenset())
+            ok = [i for i, tier in enumerate(LADDER) if tier not in leaks_at]
+            if ok and ok[0] > need:
+                need, why = ok[0], [t]
+            elif ok and ok[0] == need and need > 0:
+                why.append(t)
+        soft = [o["budget"] for o in r["overuse"] if not o.get("enforced")]
+        if soft and need < LADDER.index("zone"):
+            need, why = LADDER.index("zone"), [f"{b} budget" for b in soft]
+        tier = LADDER[need]
+        kwargs = ""
+        if "network" in techniques and tier in ("jail", "zone"):
+            kwargs = ', network="ip"'
+        because = f" ({', '.join(why)})" if why else ""
+        lines.append(f"{r['nodeid']}: needs `{tier}`{because}  @pytest.mark.isolate(\"{tier}\"{kwargs})")
+    return lines
 
 
 def write_json(path: Path, records: list[dict[str, Any]]) -> None:

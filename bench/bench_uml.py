@@ -1,0 +1,399 @@
+"""Timings of the `uml` tier: boot, guest Python, per-test fork, warm pytest runs.
+
+    python bench/bench_uml.py                 # everything (~1-2 min), medians
+    python bench/bench_uml.py --repeat 7      # more boots
+    python bench/bench_uml.py --only boot,fork
+    python bench/bench_uml.py --json bench/out/uml.json
+
+Sections (``--only``):
+
+boot     cold start, host's view: ``makegateway`` → first ``remote_exec`` result; then
+         ``import pytest`` in that fresh guest; "cold ready" is their sum (target ≤ 2.5 s).
+         Also the guest close (``gw.exit`` + ``close_guest``).
+kernel   the same boot with kernel command line variants: without the initcall blacklist
+         (Debian's kernel benchmarks RAID6/XOR at every boot), and with ``loglevel=0``.
+python   interpreter start-up *inside* a guest: ``-c pass`` with/without site, ``-I``,
+         ``import pytest``, a pyenv shim (bash) vs the absolute interpreter path.
+fork     per-test cost inside a warm guest, in a single-threaded interpreter with
+         pytest imported: bare ``fork`` + ``_exit`` + ``wait`` (with and without
+         ``gc.freeze()``), and a full ``UmlTier`` prepare → spawn → finish cycle.
+pytest   a warm guest running 20 trivial tests through the plugin's fork server
+         (``pytest --isolate=uml``): per-test wall inside the guest (from the JSON
+         report), the interval between test reports seen by the controller, and the
+         whole run. Target: ≤ 150 ms per trivial test.
+
+The host is noisy (other runs share its two cores): compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import execnet  # noqa: E402
+
+from pytest_isolate.tiers import uml  # noqa: E402
+
+PY = os.path.realpath(sys.executable)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:8.1f} ms"
+
+
+class Guest:
+    def __init__(self, argv_patch: Any = None, **kw: Any) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umlbench-"))
+        self.wd = self.root / "g"
+        t0 = time.perf_counter()
+        spec = uml.gateway_spec(uml.UmlOptions(**kw), self.wd, PY, basetemp=self.root / "bt")
+        if argv_patch is not None:
+            cfg_path = self.wd / "launch.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["argv"] = argv_patch(cfg["argv"])
+            cfg_path.write_text(json.dumps(cfg))
+        self.gw = execnet.makegateway(spec)
+        self.t_gateway = time.perf_counter() - t0
+        self.gw.remote_exec("channel.send(1)").receive(60)
+        self.t_first = time.perf_counter() - t0
+
+    def run(self, src: str, *send: Any, timeout: float = 300) -> Any:
+        ch = self.gw.remote_exec(textwrap.dedent(src))
+        for s in send:
+            ch.send(s)
+        return ch.receive(timeout)
+
+    def subprocess(self, code: str, *args: str) -> Any:
+        """Run ``code`` in a fresh interpreter inside the guest; returns its JSON output."""
+        rc, out, err = self.run(
+            """
+            import subprocess, sys
+            argv = channel.receive()
+            p = subprocess.run(argv, capture_output=True, text=True)
+            channel.send((p.returncode, p.stdout, p.stderr))
+            """,
+            [PY, "-c", code, *args],
+        )
+        if rc != 0:
+            raise RuntimeError(err[-2000:])
+        return json.loads(out.strip().splitlines()[-1])
+
+    def close(self) -> float:
+        t0 = time.perf_counter()
+        try:
+            self.gw.exit()
+            self.gw.join(timeout=10)
+        finally:
+            uml.close_guest(self.wd)
+            shutil.rmtree(self.root, ignore_errors=True)
+        return time.perf_counter() - t0
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+def bench_boot(repeat: int, out: dict[str, Any]) -> None:
+    first, imp, close, ready = [], [], [], []
+    for _ in range(repeat):
+        g = Guest()
+        try:
+            first.append(g.t_first)
+            t0 = time.perf_counter()
+            g.run("import pytest; channel.send(1)")
+            imp.append(time.perf_counter() - t0)
+            try:
+                ready.append(float((g.wd / "ready").read_text()))
+            except (OSError, ValueError):
+                pass
+        finally:
+            close.append(g.close())
+    out["boot"] = {
+        "first_result_s": med(first),
+        "channel_up_s": med(ready),
+        "import_pytest_s": med(imp),
+        "cold_ready_s": med([a + b for a, b in zip(first, imp, strict=False)]),
+        "close_s": med(close),
+        "samples_first": first,
+    }
+    b = out["boot"]
+    print(f"== boot (cold, host's view; median of {repeat})")
+    print(f"  launcher start → guest connected   {b['channel_up_s']:6.2f} s")
+    print(f"  makegateway → first remote_exec    {b['first_result_s']:6.2f} s")
+    print(f"  import pytest in the fresh guest   {b['import_pytest_s']:6.2f} s")
+    verdict = "PASS" if b["cold_ready_s"] <= 2.5 else "MISS"
+    print(
+        f"  cold ready (sum)                   {b['cold_ready_s']:6.2f} s   target ≤ 2.5 s: {verdict}"
+    )
+    print(f"  close (gw.exit + close_guest)      {b['close_s']:6.2f} s")
+
+
+def bench_kernel(repeat: int, out: dict[str, Any]) -> None:
+    def without_blacklist(argv: list[str]) -> list[str]:
+        return [a for a in argv if not a.startswith("initcall_blacklist=")]
+
+    def loglevel0(argv: list[str]) -> list[str]:
+        return [("loglevel=0" if a == "quiet" else a) for a in argv]
+
+    variants = {
+        "default": None,
+        "no initcall_blacklist": without_blacklist,
+        "loglevel=0": loglevel0,
+    }
+    res: dict[str, float] = {}
+    for name, patch in variants.items():
+        times = []
+        for _ in range(max(2, repeat // 2 + 1)):
+            g = Guest(argv_patch=patch)
+            times.append(g.t_first)
+            g.close()
+        res[name] = med(times)
+    out["kernel"] = res
+    print("== kernel command line (makegateway → first result, median)")
+    for name, t in res.items():
+        print(f"  {name:28s} {t:6.2f} s")
+
+
+PYTHON_PROBE = r"""
+import json, os, subprocess, sys, time, shutil
+py = sys.executable
+def t(argv, env=None, n=5):
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, check=True)
+        xs.append(time.perf_counter() - t0)
+    xs.sort()
+    return xs[len(xs) // 2]
+env = dict(os.environ)
+res = {
+    "python -c pass": t([py, "-c", "pass"]),
+    "python -S -c pass": t([py, "-S", "-c", "pass"]),
+    "python -I -c pass": t([py, "-I", "-c", "pass"]),
+    "python -I -S -c pass": t([py, "-I", "-S", "-c", "pass"]),
+    "python -c 'import pytest'": t([py, "-c", "import pytest"]),
+    "python -B -c 'import pytest'": t([py, "-B", "-c", "import pytest"]),
+    "/bin/true (fork+exec)": t(["/bin/true"]),
+}
+shim = shutil.which("python3")
+if shim and open(shim, "rb").read(2) == b"#!":
+    res["pyenv shim python3 -c pass"] = t([shim, "-c", "pass"])
+print(json.dumps(res))
+"""
+
+
+def bench_python(out: dict[str, Any]) -> None:
+    g = Guest()
+    try:
+        res = g.subprocess(PYTHON_PROBE)
+    finally:
+        g.close()
+    out["python"] = res
+    print("== interpreter start-up inside the guest (median of 5)")
+    for k, v in res.items():
+        print(f"  {k:34s} {ms(v)}")
+
+
+FORK_PROBE = r"""
+import gc, json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import pytest  # the warm server has it imported
+from pathlib import Path
+from pytest_isolate.spec import IsolationSpec
+from pytest_isolate.tiers.base import Box, WorkerContext
+from pytest_isolate.tiers.uml import UmlTier
+
+def bare(n):
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        xs.append(time.perf_counter() - t0)
+    return sorted(xs)[n // 2]
+
+res = {"fork+exit+wait, no gc.freeze": bare(11)}
+gc.freeze()
+res["fork+exit+wait, gc.freeze()"] = bare(11)
+
+ctx = WorkerContext(run_id="bench", rundir=Path("/tmp"), workdir=Path("/tmp"), rootdir=Path("/"),
+                    basetemp=Path("/tmp"), invocation_dir=Path("/"))
+tier = UmlTier(ctx)
+spec = IsolationSpec(tier="uml")
+parts = {"prepare": [], "spawn → running": [], "exit + wait": [], "finish": [], "total": []}
+for i in range(15):
+    r, w = os.pipe()
+    box = Box(f"t{i}", spec, i, Path(f"/tmp/s{i}"), "bench", w)
+    t0 = time.perf_counter()
+    tier.prepare(box)
+    t1 = time.perf_counter()
+    def run():
+        os.write(w, b"x")
+        os._exit(0)
+    pid = tier.spawn(box, run)
+    os.close(w)
+    os.read(r, 1)
+    t2 = time.perf_counter()
+    _, st, ru = os.wait4(pid, 0)
+    t3 = time.perf_counter()
+    tier.finish(box, pid, st, ru)
+    t4 = time.perf_counter()
+    os.close(r)
+    for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+        parts[k].append(v)
+tier.close()
+for k, v in parts.items():
+    res["UmlTier " + k] = sorted(v)[len(v) // 2]
+print(json.dumps(res))
+"""
+
+
+def bench_fork(out: dict[str, Any]) -> None:
+    g = Guest()
+    try:
+        res = g.subprocess(FORK_PROBE, str(ROOT))
+    finally:
+        g.close()
+    out["fork"] = res
+    print("== per-test fork inside a warm guest (pytest imported; median)")
+    for k, v in res.items():
+        print(f"  {k:34s} {ms(v)}")
+
+
+TS_PLUGIN = """
+import time
+START = time.perf_counter()
+STAMPS = []
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        STAMPS.append(time.perf_counter())
+def pytest_sessionfinish(session):
+    import json, os
+    with open(os.environ["UML_BENCH_STAMPS"], "w") as f:
+        json.dump({"start": START, "stamps": STAMPS, "finish": time.perf_counter()}, f)
+"""
+
+
+def bench_pytest(tests: int, out: dict[str, Any]) -> None:
+    d = Path(tempfile.mkdtemp(prefix="pytest-isolate-umlbench-suite-"))
+    try:
+        (d / "pytest.ini").write_text("[pytest]\nisolate_on_escape = ignore\n")
+        (d / "test_trivial.py").write_text(
+            "".join(f"def test_{i}():\n    assert True\n\n" for i in range(tests))
+        )
+        (d / "umlbench_stamps.py").write_text(TS_PLUGIN)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = f"{d}{os.pathsep}{ROOT}" + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
+        env["PYTEST_ADDOPTS"] = "-p no:hypothesispytest -p no:benchmark -p no:cacheprovider"
+        env["UML_BENCH_STAMPS"] = str(d / "stamps.json")
+        report = d / "report.json"
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            [
+                PY,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "umlbench_stamps",
+                "--isolate=uml",
+                f"--isolate-report={report}",
+                f"--basetemp={d / 'bt'}",
+            ],
+            cwd=d,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        total = time.perf_counter() - t0
+        if p.returncode != 0:
+            print("== pytest: run failed\n" + (p.stdout + p.stderr)[-3000:])
+            out["pytest"] = {"error": (p.stdout + p.stderr)[-3000:]}
+            return
+        walls = [t["usage"]["wall"] for t in json.loads(report.read_text())["tests"]]
+        st = json.loads((d / "stamps.json").read_text())
+        stamps = st["stamps"]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        res = {
+            "tests": tests,
+            "total_s": total,
+            "first_result_s": stamps[0] - st["start"] if stamps else float("nan"),
+            "after_last_s": total - (stamps[-1] - st["start"]) if stamps else float("nan"),
+            "in_guest_wall_median_s": med(walls),
+            "controller_interval_median_s": med(gaps),
+            "controller_interval_max_s": max(gaps) if gaps else float("nan"),
+        }
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    out["pytest"] = res
+    verdict = "PASS" if res["controller_interval_median_s"] <= 0.150 else "MISS"
+    print(f"== warm guest: {tests} trivial tests through the fork server (pytest --isolate=uml)")
+    print(f"  whole run (boot, collect, tests, close)  {res['total_s']:6.2f} s")
+    print(
+        f"  plugin loaded → first test reported      {res['first_result_s']:6.2f} s   (boot + fork server start + collection)"
+    )
+    print(
+        f"  last test reported → pytest exited       {res['after_last_s']:6.2f} s   (guest shutdown, run clean-up)"
+    )
+    print(f"  per test, inside the guest (wall)     {ms(res['in_guest_wall_median_s'])}")
+    print(
+        f"  per test, controller's view (median)  {ms(res['controller_interval_median_s'])}   target ≤ 150 ms: {verdict}"
+    )
+    print(f"  per test, controller's view (max)     {ms(res['controller_interval_max_s'])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeat", type=int, default=5, help="cold boots to time (default 5)")
+    ap.add_argument("--tests", type=int, default=20)
+    ap.add_argument("--only", default="boot,kernel,python,fork,pytest")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    why = uml.availability()
+    if why:
+        print(why)
+        return 1
+    print(f"kernel {uml.find_kernel()}  python {PY}  host {os.uname().release}")
+    out: dict[str, Any] = {}
+    only = set(a.only.split(","))
+    if "boot" in only:
+        bench_boot(a.repeat, out)
+    if "kernel" in only:
+        bench_kernel(a.repeat, out)
+    if "python" in only:
+        bench_python(out)
+    if "fork" in only:
+        bench_fork(out)
+    if "pytest" in only:
+        bench_pytest(a.tests, out)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

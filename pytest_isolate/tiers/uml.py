@@ -1,0 +1,970 @@
+"""`uml` tier: each worker lives in a User-Mode Linux guest; each test in a fresh
+mount/network/IPC/UTS namespace, cgroup and tmpfs overlay *inside* that guest.
+
+Two halves live here:
+
+* host side, used by the controller: ``UmlOptions``, ``find_kernel``, ``availability``,
+  ``gateway_spec`` (an execnet spec whose "python" is ``uml_launch.py``, which boots a
+  guest and relays execnet's stdin/stdout into it), ``console_tail`` and
+  ``close_guest``. ``uml_launch.py`` explains how the ``linux.uml`` process is confined
+  so that guest root cannot write the host; ``uml_init.py`` is the guest's PID 1.
+* guest side, used by the fork server inside the guest: ``UmlTier``.
+
+Costs (see ``bench/bench_uml.py``): inside UML every syscall and page fault is a ptrace
+round trip (~20 µs for ``getpid``), so the guest boots once per worker, imports pytest
+once, and forks per test. Boot is ~0.4 s instead of 1.35 s because the kernel command
+line blacklists the RAID6/XOR benchmarks Debian's kernel runs at boot (~0.85 s).
+
+Known limits:
+
+* Writes reach the host only in basetemp and the ``writable`` paths (hostfs, done by the
+  ``linux.uml`` process). When the run is root, that process is uid 65534 and those
+  paths are idmapped for it: inside the guest their files show as owned by 65534 and
+  ``chown`` there is refused; on the host they belong to their real owner.
+* Tests of one guest share one network namespace (loopback only, or loopback plus a
+  macvlan on the run's switch) until a test changes its links, addresses or routes;
+  netfilter rules are not compared. No PID namespace per test: the cgroup kill ends
+  whatever a test started.
+* Without root the guest's channel needs a ``/dev/net/tun`` the user may open (mode
+  0666, udev's default) and user namespaces; ``network="ip"`` needs root.
+
+Run one guest by hand::
+
+    python -m pytest_isolate.tiers.uml                  # boot, print uname and timings
+    python -m pytest_isolate.tiers.uml -c 'import os; print(os.listdir("/"))'
+    python -m pytest_isolate.tiers.uml --memory 512M --kernel /path/to/linux.uml -v
+
+``-v`` prints the guest console afterwards; the guest's files are under a temp dir
+removed at exit (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import resource
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pytest_isolate.tiers.base import (
+    Box,
+    Tier,
+    Unavailable,
+    WorkerContext,
+    fork_child,
+    kill_tree,
+    rusage_dict,
+)
+
+HERE = Path(__file__).resolve().parent
+LAUNCHER = HERE / "uml_launch.py"
+INIT = HERE / "uml_init.py"
+KERNEL_NAMES = ("linux.uml", "linux")
+NOT_FOUND = (
+    "uml: no User-Mode Linux kernel found (install the Debian package user-mode-linux, "
+    "or pass --isolate-uml-kernel=PATH)"
+)
+#: Boot-time initcalls skipped. raid6_select_algo/calibrate_xor_blocks only benchmark
+#: (Debian's UML kernel builds btrfs in, which pulls in raid6_pq with
+#: CONFIG_RAID6_PQ_BENCHMARK): ~0.85 s of a 1.35 s boot, for md/btrfs RAID a guest never
+#: uses. zswap (no swap), mmapper and ubd (no iomem, no block devices: the root is
+#: hostfs) only print warnings on the console. Names a kernel lacks are ignored.
+INITCALL_BLACKLIST = (
+    "raid6_select_algo,calibrate_xor_blocks,init_zswap,mmapper_init,ubd_init,ubd_driver_init"
+)
+#: Environment that shapes the guest interpreter's start-up (sys.path, site, encoding);
+#: passed to PID 1 on the kernel command line. The worker gets the full environment.
+STARTUP_ENV = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONNOUSERSITE",
+    "PYTHONUSERBASE",
+    "PYTHONSAFEPATH",
+    "PYTHONPLATLIBDIR",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONPYCACHEPREFIX",
+    "PYTHONWARNINGS",
+    "PYTHONDEVMODE",
+    "PYTHONUTF8",
+    "PYTHONIOENCODING",
+    "PYTHONHASHSEED",
+    "PYTHONINTMAXSTRDIGITS",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "VIRTUAL_ENV",
+)
+#: UML's COMMAND_LINE_SIZE is 4096; leave room for what the kernel appends.
+CMDLINE_MAX = 3800
+#: RAM tmpfs beyond ``memory``: UML's own files (pid, mconsole socket) and slack.
+RAM_SLACK = 64 << 20
+
+# --------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class UmlOptions:
+    """One guest's configuration (a pool key: guests differ only by these)."""
+
+    kernel: str | None = None
+    memory: int = 256 << 20
+    cpus: int | None = None
+    network: str = "none"
+
+
+def find_kernel(explicit: str | None = None) -> str:
+    """The UML kernel to boot: ``explicit`` (``--isolate-uml-kernel`` / marker
+    ``kernel=``) if given, else ``linux.uml`` or ``linux`` on PATH (a ``linux`` that is
+    not a UML kernel is skipped)."""
+    if explicit:
+        path = shutil.which(explicit) or explicit
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise Unavailable(f"uml: kernel {explicit!r} is not an executable file")
+        return os.path.realpath(path)
+    search = os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin"
+    for name in KERNEL_NAMES:
+        path = shutil.which(name, path=search)
+        if path and (name == "linux.uml" or _looks_like_uml(path)):
+            return os.path.realpath(path)
+    raise Unavailable(NOT_FOUND)
+
+
+def _looks_like_uml(path: str) -> bool:
+    """Only a UML kernel answers ``--showconfig`` with its configuration."""
+    try:
+        return kernel_config(os.path.realpath(path)).get("CONFIG_UML") == "y"
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _kernel_config_cached(path: str, mtime: float) -> dict[str, str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [path, "--showconfig"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    cfg: dict[str, str] = {}
+    for line in out.splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            k, _, v = line.partition("=")
+            cfg[k] = v.strip('"')
+    return cfg
+
+
+def kernel_config(kernel: str) -> dict[str, str]:
+    """``CONFIG_*`` of a UML kernel (``linux.uml --showconfig``; no boot, ~7 ms, cached)."""
+    return _kernel_config_cached(kernel, os.stat(kernel).st_mtime)
+
+
+def smp_support(kernel: str) -> int:
+    """How many CPUs the kernel can use: 1 without CONFIG_SMP (Debian's 6.1 has
+    NR_CPUS=1; UML regained SMP in Linux 6.19, where ``ncpus=N`` starts N CPUs)."""
+    cfg = kernel_config(kernel)
+    if cfg.get("CONFIG_SMP") != "y":
+        return 1
+    try:
+        return int(cfg.get("CONFIG_NR_CPUS", "1"))
+    except ValueError:
+        return 1
+
+
+def _privileged() -> bool:
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() != ["0", "0", "4294967295"]:
+                return False
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)
+    except OSError:
+        pass
+    return False
+
+
+def availability(kernel: str | None = None) -> str | None:
+    """None when a guest can boot here, else one line: what is missing and how to fix it.
+
+    Cheap probes only (no boot): the kernel, its hostfs/tuntap support, /dev/net/tun,
+    namespaces, and a tmpfs-capable TMPDIR is not needed (the launcher mounts its own).
+    """
+    try:
+        k = find_kernel(kernel)
+    except Unavailable as e:
+        return str(e)
+    cfg = kernel_config(k)
+    if cfg:
+        for opt, why in (
+            ("CONFIG_HOSTFS", "hostfs (the guest's root)"),
+            ("CONFIG_UML_NET_TUNTAP", "the tuntap transport (the gateway's channel)"),
+        ):
+            if cfg.get(opt) != "y":
+                return f"uml: kernel {k} lacks {opt} ({why}); use a kernel built with it (--isolate-uml-kernel)"
+    if not os.path.exists("/dev/net/tun"):
+        return "uml: /dev/net/tun is missing (the guest's channel is a tap): `modprobe tun`"
+    if not _privileged():
+        if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            return (
+                "uml: /dev/net/tun is not accessible to this user (the guest's channel is a tap): "
+                "make it mode 0666 (udev's default) or run as root"
+            )
+        from pytest_isolate.facets import namespaces
+
+        why = namespaces.userns_available()
+        if why:
+            return f"uml: without root the guest runs in a user namespace: {why}"
+    if not hasattr(os, "pidfd_open"):
+        return "uml: needs Python >= 3.9 on Linux >= 5.3 (pidfd_open)"
+    return None
+
+
+def _kernel_env(env: dict[str, str]) -> list[str]:
+    """``NAME=value`` words for the kernel command line: the kernel hands unknown
+    ``name=value`` parameters to init as its environment."""
+    out = []
+    for name in STARTUP_ENV:
+        v = env.get(name)
+        if v is None or '"' in v or "\n" in v:
+            continue
+        out.append(f'{name}="{v}"' if (" " in v or "\t" in v) else f"{name}={v}")
+    return out
+
+
+def _default_basetemp() -> Path:
+    """pytest's default basetemp root: ``$TMPDIR/pytest-of-<user>``."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (ImportError, KeyError, OSError):
+        user = "unknown"
+    return Path(tempfile.gettempdir()) / f"pytest-of-{user}"
+
+
+def gateway_spec(
+    opts: UmlOptions,
+    workdir: Path,
+    python: str,
+    *,
+    basetemp: Path | str | None = None,
+    writable: Iterable[Path | str] = (),
+    switch: str | None = None,
+    bridge: str = "br0",
+    hostname: str = "isolate-uml",
+    boot_timeout: float = 120.0,
+    hang_timeout: float = 5.0,
+    debug: bool = False,
+    mode: str = "auto",
+) -> str:
+    """The execnet spec of one guest: ``popen//python=<launcher ...>``.
+
+    ``workdir`` (created here, removed by ``close_guest``) holds the launch config, the
+    console log and, inside the launcher's private mount namespace only, the tmpfs of
+    UML's RAM file. ``python`` is the interpreter the guest runs (an absolute path on
+    the host, visible in the guest through hostfs).
+
+    Writable in the guest (hostfs, reaching the host): ``basetemp`` (default: pytest's
+    ``$TMPDIR/pytest-of-<user>``) and ``writable`` (e.g. the worker dir, for its log).
+    Everything else is the host's tree read-only under a tmpfs overlay.
+
+    ``switch``: the run's switch netns path, required for ``network="ip"``.
+    ``hang_timeout``: seconds without a heartbeat from the guest's PID 1 before the
+    launcher declares the guest hung, kills it and closes the gateway.
+    ``mode="userns"`` confines ``linux.uml`` the unprivileged way even when root.
+    """
+    kernel = find_kernel(opts.kernel)
+    if opts.network not in ("none", "ip"):
+        raise ValueError(f"uml: network must be 'none' or 'ip', got {opts.network!r}")
+    if opts.network == "ip" and not switch:
+        raise Unavailable(
+            "uml: network='ip' needs the run's switch (gateway_spec(..., switch=<netns path>))"
+        )
+    if opts.network == "ip" and not _privileged():
+        raise Unavailable(
+            "uml: network='ip' needs root (the guest's tap must join the run's switch)"
+        )
+    ncpu = smp_support(kernel)
+    if opts.cpus is not None and opts.cpus > ncpu:
+        raise Unavailable(
+            f"uml: cpus={opts.cpus} asked, but kernel {kernel} supports {ncpu} CPU"
+            f"{'s' if ncpu != 1 else ''} (built without CONFIG_SMP); pass an SMP-capable "
+            "linux.uml with --isolate-uml-kernel or drop cpus="
+        )
+    python = resolve_python(python)
+    workdir = Path(workdir)
+    # 0700 is enough: the UML process reads guest.json with CAP_DAC_READ_SEARCH (root)
+    # or as the owner (user namespace), and guest.json holds the caller's environment.
+    workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ramdir = workdir / "ram"
+    ramdir.mkdir(exist_ok=True)
+    bt = Path(basetemp) if basetemp is not None else _default_basetemp()
+    bt.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths: list[str] = []
+    for p in [bt, *writable]:
+        rp = os.path.realpath(p)
+        if os.path.isdir(rp) and rp not in paths:
+            paths.append(rp)
+    mem_mb = max(32, opts.memory >> 20)
+    switch_tap = f"pu{secrets.token_hex(5)}" if opts.network == "ip" else None
+    argv = [
+        kernel,
+        f"mem={mem_mb}M",
+        "rootfstype=hostfs",
+        "rootflags=/",
+        "ro",
+        "quiet",  # loglevel 4: panics, oopses and OOM kills still reach the console log
+        "noreboot",  # guest `reboot` exits UML instead of re-executing it
+        "con=null",
+        "ssl=null",
+        "con0=null,fd:1",
+        f"uml_dir={ramdir}",
+        "umid=isolate",
+        f"initcall_blacklist={INITCALL_BLACKLIST}",
+        "eth0=tuntap,umlc0",
+    ]
+    if switch_tap:
+        argv.append(f"eth1=tuntap,{switch_tap}")
+    if opts.cpus and ncpu > 1:
+        argv.append(f"ncpus={opts.cpus}")
+    tail = [f"init={python}", "--", "-u", str(INIT), str(workdir / "guest.json")]
+    if any(c.isspace() for c in "".join(tail)):
+        raise Unavailable(
+            f"uml: paths with spaces cannot go on the kernel command line: {' '.join(tail)}"
+        )
+    env_words = _kernel_env(dict(os.environ))
+    while env_words and len(" ".join(argv + env_words + tail)) > CMDLINE_MAX:
+        env_words.pop()
+    if len(" ".join(argv + tail)) > CMDLINE_MAX:
+        raise Unavailable("uml: paths too long for the kernel command line")
+    cfg = {
+        "workdir": str(workdir),
+        "kernel": kernel,
+        "argv": argv + env_words + tail,
+        "ramdir": str(ramdir),
+        "ram_size": (mem_mb << 20) + RAM_SLACK,
+        "writable": paths,
+        "switch": switch,
+        "bridge": bridge,
+        "switch_tap": switch_tap,
+        "boot_timeout": boot_timeout,
+        "mode": mode,
+        "hang_timeout": hang_timeout,
+        "guest": {
+            "python": python,
+            "cwd": os.getcwd(),
+            "umask": _umask(),
+            "writable": paths,
+            "basetemp": os.path.realpath(bt),
+            "network": opts.network,
+            "hostname": hostname,
+            "workdir": str(workdir),
+            "debug": debug,
+            "connect_timeout": boot_timeout,
+        },
+    }
+    cfg_path = workdir / "launch.json"
+    cfg_path.write_text(json.dumps(cfg))
+    launcher = shlex.join([sys.executable, "-I", "-S", str(LAUNCHER), str(cfg_path)])
+    return f"popen//python={launcher}"
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_python(python: str) -> str:
+    """The real interpreter binary behind ``python``.
+
+    A pyenv shim (or any wrapper script) would become the guest's init: a bash script,
+    exec'd through its shebang, costing 25-70 ms per exec inside UML and re-exec'ing
+    the interpreter anyway. Asked once, cached.
+    """
+    path = os.path.realpath(shutil.which(python) or python)
+    try:
+        with open(path, "rb") as f:
+            elf = f.read(4) == b"\x7fELF"
+    except OSError as e:
+        raise Unavailable(f"uml: cannot read the guest interpreter {python!r}: {e}") from None
+    if elf:
+        return path
+    import subprocess
+
+    out = subprocess.run(
+        [path, "-c", "import sys; print(sys.executable)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    exe = out.stdout.strip()
+    if out.returncode != 0 or not exe:
+        raise Unavailable(f"uml: {python!r} is not an interpreter this launcher can resolve")
+    return os.path.realpath(exe)
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+#: Console lines that explain a death even when they scrolled out of the tail.
+_KEY_LINES = (
+    "Kernel panic",
+    "Out of memory",
+    "oom-kill",
+    "Killed process",
+    "BUG:",
+    "Oops",
+    "[pytest-isolate]",
+    "guest init failed",
+)
+
+
+def console_tail(workdir: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of the guest console (and launcher notes), for failure
+    reports; a panic/OOM line that scrolled out (a panic's stack trace is long) is kept
+    at the top."""
+    path = Path(workdir) / "console.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - (256 << 10)))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    all_lines = [ln.rstrip("\r") for ln in text.splitlines() if ln.strip()]
+    tail = all_lines[-lines:]
+    earlier = (
+        [ln for ln in all_lines[: -lines or None] if any(k in ln for k in _KEY_LINES)]
+        if len(all_lines) > lines
+        else []
+    )
+    if earlier:
+        return "\n".join([*earlier[-5:], "...", *tail])
+    return "\n".join(tail)
+
+
+def _pid_from(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_matches(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle in f.read()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Running (zombies count as gone: their parent reaps them)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return False
+
+
+def _stop(pid: int, grace: float) -> None:
+    """SIGTERM, then SIGKILL. Never reaps: the launcher is execnet's child (its Popen
+    reaps it), the UML runner the launcher's."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not _alive(pid):
+                return
+            time.sleep(0.01)
+
+
+def close_guest(workdir: Path) -> None:
+    """After ``gw.exit()`` (or when the gateway died): make sure the launcher and the
+    UML process tree are gone, the guest's switch tap is deleted, and ``workdir`` is
+    removed. Idempotent."""
+    workdir = Path(workdir)
+    launcher = _pid_from(workdir / "launcher.pid")
+    umlpid = _pid_from(workdir / "uml.pid")
+    if launcher and _alive(launcher) and _proc_matches(launcher, b"uml_launch.py"):
+        _stop(launcher, grace=4.0)
+    if umlpid and _alive(umlpid) and not _proc_matches(umlpid, b"uml_launch.py"):
+        # PID 1 of its namespace: SIGKILL takes every helper with it.
+        _stop(umlpid, grace=2.0)
+    try:
+        cfg = json.loads((workdir / "launch.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    if cfg.get("switch_tap") and cfg.get("switch") and os.path.exists(cfg["switch"]):
+        with contextlib.suppress(Exception):
+            from pytest_isolate.facets import net
+
+            net.delete_tap(cfg["switch"], cfg["switch_tap"])
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- guest side
+
+GUEST_INFO = "/run/isolate/guest.json"
+TESTS_DIR = "/run/isolate/t"
+TMP_DIRS = ("/tmp", "/var/tmp")
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+
+
+def _ifreq(name: str, payload: bytes = b"") -> bytearray:
+    buf = bytearray(40)
+    buf[:16] = name.encode().ljust(16, b"\0")
+    buf[16 : 16 + len(payload)] = payload
+    return buf
+
+
+def _if_up(name: str, ip: str | None = None, prefixlen: int | None = None) -> None:
+    """ioctl, not netlink: pyroute2 takes seconds to import inside UML, and this runs in
+    every test child."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        if ip:
+            fcntl.ioctl(
+                s,
+                SIOCSIFADDR,
+                _ifreq(
+                    name, struct.pack("=H2s4s8x", socket.AF_INET, b"\0\0", socket.inet_aton(ip))
+                ),
+            )
+        if prefixlen is not None:
+            mask = (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF
+            fcntl.ioctl(
+                s,
+                SIOCSIFNETMASK,
+                _ifreq(name, struct.pack("=H2sI8x", socket.AF_INET, b"\0\0", socket.htonl(mask))),
+            )
+        (flags,) = struct.unpack_from("=H", fcntl.ioctl(s, SIOCGIFFLAGS, bytes(_ifreq(name))), 16)
+        fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, struct.pack("=H", flags | 1)))
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, kind) + payload + b"\0" * ((4 - n % 4) % 4)
+
+
+def _macvlan_into(
+    nl: socket.socket, parent_index: int, netns_fd: int, name: str = "isomv0"
+) -> None:
+    """RTM_NEWLINK: a macvlan (bridge mode) on the guest's switch NIC, created straight
+    in the test's network namespace (IFLA_NET_NS_FD). The kernel checks the name in the
+    *requesting* namespace, where the guest's channel already is ``eth0``: rename it
+    there afterwards (``_rename``)."""
+    ifla_ifname, ifla_link, ifla_linkinfo, ifla_net_ns_fd = 3, 5, 18, 28
+    info_kind, info_data, macvlan_mode, mode_bridge = 1, 2, 1, 4
+    linkinfo = _nla(info_kind, b"macvlan\0") + _nla(
+        info_data, _nla(macvlan_mode, struct.pack("=I", mode_bridge))
+    )
+    attrs = (
+        _nla(ifla_ifname, name.encode() + b"\0")
+        + _nla(ifla_link, struct.pack("=I", parent_index))
+        + _nla(ifla_net_ns_fd, struct.pack("=I", netns_fd))
+        + _nla(ifla_linkinfo, linkinfo)
+    )
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + attrs
+    flags = 1 | 4 | 0x400 | 0x200  # REQUEST | ACK | CREATE | EXCL
+    nl.send(struct.pack("=IHHII", 16 + len(body), 16, flags, 1, 0) + body)
+    reply = nl.recv(65536)
+    if struct.unpack_from("=H", reply, 4)[0] == 2:
+        (code,) = struct.unpack_from("=i", reply, 16)
+        if code:
+            raise OSError(-code, f"creating the test's macvlan: {os.strerror(-code)}")
+
+
+def _rename(old: str, new: str) -> None:
+    """SIOCSIFNAME in the calling thread's netns (the link must be down)."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8923, _ifreq(old, new.encode().ljust(16, b"\0")))
+
+
+def guest_address(worker_index: int, seq: int) -> tuple[str, int]:
+    """Same arithmetic as ``facets.net.address_for`` (kept in step by a test): importing
+    ``facets.net`` pulls in pyroute2, which costs seconds inside the guest."""
+    import ipaddress
+
+    subnet = ipaddress.IPv4Network("10.208.0.0/12")
+    seq_bits = 14
+    per_worker = (1 << seq_bits) - 2
+    host = (worker_index << seq_bits) | (1 + seq % per_worker)
+    return str(subnet.network_address + host), subnet.prefixlen
+
+
+def in_guest() -> bool:
+    return os.path.exists(GUEST_INFO)
+
+
+class UmlTier(Tier):
+    """Runs inside the guest, in the fork server. Per test: a cgroup (limits, exact
+    readings, a kill that misses nothing), a tmpfs + overlay root over the host's tree
+    built before the fork, and a child that joins the tests' network namespace
+    (loopback only, or plus a macvlan on the run's switch for network="ip"; see
+    ``_test_netns``), unshares mount/IPC/UTS namespaces, pivots into that root and runs
+    the test. No PID namespace: it would cost a second fork (~25 ms in UML); the cgroup
+    kills leftovers instead, and the guest dies with the worker anyway."""
+
+    name = "uml"
+    direct = True
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        try:
+            with open(GUEST_INFO) as f:
+                self.info: dict[str, Any] = json.load(f)
+        except OSError:
+            raise Unavailable(
+                "uml: UmlTier runs only inside a guest booted by the uml launcher"
+            ) from None
+        os.makedirs(TESTS_DIR, exist_ok=True)
+        self._cg_host: Any = None
+        try:
+            from pytest_isolate.facets import cgroups
+
+            host = cgroups.detect()
+            if host.mode != "none":
+                self._cg_host = host
+        except Exception:  # noqa: BLE001 - readings then come from rusage only
+            self._cg_host = None
+        self._nl: socket.socket | None = None
+        self._switch_index = 0
+        if self.info.get("switch_if"):
+            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+            self._switch_index = socket.if_nametoindex(self.info["switch_if"])
+        #: network kind ("none"/"ip") -> (netns fd, fingerprint when it was made)
+        self._netns: dict[str, tuple[int, str]] = {}
+
+    @classmethod
+    def availability(cls) -> str | None:
+        return availability()
+
+    def close(self) -> None:
+        for fd, _ in self._netns.values():
+            os.close(fd)
+        self._netns.clear()
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
+    # -- the tests' network namespace -------------------------------------------------
+    #
+    # A fresh netns per test is what the host tiers do, but in UML it is the single
+    # biggest per-test cost: the kernel dismantles a dead netns in a work queue
+    # (several RCU grace periods at HZ=100) that competes with the next test for the
+    # guest's one CPU, and bringing a new ``lo`` up costs ~15 ms; measured 60-600 ms per
+    # test instead of ~30. So consecutive tests of one guest share a netns (loopback
+    # only; for network="ip" plus one macvlan on the run's switch), and it is replaced
+    # as soon as a test leaves it changed: its links, addresses or routes differ from
+    # when it was made. Sockets do not outlive their test (the cgroup kill ends every
+    # process). Not compared: netfilter rules and sysctls under /proc/sys/net.
+
+    def _fingerprint(self) -> str:
+        parts = [repr(socket.if_nameindex())]
+        for name in ("fib_trie", "route", "if_inet6", "ipv6_route"):
+            try:
+                with open(f"/proc/self/net/{name}") as f:
+                    parts.append(f.read())
+            except OSError:
+                parts.append("")
+        return "\0".join(parts)
+
+    def _in_netns(self, fd: int, fn: Callable[[], Any]) -> Any:
+        from pytest_isolate.facets import namespaces
+
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            namespaces.setns(fd, namespaces.CLONE_NEWNET)
+            try:
+                return fn()
+            finally:
+                namespaces.setns(home, namespaces.CLONE_NEWNET)
+        finally:
+            os.close(home)
+
+    def _test_netns(self, kind: str) -> int:
+        """The shared netns for ``kind``, made (again) when missing or left changed."""
+        from pytest_isolate.facets import namespaces
+
+        have = self._netns.get(kind)
+        if have is not None:
+            return have[0]
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            namespaces.unshare(namespaces.CLONE_NEWNET)  # this (single) thread only
+            try:
+                fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                _if_up("lo", "127.0.0.1", 8)
+                if kind == "ip":
+                    assert self._nl is not None
+                    _macvlan_into(self._nl, self._switch_index, fd)
+                    _rename("isomv0", "eth0")
+                    addr, plen = guest_address(int(self.ctx.extra.get("worker_index", 0)), 0)
+                    _if_up("eth0", addr, plen)
+                fp = self._fingerprint()
+            finally:
+                namespaces.setns(home, namespaces.CLONE_NEWNET)
+        finally:
+            os.close(home)
+        self._netns[kind] = (fd, fp)
+        return fd
+
+    def _check_netns(self, kind: str) -> None:
+        have = self._netns.get(kind)
+        if have is None:
+            return
+        fd, fp = have
+        try:
+            same = self._in_netns(fd, self._fingerprint) == fp
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            del self._netns[kind]
+
+    def prepare(self, box: Box) -> None:
+        from pytest_isolate.facets import mounts
+
+        if box.spec.network == "ip" and not self._switch_index:
+            raise Unavailable(
+                "uml: this guest has no interface on the run's switch (booted with network='none')"
+            )
+        if self._cg_host is not None:
+            from pytest_isolate.facets import cgroups
+
+            limits = cgroups.Limits(memory=box.spec.memory, pids=box.spec.pids, cpu=box.spec.cpu)
+            problem = self._cg_host.missing(limits)
+            if problem:
+                raise Unavailable(f"uml: in the guest: {problem}")
+            box.state["uml_cg"] = cgroups.TestCgroup(
+                self._cg_host, self.ctx.run_id, f"t{box.index}", limits
+            )
+        d = Path(TESTS_DIR) / str(box.index)
+        d.mkdir()
+        box.state["uml_dir"] = d
+        try:
+            mounts.mount_tmpfs(d, size=box.spec.disk, mode=0o700)
+            for sub in ("upper", "work", "root"):
+                (d / sub).mkdir()
+            root = d / "root"
+            mounts.mount_overlay(root, self.info["hostroot"], d / "upper", d / "work")
+            created: list[str] = []
+            for src in ("/proc", "/sys", "/dev"):
+                mounts.mount(src, root / src[1:], None, mounts.MS_BIND | mounts.MS_REC)
+            mounts.mount_tmpfs(root / "dev/shm", mode=0o1777)
+            mounts.mount_tmpfs(root / "run", mode=0o755)
+            for path in self.info.get("writable", []):
+                target = root / path.lstrip("/")
+                if not target.exists():
+                    created.append(path)
+                    target.mkdir(parents=True, exist_ok=True)
+                mounts.mount(path, target, None, mounts.MS_BIND | mounts.MS_REC)
+            box.state["uml_created"] = created
+        except BaseException:
+            self._cleanup(box)
+            raise
+
+    def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
+        from pytest_isolate.facets import mounts, namespaces
+
+        root = box.state["uml_dir"] / "root"
+        cg = box.state.get("uml_cg")
+        kind = "ip" if box.spec.network == "ip" else "none"
+        netns = self._test_netns(kind)
+        box.state["uml_net"] = kind
+        cwd = os.getcwd()
+
+        def body() -> NoReturn:
+            if cg is not None:
+                cg.attach(0)
+            os.setpgid(0, 0)
+            namespaces.setns(netns, namespaces.CLONE_NEWNET)
+            namespaces.unshare(
+                namespaces.CLONE_NEWNS | namespaces.CLONE_NEWIPC | namespaces.CLONE_NEWUTS
+            )
+            mounts.enter_root(root)
+            namespaces.sethostname(box.hostname)
+            for fd, _ in self._netns.values():
+                os.close(fd)
+            if self._nl is not None:
+                self._nl.close()
+            try:
+                os.chdir(cwd)
+            except OSError:
+                os.chdir("/")
+            run()
+
+        return fork_child(body)
+
+    def kill(self, box: Box, pid: int) -> None:
+        cg = box.state.get("uml_cg")
+        if cg is not None:
+            cg.kill()
+        kill_tree(pid)
+
+    def finish(
+        self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None
+    ) -> None:
+        from pytest_isolate.facets import mounts
+
+        try:
+            # wait4's figures for the runner (rusage_dict shape), then the guest cgroup's,
+            # which cover every process the test started and win where both exist.
+            box.usage.update(rusage_dict(rusage))
+            cg = box.state.pop("uml_cg", None)
+            if cg is not None:
+                try:
+                    readings = cg.read()
+                    box.usage.update(readings)
+                    if readings.get("oom_kills"):
+                        box.notes.append("uml: OOM-killed inside the guest (memory budget)")
+                finally:
+                    cg.remove()
+                    if cg.leftover:
+                        box.notes.append(f"uml: guest cgroup not removed: {', '.join(cg.leftover)}")
+            d: Path | None = box.state.get("uml_dir")
+            if d is not None:
+                with contextlib.suppress(OSError):
+                    changes, used = mounts.scan_upper(
+                        d / "upper",
+                        [*TMP_DIRS, *box.state.get("uml_created", [])],
+                        self.info["hostroot"],
+                    )
+                    box.state["changes"] = changes
+                    box.usage["disk_bytes"] = used
+        finally:
+            self._cleanup(box)
+            kind = box.state.pop("uml_net", None)
+            if kind is not None:
+                self._check_netns(kind)
+
+    def _cleanup(self, box: Box) -> None:
+        from pytest_isolate.facets import mounts
+
+        d: Path | None = box.state.pop("uml_dir", None)
+        if d is None:
+            return
+        mounts.detach_tree(d)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pytest_isolate.spec import parse_size
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pytest_isolate.tiers.uml",
+        description="Boot one UML guest with an execnet gateway and run code in it.",
+    )
+    ap.add_argument(
+        "-c",
+        dest="code",
+        default=None,
+        help="Python code to run in the guest (its stdout is printed)",
+    )
+    ap.add_argument("--kernel", default=None)
+    ap.add_argument("--memory", default="256M")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="print the guest console at the end"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    a = ap.parse_args(argv)
+    import execnet
+
+    why = availability(a.kernel)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="pytest-isolate-uml-"))
+    t0 = time.perf_counter()
+    gw = None
+    try:
+        spec = gateway_spec(
+            UmlOptions(kernel=a.kernel, memory=parse_size(a.memory)),
+            workdir / "g",
+            a.python,
+            debug=a.verbose,
+        )
+        gw = execnet.makegateway(spec)
+        t1 = time.perf_counter()
+        code = a.code or "import os, sys; print(' '.join(os.uname()), sys.version.split()[0])"
+        ch = gw.remote_exec(
+            "import sys, io\nbuf = io.StringIO()\nsys.stdout = buf\n"
+            f"exec(compile({code!r}, '<guest>', 'exec'))\nsys.stdout = sys.__stdout__\nchannel.send(buf.getvalue())"
+        )
+        out = ch.receive(300)
+        t2 = time.perf_counter()
+        sys.stdout.write(out)
+        print(f"[gateway up in {t1 - t0:.2f} s, code ran in {t2 - t1:.2f} s]", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f"failed: {e}\n{console_tail(workdir / 'g')}", file=sys.stderr)
+        return 1
+    finally:
+        if gw is not None:
+            with contextlib.suppress(Exception):
+                gw.exit()
+                gw.join(timeout=10)
+        if a.verbose:
+            print(console_tail(workdir / "g", 200), file=sys.stderr)
+        if a.keep:
+            print(f"work dir kept: {workdir}", file=sys.stderr)
+        else:
+            close_guest(workdir / "g")
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+
+
+__all__ = [
+    "UmlOptions",
+    "UmlTier",
+    "availability",
+    "close_guest",
+    "console_tail",
+    "find_kernel",
+    "gateway_spec",
+    "guest_address",
+    "kernel_config",
+    "smp_support",
+]

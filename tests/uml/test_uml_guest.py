@@ -1,0 +1,721 @@
+"""Real User-Mode Linux guests: the gateway, its channel, host protection, the in-guest
+tier, failure modes and clean-up.
+
+One guest is shared by the tests that leave it usable (module fixture ``guest``); the
+failure modes (panic, hang, OOM, SIGTERM, parent death) and the option tests each boot
+their own. Every guest's work dir is checked for leftovers after ``close_guest``:
+processes (the launcher, ``linux.uml`` and its helpers all carry the work dir in their
+command line), the dir itself, and mounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import execnet
+import pytest
+
+import pytest_isolate
+from pytest_isolate.tiers import uml
+from pytest_isolate.tiers.base import Unavailable
+
+PKG_ROOT = str(Path(pytest_isolate.__file__).resolve().parent.parent)
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def procs_with(token: str) -> list[str]:
+    return [f"{p}: {c}" for p in os.listdir("/proc") if p.isdigit() and token in (c := _cmdline(p))]
+
+
+def leftovers(workdir: Path, grace: float = 5.0) -> list[str]:
+    """What a guest left on the host after close_guest (empty when nothing)."""
+    end = time.monotonic() + grace
+    while True:
+        left = procs_with(str(workdir))
+        if workdir.exists():
+            left.append(f"work dir still there: {workdir}")
+        with open("/proc/self/mountinfo") as f:
+            left += [f"mount: {line.strip()}" for line in f if str(workdir) in line]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.05)
+
+
+class Guest:
+    """One booted guest and its gateway."""
+
+    def __init__(self, basetemp: Path, opts: uml.UmlOptions | None = None, **kw: Any) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umltest-"))
+        self.workdir = self.root / "guest"
+        self.opts = opts or uml.UmlOptions()
+        t0 = time.perf_counter()
+        spec = uml.gateway_spec(self.opts, self.workdir, sys.executable, basetemp=basetemp, **kw)
+        try:
+            self.gw = execnet.makegateway(spec)
+        except BaseException:
+            self.close()
+            raise
+        self.boot_seconds = time.perf_counter() - t0
+
+    def run(self, source: str, *send: Any, timeout: float = 120) -> Any:
+        ch = self.gw.remote_exec(textwrap.dedent(source))
+        for item in send:
+            ch.send(item)
+        return ch.receive(timeout)
+
+    def launcher_pid(self) -> int:
+        return int((self.workdir / "launcher.pid").read_text())
+
+    def close(self) -> list[str]:
+        gw = getattr(self, "gw", None)
+        if gw is not None:
+            with contextlib.suppress(Exception):
+                gw.exit()
+                gw.join(timeout=10)
+        uml.close_guest(self.workdir)
+        left = leftovers(self.workdir)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return left
+
+
+@pytest.fixture(scope="module")
+def basetemp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="module")
+def guest(basetemp: Path) -> Iterator[Guest]:
+    g = Guest(basetemp)
+    yield g
+    left = g.close()
+    assert not left, "shared guest left behind:\n" + "\n".join(left)
+
+
+def new_guest(basetemp: Path, **kw: Any) -> Guest:
+    return Guest(basetemp, **kw)
+
+
+# -- the gateway and its channel ------------------------------------------------------
+
+
+def test_availability_and_kernel() -> None:
+    assert uml.availability() is None
+    kernel = uml.find_kernel()
+    assert os.path.basename(kernel).startswith("linux")
+    with pytest.raises(Unavailable, match="not an executable"):
+        uml.find_kernel("/nonexistent/linux.uml")
+
+
+def test_gateway_reports_guest_kernel(guest: Guest) -> None:
+    version = subprocess.run(
+        [uml.find_kernel(), "--version"], capture_output=True, text=True
+    ).stdout.split()[0]
+    sysname, nodename, release, _, machine = guest.run("import os; channel.send(tuple(os.uname()))")
+    assert (sysname, release, machine) == ("Linux", version, "x86_64")
+    assert release != os.uname().release  # not the host kernel
+    assert guest.boot_seconds < 30
+
+
+def test_10mb_both_ways_intact(guest: Guest) -> None:
+    data = os.urandom(10 << 20)
+    digest, back = guest.run(
+        """
+        import hashlib
+        data = channel.receive()
+        channel.send((hashlib.sha256(data).hexdigest(), data))
+        """,
+        data,
+    )
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert back == data
+
+
+def test_worker_is_root_with_host_paths(guest: Guest) -> None:
+    uid, cwd_ok, exe, has_pkg = guest.run(
+        f"""
+        import os, sys
+        channel.send((os.getuid(), os.path.isdir({os.getcwd()!r}), sys.executable,
+                      os.path.isfile({PKG_ROOT!r} + "/pytest_isolate/__init__.py")))
+        """
+    )
+    assert uid == 0
+    assert cwd_ok and has_pkg
+    assert exe == os.path.realpath(sys.executable)
+
+
+# -- host protection ------------------------------------------------------------------
+
+
+def test_guest_root_cannot_write_host_through_hostfs(guest: Guest, basetemp: Path) -> None:
+    token = os.urandom(4).hex()
+    targets = [f"/tmp/uml-escape-{token}", f"/etc/uml-escape-{token}", f"/root/uml-escape-{token}"]
+    allowed = str(basetemp / f"uml-allowed-{token}")
+    res = guest.run(
+        """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        targets, allowed = channel.receive()
+        out = {}
+        for i, prefix in enumerate(["/", "/../../..", "/tmp/../"]):
+            mp = f"/mnt/escape{i}"
+            os.makedirs(mp, exist_ok=True)
+            if libc.mount(b"none", mp.encode(), b"hostfs", 0, prefix.encode()) != 0:
+                out[prefix] = "mount failed %d" % ctypes.get_errno()
+                continue
+            for t in targets:
+                try:
+                    with open(mp + t, "w") as f:
+                        f.write("escaped")
+                    out[prefix + t] = "written"
+                except OSError as e:
+                    out[prefix + t] = e.strerror
+            for dev in ("/dev/vda", "/dev/sda", "/dev/mem", "/run/initctl"):
+                try:
+                    open(mp + dev, "w").close()
+                    out[prefix + dev] = "opened"
+                except OSError as e:
+                    out[prefix + dev] = e.strerror
+        with open(allowed, "w") as f:
+            f.write("tmp_path works")
+        channel.send(out)
+        """,
+        (targets, allowed),
+    )
+    assert "written" not in res.values() and "opened" not in res.values(), res
+    for t in targets:
+        assert not os.path.exists(t), t
+    # basetemp is writable, and what the guest writes there belongs to its real owner
+    assert Path(allowed).read_text() == "tmp_path works"
+    assert os.stat(allowed).st_uid == os.stat(basetemp).st_uid
+
+
+def test_unprivileged_confinement_path(basetemp: Path) -> None:
+    """The way a non-root user runs ``linux.uml`` (user namespace, no capabilities),
+    taken as root here: the guest still boots, basetemp is writable, the host is not."""
+    g = new_guest(basetemp, mode="userns")
+    token = os.urandom(4).hex()
+    try:
+        res = g.run(
+            """
+            import ctypes, os
+            libc = ctypes.CDLL(None, use_errno=True)
+            paths = channel.receive()
+            os.makedirs("/mnt/h", exist_ok=True)
+            assert libc.mount(b"none", b"/mnt/h", b"hostfs", 0, b"/") == 0
+            out = {}
+            for p in paths:
+                try:
+                    with open("/mnt/h" + p, "w") as f:
+                        f.write("x")
+                    out[p] = "written"
+                except OSError as e:
+                    out[p] = e.strerror
+            channel.send(out)
+            """,
+            [
+                f"/tmp/uml-userns-{token}",
+                f"/etc/uml-userns-{token}",
+                str(basetemp / f"uml-userns-{token}"),
+            ],
+        )
+        assert res[str(basetemp / f"uml-userns-{token}")] == "written", res
+        assert (
+            res[f"/tmp/uml-userns-{token}"] != "written"
+            and res[f"/etc/uml-userns-{token}"] != "written"
+        ), res
+        assert not os.path.exists(f"/tmp/uml-userns-{token}")
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_root_in_guest_changes_only_the_guest(guest: Guest) -> None:
+    """Through the in-guest tier, as a test would: pyroute2 dummy link, tmpfs mount,
+    /etc/hosts — all succeed inside; the host's links, mounts and /etc/hosts do not move.
+    The next test in the same guest sees none of it."""
+    hosts_before = Path("/etc/hosts").read_bytes()
+    out = run_tier_driver(guest)
+    a, b = out["a"], out["b"]
+    assert "error" not in a, a
+    assert "isodummy0" in a["links"]
+    assert a["mounted"] and a["hosts_written"]
+    assert a["uid"] == 0 and a["hostname"] == "host-1"
+    # host unchanged
+    assert Path("/etc/hosts").read_bytes() == hosts_before
+    assert "isodummy0" not in [n for _, n in socket.if_nameindex()]
+    with open("/proc/self/mountinfo") as f:
+        assert not [m for m in (line.split()[4] for line in f) if m.endswith("/isotmp")]
+    # the next test: a fresh overlay, a fresh (loopback-only) network
+    assert b["links"] == ["lo"], b
+    assert b["hosts"] == hosts_before.decode()
+    assert not b["isotmp"]
+    # usage readings, in the rusage_dict shape plus the guest cgroup's figures
+    usage = out["usage_d"]
+    for key in ("cpu_user", "cpu_sys", "max_rss", "peak_memory"):
+        assert key in usage, usage
+    assert usage["peak_memory"] >= 20 << 20
+    # a process left behind by a test is killed with its cgroup
+    assert out["leftover_alive"] is False
+    assert out["changes_a"] and any("/etc/hosts" in c for c in out["changes_a"])
+
+
+DRIVER = r"""
+import json, os, sys, socket, time, resource
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from pytest_isolate.tiers.base import WorkerContext, Box, rusage_dict
+from pytest_isolate.tiers.uml import UmlTier
+from pytest_isolate.spec import IsolationSpec
+
+ctx = WorkerContext(run_id="umltest", rundir=Path("/tmp"), workdir=Path("/tmp"), rootdir=Path("/"),
+                    basetemp=Path(sys.argv[2]), invocation_dir=Path("/"))
+tier = UmlTier(ctx)
+
+def run_one(idx, fn):
+    r, w = os.pipe()
+    box = Box(f"t{idx}", IsolationSpec(tier="uml"), idx, Path(f"/tmp/s{idx}"), f"host-{idx}", w)
+    tier.prepare(box)
+    def run():
+        try:
+            out = fn()
+        except BaseException as e:
+            out = {"error": repr(e)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    pid = tier.spawn(box, run)
+    os.close(w)
+    data = b""
+    while True:
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    _, st, ru = os.wait4(pid, 0)
+    tier.finish(box, pid, st, ru)
+    os.close(r)
+    box.usage = {**rusage_dict(ru), **box.usage}
+    return json.loads(data), box
+
+def a():
+    import ctypes
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="isodummy0", kind="dummy")
+        links = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+    os.makedirs("/mnt/isotmp", exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(b"tmpfs", b"/mnt/isotmp", b"tmpfs", 0, None)
+    with open("/etc/hosts", "a") as f:
+        f.write("10.9.9.9 isolate-test\n")
+    mounted = rc == 0 and any(l.split()[4] == "/mnt/isotmp" for l in open("/proc/self/mountinfo"))
+    return {"links": links, "mounted": mounted, "hosts_written": "isolate-test" in open("/etc/hosts").read(),
+            "uid": os.getuid(), "hostname": socket.gethostname()}
+
+def b():
+    return {"links": [n for _, n in socket.if_nameindex()], "hosts": open("/etc/hosts").read(),
+            "isotmp": os.path.exists("/mnt/isotmp")}
+
+def c():
+    pid = os.fork()
+    if pid == 0:
+        os.closerange(3, 1 << 16)
+        time.sleep(1000)
+        os._exit(0)
+    return {"pid": pid}
+
+def d():
+    x = bytearray(24 << 20)
+    for i in range(0, len(x), 4096):
+        x[i] = 1
+    return {"ok": True}
+
+out = {}
+out["a"], box_a = run_one(1, a)
+out["changes_a"] = box_a.state.get("changes", [])
+out["b"], _ = run_one(2, b)
+res_c, _ = run_one(3, c)
+try:
+    os.kill(res_c["pid"], 0)
+    out["leftover_alive"] = True
+except ProcessLookupError:
+    out["leftover_alive"] = False
+out["d"], box_d = run_one(4, d)
+out["usage_d"] = box_d.usage
+tier.close()
+print(json.dumps(out))
+"""
+
+
+def run_tier_driver(guest: Guest) -> dict[str, Any]:
+    """Run DRIVER in a fresh (single-threaded) interpreter inside the guest: the
+    execnet worker has threads and must not fork."""
+    rc, out, err = guest.run(
+        """
+        import subprocess, sys
+        args = channel.receive()
+        p = subprocess.run([sys.executable, "-c"] + args, capture_output=True, text=True)
+        channel.send((p.returncode, p.stdout, p.stderr))
+        """,
+        [DRIVER, PKG_ROOT, "/tmp"],
+        timeout=300,
+    )
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- failure modes: each in a guest of its own ----------------------------------------
+
+
+def _expect_death(g: Guest, source: str, within: float) -> float:
+    t0 = time.perf_counter()
+    with pytest.raises((EOFError, OSError, execnet.RemoteError, execnet.HostNotFound)):
+        g.run(source, timeout=60)
+    return time.perf_counter() - t0
+
+
+def test_kernel_panic_kills_gateway_and_explains(basetemp: Path) -> None:
+    g = new_guest(basetemp)
+    try:
+        took = _expect_death(g, "open('/proc/sysrq-trigger', 'w').write('c')", 10)
+        assert took < 10
+        tail = uml.console_tail(g.workdir)
+        assert "Kernel panic" in tail, tail
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_guest_hang_is_detected(basetemp: Path) -> None:
+    """Guest root starves everything (real-time spin, RT throttling off): PID 1's
+    heartbeat stops, the launcher kills the guest and closes the gateway."""
+    g = new_guest(basetemp, hang_timeout=2.0)
+    try:
+        took = _expect_death(
+            g,
+            """
+            import os
+            with open('/proc/sys/kernel/sched_rt_runtime_us', 'w') as f:
+                f.write('-1')
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(99))
+            while True:
+                pass
+            """,
+            20,
+        )
+        assert took < 15
+        tail = uml.console_tail(g.workdir)
+        assert "guest hung" in tail, tail
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_guest_oom_kills_gateway_and_explains(basetemp: Path) -> None:
+    g = new_guest(basetemp, opts=uml.UmlOptions(memory=128 << 20))
+    try:
+        took = _expect_death(g, "x = []\nwhile True:\n    x.append(bytearray(8 << 20))", 30)
+        assert took < 30
+        tail = uml.console_tail(g.workdir)
+        assert "Out of memory" in tail or "oom-kill" in tail, tail
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_sigterm_to_launcher_stops_everything(basetemp: Path) -> None:
+    g = new_guest(basetemp)
+    try:
+        assert g.run("channel.send(1)") == 1
+        os.kill(g.launcher_pid(), signal.SIGTERM)
+        with pytest.raises((EOFError, OSError, execnet.RemoteError)):
+            g.run("import time; time.sleep(30); channel.send(1)", timeout=30)
+        end = time.monotonic() + 10
+        while procs_with(str(g.workdir)) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not procs_with(str(g.workdir))
+        assert "SIGTERM" in uml.console_tail(g.workdir)
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_stdin_eof_stops_the_guest(basetemp: Path) -> None:
+    """The launcher alone, as execnet starts it, whose stdin closes before anything
+    was sent (the controller went away): the guest is stopped and nothing is left."""
+    root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umltest-"))
+    wd = root / "guest"
+    spec = uml.gateway_spec(uml.UmlOptions(), wd, sys.executable, basetemp=basetemp)
+    argv = shlex.split(spec.split("python=", 1)[1]) + [
+        "-u",
+        "-c",
+        "import sys;exec(eval(sys.stdin.readline()))",
+    ]
+    p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 60
+        while not (wd / "ready").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert (wd / "ready").exists(), uml.console_tail(wd)
+        assert p.stdin is not None
+        p.stdin.close()
+        assert p.wait(timeout=10) is not None
+        assert "stdin closed" in uml.console_tail(wd)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        p.wait()
+        uml.close_guest(wd)
+        left = leftovers(wd)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, left
+
+
+PARENT = r"""
+import sys, execnet
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from pytest_isolate.tiers import uml
+gw = execnet.makegateway(uml.gateway_spec(uml.UmlOptions(), Path(sys.argv[2]), sys.executable, basetemp=sys.argv[3]))
+assert gw.remote_exec("channel.send(7)").receive(60) == 7
+import os, time
+keeper = os.fork()  # holds the gateway's pipes open: only the parent's death can tell
+if keeper == 0:
+    time.sleep(600)
+    os._exit(0)
+print(keeper, flush=True)
+time.sleep(600)
+"""
+
+
+def test_parent_death_stops_everything(basetemp: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umltest-"))
+    wd = root / "guest"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, PKG_ROOT, str(wd), str(basetemp)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    keeper = 0
+    try:
+        assert parent.stdout is not None
+        keeper = int(parent.stdout.readline())
+        assert procs_with(str(wd))
+        parent.kill()  # no clean-up from the parent at all; its pipes stay open
+        parent.wait()
+
+        def guest_procs() -> list[str]:
+            return [p for p in procs_with(str(wd)) if not p.startswith(f"{keeper}:")]
+
+        end = time.monotonic() + 10
+        while guest_procs() and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not guest_procs(), guest_procs()
+        tail = uml.console_tail(wd)
+        assert "parent died" in tail or "got SIGTERM" in tail, tail
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            parent.kill()
+        parent.wait()
+        if keeper:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(keeper, signal.SIGKILL)
+            end = time.monotonic() + 5
+            while os.path.exists(f"/proc/{keeper}") and time.monotonic() < end:
+                time.sleep(0.02)  # reparented to init, which reaps it
+        uml.close_guest(wd)
+        left = leftovers(wd)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, left
+
+
+# -- options --------------------------------------------------------------------------
+
+
+def test_memory_and_kernel_options(basetemp: Path, tmp_path: Path) -> None:
+    """``memory`` becomes ``mem=``; ``kernel`` boots another binary (a copy here)."""
+    copy = tmp_path / "my-linux.uml"
+    shutil.copy2(uml.find_kernel(), copy)
+    g = new_guest(basetemp, opts=uml.UmlOptions(kernel=str(copy), memory=192 << 20))
+    try:
+        total_kb, cmdline = g.run(
+            """
+            with open('/proc/meminfo') as f:
+                total = int(f.readline().split()[1])
+            channel.send((total, open('/proc/cmdline').read()))
+            """
+        )
+        assert "mem=192M" in cmdline
+        assert 150 << 10 < total_kb <= 192 << 10
+        assert str(copy) in " ".join(procs_with(str(g.workdir)))
+    finally:
+        left = g.close()
+    assert not left, left
+
+
+def test_cpus_beyond_kernel_support_is_refused(tmp_path: Path) -> None:
+    kernel = uml.find_kernel()
+    n = uml.smp_support(kernel)
+    with pytest.raises(Unavailable, match="CONFIG_SMP|CPU"):
+        uml.gateway_spec(
+            uml.UmlOptions(cpus=n + 1), tmp_path / "g", sys.executable, basetemp=tmp_path
+        )
+
+
+def test_network_ip_reaches_a_peer_on_the_switch(basetemp: Path) -> None:
+    """network="ip": the guest's second NIC joins the run's switch; a test in the guest
+    gets an address from the run's subnet and talks to a namespace plugged into the
+    same switch (and only that: no route anywhere else)."""
+    from pytest_isolate.facets import net
+
+    run_id = "umlt" + os.urandom(3).hex()
+    switch = net.Switch.create(run_id)
+    peer_addr, plen = net.address_for(63, 1)
+    assert uml.guest_address(5, 7) == net.address_for(5, 7)
+    r, w = os.pipe()
+    peer = os.fork()
+    if peer == 0:  # a peer namespace on the switch: echo one line back
+        try:
+            os.close(r)
+            net._unshare(net.CLONE_NEWNET)
+            net.loopback_up()
+            net.attach_ip(switch.path, peer_addr, plen)
+            s = socket.socket()
+            s.bind((peer_addr, 7777))
+            s.listen(1)
+            os.write(w, b"1")
+            s.settimeout(120)
+            c, _ = s.accept()
+            c.sendall(c.recv(100).upper())
+        finally:
+            os._exit(0)
+    os.close(w)
+    g = None
+    left: list[str] = []
+    try:
+        assert os.read(r, 1) == b"1"
+        g = new_guest(basetemp, opts=uml.UmlOptions(network="ip"), switch=switch.path)
+        out = run_ip_driver(g, peer_addr)
+        assert out["reply"] == "HELLO", out
+        assert out["addr"] == uml.guest_address(0, 0)[0]
+        assert out["routes"] == 1, out  # only the connected route of the run's subnet
+    finally:
+        os.close(r)
+        if g is not None:
+            left = g.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(peer, signal.SIGKILL)
+        os.waitpid(peer, 0)
+        switch.close()
+    assert not left, left
+    assert not os.path.exists(f"/run/netns/pytest-isolate-{run_id}")
+
+
+IP_DRIVER = r"""
+import json, os, sys, socket
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from pytest_isolate.tiers.base import WorkerContext, Box
+from pytest_isolate.tiers.uml import UmlTier
+from pytest_isolate.spec import IsolationSpec
+ctx = WorkerContext(run_id="umltest", rundir=Path("/tmp"), workdir=Path("/tmp"), rootdir=Path("/"),
+                    basetemp=Path("/tmp"), invocation_dir=Path("/"), extra={"worker_index": 0})
+tier = UmlTier(ctx)
+r, w = os.pipe()
+box = Box("ip", IsolationSpec(tier="uml", network="ip"), 1, Path("/tmp/s"), "ip", w)
+tier.prepare(box)
+def run():
+    out = {}
+    try:
+        import fcntl, struct
+        s = socket.create_connection((sys.argv[2], 7777), timeout=30)
+        s.sendall(b"hello")
+        out["reply"] = s.recv(100).decode()
+        out["addr"] = s.getsockname()[0]
+        out["routes"] = len(open("/proc/net/route").read().splitlines()) - 1
+    except BaseException as e:
+        out["error"] = repr(e)
+    os.write(w, json.dumps(out).encode())
+    os._exit(0)
+pid = tier.spawn(box, run)
+os.close(w)
+data = os.read(r, 65536)
+_, st, ru = os.wait4(pid, 0)
+tier.finish(box, pid, st, ru)
+tier.close()
+print(data.decode())
+"""
+
+
+def run_ip_driver(g: Guest, peer_addr: str) -> dict[str, Any]:
+    rc, out, err = g.run(
+        """
+        import subprocess, sys
+        args = channel.receive()
+        p = subprocess.run([sys.executable, "-c"] + args, capture_output=True, text=True)
+        channel.send((p.returncode, p.stdout, p.stderr))
+        """,
+        [IP_DRIVER, PKG_ROOT, peer_addr],
+        timeout=300,
+    )
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- the tier through the plugin, end to end -----------------------------------------
+
+
+def test_plugin_runs_tests_in_a_guest(tmp_path: Path) -> None:
+    # Escape verdicts are the policy's business (and other runs on this host can make
+    # the host-side detectors noisy): this test is about running in a guest.
+    (tmp_path / "pytest.ini").write_text("[pytest]\nisolate_on_escape = ignore\n")
+    host_release = os.uname().release
+    (tmp_path / "test_in_guest.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os, socket
+            def test_kernel():
+                assert os.uname().release != {host_release!r}
+            def test_tmp_path(tmp_path):
+                (tmp_path / "f").write_text("x")
+                assert (tmp_path / "f").read_text() == "x"
+            def test_loopback_only():
+                assert [n for _, n in socket.if_nameindex()] == ["lo"]
+            """
+        )
+    )
+    env = dict(os.environ, PYTEST_ADDOPTS="-p no:hypothesispytest -p no:benchmark", PY_COLORS="0")
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "--isolate=uml", "-q", f"--basetemp={tmp_path / 'bt'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 passed" in p.stdout
