@@ -26,6 +26,8 @@ from pytest_isolate import remote, wire
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import kill_tree
 
+#: RAM a UML guest needs beside the test's own memory budget.
+GUEST_OVERHEAD = 192 << 20
 #: How long a worker may take to start and collect before it is declared dead.
 START_TIMEOUT = 300.0
 #: Extra seconds beyond a test's own timeout before the controller stops trusting the
@@ -64,13 +66,23 @@ class Worker:
             return f"popen//python={sys.executable}"
         from pytest_isolate.tiers import uml
 
+        # The test's memory budget is a cgroup limit inside the guest; the guest's RAM
+        # needs room above it for its kernel, init and the worker, or the whole guest
+        # runs out of memory before the budget is reached.
         opts = uml.UmlOptions(
             kernel=uml.find_kernel(spec.kernel or self.ctl.uml_kernel),
-            memory=spec.memory or 256 << 20,
+            memory=(spec.memory + GUEST_OVERHEAD) if spec.memory else 256 << 20,
             cpus=spec.cpus,
             network=spec.network,
         )
-        return uml.gateway_spec(opts, self.workdir / "uml", os.path.realpath(sys.executable))
+        return uml.gateway_spec(
+            opts,
+            self.workdir / "uml",
+            os.path.realpath(sys.executable),
+            basetemp=self.ctl.basetemp,
+            writable=[self.workdir],  # server.log must reach the host for failure reports
+            switch=self.ctl.switch_path() if spec.network == "ip" else None,
+        )
 
     def _start(self, spec: IsolationSpec) -> None:
         cfg = self.ctl.config
@@ -87,6 +99,8 @@ class Worker:
                 "args": list(cfg.invocation_params.args),
                 "dir": str(cfg.invocation_params.dir),
                 "sys_path": list(sys.path),
+                # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
+                "python_flags": ["-S"] if self.uml else [],
                 "workerinput": workerinput,
                 "ctx": {
                     "run_id": self.ctl.run_id,
@@ -187,7 +201,9 @@ class Controller:
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
         self.count = 0
-        self.uml_kernel: str | None = config.getoption("isolate_uml_kernel", None)
+        self.uml_kernel: str | None = config.getoption("isolate_uml_kernel", None) or config.getini(
+            "isolate_uml_kernel"
+        ) or None
         self.needs_switch = False
         self._switch: Any = None
         self.canaries: Any = None

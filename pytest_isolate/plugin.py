@@ -231,7 +231,7 @@ class IsolatePlugin:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         specs = [item.stash.get(SPEC_KEY, None) for item in items]
-        self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone") for s in specs)
+        self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone", "uml") for s in specs)
 
     def availability(self, tier: str) -> str | None:
         if tier not in self._availability:

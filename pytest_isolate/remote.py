@@ -24,9 +24,10 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
     cmd_r, cmd_w = os.pipe()
     evt_r, evt_w = os.pipe()
     here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
-    boot = f"import sys; sys.path.insert(0, {here!r}); from pytest_isolate.forkserver import main; main()"
+    path = [here, *init["sys_path"]]
+    boot = f"import sys; sys.path[:0] = {path!r}; from pytest_isolate.forkserver import main; main()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", boot, str(cmd_r), str(evt_w)],
+        [sys.executable, *init.get("python_flags", ()), "-c", boot, str(cmd_r), str(evt_w)],
         pass_fds=(cmd_r, evt_w),
         stdin=subprocess.DEVNULL,
         cwd=init["dir"],
