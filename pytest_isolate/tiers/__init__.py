@@ -24,9 +24,10 @@ def availability(tier: str, config: pytest.Config | None = None) -> str | None:
         elif tier == "uml":
             from pytest_isolate.tiers import uml
 
-            kernel = config.getoption("isolate_uml_kernel", None) if config else None
-            uml.find_kernel(kernel or (config.getini("isolate_uml_kernel") if config else None) or None)
-            return uml.availability()
+            kernel = None
+            if config is not None:
+                kernel = config.getoption("isolate_uml_kernel", None) or config.getini("isolate_uml_kernel") or None
+            return uml.availability(uml.find_kernel(kernel))
         else:
             return f"unknown tier {tier!r}"
         return cls.availability()
