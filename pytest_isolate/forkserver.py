@@ -247,7 +247,8 @@ class ForkServer:
 
     def run_test(self, cmd: dict[str, Any]) -> dict[str, Any]:
         nodeid = cmd["nodeid"]
-        item = self.items.get(nodeid)
+        # pytest-xdist < 3.6 appends "@<group>" to the ids of --dist=loadgroup items.
+        item = self.items.get(nodeid) or self.items.get(nodeid.rsplit("@", 1)[0])
         if item is None:
             return {"t": "done", "nodeid": nodeid, "error": f"{nodeid}: not collected by the isolated worker"}
         spec = IsolationSpec.from_dict(cmd["spec"])

@@ -466,6 +466,7 @@ TIMEOUTS = """
         while True:
             time.sleep(0.05)
 
+    @pytest.mark.isolate(allow=["daemon"])  # a daemon is an escape; this one is intended
     def test_daemon():
         subprocess.Popen(["sh", "-c", "sleep 600; :", TOKEN + "-daemon"], start_new_session=True)
 

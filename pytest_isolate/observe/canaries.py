@@ -196,7 +196,6 @@ class Canaries:
         self._proc_buf = b""
         self._proc_flags: set[str] = set()
         self._mount_fd = -1
-        self._mount_poll: Any = None
         self._mounts: dict[str, tuple[str, str, str]] = {}
         self._mount_excluded = (*_OWN_MOUNT_PREFIXES, os.path.join(str(self.rundir), ""))
         self._hooks: dict[str, str] = {}
@@ -274,8 +273,6 @@ class Canaries:
     def _plant_mounts(self) -> None:
         self._mount_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
         self._mounts = _mountinfo()
-        self._mount_poll = select.poll()
-        self._mount_poll.register(self._mount_fd, select.POLLPRI | select.POLLERR)
         with contextlib.suppress(OSError):
             while os.read(self._mount_fd, 65536):
                 pass  # read to the end: POLLPRI now means "changed since"
@@ -486,8 +483,8 @@ class Canaries:
                 pass  # reading it to the end re-arms POLLPRI
         now = _mountinfo()
         for mid, (point, fstype, source) in now.items():
-            if mid in self._mounts:
-                continue
+            if self._mounts.get(mid) == (point, fstype, source):
+                continue  # known; mount ids are reused, so compare what is mounted too
             if point.startswith(self._mount_excluded) or point == str(self.rundir):
                 continue
             self._add("mount", f"new mount in the host's mount table: {fstype} {source} on {point}", layer="kernel")
@@ -503,10 +500,10 @@ class Canaries:
             end = time.monotonic() + 0.05
             while self._signals_pending() and time.monotonic() < end:
                 time.sleep(0.002)
-            mounts = False
-            if self._mount_poll is not None:
-                mounts = bool(self._mount_poll.poll(0))  # changed since last read?
-            self._drain(mounts=mounts, state=True)
+            # Always re-read the mount table here: POLLPRI on mountinfo is consumed by
+            # whichever poller sees it first, and the watcher thread may have been woken
+            # for another fd in between; a per-test read costs ~0.1 ms.
+            self._drain(mounts=True, state=True)
             out, self._pending = self._pending, []
         return out
 
