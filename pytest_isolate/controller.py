@@ -45,6 +45,11 @@ def pool_key(spec: IsolationSpec) -> tuple[Any, ...]:
     return ("host",)
 
 
+def _remote_sys_path() -> list[str]:
+    pkg_parent = str(Path(wire.__file__).resolve().parent.parent)
+    return [pkg_parent, *(p for p in sys.path if p != pkg_parent)]
+
+
 class Worker:
     """One execnet gateway with its fork server."""
 
@@ -98,7 +103,9 @@ class Worker:
             {
                 "args": list(cfg.invocation_params.args),
                 "dir": str(cfg.invocation_params.dir),
-                "sys_path": list(sys.path),
+                # The package's own location first: an editable install is found by an
+                # import hook that sys.path does not show (and -S skips it anyway).
+                "sys_path": _remote_sys_path(),
                 # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
                 "python_flags": ["-S"] if self.uml else [],
                 "workerinput": workerinput,

@@ -28,3 +28,21 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# The venv's bin first, as after `source .venv/bin/activate`: the plugin finds a UML
+# kernel installed there (and the tests' subprocesses find the venv's tools).
+export PATH="$PWD/.venv/bin:$PATH"
+# A UML kernel that boots on this CPU: Debian 12's panics on AVX-512/AMX hosts
+# ("ptrace set fp regs failed"); then fetch a newer one into .venv (scripts/uml-kernel.sh).
+uml_probe() {
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml
+try:
+    print(uml.boot_probe(uml.find_kernel()) or "ok")
+except Exception as e:
+    print(e)'
+}
+if command -v linux.uml >/dev/null 2>&1 && [ "$(uml_probe)" != ok ]; then
+  echo "setup: $(uml_probe)"
+  bash scripts/uml-kernel.sh --force
+  echo "setup: uml kernel check: $(uml_probe)"
+fi

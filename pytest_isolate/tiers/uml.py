@@ -133,7 +133,11 @@ def find_kernel(explicit: str | None = None) -> str:
     if explicit:
         path = shutil.which(explicit) or explicit
         if not os.path.isfile(path) or not os.access(path, os.X_OK):
-            raise Unavailable(f"uml: kernel {explicit!r} is not an executable file")
+            raise Unavailable(
+                f"uml: kernel {explicit!r} is not an executable file (--isolate-uml-kernel, ini "
+                "isolate_uml_kernel or marker kernel=: valid is the path or PATH name of a "
+                "User-Mode Linux kernel, e.g. /usr/bin/linux.uml)"
+            )
         return os.path.realpath(path)
     search = os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin"
     for name in KERNEL_NAMES:
@@ -190,6 +194,101 @@ def smp_support(kernel: str) -> int:
         return 1
 
 
+#: The probe guest's init: prints a token, then powers off (PID 1 must never exit).
+_PROBE_INIT = """#!/bin/sh
+echo isolate-probe-ok
+mount -t proc proc /proc 2>/dev/null
+echo o > /proc/sysrq-trigger
+sleep 30
+"""
+
+
+def boot_probe(kernel: str) -> str | None:
+    """None when ``kernel`` boots here and runs a program, else why not (one line).
+
+    Why a boot and not only the config: Debian 12's and 13's UML kernels (6.1, 6.12)
+    panic at their first user-space instruction on CPUs whose XSAVE area (AVX-512,
+    AMX) is larger than they handle, and nothing short of running one shows it.
+    ~1 s, once per kernel per run.
+    """
+    st = os.stat(kernel)
+    return _boot_probe_cached(kernel, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="pytest-isolate-umlprobe-") as tmp:
+        init = os.path.join(tmp, "init")
+        with open(init, "w") as f:
+            f.write(_PROBE_INIT)
+        os.chmod(init, 0o755)
+        os.chmod(tmp, 0o755)
+        argv = [
+            kernel, "mem=64M", "rootfstype=hostfs", "rootflags=/", "ro", "quiet", "noreboot",
+            "con=null", "ssl=null", "con0=null,fd:1", f"uml_dir={tmp}", "umid=probe",
+            f"initcall_blacklist={INITCALL_BLACKLIST}", f"init={init}",
+        ]
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": tmp}, start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: UML shuts down with its helpers (SIGKILL leaks them)
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+    text = out.decode(errors="replace")
+    if "isolate-probe-ok" in text:
+        return None
+    if "fp regs failed" in text:
+        return (
+            f"uml: kernel {kernel} cannot run programs on this CPU ('ptrace set fp regs failed': "
+            "its XSAVE area, AVX-512/AMX, is larger than this UML version handles); use a newer "
+            "UML kernel with --isolate-uml-kernel (scripts/uml-kernel.sh installs Debian "
+            "unstable's into .venv/bin)"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("[<")]
+    last = next((ln for ln in reversed(lines) if "panic" in ln.lower()), lines[-1] if lines else "no output")
+    return f"uml: kernel {kernel} did not boot a test guest (exit {proc.returncode}): {last}"
+
+
+def nic_driver(kernel: str) -> tuple[str, str] | None:
+    """How the guest gets its tap NICs: (kernel argument template, guest NIC prefix).
+
+    The legacy ``tuntap`` driver (``eth<N>``) where the kernel has it: in Debian 12's
+    6.1 kernel the vector driver's tap transport stalled TCP. Kernels from 6.15 on have
+    only the vector driver (``vec<N>``); ``{n}`` and ``{tap}`` are filled in per NIC.
+    """
+    cfg = kernel_config(kernel)
+    if cfg.get("CONFIG_UML_NET_TUNTAP") == "y" or not cfg:
+        return "eth{n}=tuntap,{tap}", "eth"
+    if cfg.get("CONFIG_UML_NET_VECTOR") == "y":
+        return "vec{n}:transport=tap,ifname={tap},gro=1", "vec"
+    return None
+
+
+def module_roots(kernel: str) -> list[str]:
+    """Where the guest may find its modules: ``<prefix>/lib/uml/modules`` beside
+    ``<prefix>/bin/linux.uml``, as Debian lays them out (``/usr`` for the system
+    package, ``.venv/uml/usr`` for scripts/uml-kernel.sh's), then the same beside the
+    kernels on PATH (a copied kernel has no tree of its own). The guest takes the first
+    that holds its own release."""
+    roots: list[str] = []
+    search = os.environ.get("PATH", "") + ":/usr/bin"
+    for k in (kernel, *(shutil.which(n, path=search) for n in KERNEL_NAMES)):
+        if k:
+            root = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(k))), "lib", "uml", "modules")
+            if root not in roots and os.path.isdir(root):
+                roots.append(root)
+    return roots
+
+
 def _privileged() -> bool:
     if os.geteuid() != 0:
         return False
@@ -218,12 +317,19 @@ def availability(kernel: str | None = None) -> str | None:
         return str(e)
     cfg = kernel_config(k)
     if cfg:
-        for opt, why in (
-            ("CONFIG_HOSTFS", "hostfs (the guest's root)"),
-            ("CONFIG_UML_NET_TUNTAP", "the tuntap transport (the gateway's channel)"),
-        ):
-            if cfg.get(opt) != "y":
-                return f"uml: kernel {k} lacks {opt} ({why}); use a kernel built with it (--isolate-uml-kernel)"
+        if cfg.get("CONFIG_HOSTFS") != "y":
+            return (
+                f"uml: kernel {k} lacks CONFIG_HOSTFS (hostfs, the guest's root); "
+                "use a kernel built with it (--isolate-uml-kernel)"
+            )
+        if nic_driver(k) is None:
+            return (
+                f"uml: kernel {k} lacks CONFIG_UML_NET_TUNTAP and CONFIG_UML_NET_VECTOR (a tap "
+                "transport, the gateway's channel); use a kernel built with one (--isolate-uml-kernel)"
+            )
+    why = boot_probe(k)
+    if why:
+        return why
     if not os.path.exists("/dev/net/tun"):
         return "uml: /dev/net/tun is missing (the guest's channel is a tap): `modprobe tun`"
     if not _privileged():
@@ -344,10 +450,15 @@ def gateway_spec(
         f"uml_dir={ramdir}",
         "umid=isolate",
         f"initcall_blacklist={INITCALL_BLACKLIST}",
-        "eth0=tuntap,umlc0",
     ]
-    if switch_tap:
-        argv.append(f"eth1=tuntap,{switch_tap}")
+    nic, prefix = nic_driver(kernel) or ("eth{n}=tuntap,{tap}", "eth")
+    argv.append(nic.format(n=0, tap="umlc0"))
+    if switch_tap and prefix == "vec":
+        # The vector driver's tap transport breaks when its tap moves netns: raw transport
+        # on a veth whose peer goes into the switch instead (uml_launch.create_veth).
+        argv.append(f"vec1:transport=raw,ifname={switch_tap}u,gro=1")
+    elif switch_tap:
+        argv.append(nic.format(n=1, tap=switch_tap))
     if opts.cpus and ncpu > 1:
         argv.append(f"ncpus={opts.cpus}")
     tail = [f"init={python}", "--", "-u", str(INIT), str(workdir / "guest.json")]
@@ -370,6 +481,7 @@ def gateway_spec(
         "switch": switch,
         "bridge": bridge,
         "switch_tap": switch_tap,
+        "switch_transport": "raw" if prefix == "vec" else "tap",
         "boot_timeout": boot_timeout,
         "mode": mode,
         "hang_timeout": hang_timeout,
@@ -380,6 +492,9 @@ def gateway_spec(
             "writable": paths,
             "basetemp": os.path.realpath(bt),
             "network": opts.network,
+            "channel_if": f"{prefix}0",
+            "switch_if": f"{prefix}1",
+            "modules": module_roots(kernel),
             "hostname": hostname,
             "workdir": str(workdir),
             "debug": debug,
@@ -398,16 +513,19 @@ def resolve_python(python: str) -> str:
 
     A pyenv shim (or any wrapper script) would become the guest's init: a bash script,
     exec'd through its shebang, costing 25-70 ms per exec inside UML and re-exec'ing
-    the interpreter anyway. Asked once, cached.
+    the interpreter anyway. Asked once, cached. A symlink to an ELF binary is kept as
+    it is: a virtualenv's ``bin/python`` finds its ``pyvenv.cfg`` (and so the venv's
+    packages) through the path it was started by.
     """
-    path = os.path.realpath(shutil.which(python) or python)
+    link = os.path.abspath(shutil.which(python) or python)
+    path = os.path.realpath(link)
     try:
         with open(path, "rb") as f:
             elf = f.read(4) == b"\x7fELF"
     except OSError as e:
         raise Unavailable(f"uml: cannot read the guest interpreter {python!r}: {e}") from None
     if elf:
-        return path
+        return link
     import subprocess
 
     out = subprocess.run(

@@ -100,9 +100,15 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- modules
 
 
+#: Module trees of the kernel package this guest booted (guest.json's ``modules``), looked
+#: at first: a kernel outside /usr (scripts/uml-kernel.sh's) has its modules beside it.
+MODULE_ROOTS: list[str] = []
+
+
 def modules_dir() -> str | None:
     rel = os.uname().release
-    for d in (f"/lib/modules/{rel}", f"/usr/lib/uml/modules/{rel}", f"/usr/lib/modules/{rel}"):
+    here = [f"{r}/{rel}" for r in MODULE_ROOTS]
+    for d in (*here, f"/lib/modules/{rel}", f"/usr/lib/uml/modules/{rel}", f"/usr/lib/modules/{rel}"):
         if os.path.isfile(d + "/modules.dep"):
             return d
     return None
@@ -296,7 +302,8 @@ def setup_modprobe(python: str) -> None:
     with open(path, "w") as f:
         f.write(
             f"#!{python} -S\nimport sys\nsys.path.insert(0, {here!r})\n"
-            "from uml_init import modprobe_main\nsys.exit(modprobe_main(sys.argv[1:]))\n"
+            f"import uml_init\numl_init.MODULE_ROOTS[:] = {MODULE_ROOTS!r}\n"
+            "sys.exit(uml_init.modprobe_main(sys.argv[1:]))\n"
         )
     os.chmod(path, 0o755)
     with open("/proc/sys/kernel/modprobe", "w") as f:
@@ -423,9 +430,9 @@ def pid1(cfg: dict) -> None:
         if cfg.get("hostname"):
             socket.sethostname(cfg["hostname"])
         if_up("lo", "127.0.0.1", "255.0.0.0")
-        if_up("eth0", ch["guest"], ch["netmask"])
+        if_up(cfg.get("channel_if", "eth0"), ch["guest"], ch["netmask"])
         if cfg.get("network") == "ip":
-            if_up("eth1")
+            if_up(cfg.get("switch_if", "eth1"))
             load_module("macvlan")
         hb.connect((ch["host"], ch["heartbeat"]))
         info = {
@@ -433,8 +440,8 @@ def pid1(cfg: dict) -> None:
             "writable": cfg.get("writable", []),
             "basetemp": cfg.get("basetemp"),
             "network": cfg.get("network", "none"),
-            "switch_if": "eth1" if cfg.get("network") == "ip" else None,
-            "channel_if": "eth0",
+            "switch_if": cfg.get("switch_if", "eth1") if cfg.get("network") == "ip" else None,
+            "channel_if": cfg.get("channel_if", "eth0"),
             "workdir": cfg.get("workdir"),
         }
         with open(GUEST_INFO, "w") as f:
@@ -518,6 +525,7 @@ def main() -> None:
         poweroff()
         while True:
             time.sleep(60)
+    MODULE_ROOTS[:] = cfg.get("modules", [])
     pid1(cfg)
 
 

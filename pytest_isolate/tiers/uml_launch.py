@@ -112,6 +112,7 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_DAC_READ_SEARCH = 2
 CAP_SETPCAP = 8
+CAP_NET_RAW = 13
 
 # x86_64 syscall numbers (UML runs on x86 hosts); the mount API ones are the same on
 # every architecture since they were added after the tables were unified.
@@ -250,10 +251,16 @@ def _nla(kind: int, payload: bytes) -> bytes:
 
 
 def _nl_request(
-    sock: socket.socket, mtype: int, index: int, attrs: bytes = b"", flags: int = 0, change: int = 0
+    sock: socket.socket,
+    mtype: int,
+    index: int,
+    attrs: bytes = b"",
+    flags: int = 0,
+    change: int = 0,
+    nlflags: int = 0,
 ) -> None:
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change) + attrs
-    msg = struct.pack("=IHHII", 16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
+    msg = struct.pack("=IHHII", 16 + len(body), mtype, NLM_F_REQUEST | NLM_F_ACK | nlflags, 1, 0) + body
     sock.send(msg)
     reply = sock.recv(65536)
     _, rtype = struct.unpack_from("=IH", reply)
@@ -265,6 +272,29 @@ def _nl_request(
 
 def _netlink_socket() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+
+
+def create_veth(name: str, peer: str) -> None:
+    """A veth pair in the current netns, both ends up.
+
+    For kernels with only the vector driver: its tap transport reads through a packet
+    socket bound to the tap, which a move to another netns breaks, so the guest's
+    switch NIC uses the raw transport on ``name``, which stays here, and ``peer`` is
+    what moves into the switch.
+    """
+    ifla_linkinfo, info_kind, info_data, veth_info_peer = 18, 1, 2, 1
+    peer_msg = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + _nla(IFLA_IFNAME, peer.encode() + b"\0")
+    linkinfo = _nla(info_kind, b"veth\0") + _nla(info_data, _nla(veth_info_peer, peer_msg))
+    with _netlink_socket() as nl:
+        _nl_request(
+            nl,
+            RTM_NEWLINK,
+            0,
+            _nla(IFLA_IFNAME, name.encode() + b"\0") + _nla(ifla_linkinfo, linkinfo),
+            nlflags=0x400 | 0x200,  # NLM_F_CREATE | NLM_F_EXCL
+        )
+    if_up(name)
+    if_up(peer)
 
 
 # --------------------------------------------------------------------------- the view
@@ -484,16 +514,18 @@ def _last_cap() -> int:
         return 40
 
 
-def _drop_privileges(privileged: bool) -> None:
-    """Root: become 65534 keeping only CAP_DAC_READ_SEARCH (ambient, survives exec).
-    User namespace: keep uid 0-in-namespace, drop every capability.
+def _drop_privileges(privileged: bool, net_raw: bool = False) -> None:
+    """Root: become 65534 keeping only CAP_DAC_READ_SEARCH (ambient, survives exec),
+    plus CAP_NET_RAW with ``net_raw`` (the vector driver's raw transport on the switch
+    veth; packet sockets only reach this private netns, which holds the guest's own
+    two links). User namespace: keep uid 0-in-namespace, drop every capability.
 
     SECBIT_NO_SETUID_FIXUP matters for hostfs: it checks permissions with access(2),
     which runs with the *real* uid and, for a non-root uid, clears the effective
     capabilities unless this bit is set; CAP_DAC_READ_SEARCH would then not let the
     guest reach the interpreter under a 0700 /root.
     """
-    keep = {CAP_DAC_READ_SEARCH} if privileged else set()
+    keep = {CAP_DAC_READ_SEARCH, *((CAP_NET_RAW,) if net_raw else ())} if privileged else set()
     for cap in range(_last_cap() + 1):
         if cap not in keep and cap != CAP_SETPCAP:
             _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
@@ -503,8 +535,9 @@ def _drop_privileges(privileged: bool) -> None:
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
-        _capset(1 << CAP_DAC_READ_SEARCH)
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)
+        _capset(sum(1 << c for c in keep))
+        for cap in sorted(keep):
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     else:
         _capset(1 << CAP_SETPCAP)
         _libc.prctl(PR_CAPBSET_DROP, CAP_SETPCAP, 0, 0, 0)
@@ -577,7 +610,7 @@ def _runner(cfg: dict, console_w: int, ready_w: int, privileged: bool) -> None:
             for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(s, signal.SIG_DFL)
             os.setpgid(0, 0)
-            _drop_privileges(privileged)
+            _drop_privileges(privileged, net_raw=cfg.get("switch_transport") == "raw")
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
             env = {
                 "TMPDIR": cfg["ramdir"],
@@ -677,7 +710,9 @@ class Launcher:
         owner = NOBODY if privileged else 0
         create_tap(CHANNEL_TAP, owner, owner)
         if_up(CHANNEL_TAP, HOST_IP, "255.255.255.252")
-        if self.switch_tap:
+        if self.switch_tap and self.cfg.get("switch_transport") == "raw":
+            create_veth(self.switch_tap + "u", self.switch_tap)
+        elif self.switch_tap:
             create_tap(self.switch_tap, owner, owner)
         return privileged
 

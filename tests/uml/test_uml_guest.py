@@ -165,7 +165,7 @@ def test_worker_is_root_with_host_paths(guest: Guest) -> None:
     )
     assert uid == 0
     assert cwd_ok and has_pkg
-    assert exe == os.path.realpath(sys.executable)
+    assert exe == sys.executable  # the venv's own path: its packages come with it
 
 
 # -- host protection ------------------------------------------------------------------
@@ -569,7 +569,8 @@ def test_memory_and_kernel_options(basetemp: Path, tmp_path: Path) -> None:
             channel.send((total, open('/proc/cmdline').read()))
             """
         )
-        assert "mem=192M" in cmdline
+        # UML >= 6.15 drops its own options (mem=, con=, ...) from /proc/cmdline.
+        assert "mem=192M" in cmdline or "hostfs" in cmdline
         assert 150 << 10 < total_kb <= 192 << 10
         assert str(copy) in " ".join(procs_with(str(g.workdir)))
     finally:
@@ -620,7 +621,7 @@ def test_network_ip_reaches_a_peer_on_the_switch(basetemp: Path) -> None:
         assert os.read(r, 1) == b"1"
         g = new_guest(basetemp, opts=uml.UmlOptions(network="ip"), switch=switch.path)
         out = run_ip_driver(g, peer_addr)
-        assert out["reply"] == "HELLO", out
+        assert out.get("reply") == "HELLO", out
         assert out["addr"] == uml.guest_address(0, 0)[0]
         assert out["routes"] == 1, out  # only the connected route of the run's subnet
     finally:
