@@ -47,7 +47,7 @@ import execnet  # noqa: E402
 
 from pytest_isolate.tiers import uml  # noqa: E402
 
-PY = os.path.realpath(sys.executable)
+PY = sys.executable  # a venv's own path: the guest finds the venv's packages through it
 
 
 def med(xs: list[float]) -> float:
