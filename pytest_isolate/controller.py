@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,17 @@ class Worker:
         except (EOFError, OSError, execnet.RemoteError) as exc:
             raise WorkerDied(self._death(str(exc))) from None
         if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
-            raise WorkerDied(self._death(f"fork server exited with code {raw[1]}"))
+            output = raw[2] if len(raw) > 2 else []
+            raise WorkerDied(self._death(f"fork server exited with code {raw[1]}", output))
         return json.loads(raw)
 
-    def _death(self, why: str) -> str:
+    def _death(self, why: str, output: Sequence[str] = ()) -> str:
+        """The one line why, then the test's captured output and the worker's log tail."""
+        printed = "".join(
+            f"\n--- captured {name} before the worker died ---\n{text.rstrip()}"
+            for name, text in zip(("stdout", "stderr"), output, strict=False)
+            if text.strip()
+        )
         tail = ""
         if self.uml:
             with contextlib.suppress(Exception):
@@ -150,7 +158,7 @@ class Worker:
             if text:
                 tail = (tail + "\n" if tail else "") + "\n".join(text.splitlines()[-30:])
         why = why.strip().splitlines()[-1] if why.strip() else "worker died"
-        return f"isolated worker died ({why})" + (f"\n--- last output ---\n{tail}" if tail else "")
+        return f"isolated worker died ({why})" + printed + (f"\n--- last output ---\n{tail}" if tail else "")
 
     def run(self, nodeid: str, spec: IsolationSpec, group: str | None, nextid: str | None) -> dict[str, Any]:
         cmd = {"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid}

@@ -144,7 +144,10 @@ class ForkServer:
         factory = getattr(self.config, "_tmp_path_factory", None)
         if factory is not None:
             factory.getbasetemp()
-        wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items)})
+        # The gateway opens these too, so a test's captured output outlives this server
+        # (a test that kills its worker still shows what it printed).
+        fds = [f.fileno() for f in self._capture_files()]
+        wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "capture_fds": fds})
         try:
             self.serve()
         finally:

@@ -56,6 +56,7 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
 
     pidfd = os.pidfd_open(proc.pid)
     buf = bytearray()
+    captures: list[int] = []
 
     def forward(data: bytes) -> None:
         buf.extend(data)
@@ -63,7 +64,10 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
             n = int.from_bytes(buf[:4], "big")
             if len(buf) < 4 + n:
                 return
-            channel.send(bytes(buf[4 : 4 + n]))
+            frame = bytes(buf[4 : 4 + n])
+            if not captures and b'"capture_fds"' in frame:
+                captures.extend(_open_captures(proc.pid, frame))
+            channel.send(frame)
             del buf[: 4 + n]
 
     try:
@@ -84,12 +88,41 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
                 break
     finally:
         code = proc.wait()
+        output = _read_captures(captures)
         _kill_orphans()
         if not channel.isclosed():
             try:
-                channel.send(("exit", code))
+                channel.send(("exit", code, output))
             except OSError:
                 pass
+
+
+def _open_captures(pid: int, ready: bytes) -> list[int]:
+    """Our own handles on the server's capture tmpfiles (deleted files: only /proc/<pid>/fd
+    reaches them), opened while it lives."""
+    import json
+
+    fds = []
+    for n in json.loads(ready).get("capture_fds", []):
+        try:
+            fds.append(os.open(f"/proc/{pid}/fd/{n}", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            pass
+    return fds
+
+
+def _read_captures(fds: list[int], limit: int = 64 << 10) -> list[str]:
+    """What the test in progress had printed (stdout, stderr), its last ``limit`` bytes."""
+    out = []
+    for fd in fds:
+        try:
+            size = os.fstat(fd).st_size
+            out.append(os.pread(fd, limit, max(0, size - limit)).decode(errors="replace"))
+        except OSError:
+            out.append("")
+        finally:
+            os.close(fd)
+    return out
 
 
 def _kill_orphans() -> None:

@@ -436,7 +436,6 @@ def test_killed_worker_fails_the_test_and_is_replaced(worker_kill: tuple[Path, p
     assert records(path / "r.json")["test_wk.py::test_kill_worker"]["crashed"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="worker death: the output the test printed before it is lost")
 def test_killed_worker_shows_what_the_test_printed(worker_kill: tuple[Path, pytest.RunResult]) -> None:
     _, result = worker_kill
     assert "printed before killing the worker" in section(result, "test_kill_worker")
