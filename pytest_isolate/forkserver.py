@@ -365,6 +365,9 @@ class ForkServer:
             sampler = usage.TreeSampler(box.spec.memory)
         box.state["sampler"] = sampler
         next_sample = time.monotonic() + SAMPLE_INTERVAL
+        # The command pipe too: when it hangs up the controller is gone (SIGKILLed, its
+        # host lost), nobody will read this test's result, and the test must not run on.
+        watch = [r, pidfd, self.cmd_fd]
         try:
             while True:
                 now = time.monotonic()
@@ -374,7 +377,12 @@ class ForkServer:
                         sampler.sample(pid)
                         next_sample = now + SAMPLE_INTERVAL
                     wait = min(wait, next_sample - now) if wait is not None else max(0.0, next_sample - now)
-                ready, _, _ = select.select([r, pidfd], [], [], wait)
+                ready, _, _ = select.select(watch, [], [], wait)
+                if self.cmd_fd in ready:
+                    watch.remove(self.cmd_fd)  # a command waits (read after the test), or:
+                    if _hung_up(self.cmd_fd):
+                        tier.kill(box, pid)
+                        deadline = None
                 if r in ready:
                     self._drain(r, reader, msgs)
                     last = msgs[-1].get("t") if msgs else None
@@ -597,6 +605,13 @@ class ForkServer:
             user_properties=list(item.user_properties),
         )
         return self.config.hook.pytest_report_to_serializable(config=self.config, report=rep)
+
+
+def _hung_up(fd: int) -> bool:
+    """Every writer of pipe ``fd`` is gone (POLLHUP; unread data does not hide it)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
 
 def _zombie(pid: int) -> bool:

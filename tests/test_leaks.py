@@ -479,7 +479,6 @@ def killed_then_swept_elsewhere(tmp_path_factory: pytest.TempPathFactory, h: Any
                 sweeper_cg.rmdir()
 
 
-@pytest.mark.xfail(strict=True, reason="SIGKILLed controller: gateway, fork server and the test run on until the test ends")
 def test_killed_controller_takes_its_workers_down(killed_then_swept_elsewhere: Killed) -> None:
     assert killed_then_swept_elsewhere.lingering == []
 
