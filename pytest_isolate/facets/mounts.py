@@ -231,14 +231,8 @@ def mask_paths(root: str | os.PathLike[str], null_dev: str | os.PathLike[str] = 
     ``/proc/sys`` (core_pattern runs a host program) and ``/proc/kcore``. Returns the
     paths it protected; missing ones are skipped (they differ per kernel config).
     """
-    done: list[str] = []
     r = os.fspath(root).rstrip("/")
-    for p in PROC_READONLY:
-        t = r + p
-        if not os.path.lexists(t):
-            continue
-        bind(t, t, recursive=True, readonly=True, private=False)
-        done.append(p)
+    done = _readonly_binds(r, PROC_READONLY)
     for p in PROC_MASKED:
         t = r + p
         try:
@@ -250,11 +244,40 @@ def mask_paths(root: str | os.PathLike[str], null_dev: str | os.PathLike[str] = 
         else:
             bind(null_dev, t, readonly=True, private=False)
         done.append(p)
+    _private_pass(r)
+    return done
+
+
+def readonly_paths(root: str | os.PathLike[str], paths: Iterable[str]) -> list[str]:
+    """Make ``paths`` (absolute, as seen inside) below ``root`` read-only; mask_paths'
+    first half, for a tier that wants e.g. ``/proc/sys`` read-only without the masks.
+
+    Why a recursive bind of the path onto itself: procfs has no per-directory read-only
+    mount option, and a bind is a mount of its own whose flags do not touch the rest of
+    /proc. Missing paths are skipped; returns the ones made read-only.
+    """
+    r = os.fspath(root).rstrip("/")
+    done = _readonly_binds(r, paths)
+    _private_pass(r)
+    return done
+
+
+def _readonly_binds(r: str, paths: Iterable[str]) -> list[str]:
+    done: list[str] = []
+    for p in paths:
+        t = r + p
+        if not os.path.lexists(t):
+            continue
+        bind(t, t, recursive=True, readonly=True, private=False)
+        done.append(p)
+    return done
+
+
+def _private_pass(r: str) -> None:
     # One pass instead of one per bind: nothing was mounted below them in between.
     for top in ("/proc", "/sys"):
         if os.path.ismount(r + top):
             make_private(r + top, recursive=True)
-    return done
 
 
 # --- the root ---------------------------------------------------------------------------
@@ -284,6 +307,9 @@ class RootPlan:
     proc: bool = True
     sys: bool = True
     mask: bool = False
+    #: Paths inside made read-only once /proc and /sys are mounted (``readonly_paths``);
+    #: with ``mask`` the ones in PROC_READONLY are already.
+    readonly: tuple[str, ...] = ()
     userns: bool = False
     #: Overlay-mount flags (MS_NODEV: a node the test makes in its root opens nothing).
     overlay_flags: int = 0
@@ -550,6 +576,9 @@ def build_root(plan: RootPlan, split: list[Layer] | None = None) -> RootLayout:
         devices.populate(m / "dev", userns=plan.userns)
     if plan.mask:
         mask_paths(m, null_dev=m / "dev" / "null" if plan.dev != "none" else "/dev/null")
+    extra_ro = [p for p in plan.readonly if not (plan.mask and p in PROC_READONLY)]
+    if extra_ro:
+        readonly_paths(m, extra_ro)
     return layout
 
 

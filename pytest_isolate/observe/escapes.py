@@ -85,7 +85,9 @@ TIER_ESCAPES: dict[str, frozenset[str]] = {
     # is not the socket's): only the host's own root reaches host services this way.
     "unix-socket": frozenset({"process"}),
     "device": _PRIVILEGED | {"jail"},
-    "keyring": _PRIVILEGED | {"jail", "zone"},
+    # The zone's seccomp filter refuses add_key/request_key/keyctl (facets.seccomp).
+    "keyring": _PRIVILEGED | {"jail"},
+    # The jail's /proc/sys is read-only, but its root keeps CAP_SYS_ADMIN and remounts it.
     "core-pattern": _PRIVILEGED | {"jail"},
     "release-agent": _PRIVILEGED | {"jail"},
     "sysctl": _PRIVILEGED | {"jail"},

@@ -18,7 +18,7 @@ reaped, so crashes are reported with the runner's real signal/exit code.
 
 Tiers compose facets (``pytest_isolate.facets``) in a fixed order, as nsjail does:
 cgroup join → namespaces → mounts/root → hostname → network → devices → rlimits →
-capabilities → no_new_privs/setsid → run.
+capabilities → no_new_privs/setsid → seccomp (zone) → run.
 """
 
 from __future__ import annotations

@@ -123,6 +123,14 @@ class JailTier(Tier):
     drop_caps: tuple[int, ...] = caps.JAIL_DROP
     dev_mode = "bind"
     mask = False
+    #: Read-only inside (the zone's mask covers these and more). /proc/sys holds
+    #: core_pattern, modprobe and binfmt_misc: root writing one of them makes the host
+    #: kernel run a program of its choosing, outside every namespace. Residual risk: the
+    #: jail keeps CAP_SYS_ADMIN on purpose (tests mount in their own mount namespace),
+    #: and with it root can remount this bind read-write or mount a fresh procfs, so
+    #: this stops a stray write (``sysctl -w`` in a test), not a deliberate escape
+    #: (tests/escapes/test_matrix.py tries the remount; the zone drops CAP_SYS_ADMIN).
+    readonly_proc: tuple[str, ...] = ("/proc/sys",)
 
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
@@ -283,6 +291,7 @@ class JailTier(Tier):
             binds=binds,
             dev=self.dev_mode,
             mask=self.mask,
+            readonly=self.readonly_proc,
             userns=userns,
             overlay_flags=mounts.MS_NODEV,
         )

@@ -14,6 +14,9 @@ On top of the jail (see jail.py for the process layout):
   (mounts.mask_paths).
 - capabilities: caps.ZONE_DROP from the bounding, effective, permitted, inheritable and
   ambient sets; then no_new_privs; then setsid() (no controlling tty: no TIOCSTI).
+- seccomp (facets.seccomp): last, once no_new_privs allows a filter: add_key,
+  request_key and keyctl fail with EPERM (keyrings are per uid, not per namespace, so
+  root here would otherwise write the host root's keyring).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 import re
 import resource
 
-from pytest_isolate.facets import caps, cgroups
+from pytest_isolate.facets import caps, cgroups, seccomp
 from pytest_isolate.tiers.base import Box, Unavailable, kill_tree
 from pytest_isolate.tiers.jail import JailTier
 
@@ -76,6 +79,9 @@ class ZoneTier(JailTier):
         caps.drop(self.drop_caps)
         caps.no_new_privs()
         caps.new_session()
+        # Last: the filter needs no_new_privs, and nothing after it may need a key call.
+        # On a machine without syscall tables (not x86_64/aarch64) it installs nothing.
+        seccomp.install()
 
     def kill(self, box: Box, pid: int) -> None:
         cg: cgroups.TestCgroup | None = box.state.get("zone_cg")

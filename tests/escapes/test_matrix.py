@@ -55,15 +55,13 @@ DIFFERENCES: dict[tuple[str, str], tuple[str, str]] = {
                                    "(the overlay's inode is not the socket's)"),
     ("write-host-file", "chroot"): (B, "a plain write lands in the overlay; it reaches the host only after "
                                        "another escape (double chroot, /proc/<pid>/root, setns), rows that say escaped"),
-    ("core-pattern", "jail"): (E, "the jail keeps CAP_SYS_ADMIN and a writable /proc/sys: root in it opens the "
-                                  "host's core_pattern for writing (host code execution). Fix: /proc/sys read-only "
-                                  "as in the zone, or drop CAP_SYS_ADMIN"),
+    ("core-pattern", "jail"): (E, "the jail's /proc/sys is read-only, but the jail keeps CAP_SYS_ADMIN: root "
+                                  "remounts it read-write in a mount namespace of its own and opens the host's "
+                                  "core_pattern for writing (host code execution). Fix: drop CAP_SYS_ADMIN, or a "
+                                  "user namespace for root jails too"),
     ("release-agent", "jail"): (E, "CAP_SYS_ADMIN lets the jail mount the host's cgroup v1 'pids' hierarchy and "
                                    "open its release_agent for writing (host code execution). Fix: drop "
                                    "CAP_SYS_ADMIN, or a user namespace for root jails too"),
-    ("keyring", "zone"): (E, "the zone has no seccomp filter and add_key needs no capability: the key lands "
-                             "in root's keyring on the host. Fix: seccomp (add_key, keyctl, request_key -> "
-                             "EPERM) or a user namespace"),
 }
 
 #: Cells where the plugin's verdict is known to differ from reality: (technique, tier) ->
@@ -232,7 +230,6 @@ KERNEL_SEEN: dict[str, set[str]] = {
     # mount-table watch leaves to the tier's clean-up.
     "chroot": {"chroot", "proc-root", "signal", "ptrace", "setns", "network", "abstract-socket", "keyring"},
     "jail": {"keyring"},
-    "zone": {"keyring"},
 }
 
 

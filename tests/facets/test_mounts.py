@@ -170,6 +170,34 @@ def test_mask_paths_and_fresh_proc(tmp_path):
     assert got["kmsg"] == ""
 
 
+def test_readonly_paths_proc_sys(tmp_path):
+    """The jail's /proc/sys: read-only, nothing masked; and what keeping CAP_SYS_ADMIN
+    costs: root remounts it read-write (opened for writing only, never written)."""
+    root = tmp_path / "root"
+    (root / "proc").mkdir(parents=True)
+
+    def open_for_write(path: Path) -> str:
+        try:
+            os.close(os.open(path, os.O_WRONLY))
+        except OSError as e:
+            return errno.errorcode[e.errno]
+        return "WRITABLE"
+
+    def child():
+        mounts.mount_proc(root / "proc")
+        done = mounts.readonly_paths(root, ["/proc/sys", "/proc/no-such-entry"])
+        core = root / "proc/sys/kernel/core_pattern"
+        res = {"done": done, "core_pattern": open_for_write(core), "kmsg_mounted": _mounted(f"{root}/proc/kmsg")}
+        mounts.remount_bind(root / "proc/sys", readonly=False)
+        res["after_remount"] = open_for_write(core)
+        mounts.detach_tree(root / "proc")
+        return res
+
+    got = in_child(child, ns.CLONE_NEWNS | ns.CLONE_NEWPID)
+    assert got == {"done": ["/proc/sys"], "core_pattern": "EROFS", "kmsg_mounted": False,
+                   "after_remount": "WRITABLE"}
+
+
 def test_minimal_dev(tmp_path):
     dev = tmp_path / "dev"
     dev.mkdir()
