@@ -191,6 +191,39 @@ for k in kids: os.waitpid(k, 0)
 """
 
 
+def test_sampler_leaves_out_what_a_forked_runner_inherited():
+    """A fork of this (pytest) process starts with its pages mapped, as a runner starts
+    with the fork server's: only what the child then allocates is its memory."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.close(go_w)
+        b = b"x" * (200 << 20)
+        os.write(w, b".")
+        os.read(go_r, 1)
+        os._exit(0 if b else 1)
+    os.close(w)
+    os.close(go_r)
+    try:
+        assert os.read(r, 1) == b"."
+        s = TreeSampler()
+        for _ in range(3):
+            s.sample(pid)
+        res = s.result()
+        own = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert res["inherited"] > 0.5 * own  # most of pytest's pages, found at first sight
+        assert _near_200(res["peak_memory"]), res["peak_memory"] / MiB
+    finally:
+        os.close(go_w)
+        _, status, ru = os.wait4(pid, 0)
+        os.close(r)
+    # rusage's max_rss has the inherited pages too; merge takes them off.
+    m = merge(rusage_dict(ru), None, {**res, "peak_memory": 0}, 1.0)
+    assert _near_200(m["peak_memory"]), m["peak_memory"] / MiB
+
+
 def test_sampler_counts_processes_threads_and_fds():
     p = _popen(TREE)
     try:
@@ -361,6 +394,15 @@ def test_check_memory_oom():
     }
 
 
+def test_check_oom_without_a_memory_budget():
+    """uml's guest RAM is a memory limit even with no budget: its OOM kill must say so."""
+    [r] = check(_spec(tier="uml"), {"wall": 1, "peak_memory": 230 * MiB, "oom_kills": 1}, set())
+    assert (r["budget"], r["limit"], r["kind"], r["enforced"]) == ("memory", None, "reached", True)
+    assert r["message"] == (
+        "OOM-killed with no memory budget: peak 230 MiB (the guest's RAM ran out: give the test memory=)"
+    )
+
+
 def test_check_memory_not_enforced():
     [r] = check(
         _spec(tier="process", memory=64 * MiB), {"wall": 1, "peak_memory": 100 * MiB}, set()
@@ -398,6 +440,36 @@ def test_check_timeout_cpu_time_disk_fds():
     )
     assert recs["disk"]["message"] == "disk budget 10 MiB exceeded: wrote 12 MiB"
     assert recs["fds"]["message"] == "fds budget 32 reached: a process held 32 open descriptors"
+
+
+def test_check_disk_adds_the_upper_layer_and_writes_through_binds():
+    spec = _spec(tier="jail", disk=100 * MiB)
+    # 40 MiB in the sandbox's tmpfs upper + 80 MiB into tmp_path (a host bind)
+    [r] = check(spec, {"wall": 1, "disk_used": 40 * MiB, "write_bytes": 80 * MiB}, set())
+    assert r["used"] == 120 * MiB and not r["enforced"]
+    assert r["message"] == "disk budget 100 MiB exceeded: wrote 120 MiB (not enforced by the jail tier)"
+    assert check(spec, {"wall": 1, "disk_used": 40 * MiB, "write_bytes": 50 * MiB}, set()) == []
+    # uml: the guest's upper layer is written by the UML kernel on the host: counted once
+    uml = _spec(tier="uml", disk=100 * MiB)
+    assert check(uml, {"wall": 1, "disk_used": 90 * MiB, "write_bytes": 90 * MiB}, set()) == []
+
+
+def test_check_a_per_process_rlimit_that_fired_is_enforced():
+    """rlimits.enforced() claims no total for cpu_time/disk, but their own signal shows
+    the limit stopped the test (the fork server passes the signal by name)."""
+    [r] = check(
+        _spec(tier="process", cpu_time=1.0),
+        {"wall": 2.0, "cpu_user": 1.9, "signal": "SIGXCPU"},
+        set(),
+    )
+    assert (r["kind"], r["enforced"]) == ("reached", True)
+    [r] = check(_spec(tier="process", cpu_time=1.0), {"wall": 2.0, "cpu_user": 1.9}, set())
+    assert (r["kind"], r["enforced"]) == ("exceeded", False)
+    [r] = check(
+        _spec(tier="chroot", disk=MiB), {"wall": 1, "write_bytes": MiB, "signal": "SIGXFSZ"}, set()
+    )
+    assert (r["kind"], r["enforced"]) == ("reached", True)
+    assert r["message"] == "disk budget 1 MiB reached: a file hit the size limit, killed by SIGXFSZ"
 
 
 def test_check_cpu_share():

@@ -30,6 +30,9 @@ Decisions, and why:
 - ``disk`` → ``RLIMIT_FSIZE``: a cap per *file*, not a total. CPython ignores SIGXFSZ,
   so an oversize write fails with ``OSError(EFBIG)``; subprocesses started by
   ``subprocess`` get SIGXFSZ back to default and are killed by it.
+
+So ``memory``, ``cpu_time`` and ``disk`` stop a single process or file, but the
+readings they are checked against are totals; ``enforced()`` does not claim them.
 """
 
 from __future__ import annotations
@@ -126,16 +129,28 @@ def enforced(
     cgroup_pids: bool = False,
     root: bool | None = None,
 ) -> set[str]:
-    """The budget keys ``apply`` enforces for ``spec`` (for ``observe.usage.check``).
+    """The budget keys whose *reading* the rlimits ``apply`` sets hold (for
+    ``observe.usage.check``, which turns the rest into observed-only records).
 
-    ``root``: whether the test runs as the initial namespace's root (default: this
-    process is), which makes RLIMIT_NPROC a no-op.
+    A per-process or per-file limit holds a reading only when the reading is per
+    process too: ``fds`` (``fds_peak`` is one process's count) and ``pids`` (RLIMIT_NPROC
+    counts the uid's tasks, so the tree's total is held). ``memory``, ``disk`` and
+    ``cpu_time`` are read as totals (the sampled tree, bytes over all files, the tree's
+    CPU) that three processes or three files can pass while each stays under its own
+    RLIMIT_AS / RLIMIT_FSIZE / RLIMIT_CPU, so they are not listed. When such a limit
+    does stop the test by its signal (SIGXCPU, SIGXFSZ), ``check`` sees the signal and
+    marks that record enforced itself; a ``MemoryError`` or ``EFBIG`` inside one process
+    fails the test by its own exception and leaves the total under the budget.
+
+    ``cgroup_memory`` is kept for callers: with a memory cgroup the rlimit is not set,
+    and nothing here claims ``memory`` either way. ``root``: whether the test runs as
+    the initial namespace's root (default: this process is), which makes RLIMIT_NPROC a
+    no-op.
     """
+    del cgroup_memory
     if root is None:
         root = _global_root()
-    out = {k for k in ("cpu_time", "fds", "disk") if getattr(spec, k) is not None}
-    if spec.memory is not None and not cgroup_memory:
-        out.add("memory")
+    out = {"fds"} if spec.fds is not None else set()
     if spec.pids is not None and not cgroup_pids and not root:
         out.add("pids")
     return out
