@@ -315,15 +315,23 @@ class Controller:
             for key in self.canaries.env:
                 os.environ.pop(key, None)
             self.canaries = None
-        sweep(self.run_id, self.rundir)
+        sweep(self.run_id, self.rundir, loaded_only=True)
 
 
-def sweep(run_id: str, rundir: Path) -> list[str]:
+def sweep(run_id: str, rundir: Path, loaded_only: bool = False) -> list[str]:
     """Remove everything carrying ``run_id``: mounts under the run dir, cgroups, the
-    switch namespace, then the run dir. Safe to call twice."""
+    switch namespace, then the run dir. Safe to call twice.
+
+    ``loaded_only``: skip the switch when this process never imported ``net``: only a
+    controller makes the switch (importing ``net``), and one that made none need not pay
+    ~0.5 s of pyroute2 import at every session end to find none. Cgroups are made by the
+    fork servers, so they are always swept; so is all of a dead run (``sweep_stale``).
+    """
     removed: list[str] = []
     removed += _unmount_under(rundir)
     for mod in ("cgroups", "net"):
+        if loaded_only and mod == "net" and "pytest_isolate.facets.net" not in sys.modules:
+            continue
         with contextlib.suppress(Exception):
             facet = __import__(f"pytest_isolate.facets.{mod}", fromlist=["sweep"])
             removed += facet.sweep(run_id)

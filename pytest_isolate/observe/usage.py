@@ -220,6 +220,10 @@ class TreeSampler:
             if base is None:
                 base = self._base[pid] = self._inherited_by(pid)
                 self.inherited = max(self.inherited, base[0])
+            elif base[0] and self._execd(pid):
+                # Seen between its fork and its exec: what it shared then is gone now.
+                base = self._base[pid] = (0, 0)
+                self.inherited = max((b[0] for b in self._base.values()), default=0)
             rss = max(0, int(rest[21]) * _PAGE - base[0])
             rss_sum += rss
             rss_max = max(rss_max, rss)
@@ -276,6 +280,12 @@ class TreeSampler:
         private = roll.get(b"Private_Clean", 0) + roll.get(b"Private_Dirty", 0)
         pss = max(0, roll.get(b"Pss", 0) - private) * rss // shared
         return (rss, pss)
+
+    def _execd(self, pid: int) -> bool:
+        try:
+            return _read(f"/proc/{pid}/cmdline") != self._cmdline
+        except OSError:
+            return False
 
     def _pss(self, pids: list[int]) -> int | None:
         total = 0
