@@ -115,6 +115,7 @@ class ForkServer:
         config.pluginmanager.register(self.forwarder, "isolate-forwarder")
         self.tiers: dict[str, Tier] = {}
         self.items: dict[str, pytest.Item] = {}
+        self.following: dict[str, pytest.Item] = {}  # nodeid -> the item collected after it
         self.seq = 0
         #: Runners that said "end" and are still being torn down by the kernel.
         self.exiting: list[int] = []
@@ -136,6 +137,17 @@ class ForkServer:
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
+        self.following = dict(zip(self.items, session.items[1:], strict=False))
+
+    def _warm(self, nodeid: str) -> None:
+        """Compute what the next test's child would compute and throw away: its
+        ``location`` (a cached property: reportinfo, relative path; ~0.5 ms) is then
+        inherited by the fork. The controller runs items in collection order, so the
+        item after the last one run is the likely next; a miss only costs the same again."""
+        nxt = self.following.get(nodeid)
+        if nxt is not None:
+            with contextlib.suppress(Exception):
+                nxt.location  # noqa: B018 - for the cache
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
@@ -174,6 +186,7 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
+                self._warm(cmd["nodeid"])
                 if self.want_zygote and self.waiting is None:
                     self._make_zygote()
 
