@@ -565,7 +565,6 @@ IDLE = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="escape detector blames any host mount made meanwhile (other runs, the user) on the test")
 def test_host_mount_by_someone_else_is_not_the_tests_escape(tmp_path: Path, h: Any) -> None:
     """Why the inner runs above use --isolate-on-escape=warn: on a shared machine another
     process mounting something while a jail test runs fails that test as "escaped"."""

@@ -1126,9 +1126,20 @@ def verdicts(
         recs.append(_record("daemon", "escaped" if escaped else "blocked",
                             f"pid {p.get('pid')} {cmdline[:200]!r} {how}", where, "process"))
     for c in contacts:
-        recs.append(_record(str(c.get("technique", "unknown")), "escaped", str(c.get("evidence", "")),
+        technique = str(c.get("technique", "unknown"))
+        if technique == "mount" and tier in _OWN_MOUNT_NS and not at_host:
+            # The host's mount table is shared by everything on the machine. A test with a
+            # mount namespace of its own changes it only after reaching the host's (setns,
+            # a chroot escape), which its own record shows; otherwise the mount was made by
+            # someone else (another run, systemd, the user) and is not this test's escape.
+            continue
+        recs.append(_record(technique, "escaped", str(c.get("evidence", "")),
                             c.get("where"), str(c.get("layer", "canary"))))
     return merge(recs)
+
+
+#: Tiers whose tests have a mount namespace of their own (a UML guest: a kernel of its own).
+_OWN_MOUNT_NS = frozenset({"jail", "zone", "uml"})
 
 
 def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
