@@ -258,6 +258,18 @@ def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
     return f"uml: kernel {kernel} did not boot a test guest (exit {proc.returncode}): {last}"
 
 
+def _guest_oom_kills() -> int:
+    """The guest kernel's count of OOM kills so far (``oom_kill`` in /proc/vmstat)."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def nic_driver(kernel: str) -> tuple[str, str] | None:
     """How the guest gets its tap NICs: (kernel argument template, guest NIC prefix).
 
@@ -889,6 +901,7 @@ class UmlTier(Tier):
             box.state["uml_cg"] = cgroups.TestCgroup(
                 self._cg_host, self.ctx.run_id, f"t{box.index}", limits
             )
+        box.state["uml_oom_before"] = _guest_oom_kills()
         d = Path(TESTS_DIR) / str(box.index)
         d.mkdir()
         box.state["uml_dir"] = d
@@ -972,6 +985,14 @@ class UmlTier(Tier):
                     cg.remove()
                     if cg.leftover:
                         box.notes.append(f"uml: guest cgroup not removed: {', '.join(cg.leftover)}")
+            # The guest's RAM ran out (no budget, or one above the guest's memory): the
+            # kernel's global OOM killer is not charged to the test's cgroup. Tests of one
+            # guest run one at a time, so the guest-wide counter's rise is this test's.
+            before = box.state.pop("uml_oom_before", None)
+            global_kills = _guest_oom_kills() - before if before is not None else 0
+            if global_kills > 0 and not box.usage.get("oom_kills"):
+                box.usage["oom_kills"] = global_kills
+                box.notes.append("uml: OOM-killed by the guest kernel (the guest's RAM ran out)")
             d: Path | None = box.state.get("uml_dir")
             if d is not None:
                 with contextlib.suppress(OSError):
