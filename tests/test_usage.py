@@ -321,7 +321,9 @@ def test_sample_cost():
 
 def test_sampler_of_a_gone_process():
     s = TreeSampler()
-    assert s.result() == {}
+    # No sample yet: only the fork baseline, this process's resident set.
+    (inherited,) = s.result().values()
+    assert 10 * MiB < inherited < 1024 * MiB
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -298,9 +298,14 @@ class TreeSampler:
         return total
 
     def result(self) -> dict[str, int]:
-        """Peaks over all samples; empty if nothing was sampled."""
+        """Peaks over all samples. A test shorter than one period has none; its runner
+        still shared every page this (forking) process had resident, so that is the
+        ``inherited`` part of its rusage ``max_rss``: one statm read, no smaps walk."""
         if not self.samples:
-            return {}
+            try:
+                return {"inherited": int(_read("/proc/self/statm").split()[1]) * _PAGE}
+            except (OSError, ValueError, IndexError):
+                return {}
         return {
             "peak_memory": self.peak_memory,
             "peak_pids": self.peak_pids,
