@@ -318,7 +318,7 @@ class Controller:
         sweep(self.run_id, self.rundir, loaded_only=True)
 
 
-def sweep(run_id: str, rundir: Path, loaded_only: bool = False) -> list[str]:
+def sweep(run_id: str, rundir: Path, loaded_only: bool = False, search: bool = False) -> list[str]:
     """Remove everything carrying ``run_id``: mounts under the run dir, cgroups, the
     switch namespace, then the run dir. Safe to call twice.
 
@@ -326,15 +326,22 @@ def sweep(run_id: str, rundir: Path, loaded_only: bool = False) -> list[str]:
     controller makes the switch (importing ``net``), and one that made none need not pay
     ~0.5 s of pyroute2 import at every session end to find none. Cgroups are made by the
     fork servers, so they are always swept; so is all of a dead run (``sweep_stale``).
+
+    The run dir goes last: it records where the run's cgroups are (the fork servers'
+    cgroups, not necessarily the sweeper's). ``search``: also look for the run's cgroups
+    in every hierarchy, for a dead run whose record may be incomplete.
     """
     removed: list[str] = []
     removed += _unmount_under(rundir)
-    for mod in ("cgroups", "net"):
-        if loaded_only and mod == "net" and "pytest_isolate.facets.net" not in sys.modules:
-            continue
+    with contextlib.suppress(Exception):
+        from pytest_isolate.facets import cgroups
+
+        removed += cgroups.sweep(run_id, rundir=rundir, search=search)
+    if not loaded_only or "pytest_isolate.facets.net" in sys.modules:
         with contextlib.suppress(Exception):
-            facet = __import__(f"pytest_isolate.facets.{mod}", fromlist=["sweep"])
-            removed += facet.sweep(run_id)
+            from pytest_isolate.facets import net
+
+            removed += net.sweep(run_id)
     if rundir.exists():
         shutil.rmtree(rundir, ignore_errors=True)
         removed.append(str(rundir))
@@ -347,55 +354,148 @@ class SharedSwitch:
     Each user holds a shared ``flock`` on the switch's lock file for as long as it uses
     it; whoever can take the lock exclusively is the last one and deletes the switch.
     A lock nobody holds at all marks a switch left by runs that died: swept on sight.
+
+    As root the switch is a mount under /run/netns that every user finds by name.
+    Unprivileged it lives only as long as a holder process (``net.Switch._create_held``):
+    the first user starts one tied to the lock file, not to itself, and writes
+    ``<pid> <start time>`` into the lock file; later users join that holder's netns
+    (their tests join its user namespace, as the first user's do). The holder exits by
+    itself once nobody holds the lock shared, even if every user was SIGKILLed.
     """
 
-    def __init__(self, switch: Any, fd: int, lock: Path) -> None:
+    def __init__(self, switch: Any, fd: int, lock: Path, holder: int | None = None) -> None:
         self.switch = switch
         self.path = switch.path
         self.fd = fd
         self.lock = lock
+        self.holder = holder  # pid of the unprivileged switch's holder, ours or not
 
     @classmethod
     def open(cls, switch_id: str) -> SharedSwitch:
+        while True:
+            opened = cls._try_open(switch_id)
+            if opened is not None:
+                return opened
+
+    @classmethod
+    def _try_open(cls, switch_id: str) -> SharedSwitch | None:
+        """One attempt; None when the lock file was replaced meanwhile (retry)."""
         import fcntl
 
         from pytest_isolate.facets import net
 
         lock = Path(f"/tmp/pytest-isolate-switch-{switch_id}.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # A second lock file serialises creation; the users' lock above stays shared.
-        mutex = os.open(f"{lock}.create", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(lock)
+        try:
+            # A second lock file serialises creation; the users' lock above stays shared.
+            mutex = _open_lock(Path(f"{lock}.create"))
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             fcntl.flock(mutex, fcntl.LOCK_EX)
+            # Shared before looking: an unprivileged holder lives while anyone holds it.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # The last user (or sweep_stale) unlinks both files: ours may be stale ones.
+            if not (_same_file(fd, lock) and _same_file(mutex, Path(f"{lock}.create"))):
+                os.close(fd)
+                return None
             path = os.path.join(net.NETNS_DIR, net.switch_name(switch_id))
+            holder = None
             if os.path.exists(path) and _is_mountpoint(path):
                 switch = net.Switch(run_id=switch_id, path=path)
             else:
-                switch = net.Switch.create(switch_id)
-            fcntl.flock(fd, fcntl.LOCK_SH)
+                holder, held = _published_holder(fd, switch_id)
+                if held is not None:
+                    switch = net.Switch(run_id=switch_id, path=held)
+                else:
+                    switch = net.Switch.create(switch_id, lock=str(lock))
+                    if switch.holder is not None:
+                        holder = switch.holder.pid
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, f"{holder} {_starttime(holder)}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
         finally:
             os.close(mutex)
-        return cls(switch, fd, lock)
+        return cls(switch, fd, lock, holder)
 
     def close(self) -> None:
         import fcntl
 
+        from pytest_isolate.facets import net
+
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)  # others still use it
-            return
+            mutex = _open_lock(Path(f"{self.lock}.create"))
+        except OSError:
+            mutex = -1
         try:
-            self.switch.close()
-            self.lock.unlink(missing_ok=True)
-            Path(f"{self.lock}.create").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only if empty; /run/netns may be ours
-                os.rmdir(os.path.dirname(self.path))
+            if mutex >= 0:
+                fcntl.flock(mutex, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # others still use it (closing our fd lets go of the lock)
+            # The last user: newcomers from now on make a switch of their own.
+            if _same_file(self.fd, self.lock):
+                self.lock.unlink(missing_ok=True)
+            if mutex >= 0 and _same_file(mutex, Path(f"{self.lock}.create")):
+                Path(f"{self.lock}.create").unlink(missing_ok=True)
+            if self.holder is None:
+                self.switch.close()
+                with contextlib.suppress(OSError):  # only if empty; /run/netns may be ours
+                    os.rmdir(os.path.dirname(self.path))
+                return
+            os.close(self.fd)  # lets the holder take the lock and exit
+            self.fd = -1
+            net.wait_holder_gone(self.holder, self.switch.run_id)
+            holder = getattr(self.switch, "holder", None)
+            if holder is not None:  # ours: reap it, drop the pipe
+                with contextlib.suppress(Exception):
+                    holder.wait(timeout=1)
+                if holder.stdout is not None:
+                    holder.stdout.close()
+                self.switch.holder = None
         finally:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            if mutex >= 0:
+                os.close(mutex)
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) a lock file of ours; one of another user is refused, since its
+    content tells us which namespace to hand to tests."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise PermissionError(f"{path} belongs to another user")
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _published_holder(fd: int, switch_id: str) -> tuple[int | None, str | None]:
+    """(pid, netns path) of the live holder the lock file names, or (None, None)."""
+    from pytest_isolate.facets import net
+
+    try:
+        pid_s, start = os.pread(fd, 100, 0).decode().split()
+        pid = int(pid_s)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, None
+    if _starttime(pid) != start:  # gone, or a recycled pid
+        return None, None
+    path = net.held_switch_path(pid, switch_id)
+    return (pid, path) if path is not None else (None, None)
 
 
 def sweep_stale_switches() -> list[str]:
@@ -448,7 +548,7 @@ def sweep_stale() -> list[str]:
         if os.path.exists(f"/proc/{pid}") and _starttime(int(pid)) == start:
             continue  # alive (and not a recycled pid)
         run_id = owner.parent.name.removeprefix("pytest-isolate-")
-        removed += sweep(run_id, owner.parent)
+        removed += sweep(run_id, owner.parent, search=True)
     return removed
 
 

@@ -483,7 +483,6 @@ def test_killed_controller_takes_its_workers_down(killed_then_swept_elsewhere: K
     assert killed_then_swept_elsewhere.lingering == []
 
 
-@pytest.mark.xfail(strict=True, reason="sweep from another cgroup: run dir removed, memory cgroup orphaned for good")
 def test_sweep_from_another_cgroup_removes_every_cgroup(killed_then_swept_elsewhere: Killed) -> None:
     left = killed_then_swept_elsewhere.left
     assert not [line for line in left if line.startswith("cgroup: ")], left

@@ -344,7 +344,6 @@ def test_client():
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="unprivileged + xdist: each worker holds a switch of its own, jails cannot meet")
 def test_network_ip_jails_reach_each_other_unprivileged(nobody_venv: Path, h: Any) -> None:
     _, result = run_as_nobody(nobody_venv, "net", {"test_pair.py": NET_PAIR}, ESCAPE, "-n", "2", "-rA", h=h)
     result.assert_outcomes(passed=2)

@@ -22,7 +22,10 @@ lives in a user namespace of its own, kept alive by a holder process, and its ``
 is ``/proc/<holder>/ns/net``; a test process must then *join* that user namespace
 (``enter_switch_userns``) before it unshares its own namespaces instead of creating a
 fresh user namespace: a process in a sibling user namespace holds no capability over
-the switch and cannot attach to it.
+the switch and cannot attach to it. The xdist workers of an unprivileged run share one
+holder (``controller.SharedSwitch`` publishes its pid in the switch's lock file): a
+process of the same uid may join a user namespace of that uid from outside, so tests of
+every worker join the one holder's user namespace and meet on its bridge.
 
 Pitfalls for tiers:
 - Open the switch path *before* pivot_root or mounting a fresh /proc (neither
@@ -68,11 +71,13 @@ __all__ = [
     "create_tap",
     "delete_tap",
     "enter_switch_userns",
+    "held_switch_path",
     "ip_available",
     "loopback_up",
     "peer_name",
     "sweep",
     "switch_name",
+    "wait_holder_gone",
 ]
 
 #: One private subnet per run. A /12 rather than a /16: 16 workers x 10000 tests need
@@ -438,10 +443,12 @@ class Switch:
         return switch_name(self.run_id)
 
     @classmethod
-    def create(cls, run_id: str) -> Switch:
+    def create(cls, run_id: str, lock: str | None = None) -> Switch:
+        """``lock``: unprivileged, tie the holder's life to a lock file instead of to us
+        (see ``_create_held``); ignored as root, where the netns is a mount."""
         if _privileged():
             return cls._create_mounted(run_id)
-        return cls._create_held(run_id)
+        return cls._create_held(run_id, lock)
 
     @classmethod
     def _create_mounted(cls, run_id: str) -> Switch:
@@ -490,12 +497,16 @@ class Switch:
         return sw
 
     @classmethod
-    def _create_held(cls, run_id: str) -> Switch:
+    def _create_held(cls, run_id: str, lock: str | None = None) -> Switch:
         """Unprivileged: a holder process owns a new user + net namespace.
 
         A separate interpreter (not a fork) because the caller may be threaded, and
         setns into a user namespace is refused to threaded processes anyway. The holder
-        exits when its stdin reaches EOF, i.e. when we close it or die.
+        exits when its stdin reaches EOF, i.e. when we close it or die. With ``lock``
+        (a switch shared by several controllers, the xdist workers of a run) it outlives
+        us instead: it exits once it can ``flock`` the lock file exclusively, i.e. once
+        no user holds it shared any more (closed, or died), so the caller must hold it
+        shared *before* calling this.
         """
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         code = (
@@ -503,8 +514,8 @@ class Switch:
             "from pytest_isolate.facets.net import _holder_main; _holder_main()"
         )
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, pkg_root, _HOLDER_TAG, switch_name(run_id)],
-            stdin=subprocess.PIPE,
+            [sys.executable, "-c", code, pkg_root, lock or "", _HOLDER_TAG, switch_name(run_id)],
+            stdin=subprocess.DEVNULL if lock else subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
         )
@@ -556,7 +567,11 @@ def _unmount_netns(path: str) -> bool:
 def _holder_main() -> None:
     """Body of the unprivileged switch holder (runs in its own interpreter)."""
     uid, gid = os.getuid(), os.getgid()
+    lock = sys.argv[2] if len(sys.argv) > 4 else ""
+    lock_fd = -1
     try:
+        if lock:  # opened before the user namespace: the file belongs to the real uid
+            lock_fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         _unshare(CLONE_NEWUSER)
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
@@ -573,7 +588,15 @@ def _holder_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the controller closes us
     sys.stdout.write("ok\n")
     sys.stdout.flush()
-    sys.stdin.buffer.read()  # until EOF
+    if lock_fd < 0:
+        sys.stdin.buffer.read()  # until EOF
+        os._exit(0)
+    # Until the last user lets go of its shared lock. Then un-publish ourselves before
+    # releasing it: a newcomer blocked on the lock must not join a netns about to die.
+    sys.stdout.close()
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    with contextlib.suppress(OSError):
+        os.ftruncate(lock_fd, 0)
     os._exit(0)
 
 
@@ -599,6 +622,44 @@ def _dead(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def held_switch_path(pid: int, run_id: str) -> str | None:
+    """``/proc/<pid>/ns/net`` if ``pid`` is a live holder of switch ``run_id`` run by our
+    uid, else None: how another controller of the run joins a switch it did not make.
+
+    The pid comes from a file in /tmp; checking the holder's argv and owner keeps us
+    from joining (or handing tests) someone else's namespace.
+    """
+    name = switch_name(run_id)
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid() or _dead(pid):
+            return None
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    if argv[-3:-1] != [_HOLDER_TAG.encode(), name.encode()]:
+        return None
+    path = f"/proc/{pid}/ns/net"
+    return path if os.path.exists(path) else None
+
+
+def wait_holder_gone(pid: int, run_id: str, timeout: float = 5.0) -> bool:
+    """Wait until the holder ``pid`` of switch ``run_id`` is gone; SIGKILL it after
+    ``timeout``. Whether it had to be killed."""
+    deadline = time.monotonic() + timeout
+    while held_switch_path(pid, run_id) is not None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        if time.monotonic() >= deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return True
+        time.sleep(0.005)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return False
 
 
 def sweep(run_id: str) -> list[str]:

@@ -453,6 +453,88 @@ def test_sweep_kills_and_removes_everything(run_id):
     assert cgroups.sweep(run_id) == []
 
 
+@pytest.fixture
+def elsewhere(run_id):
+    """A host as a sweeper started from another cgroup sees it: its own cgroup in every
+    hierarchy is a fresh child of ours (another terminal, CI job or systemd scope)."""
+    host = cgroups.detect()
+    made = []
+    lines = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        num, ctrls, path = line.split(":", 2)
+        lines.append(f"{num}:{ctrls}:{path.rstrip('/')}/ut-elsewhere-{run_id}")
+    for h in host._usable():
+        d = h.base / f"ut-elsewhere-{run_id}"
+        d.mkdir()
+        made.append(d)
+    try:
+        other = CgroupHost.probe(proc_cgroup="\n".join(lines) + "\n")
+        assert {h.base for h in other._usable()} == set(made)
+        yield host, other
+    finally:
+        for d in made:
+            os.rmdir(d)
+
+
+def _sleeper_in(host, run_id):
+    cg = TestCgroup(host, run_id, "s", Limits(memory=64 * MiB, pids=20))
+    pid = _spawn(cg, "import time; time.sleep(120)")
+    time.sleep(0.2)
+    return cg, pid
+
+
+def test_sweep_from_another_cgroup_follows_the_run_dir_record(run_id, elsewhere):
+    host, other = elsewhere
+    rundir = Path(f"/tmp/{cgroups.PREFIX}{run_id}")
+    rundir.mkdir()
+    try:
+        cg, pid = _sleeper_in(host, run_id)
+        parents = {str(d.parent) for d in cg.dirs.values()}
+        assert set((rundir / cgroups.RECORD).read_text().split()) == parents
+        removed = cgroups.sweep(run_id, other)
+        status, _ = _wait(pid, 5)
+        assert os.WIFSIGNALED(status)
+        assert parents <= set(removed)
+        assert not any(d.exists() for d in cg.dirs.values())
+    finally:
+        cgroups.sweep(run_id, host)
+        for f in rundir.iterdir():
+            f.unlink()
+        rundir.rmdir()
+
+
+def test_sweep_of_a_dead_run_searches_every_hierarchy(run_id, elsewhere):
+    host, other = elsewhere
+    cg, pid = _sleeper_in(host, run_id)  # no run dir, so no record
+    try:
+        assert cgroups.sweep(run_id, other) == []  # not where the sweeper looks
+        removed = cgroups.sweep(run_id, other, search=True)
+        status, _ = _wait(pid, 5)
+        assert os.WIFSIGNALED(status)
+        assert {str(d.parent) for d in cg.dirs.values()} <= set(removed)
+    finally:
+        cgroups.sweep(run_id, host)
+
+
+def test_sweep_ignores_record_lines_that_are_not_the_runs_cgroups(run_id, tmp_path):
+    """The run dir is in world-writable /tmp and the sweeper may be root: only a dir
+    named after the run, inside a cgroup hierarchy, is ever killed and removed."""
+    rundir = tmp_path / "rundir"
+    rundir.mkdir()
+    host = cgroups.detect()
+    base = host._usable()[0].base
+    wrong_name = base / f"ut-notours-{run_id}"
+    wrong_name.mkdir()
+    outside = tmp_path / f"{cgroups.PREFIX}{run_id}"
+    outside.mkdir()
+    (rundir / cgroups.RECORD).write_text(f"{wrong_name}\n{outside}\n{base}/../{cgroups.PREFIX}{run_id}\nrelative\n")
+    try:
+        assert cgroups.sweep(run_id, host, rundir=rundir) == []
+        assert wrong_name.is_dir() and outside.is_dir()
+    finally:
+        wrong_name.rmdir()
+
+
 # -- pure v2 code path, on a separately mounted cgroup2 ------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)

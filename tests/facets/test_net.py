@@ -540,3 +540,63 @@ def test_unprivileged_switch_lives_in_a_user_namespace_tests_must_join(run_id: s
         assert net.sweep(rid2) == []
 
     _children_all_ok(_Child(unprivileged))
+
+
+def test_unprivileged_shared_switch_is_one_holder_for_every_controller(run_id: str) -> None:
+    """xdist workers of an unprivileged run share one switch (controller.SharedSwitch):
+    the first one's holder is published in the lock file, the others join it; it lives
+    until the last user closes (whoever made it), and exits by itself once every user
+    is SIGKILLed."""
+    from pytest_isolate.controller import SharedSwitch, sweep_stale_switches
+
+    lock = f"/tmp/pytest-isolate-switch-{run_id}.lock"
+
+    def user(ch: _Child) -> None:
+        sw = SharedSwitch.open(run_id)
+        ch.say(f"{sw.path} {sw.holder}")
+        assert ch.hear() == "close"
+        sw.close()
+        ch.say("closed")
+
+    def unprivileged(_: _Child) -> None:
+        _map_self_to(0, 0)
+        assert not net._privileged()
+        # The first user makes the switch and closes first: the holder must stay up.
+        a = _Child(user)
+        path, holder = a.hear().split()
+        assert path == f"/proc/{holder}/ns/net"
+        b = _Child(user)
+        assert b.hear() == f"{path} {holder}", "the second user made a switch of its own"
+        ino = os.stat(path).st_ino
+        a.say("close")
+        assert a.hear() == "closed"
+        _children_all_ok(a)
+        time.sleep(0.2)
+        assert os.stat(path).st_ino == ino, "the switch died with the user that made it"
+        sw_fd = os.open(path, os.O_RDONLY)
+
+        def attach(_: _Child) -> None:  # a test of the remaining user joins its userns
+            assert net.enter_switch_userns(sw_fd) is True
+            _unshare(CLONE_NEWNET)
+            net.attach_ip(sw_fd, _addr(8, 1), _PREFIX)
+
+        _children_all_ok(_Child(attach))
+        os.close(sw_fd)
+        b.say("close")
+        assert b.hear() == "closed"
+        _children_all_ok(b)
+        assert not os.path.exists(f"/proc/{holder}") or net._dead(int(holder))
+        assert not os.path.exists(lock) and not os.path.exists(f"{lock}.create")
+        # Every user SIGKILLed: the holder notices that nobody holds the lock any more.
+        c, d = _Child(user), _Child(user)
+        _, holder = c.hear().split()
+        assert d.hear().split()[1] == holder
+        for kid in (c, d):
+            os.kill(kid.pid, 9)
+            kid.join()
+        assert net.wait_holder_gone(int(holder), run_id, timeout=5.0) is False, "holder outlived its users"
+        assert os.path.exists(lock)  # left for the next run's sweep, which takes it
+        sweep_stale_switches()
+        assert not os.path.exists(lock) and not os.path.exists(f"{lock}.create")
+
+    _children_all_ok(_Child(unprivileged))
