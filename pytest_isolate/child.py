@@ -7,12 +7,15 @@ tier has already confined the process. It never returns; it ``os._exit``s so no
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
+import io
 import os
 import resource
 import signal
 import sys
+from collections.abc import Generator, Iterator
 from typing import Any, NoReturn
 
 import pytest
@@ -39,6 +42,8 @@ class Forwarder:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.fd = -1
+        #: Registered beside the forwarder (a plugin of its own: its hooks are wrappers).
+        self.terminal = TerminalRelay(config)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -65,6 +70,111 @@ class Forwarder:
                 "location": list(location) if location else None,
             },
         )
+
+
+class _RelayFile(io.TextIOBase):
+    """The file under the child's terminal writer: text waits here until the relay sends it."""
+
+    def __init__(self, relay: TerminalRelay, term_fd: int) -> None:
+        self.relay = relay
+        self.term_fd = term_fd
+        self.pending: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.pending.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        # Sent at every flush, not only with the next report: a test that dies halfway
+        # through a phase still shows what that phase had written.
+        self.relay.send()
+
+    def isatty(self) -> bool:
+        # Markup as for the user's terminal (the controller writes the text there).
+        try:
+            return os.isatty(self.term_fd)
+        except OSError:
+            return False
+
+
+class TerminalRelay:
+    """Sends what a test's code writes to pytest's terminal writer to the controller.
+
+    In-process, ``--setup-show``/``--setup-plan``, live logging and plugins that call
+    ``terminalreporter.write`` during setup, call or teardown write to the user's
+    terminal between the test's reports. The server's terminal writer is a sink, so the
+    child swaps in a writer whose text goes up the pipe as ``term`` frames; the
+    controller writes each before the report it preceded.
+
+    What the child's own terminal reporter writes when reports are logged (the
+    progress, the letters, verbose words) is not relayed: the controller logs the same
+    reports and writes that itself. So the sink is put back around those hooks.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.fd = -1
+        self.file: _RelayFile | None = None
+        self.writer: Any = None
+        self.sink: Any = None
+
+    def start(self, fd: int, term_fd: int) -> None:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is None:
+            return
+        from _pytest.config import create_terminal_writer
+
+        self.fd = fd
+        self.file = _RelayFile(self, term_fd)
+        self.writer = create_terminal_writer(self.config, self.file)  # type: ignore[arg-type]
+        self.writer.fullwidth = _terminal_width(term_fd)
+        self.sink, tr._tw = tr._tw, self.writer
+
+    def send(self) -> None:
+        if self.file is None or not self.file.pending or self.fd < 0:
+            return
+        text = "".join(self.file.pending)
+        self.file.pending.clear()
+        wire.send(self.fd, {"t": "term", "text": text})
+
+    @contextlib.contextmanager
+    def _muted(self) -> Iterator[None]:
+        tr = self.config.pluginmanager.get_plugin("terminalreporter") if self.writer is not None else None
+        if tr is None:
+            yield
+            return
+        self.send()
+        tr._tw = self.sink
+        try:
+            yield
+        finally:
+            tr._tw = self.writer
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_logstart(self) -> Generator[None, object, object]:
+        with self._muted():
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_logreport(self) -> Generator[None, object, object]:
+        with self._muted():
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_logfinish(self) -> Generator[None, object, object]:
+        with self._muted():
+            return (yield)
+
+
+def _terminal_width(term_fd: int) -> int:
+    """The user's terminal width as the controller's writer sees it (``COLUMNS``, else the
+    terminal's size): the child's own stdout is pytest's capture file."""
+    try:
+        cols = os.environ.get("COLUMNS")
+        width = int(cols) if cols else os.get_terminal_size(term_fd).columns
+    except (ValueError, OSError):
+        width = 80
+    return width if width >= 40 else 80
 
 
 def _set_comm(name: bytes) -> None:
@@ -131,6 +241,7 @@ def run_items(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
         )
         forwarder.fd = result_fd
+        forwarder.terminal.start(result_fd, term_fd)
         if _escapes is not None:
             basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
             _escapes.arm(result_fd, [basetemp])
@@ -143,6 +254,7 @@ def run_items(
                 break
             sys.stdout.flush()
             sys.stderr.flush()
+            forwarder.terminal.send()
             wire.send(result_fd, {"t": "item_done", "rusage": _usage_now()})
             try:
                 job = wire.recv(go_fd)
@@ -164,6 +276,8 @@ def run_items(
             sys.stderr.flush()
         except BaseException:  # noqa: BLE001
             pass
+    with contextlib.suppress(BaseException):
+        forwarder.terminal.send()
     if code == 0:
         # Our own figures, so the server need not wait for the kernel to tear this
         # process down (~3 ms for a warm pytest heap) before answering.

@@ -113,6 +113,7 @@ class ForkServer:
         self.sampling = (config.getoption("isolate_readings", None) or config.getini("isolate_readings") or "on") == "on"
         self.forwarder = Forwarder(config)
         config.pluginmanager.register(self.forwarder, "isolate-forwarder")
+        config.pluginmanager.register(self.forwarder.terminal, "isolate-terminal")
         self.tiers: dict[str, Tier] = {}
         self.items: dict[str, pytest.Item] = {}
         self.following: dict[str, pytest.Item] = {}  # nodeid -> the item collected after it
@@ -133,6 +134,20 @@ class ForkServer:
             from _pytest._io import TerminalWriter
 
             tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
+        family = _controller_junit_family(config)
+        if family is not None:
+            from _pytest.junitxml import xml_key
+
+            config.stash[xml_key] = _JunitFamily(family)  # type: ignore[assignment]
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        # Before junitxml's own unconfigure, which would unregister the stand-in as if
+        # it were a registered LogXML.
+        from _pytest.junitxml import xml_key
+
+        if isinstance(config.stash.get(xml_key, None), _JunitFamily):
+            del config.stash[xml_key]
 
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -509,7 +524,18 @@ class ForkServer:
         captures: list[Any],
         leftovers: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        reports = [m["data"] for m in msgs if m.get("t") == "report"]
+        reports: list[dict[str, Any]] = []
+        # terminal[i]: what the child's terminal writer wrote before reports[i]; one more
+        # entry for what it wrote after the last.
+        terminal: list[str] = []
+        pending = ""
+        for m in msgs:
+            if m.get("t") == "term":
+                pending += str(m.get("text") or "")
+            elif m.get("t") == "report":
+                reports.append(m["data"])
+                terminal.append(pending)
+                pending = ""
         warnings = [m for m in msgs if m.get("t") == "warning"]
         internal = [m["error"] for m in msgs if m.get("t") == "internal"]
         for m in msgs:
@@ -543,6 +569,9 @@ class ForkServer:
         if timed_out or not finished or internal:
             crash = self._crash_report(item, box, reports, exit_info, timed_out, stack_fd, captures, internal)
             reports.append(crash)
+            terminal.append(pending)
+            pending = ""
+        terminal.append(pending)
         escapes_found: list[dict[str, Any]] = []
         if _escapes is not None:
             escapes_found = _escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
@@ -566,7 +595,10 @@ class ForkServer:
             "leftovers": leftovers,
             "changes": box.state.get("changes", []),
         }
-        return {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
+        done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
+        if any(terminal):
+            done["terminal"] = terminal
+        return done
 
     def _crash_report(
         self,
@@ -618,6 +650,48 @@ class ForkServer:
             user_properties=list(item.user_properties),
         )
         return self.config.hook.pytest_report_to_serializable(config=self.config, report=rep)
+
+
+def _controller_junit_family(config: pytest.Config) -> str | None:
+    """The junit family of the controller's LogXML, or None when it writes no junit XML.
+
+    The server re-parsed the controller's command line and ini, so it sees the same
+    ``--junitxml`` and ``junit_family``; junitxml itself makes no LogXML here because
+    the server has ``workerinput``. The controller had one unless it is itself an xdist
+    worker, whose ``workerid`` it passed on (an in-process controller passes "master").
+    """
+    if not getattr(config.option, "xmlpath", None):
+        return None
+    if (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master":
+        return None
+    family = str(config.getini("junit_family"))
+    return "xunit1" if family == "legacy" else family  # as LogXML normalises it
+
+
+class _JunitFamily:
+    """Stands in for the controller's LogXML in the server's ``config.stash[xml_key]``.
+
+    Fixtures read it there: ``record_property`` and ``record_xml_attribute`` warn when
+    the family is not xunit1, as they do in-process, and the warning reaches the
+    controller like any other. It writes nothing: the controller's LogXML writes the
+    one junit file from the reports. Attributes and suite properties recorded inside
+    a sandbox are dropped: only reports cross the boundary.
+    """
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+
+    def node_reporter(self, nodeid: str) -> _JunitFamily:
+        return self
+
+    def add_attribute(self, name: str, value: object) -> None:
+        pass
+
+    def add_global_property(self, name: str, value: object) -> None:
+        from _pytest.junitxml import _check_record_param_type
+
+        __tracebackhide__ = True
+        _check_record_param_type("name", name)
 
 
 def _hung_up(fd: int) -> bool:

@@ -249,6 +249,7 @@ class IsolatePlugin:
             return None
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        terminal: dict[int | None, str] = {}
         reason = self.availability(spec.tier)
         if reason:
             reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
@@ -261,14 +262,28 @@ class IsolatePlugin:
             done = self.controller().run(item.nodeid, spec, group, nextid)
             reports, record = self._unpack(item, spec, done)
             record["escapes"] += self.controller().canary_escapes(spec.tier)
+            terminal = _terminal_text(done, reports)
         self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
         policy.apply(self.config, item, spec, reports, record)
         record["outcome"] = report.outcome_of(reports)  # the policy may have failed it
+        reports = _closed(reports)
         report.attach(reports[-1], record)
         for rep in reports:
+            self._write_terminal(terminal.get(id(rep)))
             ihook.pytest_runtest_logreport(report=rep)
+        self._write_terminal(terminal.get(None))
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
+
+    def _write_terminal(self, text: str | None) -> None:
+        """What the sandbox wrote to its terminal writer (``--setup-show``, live logs, a
+        plugin's ``terminalreporter.write``) goes where pytest would have written it
+        in-process: the user's terminal, between the same two reports."""
+        if not text:
+            return
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr._tw.write(text, flush=True)
 
     def controller(self) -> Any:
         if self.ctl is None:
@@ -324,6 +339,52 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("sections"):
         data["sections"] = [tuple(p) for p in data["sections"]]
     return data
+
+
+def _terminal_text(done: dict[str, Any], reports: list[pytest.TestReport]) -> dict[int | None, str]:
+    """The sandbox's terminal text keyed by the report it preceded (``None``: after the
+    last one). Keyed by identity because the policy and ``_closed`` may add reports that
+    the sandbox never wrote anything before."""
+    texts = list(done.get("terminal") or ())
+    if not texts:
+        return {}
+    out: dict[int | None, str] = {id(rep): text for rep, text in zip(reports, texts, strict=False) if text}
+    if len(texts) > len(reports) and texts[len(reports)]:
+        out[None] = texts[len(reports)]
+    return out
+
+
+def _closed(reports: list[pytest.TestReport]) -> list[pytest.TestReport]:
+    """End a test that died before its teardown (crash, timeout) with a passed teardown
+    report, as pytest itself would have logged one after the failure.
+
+    junitxml writes a testcase's ``<properties>`` and captured output only when it sees
+    the teardown report; without one the ``isolate_*`` properties of exactly the tests
+    that crashed or ran over a budget were lost. Like pytest's own teardown report it
+    carries every section and user property of the test so far; a passed teardown adds
+    nothing to the terminal, the counts or the JSON report's outcome.
+    """
+    if not reports or reports[-1].when == "teardown":
+        return reports
+    sections: list[tuple[str, str]] = []
+    for rep in reports:
+        sections += [s for s in rep.sections if s not in sections]
+    props = max((list(rep.user_properties) for rep in reports), key=len)
+    last = reports[-1]
+    teardown = pytest.TestReport(
+        nodeid=last.nodeid,
+        location=last.location,
+        keywords=dict(last.keywords),
+        outcome="passed",
+        longrepr=None,
+        when="teardown",
+        sections=sections,
+        duration=0.0,
+        start=last.stop,
+        stop=last.stop,
+        user_properties=props,
+    )
+    return [*reports, teardown]
 
 
 def _synthetic(item: pytest.Item, outcome: str, message: str) -> list[pytest.TestReport]:

@@ -103,7 +103,7 @@ class ReportPlugin:
         if not self.records or hasattr(self.config, "workerinput"):
             return
         tr = terminalreporter
-        tr.section("isolation")
+        tr.write_sep("=", "isolation")  # after a newline, as pytest's own sections
         tiers = Counter(r["tier"] for r in self.records)
         crashed = [r for r in self.records if r["crashed"] and not r["timed_out"]]
         timed_out = [r for r in self.records if r["timed_out"]]

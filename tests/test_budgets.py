@@ -207,9 +207,6 @@ def test_zone_over_budget_in_terminal_json_and_junit(zone_run: tuple[Path, pytes
     assert "isolate_overuse" not in props["test_last"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a crashed test has no teardown report, and junitxml reads properties only from teardown"
-)
 def test_junit_properties_of_an_oom_killed_test(zone_run: tuple[Path, pytest.RunResult, str], h: Any) -> None:
     path, _, _ = zone_run
     props = h.junit_properties(path / "j.xml")

@@ -375,10 +375,19 @@ CRASHES = """
 """
 
 
-def test_crashes_fail_the_test_and_the_run_goes_on(pytester: pytest.Pytester) -> None:
+def test_crashes_fail_the_test_and_the_run_goes_on(pytester: pytest.Pytester, h: Any) -> None:
     pytester.makepyfile(test_crash=CRASHES)
-    result = pytester.runpytest_subprocess(ISO, "-rA", "--isolate-report=r.json", timeout=60)
+    result = pytester.runpytest_subprocess(ISO, "-rA", "--isolate-report=r.json", "--junitxml=j.xml", timeout=60)
     result.assert_outcomes(failed=3, passed=3)
+    # The teardown report that closes a crashed test adds no line to -rA's summary.
+    assert [ln.split(" - ")[0] for ln in result.outlines if ln.startswith(("FAILED ", "ERROR "))] == [
+        "FAILED test_crash.py::test_segv", "FAILED test_crash.py::test_exit3", "FAILED test_crash.py::test_sigkill",
+    ]
+    # junitxml writes properties and output from the teardown report only.
+    props = h.junit_properties(pytester.path / "j.xml")
+    assert props["test_segv"]["isolate_signal"] == "SIGSEGV" and props["test_segv"]["isolate_crashed"] == "True"
+    assert props["test_exit3"]["isolate_exit_code"] == "3"
+    assert props["test_sigkill"]["isolate_signal"] == "SIGKILL"
     segv = section(result, "test_segv")
     assert "SIGSEGV" in segv and "printed before segv" in segv
     assert re.search(r'test_crash\.py", line 6 in test_segv', segv), segv  # the dying line
@@ -479,7 +488,9 @@ def timeouts(tmp_path_factory: pytest.TempPathFactory, h: Any) -> tuple[Path, py
     path = tmp_path_factory.mktemp("timeouts")
     tok = token()
     h.write_files(path, {"test_to.py": TIMEOUTS.replace("{token}", tok)})
-    result = h.run_pytest(path, ISO, "--isolate-timeout=1s", "-rA", "--isolate-report=r.json", timeout=90)
+    result = h.run_pytest(
+        path, ISO, "--isolate-timeout=1s", "-rA", "--isolate-report=r.json", "--junitxml=j.xml", timeout=90
+    )
     return path, result, tok
 
 
@@ -508,6 +519,15 @@ def test_timeout_from_marker(timeouts: tuple[Path, pytest.RunResult, str]) -> No
             "TIMEOUT test_to.py::test_hang_marker_with_child [[]process[]]*",
         ]
     )
+
+
+def test_timed_out_tests_have_their_junit_properties(timeouts: tuple[Path, pytest.RunResult, str], h: Any) -> None:
+    path, _, _ = timeouts
+    props = h.junit_properties(path / "j.xml")
+    for name in ("test_hang_cli", "test_hang_marker_with_child"):
+        assert props[name]["isolate_timed_out"] == "True", name
+        assert props[name]["isolate_overuse"].startswith("timeout "), name
+    assert "isolate_timed_out" not in props["test_after"]
 
 
 def test_timeout_kills_what_the_test_spawned(timeouts: tuple[Path, pytest.RunResult, str], h: Any) -> None:

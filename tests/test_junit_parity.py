@@ -135,10 +135,6 @@ def test_same_outcome_counts(pair: Pair) -> None:
     assert pair.iso.ret == pair.plain.ret == pytest.ExitCode.TESTS_FAILED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="record_property's junit_family=xunit2 PytestWarning is not raised in the sandbox (the fork server has no LogXML)",
-)
 def test_same_warning_count(pair: Pair) -> None:
     assert pair.iso.parseoutcomes().get("warnings") == pair.plain.parseoutcomes().get("warnings")
 

@@ -278,7 +278,6 @@ def test_hooks_fire_once_per_test_and_once_per_session(runs: Runs) -> None:
     assert dict((ln[2].split("::")[1], ln[3]) for ln in results)["test_xpass"] == "xpassed"
 
 
-@pytest.mark.xfail(strict=True, reason="--setup-show output is written to the fork server's silenced terminal, not the user's")
 def test_setup_show(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -293,6 +292,55 @@ def test_setup_show(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess(ISO, "--setup-show")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*SETUP    F fx*", "*test_setup_show.py::test_uses (fixtures used: fx)*", "*TEARDOWN F fx*"])
+
+
+TERMINAL = """
+    import logging
+
+    import pytest
+
+    @pytest.fixture
+    def fx():
+        logging.getLogger("suite").warning("in setup")
+        yield 1
+        logging.getLogger("suite").warning("in teardown")
+
+    @pytest.fixture(params=[1, 2])
+    def p(request, fx):
+        return request.param
+
+    def test_param(p):
+        logging.getLogger("suite").warning("in call")
+
+    def test_fail(fx):
+        assert 0
+
+    def test_plain():
+        pass
+"""
+
+
+def _test_lines(result: pytest.RunResult) -> list[str]:
+    """What pytest wrote while the tests ran: after "collected", up to the first section."""
+    lines = result.outlines
+    start = next(i for i, ln in enumerate(lines) if "collected " in ln)
+    end = next(i for i, ln in enumerate(lines) if i > start and re.fullmatch(r"=+ .* =+", ln))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--setup-show",), ("--setup-show", "-v"), ("--setup-plan",), ("-o", "log_cli=true")],
+    ids=["setup-show", "setup-show-v", "setup-plan", "log-cli"],
+)
+def test_terminal_output_of_setup_and_teardown_as_in_process(pytester: pytest.Pytester, args: tuple[str, ...]) -> None:
+    """Function-scoped fixtures only: a module fixture is set up again in each fresh
+    child, which is the point of isolation, and shows as such."""
+    pytester.makepyfile(test_terminal=TERMINAL)
+    plain = pytester.runpytest_subprocess("-p", "no:randomly", *args)
+    iso = pytester.runpytest_subprocess(ISO, "-p", "no:randomly", *args)
+    assert _test_lines(iso) == _test_lines(plain)
+    assert any("fx" in ln or "in call" in ln for ln in _test_lines(iso))
 
 
 # -- options that steer the run ----------------------------------------------------------
