@@ -36,6 +36,7 @@ from pytest_isolate.tiers.base import (
     Unavailable,
     WorkerContext,
     descendants,
+    describe_procs,
     kill_tree,
     rusage_dict,
 )
@@ -496,14 +497,7 @@ class ForkServer:
         return found
 
     def _kill(self, pids: list[int]) -> list[dict[str, Any]]:
-        found = []
-        for p in pids:
-            try:
-                with open(f"/proc/{p}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                continue
-            found.append({"pid": p, "cmdline": cmdline})
+        found = describe_procs(pids)
         for p in found:
             kill_tree(p["pid"])
         for p in found:
@@ -547,6 +541,9 @@ class ForkServer:
                 box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
             elif m.get("t") == "leftover":
                 leftovers = leftovers + list(m.get("procs") or [])
+        # A tier that ends what a test left by other means (uml: the test's cgroup) names it.
+        seen = {p["pid"] for p in leftovers}
+        leftovers = leftovers + [p for p in box.state.get("leftovers", []) if p["pid"] not in seen]
         ru_figures = rusage_dict(ru) or {k: box.usage[k] for k in ("cpu_user", "cpu_sys", "max_rss", "write_bytes") if k in box.usage}
         sampler = box.state.get("sampler")
         readings = usage.merge(

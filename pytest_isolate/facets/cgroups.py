@@ -845,6 +845,11 @@ class TestCgroup:
             pass
         return out
 
+    def procs(self) -> list[int]:
+        """The processes in the group now, in any of its hierarchies: what a test left
+        running, listed before ``kill`` so the report can name them."""
+        return sorted({p for d in self._unique() for p in _procs(d)})
+
     def kill(self) -> None:
         """Kill every process in the group, however it got there; returns once empty."""
         dirs = self._unique()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -121,6 +121,21 @@ def fork_child(body: Callable[[], NoReturn]) -> int:
                 os._exit(70)
         os._exit(0)
     return pid
+
+
+def describe_procs(pids: Iterable[int]) -> list[dict[str, Any]]:
+    """``{"pid", "cmdline"}`` of each live process, for the report's ``leftovers``
+    (a process already gone, or a kernel thread, has no command line and is left out)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if cmdline:
+            out.append({"pid": p, "cmdline": cmdline})
+    return out
 
 
 def descendants(pid: int) -> list[int]:

@@ -64,6 +64,7 @@ from pytest_isolate.tiers.base import (
     Tier,
     Unavailable,
     WorkerContext,
+    describe_procs,
     fork_child,
     kill_tree,
     rusage_dict,
@@ -976,6 +977,9 @@ class UmlTier(Tier):
             box.usage.update(rusage_dict(rusage))
             cg = box.state.pop("uml_cg", None)
             if cg is not None:
+                # What the test left running (no PID namespace per test here: the cgroup
+                # is what ends them), named before cg.remove() kills them.
+                box.state["leftovers"] = describe_procs(p for p in cg.procs() if p != pid)
                 try:
                     readings = cg.read()
                     box.usage.update(readings)

@@ -66,11 +66,7 @@ DIFFERENCES: dict[tuple[str, str], tuple[str, str]] = {
 
 #: Cells where the plugin's verdict is known to differ from reality: (technique, tier) ->
 #: (why, strict). xfail; a strict one turns into a failure once fixed (remove it here).
-PLUGIN_GAPS: dict[tuple[str, str], tuple[str, bool]] = {
-    ("daemon", "uml"): ("uml: the guest cgroup kills a test's leftover processes in UmlTier.finish(), which "
-                        "runs before the fork server looks for them: reported only when the runner's "
-                        "children are listed before it exits (a race)", False),
-}
+PLUGIN_GAPS: dict[tuple[str, str], tuple[str, bool]] = {}
 
 
 def _availability(tier: str) -> str | None:
