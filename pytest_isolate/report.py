@@ -156,10 +156,10 @@ class ReportPlugin:
         measured = [r for r in self.records if r.get("peak_rss") is not None]
         if not top or not measured:
             return
-        by_mem = sorted(measured, key=lambda r: r["usage"].get("peak_memory") or r["peak_rss"] or 0, reverse=True)
+        by_mem = sorted(measured, key=_peak, reverse=True)
         tr.write_line(f"top {min(top, len(measured))} by peak memory:")
         for r in by_mem[:top]:
-            peak = r["usage"].get("peak_memory") or r["peak_rss"]
+            peak = _peak(r)
             cpu = (r.get("cpu_user") or 0) + (r.get("cpu_sys") or 0)
             tr.write_line(f"  {format_size(peak):>10}  cpu {cpu:6.2f}s  {r['nodeid']} [{r['tier']}]")
 
@@ -228,3 +228,10 @@ def write_json(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _peak(record: dict[str, Any]) -> int:
+    """The test's peak memory reading; rusage's max_rss only where there is none (a 0
+    reading is a reading: a trivial test uses nothing beyond what its fork inherited)."""
+    peak = record["usage"].get("peak_memory")
+    return int(peak if peak is not None else record.get("peak_rss") or 0)

@@ -22,6 +22,7 @@ import pytest
 
 from pytest_isolate.facets import rlimits
 from pytest_isolate.spec import IsolationSpec
+from tests.outputs import records, section, summary_block
 
 MiB = 1 << 20
 #: See the module docstring: escape false positives must not decide budget tests.
@@ -29,42 +30,6 @@ ESC = "--isolate-on-escape=warn"
 
 
 # -- helpers ---------------------------------------------------------------------------
-def records(path: Path) -> dict[str, dict[str, Any]]:
-    """The JSON report's records by node id; a test recorded twice is an error."""
-    doc = json.loads(path.read_text())
-    recs = {r["nodeid"]: r for r in doc["tests"]}
-    assert len(recs) == len(doc["tests"]), "a test has two records"
-    return recs
-
-
-def section(result: pytest.RunResult, title: str) -> str:
-    """The text of one ``____ title ____`` block of the FAILURES output."""
-    out, inside = [], False
-    for line in result.outlines:
-        if re.fullmatch(r"_+ .* _+", line):
-            inside = line.strip("_ ").strip() == title
-            continue
-        if inside and re.match(r"^=+ .* =+$", line):
-            break
-        if inside:
-            out.append(line)
-    assert out, f"no section {title!r} in output:\n" + "\n".join(result.outlines)
-    return "\n".join(out)
-
-
-def summary_block(result: pytest.RunResult, title: str) -> list[str]:
-    """Lines of a ``---- title ----`` sub-section of the terminal summary."""
-    out: list[str] = []
-    inside = False
-    for line in result.outlines:
-        if re.fullmatch(r"[-=]+ .* [-=]+", line):
-            if inside:
-                break
-            inside = line.strip("-= ") == title
-            continue
-        if inside:
-            out.append(line)
-    return out
 
 
 def cpu(rec: dict[str, Any]) -> float:

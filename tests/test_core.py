@@ -4,47 +4,20 @@ subprocess running the real process tier."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.outputs import records, section, token
+
 ISO = "--isolate=process"
-
-
-def records(path: Path) -> dict[str, dict[str, Any]]:
-    doc = json.loads(path.read_text())
-    recs = {r["nodeid"]: r for r in doc["tests"]}
-    assert len(recs) == len(doc["tests"]), "a test has two records"
-    return recs
-
-
-def section(result: pytest.RunResult, title: str) -> str:
-    """The text of one ``____ title ____`` block of the FAILURES/ERRORS output."""
-    out, inside = [], False
-    for line in result.outlines:
-        if re.fullmatch(r"_+ .* _+", line):
-            inside = line.strip("_ ").strip() == title
-            continue
-        if inside and re.match(r"^=+ .* =+$", line):
-            break
-        if inside:
-            out.append(line)
-    assert out, f"no section {title!r} in output:\n" + "\n".join(result.outlines)
-    return "\n".join(out)
-
-
-def token() -> str:
-    """A unique argv marker: processes carrying it are this test's and nobody else's."""
-    return f"isotok-{uuid.uuid4().hex[:12]}"
 
 
 # -- marker and options ----------------------------------------------------------------

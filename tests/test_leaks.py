@@ -22,13 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
+
+from tests.outputs import token
 
 GRACE = 5.0
 ESCAPE = "--isolate-on-escape=warn"  # see test_tiers.py: host mounts of other runs
@@ -48,10 +49,6 @@ def _record_run_id(tmp_path_factory):
     xuid = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
     (tmp_path_factory.getbasetemp() / f"runid-{rid or 'unknown'}-{xuid}").touch()
 '''
-
-
-def token() -> str:
-    return f"isotok-{uuid.uuid4().hex[:12]}"
 
 
 # -- host state ----------------------------------------------------------------------

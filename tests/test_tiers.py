@@ -13,7 +13,6 @@ module tests (tests/escapes/ does).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -23,42 +22,13 @@ from typing import Any
 
 import pytest
 
+from tests.outputs import records, section, seen, token
+
 ESCAPE = "--isolate-on-escape=warn"
 #: What the docs promise a zone's /dev holds (docs/tiers.md, `zone`), and the links
 #: and mount points any Linux userland expects next to them.
 ZONE_DEV_REQUIRED = {"null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm"}
 ZONE_DEV_ALLOWED = ZONE_DEV_REQUIRED | {"fd", "stdin", "stdout", "stderr", "core", "mqueue"}
-
-
-def token() -> str:
-    return f"isotok-{uuid.uuid4().hex[:12]}"
-
-
-def records(path: Path) -> dict[str, dict[str, Any]]:
-    doc = json.loads(path.read_text())
-    return {r["nodeid"]: r for r in doc["tests"]}
-
-
-def seen(base: Path, name: str) -> dict[str, Any]:
-    """What inner test ``name`` wrote to its tmp_path (found wherever basetemp put it)."""
-    found = sorted(base.rglob(f"seen-{name}.json"))
-    assert len(found) == 1, f"expected one seen-{name}.json under {base}, found {found}"
-    return json.loads(found[0].read_text())
-
-
-def section(result: pytest.RunResult, title: str) -> str:
-    """The text of one ``____ title ____`` block of the FAILURES output."""
-    out, inside = [], False
-    for line in result.outlines:
-        if re.fullmatch(r"_+ .* _+", line):
-            inside = line.strip("_ ").strip() == title
-            continue
-        if inside and re.match(r"^=+ .* =+$", line):
-            break
-        if inside:
-            out.append(line)
-    assert out, f"no section {title!r} in output:\n" + "\n".join(result.outlines)
-    return "\n".join(out)
 
 
 # -- one run per tier ----------------------------------------------------------------

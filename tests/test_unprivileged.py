@@ -16,7 +16,6 @@ says to use ``jail``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.outputs import records, seen
 
 UID = GID = 65534
 REPO = Path(__file__).resolve().parent.parent
@@ -127,16 +128,6 @@ def run_as_nobody(
         time.sleep(0.1)
     assert left == [], f"processes of the unprivileged run left: {left}"
     return path, result
-
-
-def records(path: Path) -> dict[str, dict[str, Any]]:
-    return {r["nodeid"]: r for r in json.loads(path.read_text())["tests"]}
-
-
-def seen(base: Path, name: str) -> dict[str, Any]:
-    found = sorted(base.rglob(f"seen-{name}.json"))
-    assert len(found) == 1, f"expected one seen-{name}.json under {base}, found {found}"
-    return json.loads(found[0].read_text())
 
 
 SUITE = '''

@@ -15,12 +15,13 @@ asserted here are the tests' own, whatever the policy.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.outputs import records
 
 MiB = 1 << 20
 ESC = "--isolate-on-escape=warn"
@@ -31,13 +32,6 @@ HOOK_CONFTEST = """
         with open(os.path.join(str(config.rootpath), "reports.log"), "a") as f:
             f.write(f"{len(records)}\\n")
 """
-
-
-def records(path: Path) -> dict[str, dict[str, Any]]:
-    doc = json.loads(path.read_text())
-    recs = {r["nodeid"]: r for r in doc["tests"]}
-    assert len(recs) == len(doc["tests"]), "a test has two records"
-    return recs
 
 
 def workers(result: pytest.RunResult) -> dict[str, str]:

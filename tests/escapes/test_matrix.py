@@ -66,7 +66,11 @@ DIFFERENCES: dict[tuple[str, str], tuple[str, str]] = {
 
 #: Cells where the plugin's verdict is known to differ from reality: (technique, tier) ->
 #: (why, strict). xfail; a strict one turns into a failure once fixed (remove it here).
-PLUGIN_GAPS: dict[tuple[str, str], tuple[str, bool]] = {}
+PLUGIN_GAPS: dict[tuple[str, str], tuple[str, bool]] = {
+    ("daemon", "uml"): ("uml: the test's leftover processes are listed from its guest cgroup before it is "
+                        "killed, and from the runner's children; once in four full runs (loaded host) the "
+                        "daemon was in neither list, not reproduced alone: a race remains", False),
+}
 
 
 def _availability(tier: str) -> str | None:
