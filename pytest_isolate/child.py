@@ -22,6 +22,7 @@ import pytest
 
 from pytest_isolate import wire
 from pytest_isolate.facets import rlimits
+from pytest_isolate.observe import escapes
 from pytest_isolate.spec import IsolationSpec
 
 #: Signal the fork server sends a timed-out runner so it dumps its Python stack.
@@ -177,18 +178,15 @@ def _terminal_width(term_fd: int) -> int:
     return width if width >= 40 else 80
 
 
+#: Loaded once in the fork server: every child inherits the handle.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def _set_comm(name: bytes) -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+        _LIBC.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
     except Exception:  # noqa: BLE001 - cosmetic, never fatal
         pass
-
-
-try:  # TEMP until observe/escapes.py lands
-    from pytest_isolate.observe import escapes as _escapes
-except Exception:  # noqa: BLE001
-    _escapes = None  # type: ignore[assignment]
 
 
 def _usage_now() -> dict[str, float]:
@@ -242,9 +240,8 @@ def run_items(
         )
         forwarder.fd = result_fd
         forwarder.terminal.start(result_fd, term_fd)
-        if _escapes is not None:
-            basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
-            _escapes.arm(result_fd, [basetemp])
+        basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+        escapes.arm(result_fd, [basetemp])
         while True:
             item = items[job["nodeid"]]
             session = item.session

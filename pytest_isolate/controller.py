@@ -221,16 +221,12 @@ class Controller:
         ) or None
         self.needs_switch = False
         self._switch: Any = None
-        self.canaries: Any = None
-        try:
-            from pytest_isolate.observe.escapes import Canaries
-        except Exception:  # noqa: BLE001 - TEMP until observe/escapes lands
-            Canaries = None  # type: ignore[assignment]  # noqa: N806
-        if Canaries is not None:
-            self.canaries = Canaries(self.rundir, self.run_id)
-            # Sandboxes inherit the environment of the workers: tests can find the
-            # tripwires (the escape matrix targets them on purpose).
-            os.environ.update(self.canaries.env)
+        from pytest_isolate.observe.canaries import Canaries
+
+        self.canaries: Canaries | None = Canaries(self.rundir, self.run_id)
+        # Sandboxes inherit the environment of the workers: tests can find the
+        # tripwires (the escape matrix targets them on purpose).
+        os.environ.update(self.canaries.env)
 
     def canary_escapes(self, tier: str) -> list[dict[str, Any]]:
         """Tripwire contacts since the last test, as escape records of this test."""

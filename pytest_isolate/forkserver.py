@@ -28,7 +28,7 @@ import pytest
 from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.facets import rlimits
-from pytest_isolate.observe import usage
+from pytest_isolate.observe import escapes, usage
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import (
     Box,
@@ -569,9 +569,7 @@ class ForkServer:
             terminal.append(pending)
             pending = ""
         terminal.append(pending)
-        escapes_found: list[dict[str, Any]] = []
-        if _escapes is not None:
-            escapes_found = _escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
+        escapes_found = escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
         cg = self._cgroup(box)
         enforced = rlimits.enforced(box.spec, cgroup_memory=cg, cgroup_pids=cg) | {"timeout"}
         if cg:
@@ -705,11 +703,6 @@ def _zombie(pid: int) -> bool:
     except (OSError, IndexError):
         return True
 
-
-try:  # TEMP until observe/escapes.py lands
-    from pytest_isolate.observe import escapes as _escapes
-except Exception:  # noqa: BLE001
-    _escapes = None  # type: ignore[assignment]
 
 _NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"')
 
