@@ -11,7 +11,8 @@ boot     cold start, host's view: ``makegateway`` → first ``remote_exec`` resu
          ``import pytest`` in that fresh guest; "cold ready" is their sum (target ≤ 2.5 s).
          Also the guest close (``gw.exit`` + ``close_guest``).
 kernel   the same boot with kernel command line variants: without the initcall blacklist
-         (Debian's kernel benchmarks RAID6/XOR at every boot), and with ``loglevel=0``.
+         (Debian's kernel benchmarks RAID6/XOR at every boot), with ``loglevel=0``, and
+         with ptrace instead of seccomp for the guest's processes (kernels >= 6.16).
 python   interpreter start-up *inside* a guest: ``-c pass`` with/without site, ``-I``,
          ``import pytest``, a pyenv shim (bash) vs the absolute interpreter path.
 fork     per-test cost inside a warm guest, in a single-threaded interpreter with
@@ -151,10 +152,14 @@ def bench_kernel(repeat: int, out: dict[str, Any]) -> None:
     def loglevel0(argv: list[str]) -> list[str]:
         return [("loglevel=0" if a == "quiet" else a) for a in argv]
 
+    def ptrace(argv: list[str]) -> list[str]:
+        return [("seccomp=off" if a == "seccomp=auto" else a) for a in argv]
+
     variants = {
         "default": None,
         "no initcall_blacklist": without_blacklist,
         "loglevel=0": loglevel0,
+        "seccomp=off (ptrace)": ptrace,
     }
     res: dict[str, float] = {}
     for name, patch in variants.items():
