@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.outputs import records
+from tests.outputs import summary_block as block
 
 MiB = 1 << 20
 ESC = "--isolate-on-escape=warn"
@@ -42,20 +43,6 @@ def workers(result: pytest.RunResult) -> dict[str, str]:
         if m:
             assert m.group(3) not in out, f"{m.group(3)} reported twice"
             out[m.group(3)] = m.group(1)
-    return out
-
-
-def block(result: pytest.RunResult, title: str) -> list[str]:
-    out: list[str] = []
-    inside = False
-    for line in result.outlines:
-        if re.fullmatch(r"[-=]+ .* [-=]+", line):
-            if inside:
-                break
-            inside = line.strip("-= ") == title
-            continue
-        if inside:
-            out.append(line)
     return out
 
 
