@@ -178,13 +178,13 @@ def _terminal_width(term_fd: int) -> int:
     return width if width >= 40 else 80
 
 
-#: Loaded once in the fork server: every child inherits the handle.
-_LIBC = ctypes.CDLL(None, use_errno=True)
+#: Looked up once in the fork server (~0.2 ms per child otherwise): children inherit it.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _set_comm(name: bytes) -> None:
     try:
-        _LIBC.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+        _PRCTL(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
     except Exception:  # noqa: BLE001 - cosmetic, never fatal
         pass
 
