@@ -119,16 +119,23 @@ class TerminalRelay:
         self.writer: Any = None
         self.sink: Any = None
 
-    def start(self, fd: int, term_fd: int) -> None:
-        tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is None:
+    def prepare(self, term_fd: int) -> None:
+        """In the fork server, once: the writer every child starts with (~0.3 ms a child
+        otherwise). Its buffer stays empty here; each child fills its own copy."""
+        if self.config.pluginmanager.get_plugin("terminalreporter") is None:
             return
         from _pytest.config import create_terminal_writer
 
-        self.fd = fd
         self.file = _RelayFile(self, term_fd)
         self.writer = create_terminal_writer(self.config, self.file)  # type: ignore[arg-type]
         self.writer.fullwidth = _terminal_width(term_fd)
+
+    def start(self, fd: int) -> None:
+        """In a test child: text from here on goes up ``fd``."""
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is None or self.writer is None:
+            return
+        self.fd = fd
         self.sink, tr._tw = tr._tw, self.writer
 
     def send(self) -> None:
@@ -239,7 +246,7 @@ def run_items(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
         )
         forwarder.fd = result_fd
-        forwarder.terminal.start(result_fd, term_fd)
+        forwarder.terminal.start(result_fd)
         basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         escapes.arm(result_fd, [basetemp])
         while True:

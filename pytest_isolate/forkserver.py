@@ -172,6 +172,7 @@ class ForkServer:
         factory = getattr(self.config, "_tmp_path_factory", None)
         if factory is not None:
             factory.getbasetemp()
+        self.forwarder.terminal.prepare(self.term_fd)
         # The gateway opens these too, so a test's captured output outlives this server
         # (a test that kills its worker still shows what it printed).
         fds = [f.fileno() for f in self._capture_files()]
