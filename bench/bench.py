@@ -705,6 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             row.error = f"{interp.name} interpreter: {interp.error}"
 
     root, suites = make_workspace(r.tests for r in rows.values())
+    if BASELINES in interps:
+        # PyPI's pytest-isolate leaves pytest_isolate_resources_<pid>.json(.lock) in
+        # TMPDIR after every run: give it one inside the workspace, removed with it.
+        (root / "tmp").mkdir()
+        interps[BASELINES].env["TMPDIR"] = str(root / "tmp")
     try:
         # Untimed warm-up of each reference row: writes the suites' rewritten .pyc (per
         # pytest version) and warms the page cache, so run 1 is not an outlier.
