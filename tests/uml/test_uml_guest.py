@@ -131,6 +131,30 @@ def test_availability_and_kernel() -> None:
         uml.find_kernel("/nonexistent/linux.uml")
 
 
+def test_boot_probe_names_a_kernel_that_cannot_run_a_guest(tmp_path: Path) -> None:
+    """availability() boots a probe guest: the kernel in use passes; a binary that is no
+    UML kernel (exits at once, prints nothing) gets one line naming it and its exit."""
+    assert uml.boot_probe(uml.find_kernel()) is None
+    fake = tmp_path / "linux.uml"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    why = uml.boot_probe(str(fake))
+    assert why is not None and why.startswith(f"uml: kernel {fake} did not boot a test guest (exit 3)"), why
+    assert "\n" not in why
+    assert not list(Path(tempfile.gettempdir()).glob("pytest-isolate-umlprobe-*"))  # its dir is gone
+
+
+def test_kernel_features_are_read_from_the_binary() -> None:
+    """The NIC driver and seccomp mode the tier picks are what the kernel offers."""
+    kernel = uml.find_kernel()
+    cfg = uml.kernel_config(kernel)
+    nic = uml.nic_driver(kernel)
+    assert nic is not None
+    assert nic[1] == ("eth" if cfg.get("CONFIG_UML_NET_TUNTAP") == "y" else "vec")
+    with open(kernel, "rb") as f:
+        assert uml.seccomp_mode(kernel) == (b"Invalid seccomp option" in f.read())
+
+
 def test_gateway_reports_guest_kernel(guest: Guest) -> None:
     version = subprocess.run(
         [uml.find_kernel(), "--version"], capture_output=True, text=True
