@@ -130,7 +130,7 @@ class JailTier(Tier):
     #: and with it root can remount this bind read-write or mount a fresh procfs, so
     #: this stops a stray write (``sysctl -w`` in a test), not a deliberate escape
     #: (tests/escapes/test_matrix.py tries the remount; the zone drops CAP_SYS_ADMIN).
-    readonly_proc: tuple[str, ...] = ("/proc/sys",)
+    readonly_proc: tuple[str, ...] = ("/proc/sys", "/proc/sysrq-trigger")
 
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)

@@ -219,6 +219,26 @@ def test_double_chroot_stays_inside(harness, cls):
     assert "created /escape-dir/" in out.box.state["changes"]
 
 
+def test_jail_kernel_knobs_are_read_only(harness):
+    """A stray write to a host kernel knob (sysctl -w, echo > /proc/sysrq-trigger) stops
+    at EROFS in a jail; nothing is written even where the open would succeed."""
+
+    def body(box):
+        res = {}
+        for path in ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger"):
+            try:
+                os.close(os.open(path, os.O_WRONLY))
+                res[path] = "OPENED"
+            except OSError as e:
+                res[path] = errno.errorcode[e.errno]
+        return res
+
+    res = harness.run(JailTier, body).result()
+    assert res["/proc/sys/kernel/core_pattern"] == "EROFS"
+    assert res["/proc/sys/vm/drop_caches"] == "EROFS"
+    assert res["/proc/sysrq-trigger"] in ("EROFS", "ENOENT"), res  # absent without CONFIG_MAGIC_SYSRQ
+
+
 def test_zone_confinement(harness):
     def body(box):
         res: dict = {"dev": sorted(os.listdir("/dev"))}
