@@ -41,8 +41,11 @@ try:
 except Exception as e:
     print(e)'
 }
-if command -v linux.uml >/dev/null 2>&1 && [ "$(uml_probe)" != ok ]; then
-  echo "setup: $(uml_probe)"
-  bash scripts/uml-kernel.sh --force
-  echo "setup: uml kernel check: $(uml_probe)"
+if command -v linux.uml >/dev/null 2>&1; then
+  uml_why=$(uml_probe)  # one probe boot (~1 s); say why once, not boot again to say it
+  if [ "$uml_why" != ok ]; then
+    echo "setup: $uml_why"
+    bash scripts/uml-kernel.sh --force
+    echo "setup: uml kernel check: $(uml_probe)"
+  fi
 fi
