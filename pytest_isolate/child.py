@@ -228,9 +228,8 @@ def run_items(
     code = 0
     session = None
     try:
-        if job is None:
-            job = wire.recv(go_fd)
-        _set_comm(RUNNER_COMM)
+        # Everything up to the job does not depend on it: a pre-forked child does it
+        # while it waits, off the test's critical path.
         # Uncaptured output (-s, or anything outside pytest's capture) goes where the
         # user's terminal is, as it would in-process.
         os.dup2(term_fd, 1)
@@ -241,12 +240,16 @@ def run_items(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         faulthandler.enable(file=stack_fd, all_threads=True)
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
+        forwarder.fd = result_fd
+        forwarder.terminal.start(result_fd)
+        _set_comm(RUNNER_COMM)
+        if job is None:
+            job = wire.recv(go_fd)
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
         rlimits.apply(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
         )
-        forwarder.fd = result_fd
-        forwarder.terminal.start(result_fd)
+        # Last: from here on the audit layer watches, and our own set-up is not the test's.
         basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         escapes.arm(result_fd, [basetemp])
         while True:

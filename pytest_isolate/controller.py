@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -65,6 +67,10 @@ class Worker:
         self.gw: execnet.Gateway | None = None
         self.ch: Any = None
         self.server_pid: int | None = None
+        #: Direct socket to a host fork server (see ``ForkServer._connect_direct``).
+        self.link: socket.socket | None = None
+        self._reader = wire.Reader()
+        self._inbox: list[Any] = []
         self._start(spec)
 
     def _gateway_spec(self, spec: IsolationSpec) -> str:
@@ -94,6 +100,11 @@ class Worker:
         cfg = self.ctl.config
         self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
         self.ch = self.gw.remote_exec(remote)
+        listener = None
+        extra: dict[str, Any] = {"worker_index": self.ctl.worker_index(self.index)}
+        if not self.uml:
+            listener = _listen(self.workdir / "ctl.sock")
+            extra["direct"] = listener.getsockname()
         workerinput = dict(getattr(cfg, "workerinput", None) or {})
         workerinput.setdefault("workerid", "master")
         workerinput.setdefault("workercount", 1)
@@ -118,14 +129,68 @@ class Worker:
                     "basetemp": str(self.basetemp),
                     "invocation_dir": str(cfg.invocation_params.dir),
                     "switch_netns": self.ctl.switch_path(),
-                    "extra": {"worker_index": self.ctl.worker_index(self.index)},
+                    "extra": extra,
                 },
             }
         )
-        msg = self.receive(START_TIMEOUT)
-        if msg.get("t") != "ready":
-            raise WorkerDied(f"unexpected first message from worker: {msg!r}")
-        self.server_pid = msg["pid"]
+        try:
+            msg = self.receive(START_TIMEOUT)
+            if msg.get("t") != "ready":
+                raise WorkerDied(f"unexpected first message from worker: {msg!r}")
+            self.server_pid = msg["pid"]
+            if listener is not None:
+                self.link = self._accept(listener)
+        finally:
+            if listener is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(listener.getsockname())
+                listener.close()
+
+    def _accept(self, listener: socket.socket) -> socket.socket:
+        """The server connects right after "ready"; if it died instead, say how."""
+        listener.settimeout(0.05)
+        end = time.monotonic() + 30
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except TimeoutError:
+                if time.monotonic() > end:
+                    raise WorkerDied("the fork server never connected to the controller") from None
+                if not os.path.exists(f"/proc/{self.server_pid}"):
+                    self.receive(5)  # raises with the server's exit and log
+        conn.setblocking(True)
+        return conn
+
+    def send(self, cmd: dict[str, Any]) -> None:
+        data = wire.encode(cmd)
+        if self.link is None:
+            self.ch.send(data)
+            return
+        try:
+            self.link.sendall(data)
+        except OSError:
+            pass  # the server is gone: the next receive says how
+
+    def receive_link(self, timeout: float | None) -> dict[str, Any]:
+        """The next message on the direct socket; at EOF the gateway tells how it died."""
+        assert self.link is not None
+        while not self._inbox:
+            if timeout is not None:
+                ready, _, _ = select.select([self.link], [], [], timeout)
+                if not ready:
+                    raise WorkerDied(f"no answer from the isolated worker within {timeout:g}s")
+            try:
+                data = self.link.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                self.link.close()
+                self.link = None
+                self.receive(30)  # the server's death, as the gateway saw it
+                raise WorkerDied(self._death("fork server closed its socket"))
+            self._inbox.extend(self._reader.feed(data))
+        return self._inbox.pop(0)
 
     def receive(self, timeout: float | None) -> dict[str, Any]:
         try:
@@ -160,11 +225,9 @@ class Worker:
         why = why.strip().splitlines()[-1] if why.strip() else "worker died"
         return f"isolated worker died ({why})" + printed + (f"\n--- last output ---\n{tail}" if tail else "")
 
-    def run(self, nodeid: str, spec: IsolationSpec, group: str | None, nextid: str | None) -> dict[str, Any]:
-        cmd = {"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid}
-        self.ch.send(wire.encode(cmd))
-        guard = spec.timeout + GUARD if spec.timeout else None
-        return self.receive(guard)
+    def collect(self, timeout: float | None) -> dict[str, Any]:
+        """The answer to the last ``run`` sent."""
+        return self.receive_link(timeout) if self.link is not None else self.receive(timeout)
 
     def close(self, fast: bool = False) -> None:
         """Stop the worker and everything below it: politely, or at once (``fast``, on
@@ -174,7 +237,10 @@ class Worker:
                 kill_tree(self.server_pid)
         if self.ch is not None:
             with contextlib.suppress(Exception):
-                self.ch.send(wire.encode({"t": "shutdown"}))
+                self.send({"t": "shutdown"})
+        if self.link is not None:
+            self.link.close()  # EOF: the server stops too if the message was lost
+            self.link = None
         pid = None
         if self.gw is not None:
             popen = getattr(getattr(self.gw, "_io", None), "popen", None)
@@ -215,6 +281,8 @@ class Controller:
         self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
+        #: (nodeid, pool key) of a test sent and not yet collected (``prefetch``).
+        self.pending: tuple[str, tuple[Any, ...]] | None = None
         self.count = 0
         self.uml_kernel: str | None = config.getoption("isolate_uml_kernel", None) or config.getini(
             "isolate_uml_kernel"
@@ -274,6 +342,16 @@ class Controller:
 
         ``group``/``nextid``: with ``scope="module"``/``"session"`` the sandbox child keeps
         its fixtures up for ``nextid`` when that test belongs to the same group."""
+        if self.pending is not None and self.pending[0] == nodeid:
+            return self.collect(nodeid, spec)
+        self.discard_pending()
+        failed = self.submit(nodeid, spec, group, nextid)
+        return failed if failed is not None else self.collect(nodeid, spec)
+
+    def submit(
+        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None
+    ) -> dict[str, Any] | None:
+        """Send a test to its worker without waiting; a "done" error if it cannot start."""
         key = pool_key(spec)
         try:
             w = self.worker(spec)
@@ -283,8 +361,17 @@ class Controller:
         except Exception as exc:  # noqa: BLE001 - e.g. a UML kernel that will not boot
             self.drop(key)
             return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {exc}"}
+        w.send({"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid})
+        self.pending = (nodeid, key)
+        return None
+
+    def collect(self, nodeid: str, spec: IsolationSpec) -> dict[str, Any]:
+        """The result of the test ``submit`` sent."""
+        key = pool_key(spec)
+        self.pending = None
+        w = self.workers[key]
         try:
-            done = w.run(nodeid, spec, group, nextid)
+            done = w.collect(spec.timeout + GUARD if spec.timeout else None)
         except WorkerDied as exc:
             self.drop(key)
             return {"t": "done", "nodeid": nodeid, "error": str(exc), "worker_died": True}
@@ -292,12 +379,41 @@ class Controller:
             self.drop(key)
         return done
 
+    def prefetch(self, nodeid: str, spec: IsolationSpec) -> None:
+        """Start the next test while this process logs the last one: the fork server and
+        the sandbox then work in parallel with pytest's reporting here.
+
+        Only for host workers with a direct socket (a UML guest is its own machine and
+        keeps strict turns) and only when the worker is already up. The plugin asks for
+        this only after a test that passed: a failure may stop the session (``-x``,
+        ``--maxfail``), and then no further test must have run.
+        """
+        w = self.workers.get(pool_key(spec))
+        if w is None or w.link is None or self.pending is not None:
+            return
+        self.submit(nodeid, spec)
+
+    def discard_pending(self) -> None:
+        """Wait out a prefetched test nobody will log (pytest moved elsewhere): its
+        result must not be taken for the next test's."""
+        if self.pending is None:
+            return
+        _, key = self.pending
+        self.pending = None
+        w = self.workers.get(key)
+        if w is not None:
+            try:
+                w.collect(None)
+            except WorkerDied:
+                self.drop(key)
+
     def drop(self, key: tuple[Any, ...], fast: bool = False) -> None:
         w = self.workers.pop(key, None)
         if w is not None:
             w.close(fast)
 
     def shutdown(self, fast: bool = False) -> None:
+        self.pending = None
         for key in list(self.workers):
             self.drop(key, fast)
         with contextlib.suppress(Exception):
@@ -459,6 +575,17 @@ class SharedSwitch:
                 self.fd = -1
             if mutex >= 0:
                 os.close(mutex)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A socket only this user can connect to: it carries commands to the fork server."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock.bind(str(path))
+    os.chmod(path, 0o600)  # before listen(): nobody can connect until then
+    sock.listen(1)
+    return sock
 
 
 def _open_lock(path: Path) -> int:

@@ -99,6 +99,9 @@ class ForkServer:
         self.config = config
         self.cmd_fd = cmd_fd
         self.evt_fd = evt_fd
+        #: The server's links to the controller: closed first thing in every test child,
+        #: so a test cannot forge results or commands on them.
+        self.private_fds = [cmd_fd, evt_fd]
         self.term_fd = term_fd
         c = init["ctx"]
         self.ctx = WorkerContext(
@@ -177,6 +180,7 @@ class ForkServer:
         # (a test that kills its worker still shows what it printed).
         fds = [f.fileno() for f in self._capture_files()]
         wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "capture_fds": fds})
+        self._connect_direct()
         try:
             self.serve()
         finally:
@@ -185,6 +189,27 @@ class ForkServer:
                 with contextlib.suppress(Exception):
                     tier.close()
         return True
+
+    def _connect_direct(self) -> None:
+        """Switch commands and results to the controller's own socket, when it offered one.
+
+        Through execnet each message crosses two IO threads (the controller's and the
+        gateway's) and a relay: ~1 ms a hop here, twice per test. A host worker's
+        controller is on the same machine, so it listens on a socket in the worker dir;
+        the gateway stays for start-up and for telling the controller how this server
+        died. UML workers have no such path (another kernel) and keep execnet.
+        """
+        path = self.ctx.extra.get("direct")
+        if not path:
+            return
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.connect(path)
+        fd = sock.detach()
+        os.set_inheritable(fd, False)
+        self.private_fds.append(fd)
+        self.cmd_fd = self.evt_fd = fd
 
     # -- serving ------------------------------------------------------------------
     def serve(self) -> None:
@@ -203,8 +228,8 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
-                self._warm(cmd["nodeid"])
                 if self.want_zygote and self.waiting is None:
+                    self._warm(cmd["nodeid"])
                     self._make_zygote()
 
     def tier(self, name: str) -> Tier:
@@ -234,9 +259,10 @@ class ForkServer:
         stack_fd = os.open(scratch / "stack", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         return _Slot(self.seq, scratch, r, w, stack_fd)
 
-    def _make_zygote(self) -> None:
-        """Pre-fork the next `process`-tier child while the controller is busy logging
-        the last result: fork and child set-up leave the per-test critical path."""
+    def _make_zygote(self, busy: tuple[int, ...] = ()) -> None:
+        """Pre-fork the next `process`-tier child while the current test runs: fork and
+        the child's set-up leave the per-test critical path. ``busy``: fds of the test
+        in progress, which the zygote must not hold (its pipes would never see EOF)."""
         slot = self._new_slot()
         go_r, go_w = os.pipe()
         gc.freeze()
@@ -244,6 +270,10 @@ class ForkServer:
         pid = os.fork()
         if pid == 0:
             try:
+                self._close_private()
+                for fd in busy:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 os.close(go_w)
                 os.close(slot.r)
                 os.setpgid(0, 0)
@@ -258,6 +288,12 @@ class ForkServer:
         slot.w = -1
         slot.pid, slot.go, slot.group = pid, go_w, "zygote"
         self.waiting = slot
+
+    def _close_private(self) -> None:
+        """In a forked child: let go of the server's links (see ``private_fds``)."""
+        for fd in self.private_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _drop_waiting(self) -> None:
         """Release the waiting child: EOF on its job pipe makes it tear down and exit."""
@@ -310,6 +346,7 @@ class ForkServer:
         go_r, go_w = os.pipe() if group and waiting is None else (-1, -1)
 
         def run() -> NoReturn:
+            self._close_private()
             os.close(r)
             if go_w >= 0:
                 os.close(go_w)
@@ -330,6 +367,9 @@ class ForkServer:
             if waiting is not None:
                 pid = waiting.pid
                 wire.send(waiting.go, job)
+                if self.want_zygote:
+                    self._warm(nodeid)
+                    self._make_zygote(busy=(r, stack_fd, waiting.go))
             else:
                 tier.prepare(box)
                 # Everything the warm server allocated becomes permanent for the GC: a

@@ -268,12 +268,25 @@ class IsolatePlugin:
         record["outcome"] = report.outcome_of(reports)  # the policy may have failed it
         reports = _closed(reports)
         report.attach(reports[-1], record)
+        if not reason and nextitem is not None and not any(rep.failed for rep in reports):
+            self._prefetch(nextitem)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
             ihook.pytest_runtest_logreport(report=rep)
         self._write_terminal(terminal.get(None))
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
+
+    def _prefetch(self, nextitem: pytest.Item) -> None:
+        """Send the next test ahead when it is a plain per-test sandbox (see
+        ``Controller.prefetch``). pytest-xdist's work stealing may take a queued item
+        away from this worker, so there the next item is never sent early."""
+        spec = nextitem.stash.get(SPEC_KEY, None)
+        if spec is None or not spec.isolated or spec.tier == "uml" or scope_group(nextitem, spec):
+            return
+        if self.availability(spec.tier) or getattr(self.config.option, "dist", None) == "worksteal":
+            return
+        self.controller().prefetch(nextitem.nodeid, spec)
 
     def _write_terminal(self, text: str | None) -> None:
         """What the sandbox wrote to its terminal writer (``--setup-show``, live logs, a

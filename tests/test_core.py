@@ -309,6 +309,74 @@ def test_fresh_child_per_test(pytester: pytest.Pytester) -> None:
     assert list(by_pid.values()) == [plain, plain, scoped, scoped]
 
 
+ONE_AT_A_TIME = """
+    import os, time
+    import pytest
+
+    LOG = os.path.join(os.path.dirname(__file__), "times.log")
+
+    @pytest.mark.parametrize("n", range(12))
+    def test_slow_or_fast(n):
+        start = time.monotonic()
+        time.sleep(0.02 if n % 3 == 0 else 0)
+        with open(LOG, "a") as f:
+            f.write(f"{n} {os.getpid()} {start} {time.monotonic()}\\n")
+"""
+
+
+def test_tests_run_one_at_a_time_in_order(pytester: pytest.Pytester) -> None:
+    """The controller sends the next test ahead while it logs the last one (the fork
+    server then overlaps pytest's reporting), but a worker still runs its tests one
+    after another, in collection order, each in its own process."""
+    pytester.makepyfile(test_order=ONE_AT_A_TIME)
+    result = pytester.runpytest_subprocess(ISO, "-p", "no:randomly")
+    result.assert_outcomes(passed=12)
+    rows = [line.split() for line in (pytester.path / "times.log").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == list(range(12))
+    assert len({r[1] for r in rows}) == 12
+    spans = [(float(r[2]), float(r[3])) for r in rows]
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end, spans
+
+
+def test_no_test_runs_after_the_failure_that_stops_the_session(pytester: pytest.Pytester) -> None:
+    """Sending ahead stops at a failure: with ``-x`` the test after it never starts."""
+    pytester.makepyfile(
+        test_stop="""
+        import pathlib
+        def test_a():
+            pass
+        def test_b():
+            assert 0
+        def test_c():
+            pathlib.Path(__file__).with_name("c-ran").write_text("yes")
+        """
+    )
+    result = pytester.runpytest_subprocess(ISO, "-x", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
+    assert not (pytester.path / "c-ran").exists()
+
+
+def test_sandbox_holds_no_link_to_the_controller(pytester: pytest.Pytester) -> None:
+    """The fork server talks to the controller over a socket and pipes; a test that
+    could write to them could forge any result. The child closes them first."""
+    pytester.makepyfile(
+        test_fds="""
+        import os, stat
+        def test_fds():
+            kinds = {}
+            for n in os.listdir("/proc/self/fd"):
+                try:
+                    kinds[int(n)] = os.readlink(f"/proc/self/fd/{n}")
+                except OSError:
+                    pass
+            assert not [t for t in kinds.values() if t.startswith("socket:")], kinds
+        """
+    )
+    result = pytester.runpytest_subprocess(ISO)
+    result.assert_outcomes(passed=1)
+
+
 def test_in_process_fixture_sharing_unchanged(pytester: pytest.Pytester) -> None:
     """Without isolation the same suite shares module state (the baseline the fresh-child
     test contrasts with): test_2_clean fails in-process."""
