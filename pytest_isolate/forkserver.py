@@ -29,6 +29,7 @@ from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import escapes, usage
+from pytest_isolate.spawner import Spawner, SpawnerGone
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import (
     Box,
@@ -126,6 +127,9 @@ class ForkServer:
         self.exiting: list[int] = []
         #: A child waiting for its next job: a pre-forked zygote or a kept scope child.
         self.waiting: _Slot | None = None
+        self.spawner: Spawner | None = None
+        self.spawner_wanted = False
+        self.pidfds: dict[int, int] = {}  # spawner-made zygote -> its pidfd
         self.want_zygote = False
 
     # -- pytest hooks -------------------------------------------------------------
@@ -181,10 +185,14 @@ class ForkServer:
         fds = [f.fileno() for f in self._capture_files()]
         wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "capture_fds": fds})
         self._connect_direct()
+        self._start_spawner()
         try:
             self.serve()
         finally:
             self._drop_waiting()
+            if self.spawner is not None:
+                with contextlib.suppress(Exception):
+                    self.spawner.close()
             for tier in self.tiers.values():
                 with contextlib.suppress(Exception):
                     tier.close()
@@ -228,9 +236,13 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
+                if self.spawner_wanted and self.spawner is None and self.waiting is None and not self.pidfds:
+                    self._start_spawner()  # the last one died; no test's fd is open now
                 if self.want_zygote and self.waiting is None:
-                    self._warm(cmd["nodeid"])
-                    self._make_zygote()
+                    try:
+                        self._make_zygote(after=cmd["nodeid"])
+                    except SpawnerGone:
+                        pass  # made afresh, or the test forks its own, next time
 
     def tier(self, name: str) -> Tier:
         if name not in self.tiers:
@@ -259,35 +271,113 @@ class ForkServer:
         stack_fd = os.open(scratch / "stack", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         return _Slot(self.seq, scratch, r, w, stack_fd)
 
-    def _make_zygote(self, busy: tuple[int, ...] = ()) -> None:
-        """Pre-fork the next `process`-tier child while the current test runs: fork and
-        the child's set-up leave the per-test critical path. ``busy``: fds of the test
-        in progress, which the zygote must not hold (its pipes would never see EOF)."""
+    def _make_zygote(self, after: str | None = None) -> None:
+        """Pre-fork the next `process`-tier child, while the current test runs: fork and
+        the child's set-up leave the per-test critical path. The spawner forks it, so
+        this server's pages stay its own (see ``spawner``). ``after``: the test in
+        progress; the zygote is prepared for the one collected after it."""
         slot = self._new_slot()
         go_r, go_w = os.pipe()
-        gc.freeze()
-        self._reap_exiting()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self._close_private()
-                for fd in busy:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                os.close(go_w)
-                os.close(slot.r)
-                os.setpgid(0, 0)
-                run_items(
-                    self.config, self.forwarder, self.items, None,
-                    slot.w, slot.stack_fd, self.term_fd, False, go_r,
-                )
-            finally:
-                os._exit(70)
+        try:
+            if self.spawner is None:
+                raise SpawnerGone("no spawner (it died, or no test of this run asked for the process tier)")
+            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after)
+        except BaseException:
+            for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
+                os.close(fd)
+            shutil.rmtree(slot.scratch, ignore_errors=True)
+            if self.spawner is not None:
+                self._spawner_gone()
+            raise
         os.close(go_r)
         os.close(slot.w)
         slot.w = -1
-        slot.pid, slot.go, slot.group = pid, go_w, "zygote"
+        slot.go, slot.group = go_w, "zygote"  # its pid: ``_named``
         self.waiting = slot
+
+    def _named(self, slot: _Slot) -> int:
+        """The pid of a zygote asked of the spawner, read when first needed, with a
+        pidfd opened while it still waits for its job: once it has run, the spawner
+        reaps it and the pid is gone (not our child: no zombie holds it for us)."""
+        if slot.pid == 0 and self.spawner is not None:
+            slot.pid = self.spawner.next_pid()
+            self.pidfds[slot.pid] = os.pidfd_open(slot.pid)
+        return slot.pid
+
+    def _start_spawner(self) -> None:
+        """Fork the spawner now, before any test: every fd this server opens for a test
+        (pipes, pidfds, stack files) would otherwise be inherited by it and by every
+        zygote it makes, and a job pipe held open there never reaches EOF."""
+        from pytest_isolate.plugin import SPEC_KEY
+
+        if self.spawner is None and any(
+            (spec := item.stash.get(SPEC_KEY, None)) is not None and spec.tier == "process"
+            for item in self.items.values()
+        ):
+            self.spawner = Spawner(self._zygote, self._warm, self.private_fds)
+            self.private_fds.append(self.spawner.sock.fileno())
+            self.spawner_wanted = True
+
+    def _zygote(self, result_w: int, stack_fd: int, go_r: int) -> NoReturn:
+        """In the spawner's new child: wait for a job, run it (``run_items``)."""
+        try:
+            os.setpgid(0, 0)
+            run_items(self.config, self.forwarder, self.items, None, result_w, stack_fd, self.term_fd, False, go_r)
+        finally:
+            os._exit(70)
+
+    def _drop_orphaned_zygote(self, spawner: Spawner) -> None:
+        """The waiting zygote of a spawner that died is ours now (we are the subreaper):
+        end it quietly, it is nobody's leftover."""
+        z = self.waiting
+        if z is None or z.group != "zygote":
+            return
+        self.waiting = None
+        pid = z.pid or (spawner.named[0] if spawner.named else 0)
+        if pid:
+            with contextlib.suppress(OSError):
+                kill_tree(pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            fd = self.pidfds.pop(pid, -1)
+            if fd >= 0:
+                os.close(fd)
+        for fd in (z.go, z.r, z.stack_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(z.scratch, ignore_errors=True)
+        self._spawner_gone()
+
+    def _spawner_gone(self) -> None:
+        """The spawner died (a test may kill anything it can see): the server forks
+        its own children until ``serve`` can start a new one with no test's fd open."""
+        spawner, self.spawner = self.spawner, None
+        if spawner is not None:
+            with contextlib.suppress(ValueError):
+                self.private_fds.remove(spawner.sock.fileno())
+            with contextlib.suppress(Exception):
+                kill_tree(spawner.pid)
+            with contextlib.suppress(Exception):
+                spawner.close()
+
+    def _pidfd(self, pid: int) -> int:
+        """A pidfd of ``pid``: the one opened when the spawner made it, or a new one."""
+        fd = self.pidfds.pop(pid, -1)
+        return fd if fd >= 0 else os.pidfd_open(pid)
+
+    def _reap(self, pid: int) -> tuple[int, Any]:
+        """wait4() for our own children; the spawner's report for its zygotes."""
+        if self.spawner is not None and pid in self.spawner.children:
+            try:
+                return self.spawner.status(pid)
+            except SpawnerGone:
+                self._spawner_gone()
+        # Ours, or the spawner's orphan: it died and we are the subreaper.
+        try:
+            _, status, ru = os.wait4(pid, 0)
+        except ChildProcessError:
+            return signal.SIGKILL, None
+        return status, ru
 
     def _close_private(self) -> None:
         """In a forked child: let go of the server's links (see ``private_fds``)."""
@@ -300,13 +390,20 @@ class ForkServer:
         z, self.waiting = self.waiting, None
         if z is None:
             return
+        with contextlib.suppress(SpawnerGone):
+            self._named(z)
         os.close(z.go)
         deadline = time.monotonic() + 30
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(z.pid, os.WNOHANG)[0] == 0:
-                if time.monotonic() > deadline:  # a teardown that hangs
-                    kill_tree(z.pid)
-                time.sleep(0.002)
+        with contextlib.suppress(OSError):
+            pidfd = self._pidfd(z.pid)
+            try:
+                while not select.select([pidfd], [], [], 0.05)[0]:
+                    if time.monotonic() > deadline:  # a teardown that hangs
+                        kill_tree(z.pid)
+            finally:
+                os.close(pidfd)
+        with contextlib.suppress(ChildProcessError, SpawnerGone):
+            self._reap(z.pid)
         if z.tier is not None and z.box is not None:
             with contextlib.suppress(Exception):
                 z.tier.finish(z.box, z.pid, 0, None)
@@ -365,11 +462,11 @@ class ForkServer:
         t0 = time.perf_counter()
         try:
             if waiting is not None:
-                pid = waiting.pid
+                pid = self._named(waiting)
                 wire.send(waiting.go, job)
                 if self.want_zygote:
-                    self._warm(nodeid)
-                    self._make_zygote(busy=(r, stack_fd, waiting.go))
+                    with contextlib.suppress(SpawnerGone):  # next time: forked here
+                        self._make_zygote(after=nodeid)
             else:
                 tier.prepare(box)
                 # Everything the warm server allocated becomes permanent for the GC: a
@@ -391,7 +488,10 @@ class ForkServer:
                 self.waiting = slot
             elif status is None:  # the runner ended cleanly and is exiting: don't wait
                 leftovers_early = self._kill_descendants(pid)
-                self.exiting.append(pid)
+                if self.spawner is not None and pid in self.spawner.children:
+                    self.spawner.forget(pid)  # the spawner reaps it
+                else:
+                    self.exiting.append(pid)
                 status = 0
             elif slot.go >= 0:  # a kept child that died or ended
                 os.close(slot.go)
@@ -424,7 +524,7 @@ class ForkServer:
         """Wait for the test; ``(None, None, False)`` means the runner said "end" and the
         tier is direct, so its exit need not be waited for."""
         reader = wire.Reader()
-        pidfd = os.pidfd_open(pid)
+        pidfd = self._pidfd(pid)
         deadline = time.monotonic() + timeout if timeout else None
         timed_out = False
         # Tiers without a cgroup are sampled from /proc while the test runs: peak memory
@@ -438,6 +538,11 @@ class ForkServer:
         # The command pipe too: when it hangs up the controller is gone (SIGKILLed, its
         # host lost), nobody will read this test's result, and the test must not run on.
         watch = [r, pidfd, self.cmd_fd]
+        # A test may kill whatever it sees, its parent too: for a zygote, the spawner.
+        # Then the test dies with it, as when a test kills the fork server.
+        spawner = self.spawner if self.spawner is not None and pid in self.spawner.children else None
+        if spawner is not None:
+            watch.append(spawner.sock.fileno())
         try:
             while True:
                 now = time.monotonic()
@@ -451,6 +556,16 @@ class ForkServer:
                 if self.cmd_fd in ready:
                     watch.remove(self.cmd_fd)  # a command waits (read after the test), or:
                     if _hung_up(self.cmd_fd):
+                        tier.kill(box, pid)
+                        deadline = None
+                if spawner is not None and spawner.sock.fileno() in ready:
+                    try:
+                        spawner.poll()
+                    except SpawnerGone:
+                        watch.remove(spawner.sock.fileno())
+                        self._drop_orphaned_zygote(spawner)
+                        spawner = None
+                        box.state["spawner_killed"] = True
                         tier.kill(box, pid)
                         deadline = None
                 if r in ready:
@@ -467,7 +582,7 @@ class ForkServer:
                     self._dump_stack(pid, box)
                     tier.kill(box, pid)
                     deadline = None
-            _, status, ru = os.wait4(pid, 0)
+            status, ru = self._reap(pid)
             self._drain(r, reader, msgs)
             return status, ru, timed_out
         finally:
@@ -524,7 +639,14 @@ class ForkServer:
         """Processes a test left behind reparent to us (we are a subreaper): kill and
         report them, so nothing of one test outlives it."""
         skip = set(exclude) | ({self.waiting.pid} if self.waiting else set())
-        found = self._kill([p for p in descendants(os.getpid()) if p not in skip and not _zombie(p)])
+        # The spawner's children are its zygotes (waiting, or exiting cleanly), one of
+        # which it may be forking right now: never taken. What they started is: a
+        # runner that is still exiting has not handed its children to us yet.
+        spawner = self.spawner.pid if self.spawner is not None else None
+        mine = [q for p in descendants(os.getpid(), depth=1) if p != spawner for q in (p, *descendants(p))]
+        if spawner is not None:
+            mine += [q for z in descendants(spawner, depth=1) for q in descendants(z)]
+        found = self._kill([p for p in mine if p not in skip and not _zombie(p)])
         # Reap what died (killed orphans, zombies): nothing may be reported twice.
         while True:
             try:
@@ -654,6 +776,8 @@ class ForkServer:
             when = "teardown"
         if timed_out:
             head = f"timed out after {box.spec.timeout:g}s"
+        elif box.state.get("spawner_killed"):
+            head = "killed with SIGKILL: the test killed its parent process (the worker's spawner)"
         elif "signal" in exit_info:
             head = f"crashed with {exit_info['signame']} (signal {exit_info['signal']})"
         elif internal:

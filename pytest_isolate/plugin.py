@@ -260,16 +260,18 @@ class IsolatePlugin:
             if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
                 nextid = nextitem.nodeid
             done = self.controller().run(item.nodeid, spec, group, nextid)
+            # Tripwires are read before anything else can run: a contact is this test's.
+            contacts = self.controller().canary_escapes(spec.tier)
+            if nextitem is not None and not contacts and _clean(done):
+                self._prefetch(nextitem)
             reports, record = self._unpack(item, spec, done)
-            record["escapes"] += self.controller().canary_escapes(spec.tier)
+            record["escapes"] += contacts
             terminal = _terminal_text(done, reports)
         self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
         policy.apply(self.config, item, spec, reports, record)
         record["outcome"] = report.outcome_of(reports)  # the policy may have failed it
         reports = _closed(reports)
         report.attach(reports[-1], record)
-        if not reason and nextitem is not None and not any(rep.failed for rep in reports):
-            self._prefetch(nextitem)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
             ihook.pytest_runtest_logreport(report=rep)
@@ -339,6 +341,17 @@ def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:
         return None
     where = item.nodeid.split("::", 1)[0] if spec.scope == "module" else "session"
     return f"{spec.scope}:{where}:{sorted(spec.to_dict().items())}"
+
+
+def _clean(done: dict[str, Any]) -> bool:
+    """Nothing in this result can fail the test or stop the session (the policy fails
+    only on escapes and overuse), so the next test may start before it is logged."""
+    if "error" in done or "unavailable" in done:
+        return False
+    record = done.get("record") or {}
+    if record.get("escapes") or record.get("overuse"):
+        return False
+    return not any(rep.get("outcome") == "failed" for rep in done.get("reports") or ())
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:

@@ -377,6 +377,32 @@ def test_sandbox_holds_no_link_to_the_controller(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=1)
 
 
+def test_killing_the_spawner_takes_its_test_and_the_run_goes_on(pytester: pytest.Pytester) -> None:
+    """After the first test, a `process` child's parent is the spawner, not the fork
+    server (see ``pytest_isolate/spawner.py``). A test that kills it dies with it and
+    fails saying so; the server makes a new spawner and the run goes on."""
+    pytester.makepyfile(
+        test_sp="""
+        import os, pathlib, signal, time
+        def test_a():
+            pass
+        def test_kill_parent():
+            os.kill(os.getppid(), signal.SIGKILL)
+            time.sleep(6)
+            pathlib.Path(__file__).with_name("survived").write_text("yes")
+        def test_b():
+            pass
+        def test_c():
+            assert os.getppid() != 1
+        """
+    )
+    result = pytester.runpytest_subprocess(ISO, "-p", "no:randomly", "-rf")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*killed with SIGKILL: the test killed its parent process (the worker's spawner)*"])
+    assert not (pytester.path / "survived").exists()
+    assert result.duration < 6
+
+
 def test_in_process_fixture_sharing_unchanged(pytester: pytest.Pytester) -> None:
     """Without isolation the same suite shares module state (the baseline the fresh-child
     test contrasts with): test_2_clean fails in-process."""

@@ -138,12 +138,15 @@ def describe_procs(pids: Iterable[int]) -> list[dict[str, Any]]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (via /proc/<pid>/task/*/children), deepest last."""
+def descendants(pid: int, depth: int | None = None) -> list[int]:
+    """All live descendants of ``pid`` (via /proc/<pid>/task/*/children), deepest last;
+    with ``depth=1`` its children only."""
     out: list[int] = []
     todo = [pid]
     while todo:
         p = todo.pop()
+        if depth == 1 and p != pid:
+            continue
         try:
             tasks = os.listdir(f"/proc/{p}/task")
         except OSError:

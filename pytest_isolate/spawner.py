@@ -1,0 +1,182 @@
+"""The spawner: a pristine copy of the fork server whose only job is to fork zygotes.
+
+Why not fork them from the server itself: ``fork()`` makes every page of the forking
+process copy-on-write, for the parent as much as for the child. The server runs Python
+between tests (results, JSON, bookkeeping) and paid a page fault for each page it wrote
+after every fork: ~640 faults, ~1.6 ms of CPU a test here, plus the page-table copy of
+the fork itself in its own loop. The spawner is forked from the server once; it then
+sits in a small loop (receive three fds, fork, answer), touches a handful of pages a
+test, and the server never forks for the `process` tier again.
+
+The zygotes are the spawner's children, so it reaps them and reports each one's raw
+wait status and rusage; the server asks for them by pid (``status``). The spawner is
+not a subreaper: what a test leaves behind still reparents to the server, which finds
+and kills it as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import resource
+import select
+import signal
+import socket
+from collections.abc import Callable
+from typing import NoReturn
+
+#: Fields of ``resource.struct_rusage``, in order: statuses cross the socket as text.
+_RUSAGE_FIELDS = 16
+
+
+class SpawnerGone(Exception):
+    """The spawner process died: the server replaces it."""
+
+
+class Spawner:
+    """The server's handle on its spawner process."""
+
+    def __init__(
+        self,
+        zygote: Callable[[int, int, int], NoReturn],
+        warm: Callable[[str], None],
+        close_in_child: list[int],
+    ) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                for fd in close_in_child:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                _serve(theirs, zygote, warm)
+            finally:
+                os._exit(70)
+        theirs.close()
+        self.pid = pid
+        self.sock = ours
+        #: Exit statuses reported and not yet asked for: pid -> (status, rusage).
+        self.statuses: dict[int, tuple[int, resource.struct_rusage]] = {}
+        #: Zygotes whose status nobody will ask for (they ended cleanly).
+        self.forgotten: set[int] = set()
+        self.children: set[int] = set()
+        self.asked = 0  # zygotes asked for whose pid has not been taken yet
+        self.named: list[int] = []  # pids the spawner sent, oldest first, not yet taken
+
+    def spawn(self, result_w: int, stack_fd: int, go_r: int, warm: str | None) -> None:
+        """Ask for a new zygote holding these three fds; ``next_pid()`` answers which it is.
+        Not waited for here: the fork takes ~1 ms, during which the server may have a
+        test's end to notice. ``warm``: the nodeid the zygote will most likely run,
+        whose cached attributes the spawner computes first."""
+        try:
+            socket.send_fds(self.sock, [f"z {warm or ''}".encode()], [result_w, stack_fd, go_r])
+        except OSError as exc:
+            raise SpawnerGone(str(exc)) from None
+        self.asked += 1
+
+    def next_pid(self) -> int:
+        """The pid of the oldest zygote asked for and not yet named."""
+        while not self.named:
+            self._read()
+        self.asked -= 1
+        return self.named.pop(0)
+
+    def status(self, pid: int) -> tuple[int, resource.struct_rusage]:
+        """Block until zygote ``pid`` has been reaped; its wait status and rusage."""
+        while pid not in self.statuses:
+            self._read()
+        self.children.discard(pid)
+        return self.statuses.pop(pid)
+
+    def forget(self, pid: int) -> None:
+        """``pid`` ended cleanly and its figures are in: drop its status when it comes."""
+        if self.statuses.pop(pid, None) is None:
+            self.forgotten.add(pid)
+        self.children.discard(pid)
+
+    def poll(self) -> None:
+        """Take in what the spawner sent without waiting (exit reports of zygotes
+        nobody waits for); SpawnerGone if it died."""
+        while True:
+            try:
+                self._read(socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+
+    def _read(self, flags: int = 0) -> tuple[str, int]:
+        try:
+            msg = self.sock.recv(512, flags)
+        except BlockingIOError:
+            raise
+        except OSError:
+            msg = b""
+        if not msg:
+            raise SpawnerGone("the spawner process exited")
+        kind, pid_s, *rest = msg.decode().split()
+        pid = int(pid_s)
+        if kind == "pid":
+            self.children.add(pid)
+            self.named.append(pid)
+        if kind == "exit":
+            status, fields = int(rest[0]), [float(x) for x in rest[1:]]
+            ints = [*fields[:2], *(int(x) for x in fields[2:])]
+            if pid in self.forgotten:
+                self.forgotten.discard(pid)
+            else:
+                self.statuses[pid] = (status, resource.struct_rusage(ints))
+        return kind, pid
+
+    def close(self) -> None:
+        """EOF tells the spawner to end its zygotes and exit; then reap it."""
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], warm: Callable[[str], None]) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    kids: dict[int, int] = {}  # pidfd -> pid
+    while True:
+        ready, _, _ = select.select([sock, *kids], [], [])
+        for fd in ready:
+            if fd is sock:
+                continue
+            pid = kids.pop(fd)
+            os.close(fd)
+            _, status, ru = os.wait4(pid, 0)
+            figures = " ".join(repr(v) for v in tuple(ru)[:_RUSAGE_FIELDS])
+            with contextlib.suppress(OSError):
+                sock.send(f"exit {pid} {status} {figures}".encode())
+        if sock not in ready:
+            continue
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1024, 3)
+        except OSError:
+            msg, fds = b"", []
+        if not msg:  # the server is gone or done: so are its zygotes
+            for fd, pid in kids.items():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                os.close(fd)
+            os._exit(0)
+        nodeid = msg.decode()[2:]
+        if nodeid:
+            with contextlib.suppress(Exception):
+                warm(nodeid)
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            for fd in kids:
+                os.close(fd)
+            zygote(fds[0], fds[1], fds[2])
+        for fd in fds:
+            os.close(fd)
+        kids[os.pidfd_open(pid)] = pid
+        sock.send(f"pid {pid}".encode())
+
