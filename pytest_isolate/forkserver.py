@@ -44,6 +44,10 @@ from pytest_isolate.tiers.base import (
 
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
 STACK_GRACE = 1.0
+#: Tiers whose next sandbox is built while the current test runs (``_build_ahead``).
+AHEAD_TIERS = ("chroot", "jail", "zone")
+#: Sandboxes built ahead for nothing before a server stops building ahead.
+AHEAD_MISSES = 3
 #: How often a running test's process tree is sampled (tiers without a cgroup).
 SAMPLE_INTERVAL = 0.05
 
@@ -129,6 +133,9 @@ class ForkServer:
         self.waiting: _Slot | None = None
         self.spawner: Spawner | None = None
         self.spawner_wanted = False
+        self.ahead_misses = 0
+        self._busy: tuple[int, ...] = ()
+        os.register_at_fork(after_in_child=self._close_busy)
         self.pidfds: dict[int, int] = {}  # spawner-made zygote -> its pidfd
         self.want_zygote = False
 
@@ -379,6 +386,66 @@ class ForkServer:
             return signal.SIGKILL, None
         return status, ru
 
+    def _build_ahead(self, nodeid: str, spec: IsolationSpec, busy: tuple[int, ...]) -> None:
+        """While this test runs, build the sandbox of the one collected after it.
+
+        A `chroot`/`jail`/`zone` sandbox costs far more to build (namespaces, overlay,
+        cgroup, an init and a second fork) than a trivial test takes to run, and it does
+        not depend on the test before it: built now, on the other CPU, its child then
+        waits for its job like a zygote. The controller runs tests in collection order
+        unless something reorders them (pytest-xdist, a random-order plugin): after
+        ``AHEAD_MISSES`` sandboxes built for nothing, this server stops guessing.
+        ``busy``: the running test's fds, which the new sandbox must not hold.
+        """
+        from pytest_isolate.plugin import SPEC_KEY, scope_group
+
+        if spec.tier not in AHEAD_TIERS or self.ahead_misses >= AHEAD_MISSES or self.waiting is not None:
+            return
+        nxt = self.following.get(nodeid)
+        nspec = nxt.stash.get(SPEC_KEY, None) if nxt is not None else None
+        if nxt is None or nspec is None or nspec.tier != spec.tier or scope_group(nxt, nspec) is not None:
+            return
+        slot = self._new_slot()
+        box = Box(nxt.nodeid, nspec, slot.seq, slot.scratch, _hostname(nxt.nodeid), slot.w)
+        tier = self.tier(nspec.tier)
+        go_r, go_w = os.pipe()
+        cgroup_memory = nspec.tier == "zone"
+
+        def run() -> NoReturn:
+            self._close_private()
+            os.close(slot.r)
+            run_items(
+                self.config, self.forwarder, self.items, None,
+                slot.w, slot.stack_fd, self.term_fd, cgroup_memory, go_r,
+            )
+
+        self._busy = (*busy, go_w)  # go_w: see run_test
+        try:
+            tier.prepare(box)
+            gc.freeze()
+            pid = tier.spawn(box, run)
+        except Exception:  # noqa: BLE001 - a guess that failed: the test will be built in turn
+            for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
+                os.close(fd)
+            shutil.rmtree(slot.scratch, ignore_errors=True)
+            self.ahead_misses = AHEAD_MISSES
+            return
+        finally:
+            self._busy = ()
+        os.close(go_r)
+        os.close(slot.w)
+        slot.w = -1
+        slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, f"ahead:{nxt.nodeid}", tier, box
+        self.waiting = slot
+
+    def _close_busy(self) -> None:
+        """After every fork here: a child forked while a test runs lets go of its fds.
+        Once: the numbers may be reused in the child before it forks again."""
+        busy, self._busy = self._busy, ()
+        for fd in busy:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def _close_private(self) -> None:
         """In a forked child: let go of the server's links (see ``private_fds``)."""
         for fd in self.private_fds:
@@ -423,10 +490,16 @@ class ForkServer:
         job = {"nodeid": nodeid, "spec": cmd["spec"], "next": cmd.get("next") if group else None}
         waiting = self.waiting
         if waiting is not None and (
-            (waiting.group == "zygote" and spec.tier == "process") or (group and waiting.group == group)
+            (waiting.group == "zygote" and spec.tier == "process")
+            or (group and waiting.group == group)
+            or (waiting.group == f"ahead:{nodeid}" and waiting.box is not None and waiting.box.spec == spec)
         ):
-            self.waiting = None  # reuse it: a zygote, or the kept child of this group
+            self.waiting = None  # reuse it: a zygote, the kept child of this group, or built ahead
+            if waiting.group.startswith("ahead:"):
+                self.ahead_misses = 0
         else:
+            if waiting is not None and waiting.group.startswith("ahead:"):
+                self.ahead_misses += 1  # the controller runs another order (xdist, -p randomly)
             self._drop_waiting()
             waiting = None
         self.want_zygote = spec.tier == "process" and not job["next"]
@@ -445,8 +518,6 @@ class ForkServer:
         def run() -> NoReturn:
             self._close_private()
             os.close(r)
-            if go_w >= 0:
-                os.close(go_w)
             run_items(
                 self.config, self.forwarder, self.items, job,
                 slot.w, stack_fd, self.term_fd, cgroup_memory, go_r,
@@ -467,6 +538,8 @@ class ForkServer:
                 if self.want_zygote:
                     with contextlib.suppress(SpawnerGone):  # next time: forked here
                         self._make_zygote(after=nodeid)
+                if waiting.group.startswith("ahead:"):
+                    self._build_ahead(nodeid, spec, busy=(r, stack_fd, waiting.go))
             else:
                 tier.prepare(box)
                 # Everything the warm server allocated becomes permanent for the GC: a
@@ -474,12 +547,20 @@ class ForkServer:
                 # inherited heap — measured 20 ms → 2 ms per child that collects.
                 gc.freeze()
                 self._reap_exiting()
-                pid = tier.spawn(box, run)
+                # The job pipe's write end stays here only: held by a process between us
+                # and the runner (a namespace's init), it would never reach EOF.
+                self._busy = (go_w,) if go_w >= 0 else ()
+                try:
+                    pid = tier.spawn(box, run)
+                finally:
+                    self._busy = ()
                 os.close(slot.w)
                 slot.w = -1
                 if go_r >= 0:
                     os.close(go_r)
                     slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, group, tier, box
+                if not group:
+                    self._build_ahead(nodeid, spec, busy=(r, stack_fd))
             status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout)
             if status == "kept":  # the child keeps fixtures up for the next item of its group
                 kept = True
@@ -638,12 +719,16 @@ class ForkServer:
     def _reap_orphans(self, exclude: list[int] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """Processes a test left behind reparent to us (we are a subreaper): kill and
         report them, so nothing of one test outlives it."""
-        skip = set(exclude) | ({self.waiting.pid} if self.waiting else set())
+        skip = set(exclude)
         # The spawner's children are its zygotes (waiting, or exiting cleanly), one of
         # which it may be forking right now: never taken. What they started is: a
-        # runner that is still exiting has not handed its children to us yet.
+        # runner that is still exiting has not handed its children to us yet. A child
+        # waiting for its job (zygote, sandbox built ahead, kept scope) is not walked.
         spawner = self.spawner.pid if self.spawner is not None else None
-        mine = [q for p in descendants(os.getpid(), depth=1) if p != spawner for q in (p, *descendants(p))]
+        waiting = self.waiting.pid if self.waiting is not None else None
+        mine = [
+            q for p in descendants(os.getpid(), depth=1) if p not in (spawner, waiting) for q in (p, *descendants(p))
+        ]
         if spawner is not None:
             mine += [q for z in descendants(spawner, depth=1) for q in descendants(z)]
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])

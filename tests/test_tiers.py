@@ -13,6 +13,7 @@ module tests (tests/escapes/ does).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -572,3 +573,45 @@ def test_host_mount_by_someone_else_is_not_the_tests_escape(tmp_path: Path, h: A
     rec = records(tmp_path / "r.json")["test_idle.py::test_idle"]
     assert [e for e in rec["escapes"] if e["technique"] == "mount"] == []
     assert rec["outcome"] == "passed"
+
+
+AHEAD = """
+    import os, socket
+    import pytest
+
+    @pytest.mark.parametrize("n", range(8))
+    def test_own_sandbox(n, tmp_path):
+        marker = "/tmp/ahead-marker"
+        assert not os.path.exists(marker)  # an earlier test's sandbox would have it
+        open(marker, "w").close()
+        (tmp_path / "seen.txt").write_text(f"{n} {socket.gethostname()}")
+"""
+
+
+@pytest.mark.parametrize("order", ["collected", "reversed"])
+@pytest.mark.parametrize("tier", ["jail", "zone"])
+def test_sandbox_built_ahead_serves_only_its_own_test(pytester: pytest.Pytester, tier: str, order: str) -> None:
+    """The fork server builds the next test's sandbox while a test runs, guessing the
+    next test from collection order. A guess is used only by the test it was built for:
+    run in another order (here the controller alone reverses it), every test still gets
+    a fresh sandbox of its own, named after it, and the run is no slower for long."""
+    if order == "reversed":
+        pytester.makeconftest(
+            """
+            def pytest_collection_modifyitems(config, items):
+                if not hasattr(config, "workerinput"):  # the controller only
+                    items.reverse()
+            """
+        )
+    pytester.makepyfile(test_ahead=AHEAD)
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", ESCAPE, "-p", "no:randomly", "--isolate-report=r.json")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["test_ahead.py ........*"])
+    files = {p.resolve() for p in pytester.path.glob("**/test_own_sandbox_*/seen.txt")}  # and "…current" links
+    rows = sorted(p.read_text().split() for p in files)
+    assert [int(r[0]) for r in rows] == list(range(8))
+    assert [r[1] for r in rows] == [f"test-own-sandbox-{n}" for n in range(8)]
+    report = json.loads((pytester.path / "r.json").read_text())["tests"]
+    expected = [f"test_ahead.py::test_own_sandbox[{n}]" for n in range(8)]
+    assert [r["nodeid"] for r in report] == (expected if order == "collected" else expected[::-1])
+    assert not os.path.exists("/tmp/ahead-marker")
