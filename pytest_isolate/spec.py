@@ -178,9 +178,14 @@ class IsolationSpec:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["allow"] = list(self.allow)
-        return d
+        """A JSON-ready copy. Made once per spec (``asdict`` costs ~0.2 ms and a spec is
+        shared by many tests, each sent and reported with it)."""
+        cached = self.__dict__.get("_dict")
+        if cached is None:
+            cached = dataclasses.asdict(self)
+            cached["allow"] = list(self.allow)
+            object.__setattr__(self, "_dict", cached)
+        return {**cached, "allow": list(cached["allow"])}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> IsolationSpec:

@@ -136,18 +136,21 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _mountinfo() -> dict[str, tuple[str, str, str]]:
-    """mount id -> (mount point, fstype, source) of the host's mount namespace."""
+def _mountinfo(text: str | None = None) -> dict[str, tuple[str, str, str]]:
+    """mount id -> (mount point, fstype, source) of the host's mount namespace (from
+    ``text``, mountinfo as already read, when given)."""
     out: dict[str, tuple[str, str, str]] = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                a, b = left.split(), right.split()
-                if len(a) >= 5 and len(b) >= 2:
-                    out[a[0]] = (a[4].replace("\\040", " "), b[0], b[1])
-    except OSError:
-        pass
+    if text is None:
+        try:
+            with open("/proc/self/mountinfo") as f:
+                text = f.read()
+        except OSError:
+            return out
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        a, b = left.split(), right.split()
+        if len(a) >= 5 and len(b) >= 2:
+            out[a[0]] = (a[4].replace("\\040", " "), b[0], b[1])
     return out
 
 
@@ -207,6 +210,7 @@ class Canaries:
         self._mount_excluded = (*_OWN_MOUNT_PREFIXES, os.path.join(str(self.rundir), ""))
         self._hooks: dict[str, str] = {}
         self._hook_fds: dict[str, int] = {}
+        self._status_fd = -1
         self._hook_paths = hooks
         self._keys: dict[str, str] = {}
         self._state_at = 0.0
@@ -451,10 +455,8 @@ class Canaries:
             self._add("signal", f"the host canary process {proc.pid} was killed (status {proc.returncode})")
             self._proc = None
             return
-        try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                status = f.read()
-        except OSError:
+        status = self._proc_status()
+        if status is None:
             return
         tracer = state = ""
         for line in status.splitlines():
@@ -473,27 +475,39 @@ class Canaries:
         else:
             self._proc_flags = {f for f in self._proc_flags if not f.startswith("traced:")}
 
-    def _signals_pending(self) -> bool:
+    def _proc_status(self) -> str | None:
+        """/proc/<canary>/status, re-read through one open fd (pread regenerates it)."""
         proc = self._proc
         if proc is None:
+            return None
+        try:
+            if self._status_fd < 0:
+                self._status_fd = os.open(f"/proc/{proc.pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            return os.pread(self._status_fd, 1 << 14, 0).decode(errors="replace")
+        except OSError:
+            return None
+
+    def _signals_pending(self) -> bool:
+        status = self._proc_status()
+        if status is None:
             return False
         try:
-            with open(f"/proc/{proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16):
-                        return True
-        except (OSError, ValueError, IndexError):
+            for line in status.splitlines():
+                if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16):
+                    return True
+        except (ValueError, IndexError):
             pass
         return False
 
     def _drain_mounts(self) -> None:
         if self._mount_fd < 0:
             return
+        chunks: list[bytes] = []
         with contextlib.suppress(OSError):
             os.lseek(self._mount_fd, 0, os.SEEK_SET)
-            while os.read(self._mount_fd, 65536):
-                pass  # reading it to the end re-arms POLLPRI
-        now = _mountinfo()
+            while chunk := os.read(self._mount_fd, 65536):
+                chunks.append(chunk)  # reading it to the end re-arms POLLPRI
+        now = _mountinfo(b"".join(chunks).decode(errors="replace") if chunks else None)
         for mid, (point, fstype, source) in now.items():
             if self._mounts.get(mid) == (point, fstype, source):
                 continue  # known; mount ids are reused, so compare what is mounted too
@@ -541,11 +555,11 @@ class Canaries:
             if s is not None:
                 s.close()
         self._tcp = self._unix = None
-        for fd in (self._inotify, self._mount_fd, self._wake_r, self._wake_w, *self._hook_fds.values()):
+        for fd in (self._inotify, self._mount_fd, self._wake_r, self._wake_w, self._status_fd, *self._hook_fds.values()):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._inotify = self._mount_fd = self._wake_r = self._wake_w = -1
+        self._inotify = self._mount_fd = self._wake_r = self._wake_w = self._status_fd = -1
         self._hook_fds = {}
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
