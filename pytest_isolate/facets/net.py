@@ -649,10 +649,15 @@ def wait_holder_gone(pid: int, run_id: str, timeout: float = 5.0) -> bool:
     """Wait until the holder ``pid`` of switch ``run_id`` is gone; SIGKILL it after
     ``timeout``. Whether it had to be killed."""
     deadline = time.monotonic() + timeout
-    while held_switch_path(pid, run_id) is not None:
+    # Not a holder any more is not enough: an exiting process loses its argv before it
+    # closes its files, and the lock it holds goes only with those.
+    # (Bounded: a pid recycled meanwhile is never dead, and never ours to kill.)
+    while (holder := held_switch_path(pid, run_id) is not None) or not _dead(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         if time.monotonic() >= deadline:
+            if not holder:
+                return False
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             return True
