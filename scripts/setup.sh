@@ -41,11 +41,27 @@ try:
 except Exception as e:
     print(e)'
 }
+# A kernel that boots but predates UML's seccomp mode (6.16) traps every guest system
+# call with ptrace: ~3x slower per test. As root, fetch the newer one then too; keep
+# the old one if that fails or the new one does not boot here.
+uml_seccomp() {
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml
+print("yes" if uml.seccomp_mode(uml.find_kernel()) else "no")' 2>/dev/null || echo no
+}
 if command -v linux.uml >/dev/null 2>&1; then
   uml_why=$(uml_probe)  # one probe boot (~1 s); say why once, not boot again to say it
   if [ "$uml_why" != ok ]; then
     echo "setup: $uml_why"
     bash scripts/uml-kernel.sh --force
     echo "setup: uml kernel check: $(uml_probe)"
+  elif [ "$(uml_seccomp)" = no ] && [ "$(id -u)" = 0 ] && [ ! -e .venv/.uml-kernel-tried ]; then
+    echo "setup: $(command -v linux.uml) has no seccomp mode (UML < 6.16); fetching a newer kernel"
+    touch .venv/.uml-kernel-tried  # once per venv, also when it fails
+    if bash scripts/uml-kernel.sh --force && [ "$(uml_probe)" = ok ]; then
+      echo "setup: uml kernel: $(command -v linux.uml)"
+    else
+      rm -f .venv/bin/linux.uml
+      echo "setup: keeping $(command -v linux.uml) (ptrace mode)"
+    fi
   fi
 fi
