@@ -36,6 +36,7 @@ from pytest_isolate.tiers.base import (
     Tier,
     Unavailable,
     WorkerContext,
+    children,
     descendants,
     describe_procs,
     kill_tree,
@@ -727,10 +728,10 @@ class ForkServer:
         spawner = self.spawner.pid if self.spawner is not None else None
         waiting = self.waiting.pid if self.waiting is not None else None
         mine = [
-            q for p in descendants(os.getpid(), depth=1) if p not in (spawner, waiting) for q in (p, *descendants(p))
+            q for p in children(os.getpid()) if p not in (spawner, waiting) for q in (p, *descendants(p))
         ]
         if spawner is not None:
-            mine += [q for z in descendants(spawner, depth=1) for q in descendants(z)]
+            mine += [q for z in children(spawner) for q in descendants(z)]
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])
         # Reap what died (killed orphans, zombies): nothing may be reported twice.
         while True:

@@ -63,7 +63,6 @@ class Spawner:
         #: Zygotes whose status nobody will ask for (they ended cleanly).
         self.forgotten: set[int] = set()
         self.children: set[int] = set()
-        self.asked = 0  # zygotes asked for whose pid has not been taken yet
         self.named: list[int] = []  # pids the spawner sent, oldest first, not yet taken
 
     def spawn(self, result_w: int, stack_fd: int, go_r: int, warm: str | None) -> None:
@@ -75,13 +74,11 @@ class Spawner:
             socket.send_fds(self.sock, [f"z {warm or ''}".encode()], [result_w, stack_fd, go_r])
         except OSError as exc:
             raise SpawnerGone(str(exc)) from None
-        self.asked += 1
 
     def next_pid(self) -> int:
         """The pid of the oldest zygote asked for and not yet named."""
         while not self.named:
             self._read()
-        self.asked -= 1
         return self.named.pop(0)
 
     def status(self, pid: int) -> tuple[int, resource.struct_rusage]:

@@ -138,27 +138,30 @@ def describe_procs(pids: Iterable[int]) -> list[dict[str, Any]]:
     return out
 
 
-def descendants(pid: int, depth: int | None = None) -> list[int]:
-    """All live descendants of ``pid`` (via /proc/<pid>/task/*/children), deepest last;
-    with ``depth=1`` its children only."""
+def children(pid: int) -> list[int]:
+    """Live children of ``pid`` (via /proc/<pid>/task/*/children)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid``, deepest last."""
     out: list[int] = []
     todo = [pid]
     while todo:
-        p = todo.pop()
-        if depth == 1 and p != pid:
-            continue
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            todo.extend(kids)
+        kids = children(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
     return out
 
 
