@@ -128,8 +128,10 @@ class ForkServer:
         self.items: dict[str, pytest.Item] = {}
         self.following: dict[str, pytest.Item] = {}  # nodeid -> the item collected after it
         self.seq = 0
-        #: Runners that said "end" and are still being torn down by the kernel.
-        self.exiting: list[int] = []
+        #: Children still being torn down by the kernel after their test was answered:
+        #: runners that said "end", and inits that "released" their sandbox (value: its
+        #: box, for ``tier.release`` once the last of it is gone).
+        self.exiting: dict[int, Box | None] = {}
         #: A child waiting for its next job: a pre-forked zygote or a kept scope child.
         self.waiting: _Slot | None = None
         self.spawner: Spawner | None = None
@@ -198,6 +200,7 @@ class ForkServer:
             self.serve()
         finally:
             self._drop_waiting()
+            self._reap_exiting()
             if self.spawner is not None:
                 with contextlib.suppress(Exception):
                     self.spawner.close()
@@ -573,7 +576,11 @@ class ForkServer:
                 if self.spawner is not None and pid in self.spawner.children:
                     self.spawner.forget(pid)  # the spawner reaps it
                 else:
-                    self.exiting.append(pid)
+                    self.exiting[pid] = None
+                status = 0
+            elif status == "released":  # the init emptied its sandbox and is exiting with it
+                box.state["released"] = True
+                self.exiting[pid] = box
                 status = 0
             elif slot.go >= 0:  # a kept child that died or ended
                 os.close(slot.go)
@@ -589,7 +596,7 @@ class ForkServer:
                         tier.finish(box, pid, status, ru)  # type: ignore[arg-type]
                 finally:
                     leftovers = leftovers_early + self._reap_orphans(
-                        exclude=self.exiting + [p["pid"] for p in leftovers_early]
+                        exclude=[*self.exiting, *(p["pid"] for p in leftovers_early)]
                     )
                     os.close(r)
             else:
@@ -657,6 +664,8 @@ class ForkServer:
                         return "kept", None, False  # type: ignore[return-value]
                     if tier.direct and last == "end":
                         return None, None, False
+                    if last == "released":
+                        return "released", None, False  # type: ignore[return-value]
                 if pidfd in ready:
                     break
                 if not ready and deadline is not None and not timed_out and time.monotonic() >= deadline:
@@ -708,10 +717,17 @@ class ForkServer:
         return box.spec.tier in ("zone", "uml")
 
     def _reap_exiting(self) -> None:
-        for pid in self.exiting:
+        for pid in list(self.exiting):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        self.exiting.clear()
+            self._gone(pid)
+
+    def _gone(self, pid: int) -> None:
+        """An exiting child was reaped: what its sandbox held can go now (zone: cgroup)."""
+        box = self.exiting.pop(pid, None)
+        if box is not None:
+            with contextlib.suppress(Exception):
+                self.tier(box.spec.tier).release(box)
 
     def _kill_descendants(self, pid: int) -> list[dict[str, Any]]:
         """Live descendants of a runner that is about to exit would outlive its test."""
@@ -727,9 +743,9 @@ class ForkServer:
         # waiting for its job (zygote, sandbox built ahead, kept scope) is not walked.
         spawner = self.spawner.pid if self.spawner is not None else None
         waiting = self.waiting.pid if self.waiting is not None else None
-        mine = [
-            q for p in children(os.getpid()) if p not in (spawner, waiting) for q in (p, *descendants(p))
-        ]
+        # A released init's subtree is its own to end (it already killed the rest).
+        keep = {spawner, waiting, *(p for p, box in self.exiting.items() if box is not None)}
+        mine = [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]
         if spawner is not None:
             mine += [q for z in children(spawner) for q in descendants(z)]
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])
@@ -741,8 +757,7 @@ class ForkServer:
                 break
             if pid == 0:
                 break
-            if pid in self.exiting:
-                self.exiting.remove(pid)
+            self._gone(pid)
         return found
 
     def _kill(self, pids: list[int]) -> list[dict[str, Any]]:

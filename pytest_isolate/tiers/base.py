@@ -9,12 +9,16 @@ process that runs the test is confined*. For each test the server calls, in orde
     ... server waits on pid, reading wire messages from box.result_fd's read end ...
     tier.kill(box, pid)               # only on timeout / shutdown: kill the whole tree
     tier.finish(box, pid, status, ru) # host side, after pid is reaped: readings, cleanup
+    tier.release(box)                 # only after a "released" frame: pid reaped at last
 
 ``run`` never returns: it runs the test protocol and ``os._exit``s with 0. If the pid
 the server waits on is not the process that called ``run`` (e.g. a PID-namespace init
 sits between them), the tier must send ``{"t": "exit", "status": <raw wait status of
-the runner>, "rusage": rusage_dict(ru)}`` on ``box.result_fd`` once the runner is
-reaped, so crashes are reported with the runner's real signal/exit code.
+the runner>, "rusage": rusage_dict(ru)}`` on ``box.result_fd`` once the runner is done,
+so crashes are reported with the runner's real signal/exit code. Such a tier may then
+send ``{"t": "released"}`` as its last frame: nothing of the test runs any more and
+everything ``finish`` reads is in place. The server answers at once (``finish`` runs
+while ``pid`` is still exiting) and reaps ``pid`` later, then calls ``release``.
 
 Tiers compose facets (``pytest_isolate.facets``) in a fixed order, as nsjail does:
 cgroup join → namespaces → mounts/root → hostname → network → devices → rlimits →
@@ -97,6 +101,10 @@ class Tier:
 
     def finish(self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None) -> None:
         """Host-side readings and clean-up after ``pid`` was reaped."""
+
+    def release(self, box: Box) -> None:
+        """After ``finish``, once the last process of a sandbox whose init answered
+        before exiting ("released", jail.py) is reaped: what needs them all gone."""
 
     def close(self) -> None:
         """Release per-worker resources at worker shutdown."""

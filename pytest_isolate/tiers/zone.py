@@ -98,6 +98,18 @@ class ZoneTier(JailTier):
                 try:
                     box.usage.update(cg.read())
                 finally:
-                    cg.remove()
-                    if cg.leftover:
-                        box.notes.append(f"zone: cgroup not removed: {', '.join(cg.leftover)}")
+                    if box.state.get("released"):
+                        box.state["zone_cg_exiting"] = cg  # its init is still in it
+                    else:
+                        self._remove(box, cg)
+
+    def release(self, box: Box) -> None:
+        cg: cgroups.TestCgroup | None = box.state.pop("zone_cg_exiting", None)
+        if cg is not None:
+            self._remove(box, cg)
+
+    @staticmethod
+    def _remove(box: Box, cg: cgroups.TestCgroup) -> None:
+        cg.remove()
+        if cg.leftover:
+            box.notes.append(f"zone: cgroup not removed: {', '.join(cg.leftover)}")

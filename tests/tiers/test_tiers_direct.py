@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate import wire
+from pytest_isolate import child, wire
 from pytest_isolate.facets import caps, cgroups, mounts, net
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.chroot import ChrootTier
@@ -164,6 +164,32 @@ def test_sigterm_to_self_kills_the_runner(harness, cls):
     assert out.exit_signal() == signal.SIGTERM
     assert out.of("result") == []
     assert os.WIFEXITED(out.status) and os.WEXITSTATUS(out.status) == 0  # the init's own
+
+
+@pytest.mark.parametrize("cls", NS_TIERS, ids=ns_ids)
+def test_runner_that_ended_is_not_waited_for(harness, cls):
+    """The runner's last frame and its end byte release the sandbox; its teardown (here
+    a runner that would linger for a minute) happens after the host side has its answer."""
+
+    def body(box):
+        ctypes.CDLL(None).prctl(15, b"isolate-linger", 0, 0, 0)
+        wire.send(box.result_fd, {"t": "result", "data": {"ran": True}})
+        os.write(child.end_notify_fd, b"e")
+        time.sleep(60)
+        return {}
+
+    out = harness.run(cls, body, timeout=20)
+    assert out.result() == {"ran": True}
+    assert [m["t"] for m in out.messages][-1] == "released"
+    (exit_msg,) = out.of("exit")
+    assert exit_msg["status"] == 0  # the runner ended; nothing killed it before its end
+    assert out.of("leftover") == []  # the exiting runner is not something the test left
+    assert os.WIFEXITED(out.status) and os.WEXITSTATUS(out.status) == 0  # not the harness's kill
+    comms = []
+    for p in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            comms.append(Path(f"/proc/{p}/comm").read_text().strip())
+    assert "isolate-linger" not in comms  # and it is gone with its sandbox
 
 
 @pytest.mark.parametrize("cls", NS_TIERS, ids=ns_ids)
