@@ -12,8 +12,13 @@ much for work done per test. The per-test paths (``loopback_up``, ``attach_ip``)
 therefore send pyroute2-encoded messages over a plain ``AF_NETLINK`` socket
 (``_Rtnl``); the rare paths (switch, taps, sweep) use ``IPRoute`` as usual.
 
-Importing this module imports pyroute2 (~110-150 ms): import it in the fork server
-*before* forking, never for the first time inside a test child.
+pyroute2 is imported on first use, not with this module: importing it costs ~100 ms
+and adds ~9.5 MB to the heap, which every jail/zone sandbox would otherwise inherit
+(twice: init and runner) and pay for in each fork and exit. A sandbox with loopback
+only needs one fixed 32-byte message, ``_LO_UP``, spelled out here and pinned to
+pyroute2's encoding of the same request by a test. ``warm_ip()`` imports pyroute2
+and encodes the ``attach_ip`` messages in the fork server, before a network="ip"
+sandbox forks: never for the first time inside a test child.
 
 Privileges. As root in the initial user namespace the switch netns is bind-mounted at
 ``/run/netns/pytest-isolate-<run_id>`` (found by name by ``sweep``). Unprivileged, a
@@ -44,6 +49,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import signal
@@ -54,12 +60,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from typing import Any
 
 __all__ = [
     "BRIDGE",
@@ -78,6 +79,7 @@ __all__ = [
     "sweep",
     "switch_name",
     "wait_holder_gone",
+    "warm_ip",
 ]
 
 #: One private subnet per run. A /12 rather than a /16: 16 workers x 10000 tests need
@@ -102,6 +104,15 @@ IFF_UP = 0x1
 NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
+# <linux/netlink.h>, <linux/rtnetlink.h>: kernel ABI, the values pyroute2 uses too.
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTM_NEWADDR = 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -177,7 +188,7 @@ class _Template:
     offset is found once; ``fill`` writes same-width values there.
     """
 
-    def __init__(self, msg: ifinfmsg | ifaddrmsg, mtype: int, flags: int, **holes: bytes) -> None:
+    def __init__(self, msg: Any, mtype: int, flags: int, **holes: bytes) -> None:
         msg["header"]["type"] = mtype
         msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
         msg.encode()
@@ -212,6 +223,8 @@ _ADDRESS_HOLE = bytes([255, 4, 5, 6])
 
 
 def _ifname_tpl(mtype: int, name: bytes) -> _Template:
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
     msg = ifinfmsg()
     msg["attrs"] = [("IFLA_IFNAME", name.decode("latin-1"))]
     return _Template(msg, mtype, 0, name=name)
@@ -219,6 +232,8 @@ def _ifname_tpl(mtype: int, name: bytes) -> _Template:
 
 def _veth_tpl(ifname: str) -> _Template:
     """Create ``ifname`` up, its peer (named by the hole) straight in netns fd (hole)."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
     peer = {
         "attrs": [("IFLA_IFNAME", _PEER_HOLE.decode("latin-1")), ("IFLA_NET_NS_FD", 0x7EADBEEF)]
     }
@@ -241,6 +256,8 @@ def _veth_tpl(ifname: str) -> _Template:
 
 
 def _addr_tpl() -> _Template:
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+
     msg = ifaddrmsg()
     msg["family"] = socket.AF_INET
     msg["prefixlen"] = 32
@@ -258,6 +275,8 @@ def _addr_tpl() -> _Template:
 
 def _port_tpl() -> _Template:
     """Enslave the (named) peer to the bridge (index in the hole) and bring it up."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
     msg = ifinfmsg()
     msg["flags"] = IFF_UP
     msg["change"] = IFF_UP
@@ -265,21 +284,38 @@ def _port_tpl() -> _Template:
     return _Template(msg, RTM_NEWLINK, 0, peer=_PEER_HOLE, master=_MASTER_HOLE)
 
 
-def _lo_up_tpl() -> _Template:
-    msg = ifinfmsg()
-    msg["index"] = 1  # the loopback device is always ifindex 1 in a netns
-    msg["flags"] = IFF_UP
-    msg["change"] = IFF_UP
-    return _Template(msg, RTM_NEWLINK, 0)
+#: RTM_NEWLINK for ifindex 1 (the loopback device is always 1 in a netns): flags and
+#: change IFF_UP, seq 1; nlmsghdr then ifinfomsg, no attributes. The same bytes as
+#: pyroute2's ``ifinfmsg`` with those fields (tests/facets/test_net.py holds them equal).
+_LO_UP = struct.pack("=IHHII", 32, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + struct.pack(
+    "=BxHiII", socket.AF_UNSPEC, 0, 1, IFF_UP, IFF_UP
+)
 
 
-# Encoded once, at import in the fork server; see _Template for why.
-_LO_UP = _lo_up_tpl().fill(1)
-_VETH_TPL: dict[str, _Template] = {"eth0": _veth_tpl("eth0")}
-_ADDR_TPL = _addr_tpl()
-_PORT_TPL = _port_tpl()
-_GET_BRIDGE = _ifname_tpl(RTM_GETLINK, BRIDGE.encode()).fill(1)
-_GET_ETH0 = _ifname_tpl(RTM_GETLINK, b"eth0").fill(2)
+@dataclass(frozen=True)
+class _IpMessages:
+    veth: dict[str, _Template]
+    addr: _Template
+    port: _Template
+    get_bridge: bytes
+    get_eth0: bytes
+
+
+@functools.cache
+def _ip_messages() -> _IpMessages:
+    """Encoded once per process; see _Template for why."""
+    return _IpMessages(
+        veth={"eth0": _veth_tpl("eth0")},
+        addr=_addr_tpl(),
+        port=_port_tpl(),
+        get_bridge=_ifname_tpl(RTM_GETLINK, BRIDGE.encode()).fill(1),
+        get_eth0=_ifname_tpl(RTM_GETLINK, b"eth0").fill(2),
+    )
+
+
+def warm_ip() -> None:
+    """In the fork server, before forking a network="ip" sandbox (see the module doc)."""
+    _ip_messages()
 
 
 def _index_of(replies: list[bytes]) -> int:
@@ -422,6 +458,8 @@ def _setup_switch_netns() -> None:
 
     The bridge keeps its defaults: STP off, so a port forwards as soon as it is up.
     """
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         ipr.link("set", index=1, state="up")
         ipr.link("add", ifname=BRIDGE, kind="bridge")
@@ -710,9 +748,10 @@ def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str 
     under /run/netns is usually not reachable, so open it before and pass the fd.
     """
     peer = peer_name(address).encode()
-    veth = _VETH_TPL.get(ifname)
+    msgs = _ip_messages()
+    veth = msgs.veth.get(ifname)
     if veth is None:  # not pre-encoded: costs ~1 ms cold in a child
-        veth = _VETH_TPL[ifname] = _veth_tpl(ifname)
+        veth = msgs.veth[ifname] = _veth_tpl(ifname)
     sw_fd, owned = _open_ns(switch_path)
     try:
         with _Rtnl() as here:
@@ -722,7 +761,7 @@ def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str 
                 f"create veth {ifname} with peer {peer.decode()} in the switch",
             )
             if ifname == "eth0":
-                index = _index_of(here.send_raw(_GET_ETH0, 2, "look up eth0"))
+                index = _index_of(here.send_raw(msgs.get_eth0, 2, "look up eth0"))
             else:
                 index = _index_of(
                     here.send_raw(
@@ -730,13 +769,13 @@ def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str 
                     )
                 )
             ip = ipaddress.IPv4Address(address).packed
-            buf = bytearray(_ADDR_TPL.fill(3, index=_u32(index), local=ip, address=ip))
+            buf = bytearray(msgs.addr.fill(3, index=_u32(index), local=ip, address=ip))
             buf[16 + 1] = prefixlen  # ifaddrmsg.ifa_prefixlen
             here.send_raw(bytes(buf), 3, f"add {address}/{prefixlen} to {ifname}")
         with _rtnl_in(sw_fd) as there:
-            bridge = _index_of(there.send_raw(_GET_BRIDGE, 1, f"look up {BRIDGE} in the switch"))
+            bridge = _index_of(there.send_raw(msgs.get_bridge, 1, f"look up {BRIDGE} in the switch"))
             there.send_raw(
-                _PORT_TPL.fill(2, peer=peer, master=_u32(bridge)),
+                msgs.port.fill(2, peer=peer, master=_u32(bridge)),
                 2,
                 f"enslave {peer.decode()} to {BRIDGE}",
             )
@@ -759,6 +798,8 @@ def create_tap(
     """
     if len(name) > 15:
         raise ValueError(f"interface name too long: {name!r}")
+    from pyroute2 import IPRoute
+
     with _in_netns(switch_path), IPRoute() as ipr:
         spec: dict[str, object] = {"ifname": name, "kind": "tuntap", "mode": "tap"}
         if owner is not None:
@@ -788,6 +829,8 @@ def _probe_kinds(go_back: bool = True) -> str | None:
     ``go_back=False`` in a process that cannot setns back (it left the user namespace
     owning its old netns) and exits right after.
     """
+    from pyroute2 import IPRoute
+
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _unshare(CLONE_NEWNET)  # this thread only; the netns dies when we leave it

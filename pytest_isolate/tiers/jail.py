@@ -166,6 +166,8 @@ class JailTier(Tier):
     # -- host side ------------------------------------------------------------------
 
     def prepare(self, box: Box) -> None:
+        if box.spec.network == "ip":
+            net.warm_ip()  # here, in the server: never first in a test's child
         box.scratch.mkdir(parents=True, exist_ok=True)
         lower = lower_for(box)
         userns = not self._privileged

@@ -231,6 +231,34 @@ def test_peer_names_fit_ifnamsiz() -> None:
 # --------------------------------------------------------------------------- loopback
 
 
+def test_loopback_message_is_pyroute2s_encoding() -> None:
+    """``_LO_UP`` is spelled out so the module need not import pyroute2; pyroute2 must
+    encode the same request byte for byte."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_NEWLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    msg = ifinfmsg()
+    msg["index"] = 1
+    msg["flags"] = net.IFF_UP
+    msg["change"] = net.IFF_UP
+    msg["header"]["type"] = RTM_NEWLINK
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = 1
+    msg.encode()
+    assert net._LO_UP == bytes(msg.data)
+
+
+def test_importing_the_facet_leaves_pyroute2_out() -> None:
+    """A sandbox without network="ip" must not inherit pyroute2's heap (module doc)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pytest_isolate.tiers import zone; print('pyroute2' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_loopback_up_in_fresh_netns() -> None:
     def body(_: _Child) -> None:
         _unshare(CLONE_NEWNET)
