@@ -56,6 +56,9 @@ def lower_for(box: Box) -> Path:
 
 class ChrootTier(Tier):
     name = "chroot"
+    #: The runner is the server's own child: its "end" is the answer. Its overlay is
+    #: scanned and lazily unmounted while the kernel tears the exiting runner down.
+    direct = True
 
     @classmethod
     def availability(cls) -> str | None:
