@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,9 @@ def _remote_sys_path() -> list[str]:
 class Worker:
     """One execnet gateway with its fork server."""
 
-    def __init__(self, ctl: Controller, index: int, key: tuple[Any, ...], spec: IsolationSpec) -> None:
+    def __init__(
+        self, ctl: Controller, index: int, key: tuple[Any, ...], spec: IsolationSpec, early: bool = False
+    ) -> None:
         self.ctl = ctl
         self.index = index
         self.key = key
@@ -72,7 +75,23 @@ class Worker:
         self.link: socket.socket | None = None
         self._reader = wire.Reader()
         self._inbox: list[Any] = []
-        self._start(spec)
+        self._listener: socket.socket | None = None
+        #: Frames to send first once the server is up (``Controller.collected``).
+        self._queued: list[dict[str, Any]] = []
+        self._launch_error: BaseException | None = None
+        self._launcher: threading.Thread | None = None
+        self._ready = False
+        if early:
+            # Started before the controller collects: the gateway's interpreter starts
+            # while this one imports test modules (makegateway blocks ~50 ms on it), and
+            # the server imports pytest and collects on the other CPU meanwhile.
+            # Everything the set-up reads of the controller is read here, in its thread.
+            gw_spec, init = self._gateway_spec(spec), self._init()
+            self._launcher = threading.Thread(target=self._launch_caught, args=(gw_spec, init), name="isolate-launch")
+            self._launcher.start()
+        else:
+            self._launch(self._gateway_spec(spec), self._init())
+            self.ready()
 
     def _gateway_spec(self, spec: IsolationSpec) -> str:
         if not self.uml:
@@ -97,44 +116,63 @@ class Worker:
             switch=self.ctl.switch_path() if spec.network == "ip" else None,
         )
 
-    def _start(self, spec: IsolationSpec) -> None:
-        cfg = self.ctl.config
-        self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
+    def _launch_caught(self, gw_spec: str, init: dict[str, Any]) -> None:
+        try:
+            self._launch(gw_spec, init)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by ready(), in the main thread
+            self._launch_error = exc
+
+    def _launch(self, gw_spec: str, init: dict[str, Any]) -> None:
+        """Start the gateway and send the server its set-up; ``ready`` waits for it."""
+        self.gw = self.ctl.group.makegateway(gw_spec)
         self.ch = self.gw.remote_exec(remote)
-        listener = None
+        self.ch.send(init)
+
+    def _init(self) -> dict[str, Any]:
+        """The server's set-up: what to mirror of this pytest, and its context."""
+        cfg = self.ctl.config
         extra: dict[str, Any] = {"worker_index": self.ctl.worker_index(self.index)}
         if not self.uml:
-            listener = _listen(self.workdir / "ctl.sock")
-            extra["direct"] = listener.getsockname()
+            self._listener = _listen(self.workdir / "ctl.sock")
+            extra["direct"] = self._listener.getsockname()
         workerinput = dict(getattr(cfg, "workerinput", None) or {})
         workerinput.setdefault("workerid", "master")
         workerinput.setdefault("workercount", 1)
         workerinput.setdefault("testrunuid", self.ctl.run_id)
         workerinput.setdefault("mainargv", list(sys.argv))
         workerinput["isolate_server"] = True
-        self.ch.send(
-            {
-                "args": list(cfg.invocation_params.args),
-                "dir": str(cfg.invocation_params.dir),
-                # The package's own location first: an editable install is found by an
-                # import hook that sys.path does not show (and -S skips it anyway).
-                "sys_path": _remote_sys_path(),
-                # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
-                "python_flags": ["-S"] if self.uml else [],
-                "workerinput": workerinput,
-                "ctx": {
-                    "run_id": self.ctl.run_id,
-                    "rundir": str(self.ctl.rundir),
-                    "workdir": str(self.workdir),
-                    "rootdir": str(cfg.rootpath),
-                    "basetemp": str(self.basetemp),
-                    "invocation_dir": str(cfg.invocation_params.dir),
-                    "switch_netns": self.ctl.switch_path(),
-                    "extra": extra,
-                },
-            }
-        )
+        return {
+            "args": list(cfg.invocation_params.args),
+            "dir": str(cfg.invocation_params.dir),
+            # The package's own location first: an editable install is found by an
+            # import hook that sys.path does not show (and -S skips it anyway).
+            "sys_path": _remote_sys_path(),
+            # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
+            "python_flags": ["-S"] if self.uml else [],
+            "workerinput": workerinput,
+            "ctx": {
+                "run_id": self.ctl.run_id,
+                "rundir": str(self.ctl.rundir),
+                "workdir": str(self.workdir),
+                "rootdir": str(cfg.rootpath),
+                "basetemp": str(self.basetemp),
+                "invocation_dir": str(cfg.invocation_params.dir),
+                "switch_netns": self.ctl.switch_path(),
+                "extra": extra,
+            },
+        }
+
+    def ready(self) -> None:
+        """Wait until the fork server has collected and connected (once)."""
+        if self._ready:
+            return
+        if self._launcher is not None:
+            self._launcher.join()
+            self._launcher = None
+        listener, self._listener = self._listener, None
         try:
+            if self._launch_error is not None:
+                raise self._launch_error
             msg = self.receive(START_TIMEOUT)
             if msg.get("t") != "ready":
                 raise WorkerDied(f"unexpected first message from worker: {msg!r}")
@@ -146,6 +184,30 @@ class Worker:
                 with contextlib.suppress(OSError):
                     os.unlink(listener.getsockname())
                 listener.close()
+        self._ready = True
+        for cmd in self._queued:
+            self.send(cmd)
+        self._queued.clear()
+
+    def _await_server_pid(self, timeout: float) -> None:
+        """The gateway names the server as soon as it has spawned it (remote.py)."""
+        end = time.monotonic() + timeout
+        while self.server_pid is None and time.monotonic() < end:
+            try:
+                raw = self.ch.receive(0.05)
+            except self.ch.TimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 - the gateway is gone: nothing left to stop
+                return
+            if isinstance(raw, (tuple, list)) and raw and raw[0] == "server":
+                self.server_pid = int(raw[1])
+
+    def update(self, cmd: dict[str, Any]) -> None:
+        """Send now if the server is up, else first thing once it is."""
+        if self._ready:
+            self.send(cmd)
+        else:
+            self._queued.append(cmd)
 
     def _accept(self, listener: socket.socket) -> socket.socket:
         """The server connects right after "ready"; if it died instead, say how."""
@@ -200,6 +262,9 @@ class Worker:
             raise WorkerDied(f"no answer from the isolated worker within {timeout:g}s") from None
         except (EOFError, OSError, execnet.RemoteError) as exc:
             raise WorkerDied(self._death(str(exc))) from None
+        if isinstance(raw, (tuple, list)) and raw and raw[0] == "server":
+            self.server_pid = int(raw[1])  # spawned; it reports "ready" once it has collected
+            return self.receive(timeout)
         if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
             output = raw[2] if len(raw) > 2 else []
             raise WorkerDied(self._death(f"fork server exited with code {raw[1]}", output))
@@ -233,6 +298,17 @@ class Worker:
     def close(self, fast: bool = False) -> None:
         """Stop the worker and everything below it: politely, or at once (``fast``, on
         Ctrl-C, when a test may still be running and the user is waiting)."""
+        if self._launcher is not None:
+            self._launcher.join()
+            self._launcher = None
+        if not self._ready and self.ch is not None and not self.uml:
+            self._await_server_pid(2.0)  # started early and never used: stop it at once
+            fast = True
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._listener.getsockname())
+            self._listener.close()
+            self._listener = None
         if fast and self.server_pid and not self.uml:
             with contextlib.suppress(OSError):
                 kill_tree(self.server_pid)
@@ -338,7 +414,26 @@ class Controller:
             self.count += 1
             w = Worker(self, self.count, key, spec)
             self.workers[key] = w
+        w.ready()
         return w
+
+    def launch(self, spec: IsolationSpec) -> None:
+        """Start the worker ``spec`` will need without waiting for it (``worker`` does)."""
+        key = pool_key(spec)
+        if key not in self.workers:
+            self.count += 1
+            self.workers[key] = Worker(self, self.count, key, spec, early=True)
+
+    def collected(self, needs_switch: bool) -> None:
+        """Collection is over: what the first test needs that was not known at launch."""
+        gc.freeze()  # see __init__: the collected items are here to stay now
+        if self.canaries is not None:
+            self.canaries.contacts()  # the controller's own collection is nobody's escape
+        if needs_switch and not self.needs_switch:
+            self.needs_switch = True
+            for w in self.workers.values():
+                if not w.uml:
+                    w.update({"t": "ctx", "switch_netns": self.switch_path()})
 
     def run(
         self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None

@@ -239,6 +239,9 @@ class ForkServer:
                 return
             if cmd["t"] == "shutdown":
                 return
+            if cmd["t"] == "ctx":  # known only after the controller collected (early start)
+                self.ctx.switch_netns = cmd.get("switch_netns")
+                continue
             if cmd["t"] == "run":
                 try:
                     msg = self.run_test(cmd)

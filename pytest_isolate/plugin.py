@@ -23,6 +23,8 @@ from pytest_isolate.spec import (
 )
 
 SPEC_KEY = pytest.StashKey[IsolationSpec]()
+#: Tiers whose fork server runs on this host (one worker for all of them).
+HOST_TIERS = ("process", "chroot", "jail", "zone")
 #: Flags/ini options for the budget-like keys: (key, help).
 _KEY_HELP = {
     "timeout": "wall-clock budget per test, e.g. '30s'; over it the test fails and its process tree is killed",
@@ -228,10 +230,29 @@ class IsolatePlugin:
         tier = cli.get("tier") or ini.get("tier") or "none"
         return [f"isolate: default tier {tier}"]
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        """Start the host worker now when the run's own tier says one will be needed: it
+        imports pytest and collects on the other CPU while this process collects."""
+        cfg = self.config
+        if self.server or cfg.option.collectonly or cfg.pluginmanager.has_plugin("dsession"):
+            return  # a server, nothing will run, or pytest-xdist's controller (no tests here)
+        cli, ini = cfg.stash[_LAYERS]
+        try:
+            spec = resolve([{}, cli, ini])
+        except SpecError:
+            return  # said per test, at collection
+        if spec.tier not in HOST_TIERS or self.availability(spec.tier):
+            return
+        with contextlib.suppress(Exception):  # if it cannot start, the first test says why
+            self.controller().launch(spec)
+
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         specs = [item.stash.get(SPEC_KEY, None) for item in items]
         self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone", "uml") for s in specs)
+        if self.ctl is not None:
+            self.ctl.collected(self.needs_switch)
 
     def availability(self, tier: str) -> str | None:
         if tier not in self._availability:

@@ -38,6 +38,9 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
     os.close(cmd_r)
     os.close(evt_w)
     wire.send(cmd_w, init)
+    # Before "ready" (the server still collects): a controller that must stop a worker
+    # it started early knows which process to end.
+    channel.send(("server", proc.pid))
 
     def to_server(msg) -> None:  # type: ignore[no-untyped-def]
         try:

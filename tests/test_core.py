@@ -678,6 +678,110 @@ def test_ctrl_c_stops_the_run_and_cleans_up(tmp_path: Path, h: Any) -> None:
     assert snap.leaks() == []
 
 
+# -- the worker starts while the controller collects ------------------------------------
+EARLY_CONFTEST = """
+    import os
+    import time
+
+
+    def _server_running():
+        me = os.getcwd()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"pytest_isolate.forkserver" not in f.read():
+                        continue
+                if os.readlink(f"/proc/{pid}/cwd") == me:
+                    return True
+            except OSError:
+                pass
+        return False
+
+
+    def pytest_collection_finish(session):
+        if getattr(session.config, "workerinput", None) is not None:
+            return  # the fork server's own collection
+        end = time.monotonic() + 20
+        while not _server_running() and time.monotonic() < end:
+            time.sleep(0.05)
+        with open("server-during-collection", "w") as f:
+            f.write(str(_server_running()))
+"""
+
+
+def test_worker_starts_before_the_controller_has_collected(pytester: pytest.Pytester) -> None:
+    """With the run's tier on the command line the fork server is up before the first
+    test is known; with tiers from markers only it starts at the first isolated test."""
+    pytester.makeconftest(EARLY_CONFTEST)
+    pytester.makepyfile("def test_a():\n    pass\n")
+    pytester.runpytest_subprocess(ISO).assert_outcomes(passed=1)
+    assert (pytester.path / "server-during-collection").read_text() == "True"
+
+
+@pytest.mark.parametrize(
+    "files, args, code",
+    [
+        ({"test_bad.py": "def test_a(:\n    pass\n"}, [], pytest.ExitCode.INTERRUPTED),
+        ({"test_ok.py": "def test_a():\n    pass\n"}, ["-k", "nothing_matches"], pytest.ExitCode.NO_TESTS_COLLECTED),
+        ({"test_ok.py": "import pytest\n\n@pytest.mark.isolate('none')\ndef test_a():\n    pass\n"}, [], pytest.ExitCode.OK),
+    ],
+    ids=["collection-error", "all-deselected", "no-isolated-test"],
+)
+def test_early_worker_nobody_used_is_stopped(
+    pytester: pytest.Pytester, files: dict[str, str], args: list[str], code: int
+) -> None:
+    """Started for a run whose tests then never reach it: stopped, nothing left (the
+    leak check of every pytester test looks for fork servers and run dirs)."""
+    pytester.makepyfile(**{k.removesuffix(".py"): v for k, v in files.items()})
+    result = pytester.runpytest_subprocess("--isolate=zone", *args)
+    assert result.ret == code, result.stdout.str()
+
+
+CTRLC_COLLECTING = """
+    import os
+    import time
+
+    with open(f"collecting-{os.getpid()}", "w"):
+        pass
+    time.sleep(60)
+
+
+    def test_never_collected():
+        pass
+"""
+
+
+def test_ctrl_c_while_collecting_stops_the_early_worker(tmp_path: Path, h: Any) -> None:
+    h.write_files(tmp_path, {"test_slow_import.py": CTRLC_COLLECTING})
+    snap = h.LeakSnapshot(tmp_path)
+    env = dict(os.environ, PYTEST_ADDOPTS=h.FAST_ADDOPTS, PY_COLORS="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", ISO, f"--basetemp={tmp_path / 'bt'}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # Both are collecting: the controller and the fork server it started early.
+        end = time.monotonic() + 60
+        while len(list(tmp_path.glob("collecting-*"))) < 2 and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(list(tmp_path.glob("collecting-*"))) == 2, "the early fork server never collected"
+        assert h.fork_servers_under(tmp_path), "no fork server while collecting"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, text
+    assert "KeyboardInterrupt" in text, text
+    assert snap.leaks() == []
+
+
 # -- pytest-xdist ----------------------------------------------------------------------
 XDIST_SUITE = """
     import pytest

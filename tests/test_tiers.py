@@ -390,6 +390,33 @@ def test_network_ip_jails_reach_each_other(net_run: tuple[Path, pytest.RunResult
     assert {r["spec"]["network"] for r in recs.values()} == {"ip"}
 
 
+def test_network_ip_with_the_tier_from_the_command_line(pytester: pytest.Pytester) -> None:
+    """The worker starts before collection has said whether any test wants the switch
+    (``--isolate=jail`` here, ``network="ip"`` only on a marker); it gets the switch
+    before the first test still."""
+    pytester.makepyfile(
+        """
+        import fcntl
+        import os
+        import socket
+        import struct
+
+        import pytest
+
+        @pytest.mark.isolate(network="ip")
+        def test_has_an_address():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", b"eth0"))[20:24])
+            assert addr.startswith("10.2"), addr
+
+        def test_loopback_only():
+            assert os.listdir("/sys/class/net") == ["lo"]
+        """
+    )
+    result = pytester.runpytest_subprocess("--isolate=jail", ESCAPE, "-rA")
+    result.assert_outcomes(passed=2)
+
+
 def test_xdist_loadgroup(pytester: pytest.Pytester) -> None:
     """xdist_group is how users pin tests that talk to each other to separate workers."""
     pytester.makepyfile(
