@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,19 +77,11 @@ class Worker:
         self._listener: socket.socket | None = None
         #: Frames to send first once the server is up (``Controller.collected``).
         self._queued: list[dict[str, Any]] = []
-        self._launch_error: BaseException | None = None
-        self._launcher: threading.Thread | None = None
         self._ready = False
-        if early:
-            # Started before the controller collects: the gateway's interpreter starts
-            # while this one imports test modules (makegateway blocks ~50 ms on it), and
-            # the server imports pytest and collects on the other CPU meanwhile.
-            # Everything the set-up reads of the controller is read here, in its thread.
-            gw_spec, init = self._gateway_spec(spec), self._init()
-            self._launcher = threading.Thread(target=self._launch_caught, args=(gw_spec, init), name="isolate-launch")
-            self._launcher.start()
-        else:
-            self._launch(self._gateway_spec(spec), self._init())
+        self._launch(spec)
+        if not early:
+            # Else started before the controller collects: the server imports pytest and
+            # collects on the other CPU meanwhile; ``ready`` waits at the first test.
             self.ready()
 
     def _gateway_spec(self, spec: IsolationSpec) -> str:
@@ -116,32 +107,22 @@ class Worker:
             switch=self.ctl.switch_path() if spec.network == "ip" else None,
         )
 
-    def _launch_caught(self, gw_spec: str, init: dict[str, Any]) -> None:
-        try:
-            self._launch(gw_spec, init)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by ready(), in the main thread
-            self._launch_error = exc
-
-    def _launch(self, gw_spec: str, init: dict[str, Any]) -> None:
+    def _launch(self, spec: IsolationSpec) -> None:
         """Start the gateway and send the server its set-up; ``ready`` waits for it."""
-        self.gw = self.ctl.group.makegateway(gw_spec)
-        self.ch = self.gw.remote_exec(remote)
-        self.ch.send(init)
-
-    def _init(self) -> dict[str, Any]:
-        """The server's set-up: what to mirror of this pytest, and its context."""
         cfg = self.ctl.config
         extra: dict[str, Any] = {"worker_index": self.ctl.worker_index(self.index)}
         if not self.uml:
             self._listener = _listen(self.workdir / "ctl.sock")
             extra["direct"] = self._listener.getsockname()
+        self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
+        self.ch = self.gw.remote_exec(remote)
         workerinput = dict(getattr(cfg, "workerinput", None) or {})
         workerinput.setdefault("workerid", "master")
         workerinput.setdefault("workercount", 1)
         workerinput.setdefault("testrunuid", self.ctl.run_id)
         workerinput.setdefault("mainargv", list(sys.argv))
         workerinput["isolate_server"] = True
-        return {
+        self.ch.send({
             "args": list(cfg.invocation_params.args),
             "dir": str(cfg.invocation_params.dir),
             # The package's own location first: an editable install is found by an
@@ -160,19 +141,14 @@ class Worker:
                 "switch_netns": self.ctl.switch_path(),
                 "extra": extra,
             },
-        }
+        })
 
     def ready(self) -> None:
         """Wait until the fork server has collected and connected (once)."""
         if self._ready:
             return
-        if self._launcher is not None:
-            self._launcher.join()
-            self._launcher = None
         listener, self._listener = self._listener, None
         try:
-            if self._launch_error is not None:
-                raise self._launch_error
             msg = self.receive(START_TIMEOUT)
             if msg.get("t") != "ready":
                 raise WorkerDied(f"unexpected first message from worker: {msg!r}")
@@ -298,9 +274,6 @@ class Worker:
     def close(self, fast: bool = False) -> None:
         """Stop the worker and everything below it: politely, or at once (``fast``, on
         Ctrl-C, when a test may still be running and the user is waiting)."""
-        if self._launcher is not None:
-            self._launcher.join()
-            self._launcher = None
         if not self._ready and self.ch is not None and not self.uml:
             self._await_server_pid(2.0)  # started early and never used: stop it at once
             fast = True

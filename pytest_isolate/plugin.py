@@ -244,7 +244,11 @@ class IsolatePlugin:
             return  # said per test, at collection
         if spec.tier not in HOST_TIERS or self.availability(spec.tier):
             return
-        with contextlib.suppress(Exception):  # if it cannot start, the first test says why
+        # The gateway (so the server, so each test's uncaptured output) inherits this
+        # process's stderr as it is now: the terminal, never a capture file.
+        capman = cfg.pluginmanager.get_plugin("capturemanager")
+        disabled = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        with disabled, contextlib.suppress(Exception):  # if it cannot start, the first test says why
             self.controller().launch(spec)
 
     @pytest.hookimpl(trylast=True)
