@@ -133,6 +133,9 @@ def _tier(tier: str, ms: float, *extra: Target) -> Config:
 # fmt: off
 CONFIGS: tuple[Config, ...] = (
     Config("in-process", SELF),
+    # The least a fresh child forked per test from a warm pytest costs (bench/fork_floor.py):
+    # a tier's overhead minus this row's is what the tier adds to the bare fork.
+    Config("fork-floor", SELF, ref="in-process", plugins=("bench.fork_floor",)),
     # Each readings-off row right after its tier's row: round-robin then times the two
     # back to back, so the host's drift hits both sides of the difference alike.
     _tier("process", 3.0, Target("overhead_ratio", 0.5, against="pytest-forked")),
