@@ -53,6 +53,12 @@ class Forwarder:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         wire.send(self.fd, {"t": "report", "data": data})
 
+    def send_xml(self, kind: str, name: object, value: object) -> None:
+        """What junitxml's fixtures record in a child (an attribute of the testcase, a
+        property of the suite): the controller's LogXML writes it."""
+        if self.fd >= 0:
+            wire.send(self.fd, {"t": "xml", "kind": kind, "name": str(name), "value": str(value)})
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_warning_recorded(self, warning_message: Any, when: str, nodeid: str, location: Any) -> None:
         if self.fd < 0:

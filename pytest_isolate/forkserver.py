@@ -156,7 +156,7 @@ class ForkServer:
         if family is not None:
             from _pytest.junitxml import xml_key
 
-            config.stash[xml_key] = _JunitFamily(family)  # type: ignore[assignment]
+            config.stash[xml_key] = _JunitFamily(family, self.forwarder)  # type: ignore[assignment]
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
@@ -799,6 +799,7 @@ class ForkServer:
                 terminal.append(pending)
                 pending = ""
         warnings = [m for m in msgs if m.get("t") == "warning"]
+        xml = [m for m in msgs if m.get("t") == "xml"]
         internal = [m["error"] for m in msgs if m.get("t") == "internal"]
         for m in msgs:
             if m.get("t") == "exit":  # an init between us and the runner told the truth
@@ -859,6 +860,8 @@ class ForkServer:
             "changes": box.state.get("changes", []),
         }
         done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
+        if xml:
+            done["xml"] = xml
         if any(terminal):
             done["terminal"] = terminal
         return done
@@ -939,24 +942,27 @@ class _JunitFamily:
     Fixtures read it there: ``record_property`` and ``record_xml_attribute`` warn when
     the family is not xunit1, as they do in-process, and the warning reaches the
     controller like any other. It writes nothing: the controller's LogXML writes the
-    one junit file from the reports. Attributes and suite properties recorded inside
-    a sandbox are dropped: only reports cross the boundary.
+    one junit file from the reports, and what ``record_xml_attribute`` and
+    ``record_testsuite_property`` record goes to it as "xml" frames (plugin.py replays
+    them before it logs the test's reports).
     """
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, forwarder: Forwarder) -> None:
         self.family = family
+        self.forwarder = forwarder
 
     def node_reporter(self, nodeid: str) -> _JunitFamily:
         return self
 
     def add_attribute(self, name: str, value: object) -> None:
-        pass
+        self.forwarder.send_xml("attribute", name, value)
 
     def add_global_property(self, name: str, value: object) -> None:
         from _pytest.junitxml import _check_record_param_type
 
         __tracebackhide__ = True
         _check_record_param_type("name", name)
+        self.forwarder.send_xml("suite", name, value)
 
 
 def _hung_up(fd: int) -> bool:

@@ -345,6 +345,7 @@ class IsolatePlugin:
         reports = [hook.pytest_report_from_serializable(config=self.config, data=_tuples(d)) for d in done["reports"]]
         for w in done.get("warnings", ()):
             _replay_warning(self.config, w)
+        _replay_xml(self.config, item.nodeid, done.get("xml", ()))
         return reports, report.new_record(item, spec, reports, done["record"])
 
     def pytest_sessionfinish(self, exitstatus: int) -> None:
@@ -454,6 +455,23 @@ def _synthetic(item: pytest.Item, outcome: str, message: str) -> list[pytest.Tes
     reps.append(pytest.TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when))  # type: ignore[arg-type]
     reps.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown"))
     return reps
+
+
+def _replay_xml(config: pytest.Config, nodeid: str, entries: Any) -> None:
+    """Testcase attributes and suite properties a sandbox recorded, to this LogXML (in
+    the order recorded, before the test's reports are logged, as in-process)."""
+    if not entries:
+        return
+    from _pytest.junitxml import xml_key
+
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    for e in entries:
+        if e.get("kind") == "attribute":
+            xml.node_reporter(nodeid).add_attribute(e["name"], e["value"])
+        else:
+            xml.add_global_property(e["name"], e["value"])
 
 
 def _replay_warning(config: pytest.Config, w: dict[str, Any]) -> None:

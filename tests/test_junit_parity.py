@@ -168,3 +168,41 @@ def test_isolated_junit_adds_only_isolate_properties(pair: Pair, h: Any) -> None
         assert "isolate_tier" in names, case["name"]
         ours = [n for n in names if n.startswith("isolate_")]
         assert names[-len(ours) :] == ours, f"{case['name']}: isolate_* properties must follow the user's"
+
+
+XUNIT1 = """
+    def test_attrs(record_xml_attribute, record_testsuite_property):
+        record_xml_attribute("assertions", "3")
+        record_xml_attribute("owner", "team <a&b>")
+        record_testsuite_property("build", 1234)
+
+    def test_more(record_testsuite_property):
+        record_testsuite_property("arch", "x86_64")
+"""
+
+
+def _suite_and_cases(path: Path) -> tuple[list[tuple[str | None, str | None]], dict[str, dict[str, str]]]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    assert suite is not None
+    props = suite.find("properties")
+    suite_props = [(p.get("name"), p.get("value")) for p in props] if props is not None else []
+    cases = {str(tc.get("name")): {k: v for k, v in tc.attrib.items() if k != "time"} for tc in suite.iter("testcase")}
+    return suite_props, cases
+
+
+def test_xml_attributes_and_suite_properties_reach_the_junit_file(pytester: pytest.Pytester) -> None:
+    """``record_xml_attribute`` and ``record_testsuite_property`` inside a sandbox write
+    what they write in-process (junit_family=xunit1, where attributes are allowed)."""
+    pytester.makepyfile(test_xunit1=XUNIT1)
+    args = ["-o", "junit_family=xunit1", "-p", "no:randomly", "-W", "ignore::pytest.PytestExperimentalApiWarning"]
+    pytester.runpytest_subprocess("--junitxml=plain.xml", *args).assert_outcomes(passed=2)
+    pytester.runpytest_subprocess("--junitxml=iso.xml", "--isolate=process", *args).assert_outcomes(passed=2)
+    plain_props, plain_cases = _suite_and_cases(pytester.path / "plain.xml")
+    iso_props, iso_cases = _suite_and_cases(pytester.path / "iso.xml")
+    assert plain_props == [("build", "1234"), ("arch", "x86_64")]
+    assert iso_props == plain_props
+    assert plain_cases["test_attrs"]["owner"] == "team <a&b>"
+    assert iso_cases == plain_cases
