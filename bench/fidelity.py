@@ -1,0 +1,618 @@
+"""Fidelity harness: do real projects' test suites behave isolated as they do in-process?
+
+The promise of pytest-isolate is that a test behaves as it does in-process, only
+contained (issue 11). This repo's own tests cannot show that for configurations and
+plugins nobody here thought of, so this script takes the suites of popular PyPI
+projects as they ship in their sdists and runs each one as its own config says:
+
+1. ``pip download --no-binary :all: --no-deps name==version`` (pinned below, so the
+   table is reproducible; everything comes through pip and nothing else),
+2. a throwaway venv per project under ``--workdir`` with the project, its test
+   dependencies and a wheel of this repo's working tree (built once, from a copy, so
+   edits other people make to the tree while the harness runs do not mix into a run),
+3. ``python -m pytest`` in the extracted sdist in-process (no ``--isolate``: what a user
+   gets with the plugin installed) and once per tier with ``--isolate=TIER``,
+4. per-test outcomes from a tiny ``-p`` plugin the harness writes into the venv: the
+   comparison is by nodeid, not by counts, because equal counts can hide swapped
+   outcomes.
+
+It prints one table (outcome counts, tests whose outcome differs from in-process, time
+ratio to in-process) and below it each differing nodeid with both outcomes and the
+first line of the isolated failure. ``--json`` writes all raw data.
+
+It needs the package index, so it is not part of the test command.
+
+    python bench/fidelity.py                               # all projects, process,jail,zone
+    python bench/fidelity.py --projects iniconfig --tiers process
+    python bench/fidelity.py --json bench/out/fidelity.json --keep --workdir /tmp/fid
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "missing")
+DEFAULT_TIERS = ("process", "jail", "zone")
+RECORDER_MODULE = "_fidelity_recorder"
+
+
+@dataclasses.dataclass(frozen=True)
+class Project:
+    """One suite under test: why it is in the set is in ``why``."""
+
+    name: str
+    version: str
+    test_deps: tuple[str, ...]
+    why: str
+    args: tuple[str, ...] = ()
+
+
+# Pinned so the table can be reproduced. Test dependencies come from each project's
+# own test requirements (dependency groups, requirements/tests*.txt, tox.ini); only what
+# the suite needs is installed, so that no plugin the project does not use changes the
+# run. Their resolved versions are recorded in the JSON (``pip freeze`` per venv).
+PROJECTS: tuple[Project, ...] = (
+    Project("iniconfig", "2.3.1", (), "small; plain pytest functions"),
+    Project(
+        "attrs",
+        "26.1.0",
+        ("hypothesis", "pympler", "cloudpickle"),
+        "--import-mode=importlib, --strict-config/markers, xfail_strict, hypothesis",
+    ),
+    Project(
+        "packaging",
+        "26.4",
+        ("hypothesis", "pretend", "tomli_w", "pip"),
+        "filterwarnings=error, a few thousand tests, -p no:tmpdir/no:logging, --capture=sys",
+    ),
+    Project(
+        "more-itertools",
+        "11.2.1",
+        (),
+        "unittest.TestCase classes, doctest via load_tests",
+    ),
+    Project(
+        "python-dateutil",
+        "4.0.0",
+        ("hypothesis", "freezegun"),
+        "filterwarnings=error, xfail_strict, hypothesis, freezegun, time zones, subprocesses",
+    ),
+    Project("click", "8.5.1", (), "filterwarnings=error, -m selection, temp files, terminal I/O"),
+    Project(
+        "pluggy", "1.7.0", ("pytest-benchmark",), "filterwarnings=error, pytest-benchmark installed"
+    ),
+    Project("toolz", "1.2.0", (), "filterwarnings=error, --strict-config, log_cli_level"),
+    Project("jinja2", "3.1.6", ("trio",), "filterwarnings=error, async tests, file loaders"),
+    Project("markupsafe", "3.0.4", (), "filterwarnings=error, C extension"),
+    Project(
+        "wcwidth",
+        "0.9.4",
+        ("pytest-cov",),
+        "--doctest-modules, pytest-cov (--cov in addopts), filterwarnings=error, junit_family",
+    ),
+    Project("cachetools", "8.0.2", (), "no pytest config at all: defaults"),
+)
+
+RECORDER = '''\
+"""Written by bench/fidelity.py: one JSON line per test outcome, from the controller only.
+
+The file name carries this process's pid and the harness reads the file of the pid it
+started, so anything a sandbox or a nested pytest writes is ignored.
+"""
+import json
+import os
+
+import pytest
+
+_path = os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % os.getpid())
+_fh = None
+
+
+def _emit(rec):
+    global _fh
+    if _fh is None:
+        _fh = open(_path, "a", encoding="utf-8")
+    _fh.write(json.dumps(rec) + "\\n")
+    _fh.flush()
+
+
+def _text(rep):
+    try:
+        text = rep.longreprtext or ""
+    except Exception:
+        text = str(rep.longrepr or "")
+    crash = getattr(getattr(rep, "longrepr", None), "reprcrash", None)
+    msg = getattr(crash, "message", None) if crash is not None else None
+    if not msg:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        msg = lines[-1] if lines else ""
+    if isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        msg = str(rep.longrepr[2])
+    return msg.splitlines()[0] if msg else "", "\\n".join(text.splitlines()[-40:])
+
+
+def pytest_collection_finish(session):
+    _emit({"kind": "collected", "nodeids": [i.nodeid for i in session.items]})
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        first, detail = _text(report)
+        _emit({"kind": "collecterror", "nodeid": report.nodeid, "first": first, "detail": detail})
+
+
+def pytest_runtest_logreport(report):
+    rec = {"kind": "report", "nodeid": report.nodeid, "when": report.when,
+           "outcome": report.outcome, "wasxfail": hasattr(report, "wasxfail")}
+    if report.outcome != "passed":
+        rec["first"], rec["detail"] = _text(report)
+    _emit(rec)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _emit({"kind": "finish", "exitstatus": int(exitstatus)})
+'''
+
+
+@dataclasses.dataclass
+class Run:
+    """One pytest invocation of one project at one tier, as measured."""
+
+    project: str
+    tier: str
+    wall: float
+    returncode: int | None
+    timed_out: bool
+    outcomes: dict[str, str]
+    firsts: dict[str, str]
+    details: dict[str, str]
+    collect_errors: dict[str, str]
+    exitstatus: int | None
+    output_tail: str
+    leftovers: list[str]
+
+    def counts(self) -> Counter[str]:
+        return Counter(self.outcomes.values())
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so that stdout is just the table."""
+    print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a setup step; its output is only shown when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout
+
+
+def build_plugin_wheel(src: Path, work: Path) -> Path:
+    """A wheel of the working tree as it is now, built from a copy.
+
+    Building in place would write build/ and egg-info into the shared tree; an editable
+    install would let edits made during a long harness run change later runs.
+    """
+    copy = work / "plugin-src"
+    files = sh(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard"]).splitlines()
+    for rel in files:
+        path = src / rel
+        if path.is_file():
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, copy / rel)
+    out = work / "wheels"
+    sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(copy)])
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+def fetch_sdist(proj: Project, work: Path) -> Path:
+    """Download (through pip only) and extract the sdist; return the source dir."""
+    dl = work / "sdists"
+    dl.mkdir(exist_ok=True)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-d",
+            str(dl),
+            f"{proj.name}=={proj.version}",
+        ]
+    )
+    norm = proj.name.replace("-", "_").lower()
+    archives = [
+        p
+        for p in dl.iterdir()
+        if p.name.lower().replace("-", "_").startswith(f"{norm}_{proj.version}")
+    ]
+    if not archives:
+        raise RuntimeError(f"no sdist for {proj.name} {proj.version} in {dl}")
+    archive = archives[0]
+    dest = work / "src" / proj.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    (top,) = list(dest.iterdir())
+    return top
+
+
+def make_venv(proj: Project, src: Path, wheel: Path, work: Path) -> tuple[Path, list[str]]:
+    """A fresh venv with the project, its test deps and the plugin; returns (python, freeze)."""
+    venv = work / "venvs" / proj.name
+    if venv.exists():
+        shutil.rmtree(venv)
+    sh([sys.executable, "-m", "venv", str(venv)])
+    py = venv / "bin" / "python"
+    sh([str(py), "-m", "pip", "install", "-q", str(src), *proj.test_deps, str(wheel)])
+    site = sh([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    Path(site, f"{RECORDER_MODULE}.py").write_text(RECORDER)
+    freeze = sh([str(py), "-m", "pip", "freeze"]).splitlines()
+    return py, freeze
+
+
+def host_state() -> tuple[set[str], set[str]]:
+    """Mount points and pytest-isolate cgroups now: what a run left is the difference."""
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    cgroups: set[str] = set()
+    root = Path("/sys/fs/cgroup")
+    if root.is_dir():
+        for path in root.rglob("*pytest-isolate*"):
+            if path.is_dir():
+                cgroups.add(str(path))
+    return mounts, cgroups
+
+
+def stray_processes(venv_bin: str) -> list[str]:
+    """Processes still running the project's venv interpreter after its run ended."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if venv_bin in cmd:
+            found.append(f"pid {proc.name}: {cmd[:200]}")
+    return found
+
+
+def stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the run's own process group (the plugin can clean up), SIGKILL if it won't."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_suite(
+    proj: Project, py: Path, src: Path, tier: str | None, work: Path, timeout: float
+) -> Run:
+    """One pytest run; outcomes come from the recorder file of the pid we started."""
+    name = tier or "inproc"
+    out_dir = work / "out" / proj.name / name
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    cmd = [str(py), "-m", "pytest", "-p", RECORDER_MODULE, *proj.args]
+    if tier:
+        cmd.append(f"--isolate={tier}")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "COV_"))
+    }
+    env["FIDELITY_OUT_DIR"] = str(out_dir)
+    env["PATH"] = f"{py.parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    before = host_state()
+    log(f"{proj.name} {name}: {' '.join(cmd[1:])}")
+    with open(out_dir / "output.txt", "w") as outf:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=src,
+            env=env,
+            stdout=outf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            stop_group(proc)
+        wall = time.monotonic() - t0
+    time.sleep(1.0)  # a released zone's cgroup goes away once its init is reaped
+    after = host_state()
+    leftovers = [f"mount {m}" for m in sorted(after[0] - before[0])]
+    leftovers += [f"cgroup {c}" for c in sorted(after[1] - before[1])]
+    leftovers += stray_processes(str(py.parent.parent))
+    outcomes, firsts, details, cerrs, exitstatus = parse_records(
+        out_dir / f"outcomes-{proc.pid}.jsonl"
+    )
+    text = (out_dir / "output.txt").read_text(errors="replace")
+    tail = "\n".join(text.splitlines()[-30:])
+    run = Run(
+        proj.name,
+        name,
+        wall,
+        proc.returncode,
+        timed_out,
+        outcomes,
+        firsts,
+        details,
+        cerrs,
+        exitstatus,
+        tail,
+        leftovers,
+    )
+    c = run.counts()
+    log(
+        f"{proj.name} {name}: {wall:.1f}s rc={proc.returncode}{' TIMEOUT' if timed_out else ''} "
+        + " ".join(f"{k}={c[k]}" for k in OUTCOMES if c[k])
+        + (f" LEFTOVERS={leftovers}" if leftovers else "")
+    )
+    return run
+
+
+def parse_records(
+    path: Path,
+) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str], int | None]:
+    """Fold the recorder's reports into one outcome per nodeid, as pytest counts them.
+
+    setup failed → error; skipped anywhere → skipped (xfailed when it was an xfail);
+    call passed as xfail → xpassed; call failed → failed; a teardown failure on top of
+    anything → error. A collected test without any report (the run died) → missing.
+    """
+    outcomes: dict[str, str] = {}
+    firsts: dict[str, str] = {}
+    details: dict[str, str] = {}
+    cerrs: dict[str, str] = {}
+    collected: list[str] = []
+    phases: dict[str, dict[str, tuple[str, bool]]] = {}
+    exitstatus = None
+    if not path.exists():
+        return outcomes, firsts, details, cerrs, exitstatus
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kind = rec["kind"]
+        if kind == "collected":
+            collected = rec["nodeids"]
+        elif kind == "collecterror":
+            cerrs[rec["nodeid"]] = rec["first"]
+            outcomes[rec["nodeid"]] = "error"
+            firsts[rec["nodeid"]] = rec["first"]
+            details[rec["nodeid"]] = rec["detail"]
+        elif kind == "finish":
+            exitstatus = rec["exitstatus"]
+        elif kind == "report":
+            nid = rec["nodeid"]
+            phases.setdefault(nid, {})[rec["when"]] = (rec["outcome"], rec["wasxfail"])
+            if rec["outcome"] == "failed" or (rec["outcome"] == "skipped" and nid not in firsts):
+                firsts[nid] = rec.get("first", "")
+                details[nid] = rec.get("detail", "")
+    for nid, ph in phases.items():
+        outcomes[nid] = fold(ph)
+    for nid in collected:
+        outcomes.setdefault(nid, "missing")
+    return outcomes, firsts, details, cerrs, exitstatus
+
+
+def fold(phases: dict[str, tuple[str, bool]]) -> str:
+    """One test's outcome from its setup/call/teardown reports, as pytest's summary counts it."""
+    out, xf = phases.get("setup", ("passed", False))
+    if out == "failed":
+        return "error"
+    if out == "skipped":
+        return "xfailed" if xf else "skipped"
+    out, xf = phases.get("call", ("missing", False))
+    main = {
+        "failed": "failed",
+        "skipped": "xfailed" if xf else "skipped",
+        "passed": "xpassed" if xf else "passed",
+    }.get(out, "missing")
+    if phases.get("teardown", ("passed", False))[0] == "failed" and main != "failed":
+        return "error"
+    return main
+
+
+def diffs(base: Run, run: Run) -> list[tuple[str, str, str, str]]:
+    """(nodeid, in-process outcome, isolated outcome, isolated first line) per difference."""
+    out = []
+    for nid in sorted(set(base.outcomes) | set(run.outcomes)):
+        a, b = base.outcomes.get(nid, "absent"), run.outcomes.get(nid, "absent")
+        if a != b:
+            out.append((nid, a, b, run.firsts.get(nid, "")))
+    return out
+
+
+def print_table(runs: dict[str, dict[str, Run]], cap: int) -> None:
+    """The one table, then the differences row by row."""
+    head = ["project", "tier", *OUTCOMES, "differ", "wall s", "x inproc", "rc"]
+    rows: list[list[str]] = []
+    for proj, by_tier in runs.items():
+        base = by_tier.get("inproc")
+        for tier, run in by_tier.items():
+            c = run.counts()
+            ndiff = "-" if base is None or tier == "inproc" else str(len(diffs(base, run)))
+            ratio = (
+                "-"
+                if base is None or tier == "inproc" or not base.wall
+                else f"{run.wall / base.wall:.2f}"
+            )
+            rc = "T/O" if run.timed_out else str(run.returncode)
+            rows.append(
+                [proj, tier, *(str(c[k]) for k in OUTCOMES), ndiff, f"{run.wall:.1f}", ratio, rc]
+            )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |")
+    print()
+    for proj, by_tier in runs.items():
+        base = by_tier.get("inproc")
+        if base is None:
+            continue
+        for tier, run in by_tier.items():
+            if tier == "inproc":
+                continue
+            d = diffs(base, run)
+            if run.leftovers:
+                print(f"{proj} @ {tier}: LEFT BEHIND: {run.leftovers}")
+            if not d:
+                continue
+            print(f"{proj} @ {tier}: {len(d)} differ" + (f" (first {cap})" if len(d) > cap else ""))
+            for nid, a, b, first in d[:cap]:
+                print(f"  {nid}: {a} -> {b}" + (f": {first[:200]}" if first else ""))
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument(
+        "--projects",
+        help="comma-separated names (default: all): " + ",".join(p.name for p in PROJECTS),
+    )
+    ap.add_argument(
+        "--tiers",
+        default=",".join(DEFAULT_TIERS),
+        help="comma-separated tiers (default %(default)s)",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=1200.0, help="seconds per pytest run (default %(default)s)"
+    )
+    ap.add_argument("--workdir", type=Path, help="where venvs and sources go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir")
+    ap.add_argument("--json", type=Path, help="write the raw data here")
+    ap.add_argument(
+        "--cap", type=int, default=10, help="differing nodeids listed per row (default %(default)s)"
+    )
+    ap.add_argument(
+        "--plugin-src",
+        type=Path,
+        default=REPO,
+        help="pytest-isolate source tree (default: this repo)",
+    )
+    ns = ap.parse_args(argv)
+
+    wanted = PROJECTS
+    if ns.projects:
+        names = ns.projects.split(",")
+        unknown = set(names) - {p.name for p in PROJECTS}
+        if unknown:
+            ap.error(f"unknown projects: {sorted(unknown)}")
+        wanted = tuple(p for p in PROJECTS if p.name in names)
+    tiers = [t for t in ns.tiers.split(",") if t]
+
+    work = ns.workdir or Path(tempfile.mkdtemp(prefix="isolate-fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t_all = time.monotonic()
+    runs: dict[str, dict[str, Run]] = {}
+    meta: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "python": sys.version.split()[0],
+        "plugin_head": sh(["git", "-C", str(ns.plugin_src), "rev-parse", "HEAD"]).strip(),
+        "plugin_dirty": sh(
+            ["git", "-C", str(ns.plugin_src), "status", "--porcelain", "--", "pytest_isolate"]
+        ).splitlines(),
+        "projects": {},
+    }
+    try:
+        log(f"work dir {work}; building the plugin wheel from {ns.plugin_src}")
+        wheel = build_plugin_wheel(ns.plugin_src, work)
+        for proj in wanted:
+            try:
+                src = fetch_sdist(proj, work)
+                py, freeze = make_venv(proj, src, wheel, work)
+            except Exception as exc:  # a project that cannot be set up is reported, not fatal
+                log(f"{proj.name}: setup failed: {exc}")
+                meta["projects"][proj.name] = {"version": proj.version, "setup_error": str(exc)}
+                continue
+            meta["projects"][proj.name] = {
+                "version": proj.version,
+                "why": proj.why,
+                "freeze": freeze,
+            }
+            runs[proj.name] = {}
+            for tier in [None, *tiers]:
+                run = run_suite(proj, py, src, tier, work, ns.timeout)
+                runs[proj.name][run.tier] = run
+    finally:
+        meta["total_seconds"] = round(time.monotonic() - t_all, 1)
+        if runs:
+            print(
+                f"fidelity: {meta['started']}, plugin {meta['plugin_head'][:10]}"
+                f"{' (+uncommitted changes in pytest_isolate/)' if meta['plugin_dirty'] else ''}, "
+                f"python {meta['python']}, total {meta['total_seconds']} s\n"
+            )
+            print_table(runs, ns.cap)
+        if ns.json:
+            ns.json.parent.mkdir(parents=True, exist_ok=True)
+            data = {
+                "meta": meta,
+                "runs": {
+                    p: {t: dataclasses.asdict(r) for t, r in bt.items()} for p, bt in runs.items()
+                },
+                "diffs": {
+                    p: {t: diffs(bt["inproc"], r) for t, r in bt.items() if t != "inproc"}
+                    for p, bt in runs.items()
+                    if "inproc" in bt
+                },
+            }
+            ns.json.write_text(json.dumps(data, indent=1))
+            log(f"raw data in {ns.json}")
+        if not ns.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"kept {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
