@@ -45,6 +45,8 @@ class Forwarder:
         self.fd = -1
         #: Registered beside the forwarder (a plugin of its own: its hooks are wrappers).
         self.terminal = TerminalRelay(config)
+        #: What plugins measure per test and the controller needs (``session.carry``).
+        self.carry: Any = None
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -262,6 +264,8 @@ def run_items(
         )
         # Last: from here on the audit layer watches, and our own set-up is not the test's.
         basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+        if forwarder.carry is not None:
+            forwarder.carry.begin()
         escapes.arm(result_fd, [basetemp])
         while True:
             item = items[job["nodeid"]]
@@ -296,6 +300,9 @@ def run_items(
             pass
     with contextlib.suppress(BaseException):
         forwarder.terminal.send()
+    if forwarder.carry is not None:
+        with contextlib.suppress(BaseException):
+            forwarder.carry.send(result_fd)
     if code == 0:
         # Our own figures, so the server need not wait for the kernel to tear this
         # process down (~3 ms for a warm pytest heap) before answering.

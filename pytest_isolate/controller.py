@@ -27,6 +27,8 @@ import execnet
 import pytest
 
 from pytest_isolate import remote, wire
+from pytest_isolate.session import node
+from pytest_isolate.session.carry import Carry
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import kill_tree
 
@@ -78,7 +80,14 @@ class Worker:
         #: Frames to send first once the server is up (``Controller.collected``).
         self._queued: list[dict[str, Any]] = []
         self._ready = False
-        self._launch(spec)
+        self.node: node.SandboxNode | None = None
+        #: Why the worker ended, for ``pytest_testnodedown`` (None: stopped by us).
+        self.error: str | None = None
+        try:
+            self._launch(spec)
+        except BaseException:
+            self.close(fast=True)
+            raise
         if not early:
             # Else started before the controller collects: the server imports pytest and
             # collects on the other CPU meanwhile; ``ready`` waits at the first test.
@@ -116,14 +125,12 @@ class Worker:
             extra["direct"] = self._listener.getsockname()
         self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
         self.ch = self.gw.remote_exec(remote)
-        workerinput = dict(getattr(cfg, "workerinput", None) or {})
-        workerinput.setdefault("workerid", "master")
-        workerinput.setdefault("workercount", 1)
-        workerinput.setdefault("testrunuid", self.ctl.run_id)
-        workerinput.setdefault("mainargv", list(sys.argv))
-        workerinput["isolate_server"] = True
+        # The server is this session's worker, as an xdist worker is its controller's:
+        # the controller's plugins fill its input (``session/node.py``).
+        self.node, workerinput = node.workerinput(cfg, self.gw, self.ctl.run_id)
         self.ch.send({
-            "args": list(cfg.invocation_params.args),
+            "args": [*cfg.invocation_params.args, *self.ctl.carry.server_args()],
+            "carry": self.ctl.carry.server_init(),
             "dir": str(cfg.invocation_params.dir),
             # The package's own location first: an editable install is found by an
             # import hook that sys.path does not show (and -S skips it anyway).
@@ -267,6 +274,17 @@ class Worker:
         why = why.strip().splitlines()[-1] if why.strip() else "worker died"
         return f"isolated worker died ({why})" + printed + (f"\n--- last output ---\n{tail}" if tail else "")
 
+    def _workeroutput(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """What the server's session left in ``config.workeroutput``: its last frame,
+        sent once its session has finished (``ForkServer.pytest_sessionfinish``)."""
+        end = time.monotonic() + timeout
+        with contextlib.suppress(WorkerDied):
+            while (left := end - time.monotonic()) > 0:
+                msg = self.receive_link(left) if self.link is not None else self.receive(left)
+                if msg.get("t") == "nodedown":
+                    return msg.get("workeroutput") or {}
+        return None
+
     def collect(self, timeout: float | None) -> dict[str, Any]:
         """The answer to the last ``run`` sent."""
         return self.receive_link(timeout) if self.link is not None else self.receive(timeout)
@@ -285,12 +303,21 @@ class Worker:
         if fast and self.server_pid and not self.uml:
             with contextlib.suppress(OSError):
                 kill_tree(self.server_pid)
+        workeroutput: dict[str, Any] | None = None
         if self.ch is not None:
             with contextlib.suppress(Exception):
                 self.send({"t": "shutdown"})
+            if not fast and self._ready:
+                workeroutput = self._workeroutput()
         if self.link is not None:
             self.link.close()  # EOF: the server stops too if the message was lost
             self.link = None
+        if self.node is not None:
+            nodedown, self.node = self.node, None
+            try:
+                node.nodedown(self.ctl.config, nodedown, workeroutput, self.error)
+            except Exception as exc:  # noqa: BLE001 - another plugin's hook: say it, go on
+                _say(self.ctl.config, f"isolate: pytest_testnodedown raised {type(exc).__name__}: {exc}")
         pid = None
         if self.gw is not None:
             popen = getattr(getattr(self.gw, "_io", None), "popen", None)
@@ -335,6 +362,10 @@ class Controller:
         self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
+        #: What plugins measured inside sandboxes (coverage, ...), merged per test.
+        self.carry = Carry(config)
+        #: Workers that could not start, by pool key: the reason their tests fail with.
+        self.broken: dict[tuple[Any, ...], str] = {}
         #: (nodeid, pool key) of a test sent and not yet collected (``prefetch``).
         self.pending: tuple[str, tuple[Any, ...]] | None = None
         self.count = 0
@@ -426,14 +457,18 @@ class Controller:
     ) -> dict[str, Any] | None:
         """Send a test to its worker without waiting; a "done" error if it cannot start."""
         key = pool_key(spec)
+        if key in self.broken:
+            return {"t": "done", "nodeid": nodeid, "error": self.broken[key]}
         try:
             w = self.worker(spec)
-        except WorkerDied as exc:
-            self.drop(key)
-            return {"t": "done", "nodeid": nodeid, "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - e.g. a UML kernel that will not boot
-            self.drop(key)
-            return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {exc}"}
+        except Exception as exc:  # noqa: BLE001 - its own error, e.g. a UML kernel that will not boot
+            # Once: every later test of this worker fails with the same reason instead
+            # of paying another start (a suite of thousands would take minutes to fail).
+            why = _error_line(str(exc))
+            self.broken[key] = f"isolated worker could not start: {why} (its output: in the failure of {nodeid})"
+            self.drop(key, error=why)
+            full = str(exc) if isinstance(exc, WorkerDied) else f"{type(exc).__name__}: {exc}"
+            return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {why}\n{full}"}
         w.send({"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid})
         self.pending = (nodeid, key)
         return None
@@ -446,11 +481,24 @@ class Controller:
         try:
             done = w.collect(spec.timeout + GUARD if spec.timeout else None)
         except WorkerDied as exc:
-            self.drop(key)
+            self.drop(key, error=str(exc).splitlines()[0])
             return {"t": "done", "nodeid": nodeid, "error": str(exc), "worker_died": True}
         if spec.tier == "uml" and spec.scope == "test":
             self.drop(key)
         return done
+
+    def abort(self, nodeid: str, spec: IsolationSpec, exc: BaseException) -> dict[str, Any]:
+        """Something raised into the controller while it waited for ``nodeid`` (another
+        plugin's timer or signal handler): the test fails with it, and its worker, left
+        mid-test, is stopped; the next test gets a fresh one."""
+        self.pending = None
+        self.drop(pool_key(spec), error=f"{type(exc).__name__} raised in the controller")
+        text = str(exc).strip() or type(exc).__name__
+        return {
+            "t": "done",
+            "nodeid": nodeid,
+            "error": f"{type(exc).__name__} raised in the controller while the test ran isolated: {text}",
+        }
 
     def prefetch(self, nodeid: str, spec: IsolationSpec) -> None:
         """Start the next test while this process logs the last one: the fork server and
@@ -480,15 +528,18 @@ class Controller:
             except WorkerDied:
                 self.drop(key)
 
-    def drop(self, key: tuple[Any, ...], fast: bool = False) -> None:
+    def drop(self, key: tuple[Any, ...], fast: bool = False, error: str | None = None) -> None:
         w = self.workers.pop(key, None)
         if w is not None:
-            w.close(fast)
+            w.error = error
+            w.close(fast or error is not None)
 
     def shutdown(self, fast: bool = False) -> None:
         self.pending = None
         for key in list(self.workers):
             self.drop(key, fast)
+        with contextlib.suppress(Exception):
+            self.carry.finish()
         with contextlib.suppress(Exception):
             self.group.terminate(timeout=5)
         if self._switch is not None:
@@ -648,6 +699,24 @@ class SharedSwitch:
                 self.fd = -1
             if mutex >= 0:
                 os.close(mutex)
+
+
+def _error_line(text: str) -> str:
+    """The line that says why a worker could not start: the last line of the worker's
+    own output (the exception that ended it) when there is one, else the first."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "worker died"
+    if "--- last output ---" in text:
+        return lines[-1]
+    return lines[0]
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """One line on the user's terminal, outside any test."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
 
 
 def _listen(path: Path) -> socket.socket:

@@ -29,6 +29,9 @@ from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import escapes, usage
+from pytest_isolate.session import node
+from pytest_isolate.session.carry import SandboxCarry
+from pytest_isolate.session.node import SERVER_KEY
 from pytest_isolate.spawner import Spawner, SpawnerGone
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import (
@@ -122,6 +125,7 @@ class ForkServer:
         )
         self.sampling = (config.getoption("isolate_readings", None) or config.getini("isolate_readings") or "on") == "on"
         self.forwarder = Forwarder(config)
+        self.forwarder.carry = SandboxCarry(config, init.get("carry") or {})
         config.pluginmanager.register(self.forwarder, "isolate-forwarder")
         config.pluginmanager.register(self.forwarder.terminal, "isolate-terminal")
         self.tiers: dict[str, Tier] = {}
@@ -166,6 +170,17 @@ class ForkServer:
 
         if isinstance(config.stash.get(xml_key, None), _JunitFamily):
             del config.stash[xml_key]
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionfinish(self) -> Any:
+        """After every plugin's own ``pytest_sessionfinish`` (the outermost wrapper):
+        what they left in ``workeroutput`` goes to the controller's
+        ``pytest_testnodedown``, as an xdist worker's does."""
+        try:
+            return (yield)
+        finally:
+            with contextlib.suppress(OSError):
+                wire.send(self.evt_fd, {"t": "nodedown", "workeroutput": node.server_output(self.config)})
 
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -800,6 +815,7 @@ class ForkServer:
                 pending = ""
         warnings = [m for m in msgs if m.get("t") == "warning"]
         xml = [m for m in msgs if m.get("t") == "xml"]
+        carry = [m for m in msgs if m.get("t") == "carry"]
         internal = [m["error"] for m in msgs if m.get("t") == "internal"]
         for m in msgs:
             if m.get("t") == "exit":  # an init between us and the runner told the truth
@@ -862,6 +878,8 @@ class ForkServer:
         done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
         if xml:
             done["xml"] = xml
+        if carry:
+            done["carry"] = carry
         if any(terminal):
             done["terminal"] = terminal
         return done
@@ -1025,6 +1043,7 @@ def main() -> None:
             setattr(opt, name, value)
     config.workerinput = dict(init["workerinput"])  # type: ignore[attr-defined]
     config.workeroutput = {}  # type: ignore[attr-defined]
+    config.stash[SERVER_KEY] = True
     server = ForkServer(config, cmd_fd, evt_fd, term_fd, init)
     config.pluginmanager.register(server, "isolate-forkserver")
     try:

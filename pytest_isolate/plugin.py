@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import policy, report
+from pytest_isolate.session import adapters
 from pytest_isolate.spec import (
     TIERS,
     IsolationSpec,
@@ -157,7 +158,9 @@ def _run_layers(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def is_server(config: pytest.Config) -> bool:
-    return bool(getattr(config, "workerinput", {}).get("isolate_server"))
+    from pytest_isolate.session.node import SERVER_KEY
+
+    return config.stash.get(SERVER_KEY, False)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -184,9 +187,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(plugin, "isolate-plugin")
     if not is_server(config):
         config.pluginmanager.register(report.ReportPlugin(config), "isolate-report")
+        adapters.register(config, _isolated)
 
 
 _LAYERS = pytest.StashKey[tuple[dict[str, Any], dict[str, Any]]]()
+
+
+def _isolated(item: pytest.Item) -> bool:
+    spec = item.stash.get(SPEC_KEY, None)
+    return spec is not None and spec.isolated
 
 
 def item_spec(item: pytest.Item) -> IsolationSpec:
@@ -284,7 +293,12 @@ class IsolatePlugin:
             nextid = None
             if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
                 nextid = nextitem.nodeid
-            done = self.controller().run(item.nodeid, spec, group, nextid)
+            try:
+                done = self.controller().run(item.nodeid, spec, group, nextid)
+            except (KeyboardInterrupt, pytest.exit.Exception):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
+                done = self.controller().abort(item.nodeid, spec, exc)
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
             if nextitem is not None and not contacts and _clean(done):
@@ -346,6 +360,7 @@ class IsolatePlugin:
         for w in done.get("warnings", ()):
             _replay_warning(self.config, w)
         _replay_xml(self.config, item.nodeid, done.get("xml", ()))
+        self.controller().carry.merge(done.get("carry"))
         return reports, report.new_record(item, spec, reports, done["record"])
 
     def pytest_sessionfinish(self, exitstatus: int) -> None:

@@ -1,0 +1,45 @@
+"""Plugins that act in the controller around a test, made to act on its sandbox.
+
+In-process, a plugin that wraps ``pytest_runtest_protocol`` acts on the process the
+test runs in. For an isolated test that process is the sandbox, where the same plugin
+is loaded too (the sandbox's session is the user's): the controller's copy must stand
+aside, or it acts on the controller while it waits (pytest-timeout's SIGALRM raised
+into the plugin's own socket read: an INTERNALERROR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+Isolated = Callable[[pytest.Item], bool]
+
+
+class Timeout:
+    """pytest-timeout: its timer runs in the sandbox, where the test's frames are.
+
+    pytest-timeout asks its own firstresult hooks to set and cancel the timer; answering
+    them first, for isolated tests only, keeps the controller's timer off. The sandbox's
+    pytest-timeout then fails the test with the message and stack dump it gives
+    in-process (``signal`` method), or ends the sandbox's process (``thread`` method:
+    in-process it ends the whole run; here the test fails and the run goes on)."""
+
+    def __init__(self, isolated: Isolated) -> None:
+        self.isolated = isolated
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
+        return True if self.isolated(item) else None
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_timeout_cancel_timer(self, item: pytest.Item) -> bool | None:
+        return True if self.isolated(item) else None
+
+
+def register(config: pytest.Config, isolated: Isolated) -> None:
+    """In the controller only: the sandbox's session keeps every plugin as it is."""
+    pm = config.pluginmanager
+    if pm.has_plugin("timeout"):
+        pm.register(Timeout(isolated), "isolate-adapter-timeout")

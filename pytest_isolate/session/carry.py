@@ -1,0 +1,72 @@
+"""State that plugins build per test inside a sandbox, carried back after each test.
+
+A test's child ends with its test, and with it whatever a plugin accumulated there for
+the end of the session (coverage data, ...). Each kind of state has a controller side
+(what the server needs to start, how a frame is merged, what happens at the end) and a
+sandbox side (set up once in the server, started before each test in the child,
+collected after it). Frames are ``{"t": "carry", "name": ..., "data": ...}``: plain
+JSON, checked by the controller side before use, since the sandbox is untrusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+
+from pytest_isolate import wire
+from pytest_isolate.session import coverage
+
+
+class Carry:
+    """Controller side, one per session."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.kinds: dict[str, Any] = {coverage.NAME: coverage.Collector(config)}
+
+    def server_args(self) -> list[str]:
+        """Arguments appended to the server's command line."""
+        return [arg for kind in self.kinds.values() for arg in kind.server_args()]
+
+    def server_init(self) -> dict[str, Any]:
+        out = {}
+        for name, kind in self.kinds.items():
+            init = kind.server_init()
+            if init is not None:
+                out[name] = init
+        return out
+
+    def merge(self, frames: Any) -> None:
+        for frame in frames or ():
+            kind = self.kinds.get(frame.get("name")) if isinstance(frame, dict) else None
+            if kind is not None:
+                kind.merge(frame.get("data"))
+
+    def finish(self) -> None:
+        for kind in self.kinds.values():
+            kind.finish()
+
+
+class SandboxCarry:
+    """Sandbox side: made in the fork server, used in each test's child."""
+
+    def __init__(self, config: pytest.Config, init: dict[str, Any]) -> None:
+        self.kinds: dict[str, Any] = {}
+        if coverage.NAME in init:
+            measurer = coverage.Measurer(init[coverage.NAME])
+            config.pluginmanager.register(coverage.SandboxHooks(measurer), "isolate-carry-coverage")
+            self.kinds[coverage.NAME] = measurer
+
+    def begin(self) -> None:
+        for kind in self.kinds.values():
+            kind.begin()
+
+    def send(self, fd: int) -> None:
+        """After the child's last test: one frame per kind that has something."""
+        for name, kind in self.kinds.items():
+            data = None
+            with contextlib.suppress(Exception):
+                data = kind.collect()
+            if data is not None:
+                wire.send(fd, {"t": "carry", "name": name, "data": data})

@@ -1,0 +1,117 @@
+"""pytest-xdist's node protocol between the controller and a sandbox's session.
+
+The fork server's session is a worker of the controller's, the way an xdist worker is:
+plugins that support separate processes put what their worker side needs into
+``node.workerinput`` (``pytest_configure_node``) and read what it left in
+``config.workeroutput`` when the node goes down (``pytest_testnodedown``). Posing as a
+worker without this breaks them (pytest-rerunfailures' ``sock_port``,
+pytest-randomly's seed); not posing at all makes the server write the session-end
+files a worker leaves to its controller (junit XML, html reports, syrupy's deletion of
+snapshots it saw no test use). So the protocol is spoken for real, with three
+adjustments:
+
+- plugins whose state this plugin carries per test itself (``session.carry``) are left
+  out of both hooks: their worker side is off in the server;
+- a plugin that registers its xdist hooks only when pytest-xdist is installed gets what
+  those hooks would have given (``_shims``), since the server is a worker either way;
+- under a real xdist worker, the server's input starts from that worker's own
+  ``workerinput`` (its id, its run uid, what the xdist controller's plugins gave it),
+  and the worker's own ``workeroutput`` is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any
+
+import pytest
+
+#: Plugins (by registered name) whose cross-process state ``session.carry`` handles.
+CARRIED = ("_cov",)
+#: Set in the fork server's config: this session is a sandbox's, not the user's
+#: controller (a stash key, not a ``workerinput`` key: tests can read the latter).
+SERVER_KEY = pytest.StashKey[bool]()
+
+
+class SandboxNode:
+    """What a plugin's ``pytest_configure_node``/``pytest_testnodedown`` sees of a
+    sandbox worker: the attributes of xdist's ``WorkerController`` they use."""
+
+    def __init__(self, config: pytest.Config, gateway: Any, workerinput: dict[str, Any]) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.workerinput = workerinput
+        self.workeroutput: dict[str, Any] = {}
+        #: pytest-cov's DistMaster reads ``node.nodemanager.roots`` (rsync roots: none).
+        self.nodemanager = _NodeManager()
+        self.shutting_down = False
+
+    def __repr__(self) -> str:
+        return f"<SandboxNode {self.workerinput.get('workerid')}>"
+
+
+class _NodeManager:
+    roots: list[Any] = []
+    specs: list[Any] = []
+
+
+def _hook(config: pytest.Config, name: str) -> Any:
+    """The hook without the carried plugins, or None when no plugin implements it (the
+    hook exists only once pytest-xdist's hookspecs or an implementation registered it)."""
+    if not hasattr(config.hook, name):
+        return None
+    pm = config.pluginmanager
+    carried = [p for p in (pm.get_plugin(n) for n in CARRIED) if p is not None]
+    return pm.subset_hook_caller(name, remove_plugins=carried)
+
+
+def workerinput(config: pytest.Config, gateway: Any, run_id: str) -> tuple[SandboxNode, dict[str, Any]]:
+    """The server's ``workerinput``, filled by the controller's plugins.
+
+    Raises what a plugin's ``pytest_configure_node`` raised: the worker cannot start
+    then, and the caller reports that once for the tests of that worker."""
+    base = dict(getattr(config, "workerinput", None) or {})
+    base.setdefault("workerid", "master")
+    base.setdefault("workercount", 1)
+    base.setdefault("testrunuid", run_id)
+    base.setdefault("mainargv", list(sys.argv))
+    node = SandboxNode(config, gateway, base)
+    hook = _hook(config, "pytest_configure_node")
+    if hook is not None:
+        hook(node=node)
+    _shims(config, node.workerinput)
+    return node, _plain(node.workerinput)
+
+
+def _shims(config: pytest.Config, data: dict[str, Any]) -> None:
+    """Keys that plugins read in any worker but give only through xdist hooks they
+    register when pytest-xdist is installed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
+        data.setdefault("randomly_seed", seed)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """What JSON carries of it: values that do not survive are dropped (an xdist
+    channel would refuse them too)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        with contextlib.suppress(TypeError, ValueError):
+            out[str(key)] = json.loads(json.dumps(value))
+    return out
+
+
+def nodedown(config: pytest.Config, node: SandboxNode, workeroutput: dict[str, Any] | None, error: str | None) -> None:
+    """``pytest_testnodedown`` for a sandbox worker that stopped."""
+    node.workeroutput = dict(workeroutput or {})
+    node.shutting_down = True
+    hook = _hook(config, "pytest_testnodedown")
+    if hook is not None:
+        hook(node=node, error=error)
+
+
+def server_output(config: pytest.Config) -> dict[str, Any]:
+    """The server's ``workeroutput`` as JSON can carry it, sent when its session ends."""
+    return _plain(dict(getattr(config, "workeroutput", None) or {}))
