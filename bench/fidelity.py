@@ -206,19 +206,26 @@ def sh(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = Non
     return proc.stdout
 
 
-def build_plugin_wheel(src: Path, work: Path) -> Path:
+def build_plugin_wheel(src: Path, work: Path, ref: str | None) -> Path:
     """A wheel of the working tree as it is now, built from a copy.
 
     Building in place would write build/ and egg-info into the shared tree; an editable
     install would let edits made during a long harness run change later runs.
     """
     copy = work / "plugin-src"
-    files = sh(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard"]).splitlines()
-    for rel in files:
-        path = src / rel
-        if path.is_file():
-            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, copy / rel)
+    copy.mkdir(parents=True, exist_ok=True)
+    if ref:
+        archive = work / "plugin-src.tar"
+        sh(["git", "-C", str(src), "archive", "--format=tar", "-o", str(archive), ref])
+        with tarfile.open(archive) as tf:
+            tf.extractall(copy, filter="data")
+    else:
+        files = sh(["git", "-C", str(src), "ls-files", "-co", "--exclude-standard"]).splitlines()
+        for rel in files:
+            path = src / rel
+            if path.is_file():
+                (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy / rel)
     out = work / "wheels"
     sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(copy)])
     (wheel,) = out.glob("*.whl")
@@ -535,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO,
         help="pytest-isolate source tree (default: this repo)",
     )
+    ap.add_argument(
+        "--plugin-ref",
+        help="build the plugin from this git ref (default: the working tree as it is)",
+    )
     ns = ap.parse_args(argv)
 
     wanted = PROJECTS
@@ -557,15 +568,19 @@ def main(argv: list[str] | None = None) -> int:
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
         ),
         "python": sys.version.split()[0],
-        "plugin_head": sh(["git", "-C", str(ns.plugin_src), "rev-parse", "HEAD"]).strip(),
-        "plugin_dirty": sh(
+        "plugin_head": sh(
+            ["git", "-C", str(ns.plugin_src), "rev-parse", ns.plugin_ref or "HEAD"]
+        ).strip(),
+        "plugin_dirty": []
+        if ns.plugin_ref
+        else sh(
             ["git", "-C", str(ns.plugin_src), "status", "--porcelain", "--", "pytest_isolate"]
         ).splitlines(),
         "projects": {},
     }
     try:
         log(f"work dir {work}; building the plugin wheel from {ns.plugin_src}")
-        wheel = build_plugin_wheel(ns.plugin_src, work)
+        wheel = build_plugin_wheel(ns.plugin_src, work, ns.plugin_ref)
         for proj in wanted:
             try:
                 src = fetch_sdist(proj, work)
