@@ -115,6 +115,7 @@ RECORDER = '''\
 The file name carries this process's pid and the harness reads the file of the pid it
 started, so anything a sandbox or a nested pytest writes is ignored.
 """
+import glob
 import json
 import os
 
@@ -165,6 +166,33 @@ def pytest_runtest_logreport(report):
     _emit(rec)
 
 
+_tries = 0
+
+
+def _find_run_id():
+    """The plugin's run id: its run dir's ``owner`` file names this process."""
+    global _tries
+    if _tries < 0:
+        return
+    _tries += 1
+    for owner in glob.glob("/tmp/pytest-isolate-*/owner"):
+        try:
+            pid = int(open(owner).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid == os.getpid():
+            _emit({"kind": "run_id", "run_id": owner.split("/")[2].split("-")[-1]})
+            _tries = -1
+            return
+    if _tries >= 5:
+        _tries = -1
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _find_run_id()
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
     _emit({"kind": "finish", "exitstatus": int(exitstatus)})
 '''
@@ -184,6 +212,7 @@ class Run:
     details: dict[str, str]
     collect_errors: dict[str, str]
     exitstatus: int | None
+    run_id: str | None
     output_tail: str
     leftovers: list[str]
 
@@ -288,16 +317,27 @@ def make_venv(proj: Project, src: Path, wheel: Path, work: Path) -> tuple[Path, 
     return py, freeze
 
 
-def host_state() -> tuple[set[str], set[str]]:
-    """Mount points and pytest-isolate cgroups now: what a run left is the difference."""
-    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
-    cgroups: set[str] = set()
+def leftovers_of(run_id: str | None, venv: str) -> list[str]:
+    """What a finished run left: mounts, cgroups and the run dir named with its run id,
+    and processes still running its venv's interpreter.
+
+    Other sessions on the same host run the plugin too; only names that carry this run's
+    id (the recorder reads it from the run dir's ``owner`` file) are counted.
+    """
+    found = stray_processes(venv)
+    if not run_id:
+        return found
+    tag = f"pytest-isolate-{run_id}"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if tag in line.split()[4]:
+            found.append(f"mount {line.split()[4]}")
     root = Path("/sys/fs/cgroup")
-    if root.is_dir():
-        for path in root.rglob("*pytest-isolate*"):
-            if path.is_dir():
-                cgroups.add(str(path))
-    return mounts, cgroups
+    for pattern in (tag, f"*/{tag}", f"*/*/{tag}", f"*/*/*/{tag}"):
+        found += [f"cgroup {p}" for p in root.glob(pattern)]
+    for path in (Path("/tmp") / tag, Path("/run/netns") / tag):
+        if path.exists():
+            found.append(f"path {path}")
+    return found
 
 
 def stray_processes(venv_bin: str) -> list[str]:
@@ -346,7 +386,6 @@ def run_suite(
     }
     env["FIDELITY_OUT_DIR"] = str(out_dir)
     env["PATH"] = f"{py.parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    before = host_state()
     log(f"{proj.name} {name}: {' '.join(cmd[1:])}")
     with open(out_dir / "output.txt", "w") as outf:
         t0 = time.monotonic()
@@ -367,14 +406,13 @@ def run_suite(
             timed_out = True
             stop_group(proc)
         wall = time.monotonic() - t0
-    time.sleep(1.0)  # a released zone's cgroup goes away once its init is reaped
-    after = host_state()
-    leftovers = [f"mount {m}" for m in sorted(after[0] - before[0])]
-    leftovers += [f"cgroup {c}" for c in sorted(after[1] - before[1])]
-    leftovers += stray_processes(str(py.parent.parent))
-    outcomes, firsts, details, cerrs, exitstatus = parse_records(
-        out_dir / f"outcomes-{proc.pid}.jsonl"
-    )
+    rec = parse_records(out_dir / f"outcomes-{proc.pid}.jsonl")
+    leftovers: list[str] = []
+    for pause in (1.0, 5.0):  # a released zone's cgroup goes away once its init is reaped
+        time.sleep(pause)
+        leftovers = leftovers_of(rec.run_id, str(py.parent.parent))
+        if not leftovers:
+            break
     text = (out_dir / "output.txt").read_text(errors="replace")
     tail = "\n".join(text.splitlines()[-30:])
     run = Run(
@@ -383,11 +421,12 @@ def run_suite(
         wall,
         proc.returncode,
         timed_out,
-        outcomes,
-        firsts,
-        details,
-        cerrs,
-        exitstatus,
+        rec.outcomes,
+        rec.firsts,
+        rec.details,
+        rec.collect_errors,
+        rec.exitstatus,
+        rec.run_id,
         tail,
         leftovers,
     )
@@ -400,24 +439,31 @@ def run_suite(
     return run
 
 
-def parse_records(
-    path: Path,
-) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, str], int | None]:
+@dataclasses.dataclass
+class Records:
+    """What the recorder wrote for one run, folded per nodeid."""
+
+    outcomes: dict[str, str] = dataclasses.field(default_factory=dict)
+    firsts: dict[str, str] = dataclasses.field(default_factory=dict)
+    details: dict[str, str] = dataclasses.field(default_factory=dict)
+    collect_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    exitstatus: int | None = None
+    run_id: str | None = None
+
+
+def parse_records(path: Path) -> Records:
     """Fold the recorder's reports into one outcome per nodeid, as pytest counts them.
 
     setup failed → error; skipped anywhere → skipped (xfailed when it was an xfail);
     call passed as xfail → xpassed; call failed → failed; a teardown failure on top of
     anything → error. A collected test without any report (the run died) → missing.
     """
-    outcomes: dict[str, str] = {}
-    firsts: dict[str, str] = {}
-    details: dict[str, str] = {}
-    cerrs: dict[str, str] = {}
+    r = Records()
+    outcomes, firsts, details, cerrs = r.outcomes, r.firsts, r.details, r.collect_errors
     collected: list[str] = []
     phases: dict[str, dict[str, tuple[str, bool]]] = {}
-    exitstatus = None
     if not path.exists():
-        return outcomes, firsts, details, cerrs, exitstatus
+        return r
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -432,7 +478,9 @@ def parse_records(
             firsts[rec["nodeid"]] = rec["first"]
             details[rec["nodeid"]] = rec["detail"]
         elif kind == "finish":
-            exitstatus = rec["exitstatus"]
+            r.exitstatus = rec["exitstatus"]
+        elif kind == "run_id":
+            r.run_id = rec["run_id"]
         elif kind == "report":
             nid = rec["nodeid"]
             phases.setdefault(nid, {})[rec["when"]] = (rec["outcome"], rec["wasxfail"])
@@ -443,7 +491,7 @@ def parse_records(
         outcomes[nid] = fold(ph)
     for nid in collected:
         outcomes.setdefault(nid, "missing")
-    return outcomes, firsts, details, cerrs, exitstatus
+    return r
 
 
 def fold(phases: dict[str, tuple[str, bool]]) -> str:
@@ -600,6 +648,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs[proj.name][run.tier] = run
     finally:
         meta["total_seconds"] = round(time.monotonic() - t_all, 1)
+        left = sorted(
+            {
+                x
+                for bt in runs.values()
+                for r in bt.values()
+                for x in leftovers_of(r.run_id, str(work / "venvs" / r.project))
+            }
+        )
+        meta["left_at_end"] = left
+        if left:
+            log(f"LEFT BEHIND at the end: {left}")
         if runs:
             print(
                 f"fidelity: {meta['started']}, plugin {meta['plugin_head'][:10]}"
