@@ -193,6 +193,20 @@ def pytest_configure(config: pytest.Config) -> None:
 _LAYERS = pytest.StashKey[tuple[dict[str, Any], dict[str, Any]]]()
 
 
+#: A marker added in ``pytest_collection_modifyitems`` that does not parse: its error.
+SPEC_ERROR_KEY = pytest.StashKey[str]()
+#: The isolate markers an item had when collection ended.
+MARKS_KEY = pytest.StashKey[int]()
+
+
+class IsolateWarning(pytest.PytestWarning):
+    """Something about isolation that did not do what it looked like it would."""
+
+
+def _isolate_marks(item: pytest.Item) -> int:
+    return sum(1 for _ in item.iter_markers("isolate"))
+
+
 def _isolated(item: pytest.Item) -> bool:
     spec = item.stash.get(SPEC_KEY, None)
     return spec is not None and spec.isolated
@@ -262,6 +276,14 @@ class IsolatePlugin:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # Markers a conftest or plugin added here count, as markers do for pytest's own
+        # marks; a bad one fails its test when it comes (collection is over).
+        for item in items:
+            try:
+                item.stash[SPEC_KEY] = item_spec(item)
+            except SpecError as exc:
+                item.stash[SPEC_ERROR_KEY] = str(exc)
+            item.stash[MARKS_KEY] = _isolate_marks(item)
         specs = [item.stash.get(SPEC_KEY, None) for item in items]
         self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone", "uml") for s in specs)
         if self.ctl is not None:
@@ -274,18 +296,43 @@ class IsolatePlugin:
             self._availability[tier] = tiers.availability(tier, self.config)
         return self._availability[tier]
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        """A marker added once the test has started chose nothing: say so, where the
+        test's warnings go (in the sandbox or in-process alike)."""
+        before = item.stash.get(MARKS_KEY, None)
+        if before is not None and _isolate_marks(item) != before:
+            path, lineno, _ = item.location
+            warnings.warn_explicit(
+                IsolateWarning(
+                    f"{item.nodeid}: an isolate marker added while the test ran "
+                    "(request.applymarker, node.add_marker) is ignored: the tier is chosen "
+                    "before the test starts; mark it with pytest.param(..., "
+                    "marks=pytest.mark.isolate(...)), a class or module marker, or in "
+                    "pytest_collection_modifyitems"
+                ),
+                IsolateWarning,
+                str(item.config.rootpath / path),
+                (lineno or 0) + 1,
+            )
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
         if self.server:
             return None
         spec = item.stash.get(SPEC_KEY, None)
-        if spec is None or not spec.isolated:
+        bad = item.stash.get(SPEC_ERROR_KEY, None)
+        if (spec is None or not spec.isolated) and bad is None:
             return None
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         terminal: dict[int | None, str] = {}
-        reason = self.availability(spec.tier)
-        if reason:
+        reason = self.availability(spec.tier) if spec is not None and bad is None else None
+        if bad is not None or spec is None:
+            reports = _synthetic(item, "failed", f"{item.nodeid}: {bad}")
+            spec = spec or resolve([{}, {}, {}])
+            record = report.new_record(item, spec, reports, {"worker_error": bad})
+        elif reason:
             reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
             record = report.new_record(item, spec, reports, {"unavailable": reason})
         else:

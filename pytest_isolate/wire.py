@@ -13,13 +13,20 @@ import struct
 from typing import Any
 
 _HDR = struct.Struct("!I")
+#: Taken at import, before any test runs: a sandbox sends its reports while the test's
+#: monkeypatches are still in place (the call report precedes their undoing), and a
+#: test that replaced ``os.write`` or ``json.dumps`` must neither see nor break that.
+_write = os.write
+_read = os.read
+_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+_decode = json.JSONDecoder().decode
 #: A single message larger than this is refused (a test cannot make the host allocate
 #: unbounded memory by lying about a length).
 MAX_MESSAGE = 64 << 20
 
 
 def encode(obj: Any) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), default=repr).encode()
+    body = _encode(obj).encode()
     return _HDR.pack(len(body)) + body
 
 
@@ -27,7 +34,7 @@ def send(fd: int, obj: Any) -> None:
     """Write one message; loops over partial writes (pipes may take less than all)."""
     data = memoryview(encode(obj))
     while data:
-        n = os.write(fd, data)
+        n = _write(fd, data)
         data = data[n:]
 
 
@@ -48,7 +55,7 @@ class Reader:
                 break
             body = bytes(self._buf[_HDR.size : _HDR.size + n])
             del self._buf[: _HDR.size + n]
-            out.append(json.loads(body))
+            out.append(_decode(body.decode()))
         return out
 
 
@@ -58,13 +65,13 @@ def recv(fd: int) -> Any:
     (n,) = _HDR.unpack(hdr)
     if n > MAX_MESSAGE:
         raise ValueError(f"message of {n} bytes exceeds the {MAX_MESSAGE} byte limit")
-    return json.loads(_read_exact(fd, n))
+    return _decode(_read_exact(fd, n).decode())
 
 
 def _read_exact(fd: int, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
+        chunk = _read(fd, n - len(buf))
         if not chunk:
             raise EOFError("peer closed the pipe")
         buf += chunk

@@ -22,10 +22,16 @@ from pathlib import Path
 
 import pytest
 
-#: Plugins installed in this environment that the project does not need: each costs
-#: ~0.4 s of import per pytest process (controller + fork server), so the suite turns
-#: them off in every pytest it starts. Never the cache provider: --lf/--ff need it.
-FAST_ADDOPTS = "-p no:hypothesispytest -p no:benchmark"
+#: Plugins installed in this environment that a test does not ask for: each costs
+#: ~0.4 s of import per pytest process (controller + fork server), and some change what
+#: every run does (pytest-randomly reorders, pytest-asyncio warns about its ini), so the
+#: suite turns them off in every pytest it starts; tests/plugins/ turns on the one each
+#: test is about. Never the cache provider: --lf/--ff need it.
+OPTIONAL_PLUGINS = (
+    "hypothesispytest", "benchmark", "randomly", "asyncio", "rerunfailures", "timeout", "syrupy",
+    "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov",
+)
+FAST_ADDOPTS = " ".join(f"-p no:{name}" for name in OPTIONAL_PLUGINS)
 #: How long objects of a finished run may take to disappear before it counts as a leak.
 LEAK_GRACE = 5.0
 RUN_DIR_RE = re.compile(r"/tmp/pytest-isolate-[0-9a-f]+")

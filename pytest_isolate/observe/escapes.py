@@ -35,6 +35,29 @@ from typing import Any
 from pytest_isolate import wire
 from pytest_isolate.observe.canaries import Canaries
 
+#: The os functions the audit hook calls while a test runs, taken before any test runs.
+#: A test that replaces ``os.getcwd`` or ``os.stat`` (say, to assert that its code never
+#: calls them) must not see the plugin's calls: in-process, pytest makes none.
+_os = types.SimpleNamespace(**{n: getattr(os, n) for n in ('getcwd', 'stat', 'fstat', 'listdir', 'getpgrp', 'getpid', 'isatty', 'access', 'readlink', 'strerror', 'major', 'minor', 'fspath', 'fsdecode')})
+_open_fd = os.open
+_close = os.close
+
+
+def _exists(p: str) -> bool:
+    try:
+        _os.stat(p)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _isdir(p: str) -> bool:
+    try:
+        return stat.S_ISDIR(_os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 __all__ = ["Canaries", "TECHNIQUES", "TIER_ESCAPES", "arm", "merge", "verdicts"]
 
 #: Stable short names, with what each one is (docs/escapes.md has the long form).
@@ -115,7 +138,7 @@ MAX_EVIDENCE = 500
 
 
 def _root_id() -> tuple[int, int]:
-    st = os.stat("/")
+    st = _os.stat("/")
     return st.st_dev, st.st_ino
 
 
@@ -123,7 +146,7 @@ def _ns_ids(kinds: Iterable[str] = ("mnt", "net", "pid", "ipc", "uts", "user", "
     out: dict[str, int] = {}
     for kind in kinds:
         try:
-            out[kind] = os.stat(f"/proc/self/ns/{kind}").st_ino
+            out[kind] = _os.stat(f"/proc/self/ns/{kind}").st_ino
         except OSError:
             pass
     return out
@@ -179,7 +202,7 @@ def _where(depth: int = 2) -> str | None:
         fn = f.f_code.co_filename
         if _is_user(fn):
             try:
-                rel = os.path.relpath(fn)
+                rel = os.path.relpath(fn, _os.getcwd())
                 fn = rel if not rel.startswith("..") else fn
             except (ValueError, OSError):  # no cwd (it lies outside a new root)
                 pass
@@ -266,7 +289,7 @@ def _text(x: Any, limit: int = 120) -> str:
     if isinstance(x, ctypes._SimpleCData):  # type: ignore[attr-defined]
         x = x.value
     if isinstance(x, os.PathLike):
-        x = os.fspath(x)
+        x = _os.fspath(x)
     if isinstance(x, bytes):
         x = x.decode(errors="replace")
     s = x if isinstance(x, str) else repr(x)
@@ -279,7 +302,7 @@ def _fspath(p: Any) -> str | None:
     if isinstance(p, int):
         return None
     try:
-        return os.fsdecode(os.fspath(p))
+        return _os.fsdecode(_os.fspath(p))
     except TypeError:
         return None
 
@@ -329,7 +352,7 @@ def _build() -> Callable[[int, list[str]], None]:
         if h is None:
             return None
         try:
-            return os.stat(f"/proc/self/ns/{kind}").st_ino == h
+            return _os.stat(f"/proc/self/ns/{kind}").st_ino == h
         except OSError:
             return None
 
@@ -457,7 +480,7 @@ def _build() -> Callable[[int, list[str]], None]:
         if not p.startswith("/"):
             if not write:
                 return
-            p = os.path.join(os.getcwd(), p)
+            p = os.path.join(_os.getcwd(), p)
         elif not write and not p.startswith(("/proc/", "/dev/")) and p not in st.nodes:
             return
         p = os.path.normpath(p)
@@ -475,9 +498,9 @@ def _build() -> Callable[[int, list[str]], None]:
                 return
         if technique == "write-host-file":
             parent = os.path.dirname(p)
-            if not os.path.isdir(parent):
+            if not _isdir(parent):
                 return  # ENOENT: nothing gets written anywhere
-            if not os.access(p if os.path.exists(p) else parent, os.W_OK):
+            if not _os.access(p if _exists(p) else parent, os.W_OK):
                 report(technique, f"open for write {detail}: permission denied", ok=False)
                 return
         if technique in ("proc-root", "ptrace", "setns"):
@@ -493,12 +516,12 @@ def _build() -> Callable[[int, list[str]], None]:
         if not sig:
             return  # a probe: delivers nothing
         if group:
-            if pid == 0 or pid == os.getpgrp() or own(pid):
+            if pid == 0 or pid == _os.getpgrp() or own(pid):
                 return
             detail = f"killpg({pid}, {sig})"
         elif pid == -1:
             detail = f"kill(-1, {sig}): every process it may signal"
-        elif pid == 0 or (pid < 0 and (-pid == os.getpgrp() or own(-pid))) or (pid > 0 and own(pid)):
+        elif pid == 0 or (pid < 0 and (-pid == _os.getpgrp() or own(-pid))) or (pid > 0 and own(pid)):
             return
         else:
             detail = f"kill({pid}, {sig})"
@@ -553,7 +576,7 @@ def _build() -> Callable[[int, list[str]], None]:
                 p = _fspath(address)
                 if not p:
                     return
-                p = os.path.normpath(os.path.join(os.getcwd(), p))
+                p = os.path.normpath(os.path.join(_os.getcwd(), p))
                 if p in _SAFE_DEV or p.startswith(st.writable):
                     return
                 report("unix-socket", f"{verb} {p}", host=True if at_host_root() else None)
@@ -561,9 +584,9 @@ def _build() -> Callable[[int, list[str]], None]:
     def on_ioctl(args: tuple[Any, ...]) -> None:
         req = args[1] & 0xFFFFFFFF if isinstance(args[1], int) else None
         fd = args[0]
-        if req in (TIOCSTI, TIOCLINUX) and isinstance(fd, int) and os.isatty(fd):
+        if req in (TIOCSTI, TIOCLINUX) and isinstance(fd, int) and _os.isatty(fd):
             what = f"ioctl({fd}, {'TIOCSTI' if req == TIOCSTI else 'TIOCLINUX'})"
-            ctty = os.fstat(fd).st_rdev == _ctty()
+            ctty = _os.fstat(fd).st_rdev == _ctty()
             legacy = _read_int("/proc/sys/dev/tty/legacy_tiocsti")
             if (not ctty or legacy == 0) and not _has_cap(CAP_SYS_ADMIN):
                 why = "not its controlling tty" if ctty is False else "legacy_tiocsti=0"
@@ -696,7 +719,7 @@ def _build() -> Callable[[int, list[str]], None]:
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             p = _fspath(path)
             if p and dir_fd is None:
-                p = os.path.normpath(os.path.join(os.getcwd(), p))
+                p = os.path.normpath(os.path.join(_os.getcwd(), p))
                 st.nodes.add(p)
                 refused = _probe_device(p)
                 if refused:
@@ -707,7 +730,7 @@ def _build() -> Callable[[int, list[str]], None]:
         kind = "c" if stat.S_ISCHR(mode) else "b" if stat.S_ISBLK(mode) else None
         if kind is None:
             return f"mknod {_text(path)}"
-        return f"mknod {_text(path)} {kind} {os.major(device)}:{os.minor(device)}"
+        return f"mknod {_text(path)} {kind} {_os.major(device)}:{_os.minor(device)}"
 
     wrapped: dict[str, Callable[..., Any]] = {}
     if "chroot" in _ORIG_OS:
@@ -734,7 +757,7 @@ def _build() -> Callable[[int, list[str]], None]:
         err = ""
         if failed and use_errno:
             e = ctypes.get_errno()
-            err = f": {os.strerror(e)}" if e else ""
+            err = f": {_os.strerror(e)}" if e else ""
         shown = ", ".join(_text(a, 60) for a in args[:5])
         detail = f"{name}({shown})"
         if technique == "tiocsti":
@@ -825,12 +848,12 @@ def _build() -> Callable[[int, list[str]], None]:
             # closes its fds and opens new ones does not get this number back.
             fd = _fcntl(result_fd, _F_DUPFD_CLOEXEC, 512) if result_fd >= 0 else -1
             if fd >= 0:
-                fst = os.fstat(fd)
+                fst = _os.fstat(fd)
                 st.pipe = (fst.st_dev, fst.st_ino)
             st.fd = fd
         except OSError:
             st.fd, st.pipe = -1, None
-        st.me = os.getpid()
+        st.me = _os.getpid()
         st.writable = tuple(os.path.join(w, "") for w in writable if w) + _WRITABLE
         st.seen.clear()
         st.nodes.clear()
@@ -867,16 +890,16 @@ def _probe_device(path: str) -> str | None:
     side effect, and the result is what the test's own open will get (same credentials,
     same device cgroup). Other character devices (watchdogs, ttys) are never probed."""
     try:
-        st = os.stat(path)
+        st = _os.stat(path)
     except OSError:
         return None
-    if not (stat.S_ISBLK(st.st_mode) or (stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) in _PROBED_CHR)):
+    if not (stat.S_ISBLK(st.st_mode) or (stat.S_ISCHR(st.st_mode) and (_os.major(st.st_rdev), _os.minor(st.st_rdev)) in _PROBED_CHR)):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = _open_fd(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         return exc.strerror or str(exc)
-    os.close(fd)
+    _close(fd)
     return None
 
 
@@ -951,7 +974,7 @@ def _num(x: Any) -> Any:
 
 def _send(st: _State, msg: dict[str, Any]) -> None:
     try:
-        fst = os.fstat(st.fd)
+        fst = _os.fstat(st.fd)
         if (fst.st_dev, fst.st_ino) != st.pipe:
             st.fd = -1  # closed and reused by the test: stop rather than write into its file
             return
@@ -1043,16 +1066,16 @@ def _unix_owner(name: str, own: Callable[[int], bool]) -> str | None:
 
 def _inodes_owned(inodes: set[str], own: Callable[[int], bool]) -> bool:
     wanted = {f"socket:[{i}]" for i in inodes}
-    for name in os.listdir("/proc"):
+    for name in _os.listdir("/proc"):
         if not name.isdigit() or not own(int(name)):
             continue
         try:
-            fds = os.listdir(f"/proc/{name}/fd")
+            fds = _os.listdir(f"/proc/{name}/fd")
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{name}/fd/{fd}") in wanted:
+                if _os.readlink(f"/proc/{name}/fd/{fd}") in wanted:
                     return True
             except OSError:
                 continue

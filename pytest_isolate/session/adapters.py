@@ -43,3 +43,32 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     pm = config.pluginmanager
     if pm.has_plugin("timeout"):
         pm.register(Timeout(isolated), "isolate-adapter-timeout")
+
+
+def in_server() -> None:
+    """In the fork server, once its plugins are loaded and before they are configured.
+
+    pytest-rerunfailures' worker side connects to its controller's status socket on
+    127.0.0.1 when pytest-xdist is installed. A UML guest has its own loopback: there
+    the connection cannot succeed, and the whole sandbox would fail to start. Its own
+    in-process status store then stands in (the counts it shares serve reruns of tests
+    xdist restarted after a crash, and ``--max-suite-reruns``, neither of which a guest
+    takes part in).
+    """
+    import sys
+
+    rr = sys.modules.get("pytest_rerunfailures")  # loaded by the session, if at all
+    if rr is None:
+        return
+    real = getattr(rr, "ClientStatusDB", None)
+    base = getattr(rr, "StatusDB", None)
+    if real is None or base is None:
+        return
+
+    def client_or_local(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(*args, **kwargs)
+        except OSError:
+            return base()
+
+    rr.ClientStatusDB = client_or_local

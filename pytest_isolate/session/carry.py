@@ -55,7 +55,7 @@ class SandboxCarry:
         self.kinds: dict[str, Any] = {}
         if coverage.NAME in init:
             measurer = coverage.Measurer(init[coverage.NAME])
-            config.pluginmanager.register(coverage.SandboxHooks(measurer), "isolate-carry-coverage")
+            coverage.install(config, measurer)
             self.kinds[coverage.NAME] = measurer
 
     def begin(self) -> None:

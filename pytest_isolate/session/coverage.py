@@ -213,12 +213,31 @@ class Measurer:
         return {"arcs": arcs, "contexts": contexts} if contexts else None
 
 
-class SandboxHooks:
-    """In the server's session: pytest-cov's per-test switches, which its own plugin
-    (off there) would have made."""
+class CovStandIn:
+    """Registered as ``_cov`` in the server's session, in place of pytest-cov's own
+    plugin (turned off there): what tests and pytest-cov's fixtures reach through that
+    name. The ``cov`` fixture returns the measuring ``Coverage``, the ``no_cover``
+    marker and fixture pause it, ``--cov-context=test`` names each phase's lines."""
 
     def __init__(self, measurer: Measurer) -> None:
         self.m = measurer
+        self.cov_controller = self
+        self._disabled = False
+
+    # what pytest-cov's fixtures and a test's own code use of its controller
+    @property
+    def cov(self) -> Any:
+        return self.m.cov
+
+    @property
+    def started(self) -> bool:
+        return self.m.running
+
+    def pause(self) -> None:
+        self.m.pause()
+
+    def resume(self) -> None:
+        self.m.resume()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
@@ -237,3 +256,13 @@ class SandboxHooks:
 
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
         self.m.switch(item, "teardown")
+
+
+def install(config: pytest.Config, measurer: Measurer) -> None:
+    """In the server, before its session is configured: the stand-in replaces
+    pytest-cov's plugin (started with ``--no-cov``, so it measured and erased nothing)."""
+    pm = config.pluginmanager
+    own = pm.get_plugin("_cov")
+    if own is not None:
+        pm.unregister(own)
+    pm.register(CovStandIn(measurer), "_cov")

@@ -14,9 +14,9 @@ adjustments:
   out of both hooks: their worker side is off in the server;
 - a plugin that registers its xdist hooks only when pytest-xdist is installed gets what
   those hooks would have given (``_shims``), since the server is a worker either way;
-- under a real xdist worker, the server's input starts from that worker's own
-  ``workerinput`` (its id, its run uid, what the xdist controller's plugins gave it),
-  and the worker's own ``workeroutput`` is never touched.
+- under a real xdist worker, the server's input is that worker's own ``workerinput``
+  (its id, its run uid, what the xdist controller's plugins gave it: they are not asked
+  again), and the worker's own ``workeroutput`` is never touched.
 """
 
 from __future__ import annotations
@@ -72,13 +72,17 @@ def workerinput(config: pytest.Config, gateway: Any, run_id: str) -> tuple[Sandb
 
     Raises what a plugin's ``pytest_configure_node`` raised: the worker cannot start
     then, and the caller reports that once for the tests of that worker."""
-    base = dict(getattr(config, "workerinput", None) or {})
+    own = getattr(config, "workerinput", None)
+    base = dict(own or {})
     base.setdefault("workerid", "master")
     base.setdefault("workercount", 1)
     base.setdefault("testrunuid", run_id)
     base.setdefault("mainargv", list(sys.argv))
     node = SandboxNode(config, gateway, base)
-    hook = _hook(config, "pytest_configure_node")
+    # Under an xdist worker the xdist controller's plugins filled ``own`` already; their
+    # worker halves may not configure nodes (pytest-rerunfailures' asks its controller-
+    # only socket server for a port), and the sandbox is that worker's own extension.
+    hook = _hook(config, "pytest_configure_node") if own is None else None
     if hook is not None:
         hook(node=node)
     _shims(config, node.workerinput)

@@ -1,0 +1,180 @@
+"""A project's own configuration gives the same outcomes isolated as in-process.
+
+The suite below is what a modern project's configuration looks like: warnings are
+errors, strict markers and config, strict xfail, importlib mode, ``pythonpath``,
+``testpaths``, conftests at two levels, a ``-p`` plugin of the project's own, live
+logging, doctests and a unittest class. Nothing the sandbox's own start-up does may
+reach those settings (a start-up warning under ``filterwarnings = error`` used to kill
+every sandbox).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.plugins.conftest import TIERS, Runner, outcomes
+
+PROJECT = {
+    "pyproject.toml": """
+        [tool.pytest.ini_options]
+        filterwarnings = ["error"]
+        addopts = "--strict-markers --strict-config --import-mode=importlib -p localplugin --doctest-modules"
+        xfail_strict = true
+        pythonpath = ["src", "plugins"]
+        testpaths = ["tests", "src"]
+        markers = ["slow: a slow test"]
+        log_cli = true
+        log_cli_level = "INFO"
+    """,
+    "plugins/localplugin.py": """
+        import pytest
+
+        @pytest.fixture
+        def from_plugin():
+            return "plugin"
+    """,
+    "src/pkg.py": '''
+        """A module with a doctest.
+
+        >>> double(2)
+        4
+        """
+
+        def double(x):
+            return 2 * x
+    ''',
+    "tests/conftest.py": """
+        import pytest
+
+        @pytest.fixture
+        def level():
+            return "top"
+
+        @pytest.fixture(scope="session")
+        def shared():
+            return {"n": 0}
+    """,
+    "tests/sub/conftest.py": """
+        import pytest
+
+        @pytest.fixture
+        def level(level):
+            return level + "/sub"
+    """,
+    "tests/sub/test_suite.py": """
+        import logging
+        import unittest
+        import warnings
+
+        import pytest
+
+        import pkg
+
+        def test_levels(level, from_plugin):
+            assert (level, from_plugin) == ("top/sub", "plugin")
+
+        def test_pythonpath():
+            assert pkg.double(3) == 6
+
+        def test_warning_is_an_error():
+            warnings.warn("deprecated thing", DeprecationWarning)
+
+        def test_warns_caught():
+            with pytest.warns(UserWarning):
+                warnings.warn("expected", UserWarning)
+
+        @pytest.mark.xfail(reason="strict: passing is a failure")
+        def test_xpass_strict():
+            pass
+
+        @pytest.mark.xfail(reason="known")
+        def test_xfail():
+            assert 0
+
+        @pytest.mark.slow
+        @pytest.mark.parametrize("n", [1, 2, 3])
+        def test_param(n, shared):
+            shared["n"] += n
+            assert n < 3
+
+        @pytest.mark.skip(reason="not here")
+        def test_skipped():
+            pass
+
+        def test_output(capsys, caplog, tmp_path):
+            logging.getLogger("suite").info("live log line")
+            print("to stdout")
+            (tmp_path / "f").write_text("x")
+            assert capsys.readouterr().out == "to stdout\\n"
+            assert "live log line" in caplog.text
+
+        class TestUnit(unittest.TestCase):
+            def test_ok(self):
+                self.assertEqual(pkg.double(1), 2)
+
+            def test_fails(self):
+                self.assertEqual(pkg.double(1), 3)
+    """,
+}
+
+
+def _write(pytester: pytest.Pytester) -> None:
+    import textwrap
+
+    for name, text in PROJECT.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_project_configuration_same_outcomes(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    _write(pytester)
+    base = run(None)
+    iso = run(tier)
+    expected = outcomes(base)
+    assert len(expected) == 14, base.stdout.str()
+    assert outcomes(iso) == expected, iso.stdout.str()
+    assert iso.parseoutcomes() == base.parseoutcomes()
+    assert iso.ret == base.ret == 1
+    out = iso.stdout.str()
+    assert "INTERNALERROR" not in out and "PytestAssertRewriteWarning" not in out
+    # The warning that the project's filter made an error is the test's, as in-process.
+    iso.stdout.fnmatch_lines(["E   *DeprecationWarning: deprecated thing"])
+    iso.stdout.fnmatch_lines(["*live log line*"])
+
+
+@pytest.mark.parametrize("tier", ["process", "zone"])
+def test_plugins_from_the_environment(pytester: pytest.Pytester, run: Runner, tier: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """PYTEST_DISABLE_PLUGIN_AUTOLOAD, PYTEST_PLUGINS, -p name and -p no:name reach the
+    sandbox's session as they reach the controller's."""
+    pytester.makepyfile(
+        envplugin="""
+            import pytest
+
+            @pytest.fixture
+            def from_env():
+                return "env"
+        """,
+        test_env="""
+            import sys
+
+            def test_env_plugin(from_env):
+                assert from_env == "env"
+
+            def test_no_doctest_plugin(request):
+                assert not request.config.pluginmanager.has_plugin("doctest")
+        """,
+    )
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path))
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PYTEST_PLUGINS", "envplugin")
+    args = ("-p", "pytest_isolate.plugin", "-p", "no:doctest")
+    base = run(None, *args)
+    iso = run(tier, *args)
+    assert outcomes(base) == outcomes(iso) == {
+        "test_env.py::test_env_plugin": ["PASSED"],
+        "test_env.py::test_no_doctest_plugin": ["PASSED"],
+    }, iso.stdout.str()
+    iso.stdout.fnmatch_lines(["*tests per tier: " + tier + " 2*"])

@@ -1,0 +1,102 @@
+"""pytest-cov: the same percentages and reports isolated as in-process.
+
+Lines that only tests run are the ones a sandbox must carry back: without that, a
+module's body shows as covered (the controller imported it while collecting) and every
+line inside its functions as missed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.plugins.conftest import TIERS, Runner
+
+PROJECT = {
+    "src/calc.py": """
+        def sign(x):
+            if x > 0:
+                return 1
+            if x < 0:
+                return -1
+            return 0
+
+
+        def unused():
+            return "never called"
+    """,
+    "tests/test_calc.py": """
+        import pytest
+        import calc
+
+        def test_pos():
+            assert calc.sign(5) == 1
+
+        def test_neg():
+            assert calc.sign(-5) == -1
+
+        @pytest.mark.no_cover
+        def test_zero_not_counted():
+            assert calc.sign(0) == 0
+    """,
+    "pyproject.toml": """
+        [tool.pytest.ini_options]
+        pythonpath = ["src"]
+        testpaths = ["tests"]
+        filterwarnings = ["error"]
+    """,
+}
+
+
+def _write(pytester: pytest.Pytester) -> None:
+    import textwrap
+
+    for name, text in PROJECT.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+
+
+def _report(pytester: pytest.Pytester, run: Runner, tier: str | None, *extra: str) -> tuple[dict, str]:
+    result = run(tier, "--cov=src", "--cov-branch", "--cov-report=term-missing", "--cov-report=json:cov.json",
+                 "--cov-report=xml:cov.xml", *extra, plugins=("pytest_cov",))
+    assert result.ret == 0, result.stdout.str()
+    data = json.loads((pytester.path / "cov.json").read_text())
+    assert (pytester.path / "cov.xml").exists()
+    return data["files"]["src/calc.py"], result.stdout.str()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_same_coverage_as_in_process(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    _write(pytester)
+    base, _ = _report(pytester, run, None)
+    iso, out = _report(pytester, run, tier)
+    assert "INTERNALERROR" not in out
+    # Inside sign(): the lines of the two tests counted, the no_cover test's return 0 not.
+    assert base["missing_lines"] == [6, 10]
+    assert iso["missing_lines"] == base["missing_lines"]
+    assert iso["executed_branches"] == base["executed_branches"]
+    assert iso["summary"] == base["summary"]
+    assert f"tests per tier: {tier} 3" in out
+
+
+def test_same_coverage_under_xdist(pytester: pytest.Pytester, run: Runner) -> None:
+    _write(pytester)
+    base, _ = _report(pytester, run, None)
+    iso, out = _report(pytester, run, "process", "-n", "2")
+    assert iso["missing_lines"] == base["missing_lines"] == [6, 10]
+    assert iso["summary"] == base["summary"]
+
+
+def test_cov_context_test(pytester: pytest.Pytester, run: Runner) -> None:
+    """``--cov-context=test`` names each test's lines by the test, inside sandboxes too."""
+    _write(pytester)
+    run("jail", "--cov=src", "--cov-context=test", "--cov-report=", plugins=("pytest_cov",))
+    import sqlite3
+
+    con = sqlite3.connect(pytester.path / ".coverage")
+    contexts = {row[0] for row in con.execute("select context from context")}
+    con.close()
+    assert "tests/test_calc.py::test_pos|run" in contexts
+    assert "tests/test_calc.py::test_neg|run" in contexts
