@@ -29,7 +29,7 @@ from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import escapes, usage
-from pytest_isolate.session import node
+from pytest_isolate.session import adapters, node
 from pytest_isolate.session.carry import SandboxCarry
 from pytest_isolate.session.node import SERVER_KEY
 from pytest_isolate.spawner import Spawner, SpawnerGone
@@ -1035,6 +1035,8 @@ def main() -> None:
     from _pytest.config import _prepareconfig
 
     config = _prepareconfig(list(init["args"]), None)
+    # Plugins are imported now (pytest rewrote them), not yet configured.
+    adapters.in_server()
     opt = config.option
     opt.usepdb = False
     opt.basetemp = init["ctx"]["basetemp"]
