@@ -270,7 +270,11 @@ class Worker:
         with contextlib.suppress(OSError):
             text = log.read_text(errors="replace").strip()
             if text:
-                tail = (tail + "\n" if tail else "") + "\n".join(text.splitlines()[-30:])
+                # The server's pytest prefixes an error at start-up as its own internal
+                # error; it is the error of the session it was configuring (a plugin's,
+                # a conftest's), shown as the traceback it is.
+                lines = [ln.removeprefix("INTERNALERROR> ") for ln in text.splitlines()[-30:]]
+                tail = (tail + "\n" if tail else "") + "\n".join(lines)
         why = why.strip().splitlines()[-1] if why.strip() else "worker died"
         return f"isolated worker died ({why})" + printed + (f"\n--- last output ---\n{tail}" if tail else "")
 
