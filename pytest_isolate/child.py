@@ -23,6 +23,7 @@ import pytest
 from pytest_isolate import wire
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import escapes
+from pytest_isolate.session.adapters import NextAttempt, Reruns
 from pytest_isolate.spec import IsolationSpec
 
 #: Signal the fork server sends a timed-out runner so it dumps its Python stack.
@@ -47,6 +48,19 @@ class Forwarder:
         self.terminal = TerminalRelay(config)
         #: What plugins measure per test and the controller needs (``session.carry``).
         self.carry: Any = None
+        #: In a child whose test makes attempts (``adapters.Reruns``): the test started.
+        self.attempts = False
+        self.started: str | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        """A second start of the same test within one job is another attempt
+        (pytest-rerunfailures): it gets a sandbox of its own."""
+        if self.fd < 0 or not self.attempts:
+            return
+        if nodeid == self.started:
+            raise NextAttempt
+        self.started = nodeid
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -271,7 +285,16 @@ def run_items(
             item = items[job["nodeid"]]
             session = item.session
             nxt = items.get(job["next"]) if job.get("next") else None
-            config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+            forwarder.attempts = Reruns.applies(item)
+            forwarder.started = None
+            if forwarder.attempts:
+                Reruns.resume(item, int(job.get("attempt") or 0))
+            try:
+                config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+            except NextAttempt:
+                Reruns.end(item)
+                wire.send(result_fd, {"t": "next_attempt"})
+                break
             if nxt is None or go_fd < 0:
                 break
             sys.stdout.flush()

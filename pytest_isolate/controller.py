@@ -444,7 +444,8 @@ class Controller:
                     w.update({"t": "ctx", "switch_netns": self.switch_path()})
 
     def run(
-        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None
+        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Run one test; a dead worker yields a failure for that test and is replaced.
 
@@ -453,11 +454,12 @@ class Controller:
         if self.pending is not None and self.pending[0] == nodeid:
             return self.collect(nodeid, spec)
         self.discard_pending()
-        failed = self.submit(nodeid, spec, group, nextid)
+        failed = self.submit(nodeid, spec, group, nextid, attempt)
         return failed if failed is not None else self.collect(nodeid, spec)
 
     def submit(
-        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None
+        self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None,
+        attempt: int = 0,
     ) -> dict[str, Any] | None:
         """Send a test to its worker without waiting; a "done" error if it cannot start."""
         key = pool_key(spec)
@@ -473,7 +475,7 @@ class Controller:
             self.drop(key, error=why)
             full = str(exc) if isinstance(exc, WorkerDied) else f"{type(exc).__name__}: {exc}"
             return {"t": "done", "nodeid": nodeid, "error": f"isolated worker could not start: {why}\n{full}"}
-        w.send({"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid})
+        w.send({"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid, "attempt": attempt})
         self.pending = (nodeid, key)
         return None
 

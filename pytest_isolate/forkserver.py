@@ -511,7 +511,12 @@ class ForkServer:
         spec = IsolationSpec.from_dict(cmd["spec"])
         tier = self.tier(spec.tier)
         group = cmd.get("group")
-        job = {"nodeid": nodeid, "spec": cmd["spec"], "next": cmd.get("next") if group else None}
+        job = {
+            "nodeid": nodeid,
+            "spec": cmd["spec"],
+            "next": cmd.get("next") if group else None,
+            "attempt": cmd.get("attempt", 0),
+        }
         waiting = self.waiting
         if waiting is not None and (
             (waiting.group == "zygote" and spec.tier == "process")
@@ -880,6 +885,8 @@ class ForkServer:
             done["xml"] = xml
         if carry:
             done["carry"] = carry
+        if any(m.get("t") == "next_attempt" for m in msgs):
+            done["next_attempt"] = True
         if any(terminal):
             done["terminal"] = terminal
         return done

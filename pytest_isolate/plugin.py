@@ -325,8 +325,23 @@ class IsolatePlugin:
         if (spec is None or not spec.isolated) and bad is None:
             return None
         ihook = item.ihook
-        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        attempt = 0
+        while True:
+            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+            again = self._attempt(item, nextitem, spec, bad, attempt)
+            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+            if not again or attempt >= adapters.Reruns.LIMIT:
+                return True
+            attempt += 1
+
+    def _attempt(
+        self, item: pytest.Item, nextitem: pytest.Item | None, spec: IsolationSpec | None, bad: str | None,
+        attempt: int,
+    ) -> bool:
+        """One run of the test in a sandbox of its own, logged; True when the sandbox
+        asked for another attempt (pytest-rerunfailures, ``adapters.Reruns``)."""
         terminal: dict[int | None, str] = {}
+        again = False
         reason = self.availability(spec.tier) if spec is not None and bad is None else None
         if bad is not None or spec is None:
             reports = _synthetic(item, "failed", f"{item.nodeid}: {bad}")
@@ -341,14 +356,15 @@ class IsolatePlugin:
             if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
                 nextid = nextitem.nodeid
             try:
-                done = self.controller().run(item.nodeid, spec, group, nextid)
+                done = self.controller().run(item.nodeid, spec, group, nextid, attempt)
             except (KeyboardInterrupt, pytest.exit.Exception):
                 raise
             except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
                 done = self.controller().abort(item.nodeid, spec, exc)
+            again = bool(done.get("next_attempt"))
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
-            if nextitem is not None and not contacts and _clean(done):
+            if nextitem is not None and not contacts and not again and _clean(done):
                 self._prefetch(nextitem)
             reports, record = self._unpack(item, spec, done)
             record["escapes"] += contacts
@@ -360,10 +376,9 @@ class IsolatePlugin:
         report.attach(reports[-1], record)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
-            ihook.pytest_runtest_logreport(report=rep)
+            item.ihook.pytest_runtest_logreport(report=rep)
         self._write_terminal(terminal.get(None))
-        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
+        return again
 
     def _prefetch(self, nextitem: pytest.Item) -> None:
         """Send the next test ahead when it is a plain per-test sandbox (see

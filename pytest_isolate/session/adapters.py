@@ -72,3 +72,61 @@ def in_server() -> None:
             return base()
 
     rr.ClientStatusDB = client_or_local
+
+
+class NextAttempt(BaseException):
+    """Raised in a test's child when pytest-rerunfailures starts another attempt: that
+    attempt gets a sandbox of its own (the controller sends the test again)."""
+
+
+class Reruns:
+    """pytest-rerunfailures: every attempt in a fresh sandbox.
+
+    In-process its protocol loops over attempts in one process. In the sandbox it runs
+    as it is, until it logs the start of a second attempt: the child then ends (its
+    fixtures torn down, as after a last attempt), and the controller runs the test
+    again in a new sandbox, which rerunfailures resumes at the attempt it reached (it
+    counts attempts from its status store: the child answers for this test from it).
+    What it logged of each attempt (the rerun reports, then the final ones) reaches
+    the controller as in-process: the same counts, the same summary.
+    """
+
+    #: Attempts one test may make, whatever a plugin asks (a guard, not a setting).
+    LIMIT = 100
+
+    @staticmethod
+    def applies(item: pytest.Item) -> bool:
+        import sys
+
+        rr = sys.modules.get("pytest_rerunfailures")
+        if rr is None or not item.config.pluginmanager.is_registered(rr):
+            return False
+        try:
+            return bool(rr.get_reruns_count(item))
+        except Exception:  # noqa: BLE001 - another version's helpers: attempts stay in one sandbox
+            return False
+
+    @staticmethod
+    def resume(item: pytest.Item, attempt: int) -> None:
+        """In the child, before the protocol: rerunfailures starts at ``attempt``."""
+        db = getattr(item.config, "failures_db", None)
+        if db is None or attempt <= 0:
+            return
+        real = db.get_test_failures
+
+        def failures(crashitem: str) -> int:
+            return attempt if crashitem == item.nodeid else real(crashitem)
+
+        db.get_test_failures = failures
+
+    @staticmethod
+    def end(item: pytest.Item) -> None:
+        """In the child, after an attempt that asked for another: tear down what
+        rerunfailures held up for that attempt (module, class, session fixtures)."""
+        import sys
+
+        rr = sys.modules.get("pytest_rerunfailures")
+        restore = getattr(rr, "_restore_suspended_finalizers", None)
+        if restore is not None:
+            restore(item)
+        item.session._setupstate.teardown_exact(None)  # type: ignore[attr-defined]

@@ -112,3 +112,37 @@ def test_randomly_same_order_and_seeds(pytester: pytest.Pytester, run: Runner, t
     assert len(order) == 6 and len(draws) == 6, base.stdout.str()
     assert order != sorted(order, key=lambda s: int(s[-2]))  # randomly did reorder
     assert _draws(iso) == (order, draws), iso.stdout.str()
+
+
+FRESH_SUITE = """
+    import os
+    import pytest
+
+    STATE = []
+
+    @pytest.mark.flaky(reruns=2)
+    def test_attempts():
+        STATE.append(1)
+        with open(os.environ["ATTEMPTS_FILE"], "a") as f:
+            f.write(f"{os.getpid()} {len(STATE)}\\n")
+        assert False
+"""
+
+
+def test_each_rerun_attempt_gets_a_fresh_sandbox(pytester: pytest.Pytester, run: Runner,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process the attempts share a process and its module state; isolated each
+    attempt is a new sandbox: another process, pristine module state."""
+    pytester.makepyfile(test_fresh=FRESH_SUITE)
+    log = pytester.path / "attempts"
+    monkeypatch.setenv("ATTEMPTS_FILE", str(log))
+    base = run(None, plugins=("rerunfailures",))
+    assert [ln.split()[1] for ln in log.read_text().splitlines()] == ["1", "2", "3"]
+    assert len({ln.split()[0] for ln in log.read_text().splitlines()}) == 1
+    log.unlink()
+    iso = run("process", plugins=("rerunfailures",))
+    lines = log.read_text().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1", "1", "1"], iso.stdout.str()
+    assert len({ln.split()[0] for ln in lines}) == 3
+    assert outcomes(iso) == outcomes(base) == {"test_fresh.py::test_attempts": ["RERUN", "RERUN", "FAILED"]}
+    assert iso.parseoutcomes() == base.parseoutcomes() == {"failed": 1, "rerun": 2}
