@@ -110,7 +110,10 @@ class Worker:
         return uml.gateway_spec(
             opts,
             self.workdir / "uml",
-            os.path.realpath(sys.executable),
+            # Not its realpath: a venv's bin/python is a symlink into the base install,
+            # and the venv (sys.prefix, its site-packages, the sys.executable a test
+            # runs) is found through the pyvenv.cfg beside the path it was started by.
+            sys.executable,
             basetemp=self.ctl.basetemp,
             writable=[self.workdir],  # server.log must reach the host for failure reports
             switch=self.ctl.switch_path() if spec.network == "ip" else None,

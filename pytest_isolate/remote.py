@@ -15,6 +15,19 @@ import sys
 import threading
 
 
+def _site_state(flags: list[str]) -> str:
+    """Statements that give a server started with ``-S`` the prefixes ``site`` would have.
+
+    UML starts its server without ``site`` (every file lookup costs there), but in a venv
+    it is ``site`` that makes ``sys.prefix``/``sys.exec_prefix`` the venv's (from the
+    ``pyvenv.cfg`` beside ``sys.executable``); without it a test in the guest saw the
+    base interpreter's. This gateway ran ``site``: its values are the ones to carry.
+    """
+    if "-S" not in flags or sys.flags.no_site:
+        return ""
+    return f"sys.prefix = {sys.prefix!r}; sys.exec_prefix = {sys.exec_prefix!r}; "
+
+
 def serve(channel) -> None:  # type: ignore[no-untyped-def]
     init = channel.receive()
     sys.path[:] = init["sys_path"]
@@ -25,9 +38,10 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
     evt_r, evt_w = os.pipe()
     here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
     path = [here, *init["sys_path"]]
-    boot = f"import sys; sys.path[:0] = {path!r}; from pytest_isolate.forkserver import main; main()"
+    flags = list(init.get("python_flags", ()))
+    boot = f"import sys; sys.path[:0] = {path!r}; {_site_state(flags)}from pytest_isolate.forkserver import main; main()"
     proc = subprocess.Popen(
-        [sys.executable, *init.get("python_flags", ()), "-c", boot, str(cmd_r), str(evt_w)],
+        [sys.executable, *flags, "-c", boot, str(cmd_r), str(evt_w)],
         pass_fds=(cmd_r, evt_w),
         stdin=subprocess.DEVNULL,
         cwd=init["dir"],

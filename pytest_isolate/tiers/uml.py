@@ -541,25 +541,33 @@ def gateway_spec(
     return f"popen//python={launcher}"
 
 
+def _is_elf(path: str) -> bool:
+    """A binary the kernel execs directly (a script would go through its shebang)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
 @functools.lru_cache(maxsize=8)
 def resolve_python(python: str) -> str:
-    """The real interpreter binary behind ``python``.
+    """The interpreter the guest's init runs: a binary, named by the path that keeps
+    its environment.
 
     A pyenv shim (or any wrapper script) would become the guest's init: a bash script,
     exec'd through its shebang, costing 25-70 ms per exec inside UML and re-exec'ing
-    the interpreter anyway. Asked once, cached. A symlink to an ELF binary is kept as
-    it is: a virtualenv's ``bin/python`` finds its ``pyvenv.cfg`` (and so the venv's
-    packages) through the path it was started by.
+    the interpreter anyway. So a script is asked (once, cached) for its
+    ``sys.executable``. The answer, like a ``python`` that is already a symlink to a
+    binary, is kept unresolved: a virtualenv's ``bin/python`` is a symlink into the
+    base install, and Python finds the venv (its ``sys.prefix``, site-packages, and the
+    ``sys.executable`` a test runs) through the ``pyvenv.cfg`` beside the path it was
+    started by. Its realpath would be the bare base interpreter.
     """
     link = os.path.abspath(shutil.which(python) or python)
     path = os.path.realpath(link)
     try:
-        with open(path, "rb") as f:
-            elf = f.read(4) == b"\x7fELF"
+        if _is_elf(path):
+            return link
     except OSError as e:
         raise Unavailable(f"uml: cannot read the guest interpreter {python!r}: {e}") from None
-    if elf:
-        return link
     import subprocess
 
     out = subprocess.run(
@@ -569,9 +577,13 @@ def resolve_python(python: str) -> str:
         timeout=60,
     )
     exe = out.stdout.strip()
-    if out.returncode != 0 or not exe:
+    try:
+        ok = out.returncode == 0 and os.path.isabs(exe) and _is_elf(os.path.realpath(exe))
+    except OSError:
+        ok = False
+    if not ok:
         raise Unavailable(f"uml: {python!r} is not an interpreter this launcher can resolve")
-    return os.path.realpath(exe)
+    return exe
 
 
 def _umask() -> int:
