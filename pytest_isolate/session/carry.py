@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.session import coverage
+from pytest_isolate.session import benchmark, coverage, syrupy
+
+#: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
+#: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
+KINDS: tuple[Any, ...] = (syrupy, benchmark)
 
 
 class Carry:
@@ -24,6 +28,7 @@ class Carry:
 
     def __init__(self, config: pytest.Config) -> None:
         self.kinds: dict[str, Any] = {coverage.NAME: coverage.Collector(config)}
+        self.kinds.update((kind.NAME, kind.Collector(config)) for kind in KINDS)
 
     def server_args(self) -> list[str]:
         """Arguments appended to the server's command line."""
@@ -57,6 +62,10 @@ class SandboxCarry:
             measurer = coverage.Measurer(init[coverage.NAME])
             coverage.install(config, measurer)
             self.kinds[coverage.NAME] = measurer
+        for kind in KINDS:
+            side = kind.sandbox(config, init[kind.NAME]) if kind.NAME in init else None
+            if side is not None:
+                self.kinds[kind.NAME] = side
 
     def begin(self) -> None:
         for kind in self.kinds.values():
