@@ -29,9 +29,13 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The venv's bin first, as after `source .venv/bin/activate`: the plugin finds a UML
-# kernel installed there (and the tests' subprocesses find the venv's tools).
-export PATH="$PWD/.venv/bin:$PATH"
+# No PATH change: the plugin looks for a UML kernel beside the interpreter it runs with
+# (.venv/bin, where scripts/uml-kernel.sh puts one) before PATH, and the tests start
+# their subprocesses with sys.executable. uml_kernel: the kernel the plugin would boot.
+uml_kernel() {
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml
+print(uml.find_kernel())' 2>/dev/null || echo "(none)"
+}
 # A UML kernel that boots on this CPU: Debian 12's panics on AVX-512/AMX hosts
 # ("ptrace set fp regs failed"); then fetch a newer one into .venv (scripts/uml-kernel.sh).
 uml_probe() {
@@ -48,20 +52,20 @@ uml_seccomp() {
   .venv/bin/python -c 'from pytest_isolate.tiers import uml
 print("yes" if uml.seccomp_mode(uml.find_kernel()) else "no")' 2>/dev/null || echo no
 }
-if command -v linux.uml >/dev/null 2>&1; then
+if command -v linux.uml >/dev/null 2>&1 || [ -x .venv/bin/linux.uml ]; then
   uml_why=$(uml_probe)  # one probe boot (~1 s); say why once, not boot again to say it
   if [ "$uml_why" != ok ]; then
     echo "setup: $uml_why"
     bash scripts/uml-kernel.sh --force
     echo "setup: uml kernel check: $(uml_probe)"
   elif [ "$(uml_seccomp)" = no ] && [ "$(id -u)" = 0 ] && [ ! -e .venv/.uml-kernel-tried ]; then
-    echo "setup: $(command -v linux.uml) has no seccomp mode (UML < 6.16); fetching a newer kernel"
+    echo "setup: $(uml_kernel) has no seccomp mode (UML < 6.16); fetching a newer kernel"
     touch .venv/.uml-kernel-tried  # once per venv, also when it fails
     if bash scripts/uml-kernel.sh --force && [ "$(uml_probe)" = ok ]; then
-      echo "setup: uml kernel: $(command -v linux.uml)"
+      echo "setup: uml kernel: $(uml_kernel)"
     else
       rm -f .venv/bin/linux.uml
-      echo "setup: keeping $(command -v linux.uml) (ptrace mode)"
+      echo "setup: keeping $(uml_kernel) (ptrace mode)"
     fi
   fi
 fi

@@ -127,10 +127,24 @@ class UmlOptions:
     network: str = "none"
 
 
+def _kernel_search_path() -> str:
+    """Where a kernel is looked up by name: the directory of ``sys.executable`` first,
+    then PATH, then the distribution's directories.
+
+    ``sys.executable`` as the interpreter was started, not its realpath: in a venv that
+    is the venv's ``bin``, where scripts/uml-kernel.sh installs a kernel that boots on
+    CPUs the distribution's cannot (AVX-512/AMX). A run of ``.venv/bin/python -m
+    pytest`` (or ``.venv/bin/pytest``) without an activated venv has that ``bin`` off
+    PATH, and would otherwise fall back to ``/usr/bin/linux.uml``.
+    """
+    dirs = [os.path.dirname(os.path.abspath(sys.executable))] if sys.executable else []
+    return os.pathsep.join([*dirs, os.environ.get("PATH", ""), "/usr/bin", "/usr/local/bin"])
+
+
 def find_kernel(explicit: str | None = None) -> str:
     """The UML kernel to boot: ``explicit`` (``--isolate-uml-kernel`` / marker
-    ``kernel=``) if given, else ``linux.uml`` or ``linux`` on PATH (a ``linux`` that is
-    not a UML kernel is skipped)."""
+    ``kernel=``) if given, else ``linux.uml`` or ``linux`` beside the interpreter or on
+    PATH (see ``_kernel_search_path``; a ``linux`` that is not a UML kernel is skipped)."""
     if explicit:
         path = shutil.which(explicit) or explicit
         if not os.path.isfile(path) or not os.access(path, os.X_OK):
@@ -140,7 +154,7 @@ def find_kernel(explicit: str | None = None) -> str:
                 "User-Mode Linux kernel, e.g. /usr/bin/linux.uml)"
             )
         return os.path.realpath(path)
-    search = os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin"
+    search = _kernel_search_path()
     for name in KERNEL_NAMES:
         path = shutil.which(name, path=search)
         if path and (name == "linux.uml" or _looks_like_uml(path)):
@@ -309,10 +323,10 @@ def module_roots(kernel: str) -> list[str]:
     """Where the guest may find its modules: ``<prefix>/lib/uml/modules`` beside
     ``<prefix>/bin/linux.uml``, as Debian lays them out (``/usr`` for the system
     package, ``.venv/uml/usr`` for scripts/uml-kernel.sh's), then the same beside the
-    kernels on PATH (a copied kernel has no tree of its own). The guest takes the first
-    that holds its own release."""
+    kernels ``find_kernel`` would look at (a copied kernel has no tree of its own). The
+    guest takes the first that holds its own release."""
     roots: list[str] = []
-    search = os.environ.get("PATH", "") + ":/usr/bin"
+    search = _kernel_search_path()
     for k in (kernel, *(shutil.which(n, path=search) for n in KERNEL_NAMES)):
         if k:
             root = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(k))), "lib", "uml", "modules")

@@ -1,4 +1,4 @@
-"""The guest runs the interpreter the host run runs.
+"""The guest runs the interpreter the host run runs, and finds the kernel the venv holds.
 
 A test inside a ``uml`` guest must see the same Python as the host run's worker: the
 venv's ``sys.executable`` (a symlink into the base interpreter's install; the venv is
@@ -6,6 +6,10 @@ found through the ``pyvenv.cfg`` beside the *unresolved* path), its ``sys.prefix
 same ``sys.path`` and the same environment. Otherwise a test that starts
 ``[sys.executable, "-m", ...]`` gets the base interpreter, without the project's
 packages. The ``process`` tier is the reference: it is the host worker as it is.
+
+And the kernel ``scripts/uml-kernel.sh`` installs into the venv's ``bin`` is found when
+pytest runs as ``.venv/bin/python -m pytest`` with a ``PATH`` that lacks that ``bin``
+(the distribution's kernel cannot boot on every CPU).
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import json
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+from pytest_isolate.tiers import uml
 
 #: A value the guest's environment must carry through byte for byte (spaces, quotes,
 #: "=", non-ASCII): the worker's environment travels as JSON, not on a command line.
@@ -45,6 +52,13 @@ DUMP_TEST = textwrap.dedent(
         out.write_text(json.dumps(info))
     """
 )
+
+
+def _host_path_without_venv_bin() -> str:
+    """The current PATH minus the directory of ``sys.executable`` (the venv's bin)."""
+    venv_bin = os.path.dirname(os.path.abspath(sys.executable))
+    keep = [d for d in os.environ.get("PATH", "").split(":") if d and os.path.abspath(d) != venv_bin]
+    return ":".join(keep or ["/usr/bin", "/bin"])
 
 
 def _run_dump(pytester: pytest.Pytester, tier: str) -> dict:
@@ -93,3 +107,43 @@ def test_guest_sees_the_host_workers_interpreter_and_environment(
     }
     # A test's own `python -c` in the guest has the venv and the project.
     assert guest["sub"] == host["sub"] == [0, sys.prefix, ""], guest["sub"]
+
+
+def test_kernel_beside_the_interpreter_is_found_without_path(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.venv/bin/python -m pytest` with the venv's bin off PATH boots the venv's kernel."""
+    beside = Path(os.path.abspath(sys.executable)).parent / "linux.uml"
+    if not beside.exists():
+        pytest.skip(f"no kernel installed beside {sys.executable} (scripts/uml-kernel.sh)")
+    monkeypatch.setenv("PATH", _host_path_without_venv_bin())
+    assert uml.find_kernel() == os.path.realpath(beside)
+    pytester.makepyfile(test_dump=DUMP_TEST)
+    guest = _run_dump(pytester, "uml")
+    assert guest["release"] != os.uname().release
+    assert guest["environ"]["PATH"] == os.environ["PATH"]
+
+
+def test_find_kernel_looks_beside_the_unresolved_interpreter_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A venv's bin/python is a symlink into the base install: the venv's bin, not the
+    base's, is where scripts/uml-kernel.sh put the kernel. It wins over PATH's."""
+    base = tmp_path / "base" / "bin"
+    venv_bin = tmp_path / "venv" / "bin"
+    on_path = tmp_path / "path"
+    for d in (base, venv_bin, on_path):
+        d.mkdir(parents=True)
+    (base / "python3").symlink_to(sys.executable)
+    (venv_bin / "python").symlink_to(base / "python3")
+    for d in (venv_bin, on_path):
+        k = d / "linux.uml"
+        k.write_text("#!/bin/sh\nexit 0\n")
+        k.chmod(0o755)
+    monkeypatch.setenv("PATH", str(on_path))
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    assert uml.find_kernel() == str(venv_bin / "linux.uml")
+    (venv_bin / "linux.uml").unlink()
+    assert uml.find_kernel() == str(on_path / "linux.uml")
+    # An explicit kernel still wins.
+    assert uml.find_kernel(str(on_path / "linux.uml")) == str(on_path / "linux.uml")
