@@ -44,7 +44,8 @@ class Carry:
 
     def merge(self, frames: Any) -> None:
         for frame in frames or ():
-            kind = self.kinds.get(frame.get("name")) if isinstance(frame, dict) else None
+            name = frame.get("name") if isinstance(frame, dict) else None
+            kind = self.kinds.get(name) if isinstance(name, str) else None
             if kind is not None:
                 kind.merge(frame.get("data"))
 
