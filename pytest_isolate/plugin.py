@@ -1,7 +1,9 @@
 """pytest hooks only: options, the ``isolate`` marker, dispatch to sandboxes.
 
 Everything with substance lives elsewhere: parsing in ``spec``, workers in
-``controller``, output in ``report``. This module wires them into pytest's hooks.
+``controller``, a sandbox's answer turned into reports in ``answer``, the sandbox's
+session kept the user's in ``session/``, output in ``report``. This module wires them
+into pytest's hooks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate import policy, report
+from pytest_isolate import answer, report
 from pytest_isolate.session import adapters
 from pytest_isolate.spec import (
     TIERS,
@@ -199,10 +201,6 @@ SPEC_ERROR_KEY = pytest.StashKey[str]()
 MARKS_KEY = pytest.StashKey[int]()
 
 
-class IsolateWarning(pytest.PytestWarning):
-    """Something about isolation that did not do what it looked like it would."""
-
-
 def _isolate_marks(item: pytest.Item) -> int:
     return sum(1 for _ in item.iter_markers("isolate"))
 
@@ -304,14 +302,14 @@ class IsolatePlugin:
         if before is not None and _isolate_marks(item) != before:
             path, lineno, _ = item.location
             warnings.warn_explicit(
-                IsolateWarning(
+                answer.IsolationWarning(
                     f"{item.nodeid}: an isolate marker added while the test ran "
                     "(request.applymarker, node.add_marker) is ignored: the tier is chosen "
                     "before the test starts; mark it with pytest.param(..., "
                     "marks=pytest.mark.isolate(...)), a class or module marker, or in "
                     "pytest_collection_modifyitems"
                 ),
-                IsolateWarning,
+                answer.IsolationWarning,
                 str(item.config.rootpath / path),
                 (lineno or 0) + 1,
             )
@@ -344,12 +342,12 @@ class IsolatePlugin:
         again = False
         reason = self.availability(spec.tier) if spec is not None and bad is None else None
         if bad is not None or spec is None:
-            reports = _synthetic(item, "failed", f"{item.nodeid}: {bad}")
+            reports = answer.synthetic(item, "failed", f"{item.nodeid}: {bad}")
             spec = spec or resolve([{}, {}, {}])
-            record = report.new_record(item, spec, reports, {"worker_error": bad})
+            record = answer.new_record(item, spec, reports, {"worker_error": bad})
         elif reason:
-            reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
-            record = report.new_record(item, spec, reports, {"unavailable": reason})
+            reports = answer.synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
+            record = answer.new_record(item, spec, reports, {"unavailable": reason})
         else:
             group = scope_group(item, spec)
             nextid = None
@@ -364,16 +362,13 @@ class IsolatePlugin:
             again = bool(done.get("next_attempt"))
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
-            if nextitem is not None and not contacts and not again and _clean(done):
+            if nextitem is not None and not contacts and not again and answer.clean(done):
                 self._prefetch(nextitem)
-            reports, record = self._unpack(item, spec, done)
+            reports, record = answer.unpack(self.config, item, spec, done, self.unavailable)
+            self.controller().carry.merge(done.get("carry"))
             record["escapes"] += contacts
-            terminal = _terminal_text(done, reports)
-        self.config.hook.pytest_isolate_result(config=self.config, item=item, record=record)
-        policy.apply(self.config, item, spec, reports, record)
-        record["outcome"] = report.outcome_of(reports)  # the policy may have failed it
-        reports = _closed(reports)
-        report.attach(reports[-1], record)
+            terminal = answer.terminal_text(done, reports)
+        reports = answer.finish(self.config, item, spec, reports, record)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
             item.ihook.pytest_runtest_logreport(report=rep)
@@ -409,22 +404,6 @@ class IsolatePlugin:
             self.ctl.needs_switch = getattr(self, "needs_switch", False)
         return self.ctl
 
-    def _unpack(self, item: pytest.Item, spec: IsolationSpec, done: dict[str, Any]):  # type: ignore[no-untyped-def]
-        hook = self.config.hook
-        if "unavailable" in done:
-            reason = f"{spec.tier}: {done['unavailable']}".replace(f"{spec.tier}: {spec.tier}: ", f"{spec.tier}: ")
-            reports = _synthetic(item, "skipped" if self.unavailable == "skip" else "failed", reason)
-            return reports, report.new_record(item, spec, reports, {"unavailable": reason})
-        if "error" in done:
-            reports = _synthetic(item, "failed", done["error"])
-            return reports, report.new_record(item, spec, reports, {"worker_error": done["error"]})
-        reports = [hook.pytest_report_from_serializable(config=self.config, data=_tuples(d)) for d in done["reports"]]
-        for w in done.get("warnings", ()):
-            _replay_warning(self.config, w)
-        _replay_xml(self.config, item.nodeid, done.get("xml", ()))
-        self.controller().carry.merge(done.get("carry"))
-        return reports, report.new_record(item, spec, reports, done["record"])
-
     def pytest_sessionfinish(self, exitstatus: int) -> None:
         if self.ctl is not None:
             self.ctl.shutdown(fast=exitstatus == pytest.ExitCode.INTERRUPTED)
@@ -444,127 +423,3 @@ def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:
         return None
     where = item.nodeid.split("::", 1)[0] if spec.scope == "module" else "session"
     return f"{spec.scope}:{where}:{sorted(spec.to_dict().items())}"
-
-
-def _clean(done: dict[str, Any]) -> bool:
-    """Nothing in this result can fail the test or stop the session (the policy fails
-    only on escapes and overuse), so the next test may start before it is logged."""
-    if "error" in done or "unavailable" in done:
-        return False
-    record = done.get("record") or {}
-    if record.get("escapes") or record.get("overuse"):
-        return False
-    return not any(rep.get("outcome") == "failed" for rep in done.get("reports") or ())
-
-
-def _tuples(data: dict[str, Any]) -> dict[str, Any]:
-    """Undo what JSON did to tuples pytest relies on (skip longrepr, location, properties)."""
-    if isinstance(data.get("longrepr"), list):
-        data["longrepr"] = tuple(data["longrepr"])
-    if isinstance(data.get("location"), list):
-        data["location"] = tuple(data["location"])
-    if data.get("user_properties"):
-        data["user_properties"] = [tuple(p) for p in data["user_properties"]]
-    if data.get("sections"):
-        data["sections"] = [tuple(p) for p in data["sections"]]
-    return data
-
-
-def _terminal_text(done: dict[str, Any], reports: list[pytest.TestReport]) -> dict[int | None, str]:
-    """The sandbox's terminal text keyed by the report it preceded (``None``: after the
-    last one). Keyed by identity because the policy and ``_closed`` may add reports that
-    the sandbox never wrote anything before."""
-    texts = list(done.get("terminal") or ())
-    if not texts:
-        return {}
-    out: dict[int | None, str] = {id(rep): text for rep, text in zip(reports, texts, strict=False) if text}
-    if len(texts) > len(reports) and texts[len(reports)]:
-        out[None] = texts[len(reports)]
-    return out
-
-
-def _closed(reports: list[pytest.TestReport]) -> list[pytest.TestReport]:
-    """End a test that died before its teardown (crash, timeout) with a passed teardown
-    report, as pytest itself would have logged one after the failure.
-
-    junitxml writes a testcase's ``<properties>`` and captured output only when it sees
-    the teardown report; without one the ``isolate_*`` properties of exactly the tests
-    that crashed or ran over a budget were lost. Like pytest's own teardown report it
-    carries every section and user property of the test so far; a passed teardown adds
-    nothing to the terminal, the counts or the JSON report's outcome.
-    """
-    if not reports or reports[-1].when == "teardown":
-        return reports
-    sections: list[tuple[str, str]] = []
-    for rep in reports:
-        sections += [s for s in rep.sections if s not in sections]
-    props = max((list(rep.user_properties) for rep in reports), key=len)
-    last = reports[-1]
-    teardown = pytest.TestReport(
-        nodeid=last.nodeid,
-        location=last.location,
-        keywords=dict(last.keywords),
-        outcome="passed",
-        longrepr=None,
-        when="teardown",
-        sections=sections,
-        duration=0.0,
-        start=last.stop,
-        stop=last.stop,
-        user_properties=props,
-    )
-    return [*reports, teardown]
-
-
-def _synthetic(item: pytest.Item, outcome: str, message: str) -> list[pytest.TestReport]:
-    """Reports for a test that never ran in a sandbox (unavailable tier, dead worker)."""
-    keywords = {k: 1 for k in item.keywords}
-    if outcome == "skipped":
-        path, lineno, _ = item.location
-        longrepr: Any = (str(path), (lineno or 0) + 1, f"Skipped: {message}")
-        when = "setup"
-    else:
-        longrepr = message
-        when = "call"
-    reps = []
-    if when == "call":
-        reps.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "setup"))
-    reps.append(pytest.TestReport(item.nodeid, item.location, keywords, outcome, longrepr, when))  # type: ignore[arg-type]
-    reps.append(pytest.TestReport(item.nodeid, item.location, keywords, "passed", None, "teardown"))
-    return reps
-
-
-def _replay_xml(config: pytest.Config, nodeid: str, entries: Any) -> None:
-    """Testcase attributes and suite properties a sandbox recorded, to this LogXML (in
-    the order recorded, before the test's reports are logged, as in-process)."""
-    if not entries:
-        return
-    from _pytest.junitxml import xml_key
-
-    xml = config.stash.get(xml_key, None)
-    if xml is None:
-        return
-    for e in entries:
-        if e.get("kind") == "attribute":
-            xml.node_reporter(nodeid).add_attribute(e["name"], e["value"])
-        else:
-            xml.add_global_property(e["name"], e["value"])
-
-
-def _replay_warning(config: pytest.Config, w: dict[str, Any]) -> None:
-    category: type[Warning] = UserWarning
-    with contextlib.suppress(Exception):
-        mod = __import__(w["category_module"], fromlist=[w["category"]])
-        cat = getattr(mod, w["category"])
-        if isinstance(cat, type) and issubclass(cat, Warning):
-            category = cat
-    try:
-        message = category(w["message"])
-    except Exception:  # noqa: BLE001 - odd constructors
-        message = UserWarning(w["message"])
-    wm = warnings.WarningMessage(message, category, w["filename"], w["lineno"])
-    loc = tuple(w["location"]) if w.get("location") else None
-    config.hook.pytest_warning_recorded.call_historic(
-        kwargs=dict(warning_message=wm, when=w["when"], nodeid=w["nodeid"], location=loc)
-    )
-

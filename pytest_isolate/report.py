@@ -16,75 +16,9 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.spec import IsolationSpec, format_size
+from pytest_isolate.spec import format_size
 
 SCHEMA_VERSION = 1
-
-
-def outcome_of(reports: list[pytest.TestReport]) -> str:
-    """One word per test, as pytest's summary counts it."""
-    for rep in reports:
-        if rep.when != "call" and rep.failed:
-            return "error"
-    for rep in reports:
-        if hasattr(rep, "wasxfail"):
-            return "xpassed" if rep.passed else "xfailed"
-        if rep.failed:
-            return "failed"
-        if rep.skipped:
-            return "skipped"
-    return "passed"
-
-
-def new_record(
-    item: pytest.Item, spec: IsolationSpec, reports: list[pytest.TestReport], raw: dict[str, Any]
-) -> dict[str, Any]:
-    usage = dict(raw.get("usage") or {})
-    exit_info = raw.get("exit") or {}
-    record: dict[str, Any] = {
-        "nodeid": item.nodeid,
-        "tier": spec.tier,
-        "outcome": outcome_of(reports),
-        "duration": round(sum(r.duration for r in reports), 6),
-        "cpu_user": usage.get("cpu_user"),
-        "cpu_sys": usage.get("cpu_sys"),
-        "peak_rss": usage.get("max_rss"),
-        "exit_code": exit_info.get("exit_code"),
-        "signal": exit_info.get("signame"),
-        "crashed": bool(raw.get("crashed")) or "worker_error" in raw,
-        "timed_out": bool(raw.get("timed_out")),
-        "spec": spec.to_dict(),
-        "budgets": spec.budgets(),
-        "usage": usage,
-        "escapes": list(raw.get("escapes") or []),
-        "overuse": list(raw.get("overuse") or []),
-        "leftovers": list(raw.get("leftovers") or []),
-        "changes": list(raw.get("changes") or []),
-        "notes": list(raw.get("notes") or []),
-    }
-    for key in ("unavailable", "worker_error"):
-        if key in raw:
-            record[key] = raw[key]
-    return record
-
-
-def attach(rep: pytest.TestReport, record: dict[str, Any]) -> None:
-    """Put the record on the report and its figures into junit ``user_properties``
-    (junitxml reads them from the teardown report, the last one)."""
-    rep.isolate = record  # type: ignore[attr-defined]
-    props = [("isolate_tier", record["tier"])]
-    for key in ("cpu_user", "cpu_sys", "peak_rss", "exit_code", "signal"):
-        if record.get(key) is not None:
-            props.append((f"isolate_{key}", record[key]))
-    if record["crashed"]:
-        props.append(("isolate_crashed", True))
-    if record["timed_out"]:
-        props.append(("isolate_timed_out", True))
-    for e in record["escapes"]:
-        props.append(("isolate_escape", f"{e.get('technique')}: {e.get('verdict')}"))
-    for o in record["overuse"]:
-        props.append(("isolate_overuse", o.get("message", o.get("budget"))))
-    rep.user_properties = list(rep.user_properties) + props
 
 
 class ReportPlugin:

@@ -100,3 +100,13 @@ def test_cov_context_test(pytester: pytest.Pytester, run: Runner) -> None:
     con.close()
     assert "tests/test_calc.py::test_pos|run" in contexts
     assert "tests/test_calc.py::test_neg|run" in contexts
+
+
+def test_same_coverage_in_a_uml_guest(pytester: pytest.Pytester, run: Runner) -> None:
+    """Another kernel: the guest's lines come back over the guest's channel."""
+    _write(pytester)
+    base, _ = _report(pytester, run, None)
+    iso, out = _report(pytester, run, "uml")
+    assert iso["missing_lines"] == base["missing_lines"] == [6, 10]
+    assert iso["summary"] == base["summary"]
+    assert "tests per tier: uml 3" in out

@@ -165,7 +165,7 @@ def test_markers_from_modifyitems_count_and_late_ones_warn(pytester: pytest.Pyte
     }, result.stdout.str()
     result.stdout.fnmatch_lines(
         [
-            "*IsolateWarning: test_marks.py::test_marked_too_late: an isolate marker added while the test ran*"
+            "*IsolationWarning: test_marks.py::test_marked_too_late: an isolate marker added while the test ran*"
             "pytest.param(..., marks=pytest.mark.isolate(...)), a class or module marker, or in "
             "pytest_collection_modifyitems",
             "*tests per tier: jail 1*",
