@@ -93,7 +93,7 @@ PROJECTS: tuple[Project, ...] = (
     Project(
         "python-dateutil",
         "4.0.0",
-        ("hypothesis", "freezegun", "pytest-cov"),
+        ("hypothesis", "freezegun", "pytest-cov", "attrs"),
         "filterwarnings=error, xfail_strict, hypothesis, freezegun, time zones, pytest-cov's no_cover mark",
     ),
     Project("click", "8.5.1", (), "filterwarnings=error, -m selection, temp files, terminal I/O"),
@@ -180,7 +180,8 @@ def _find_run_id():
     _tries += 1
     for owner in glob.glob("/tmp/pytest-isolate-*/owner"):
         try:
-            pid = int(open(owner).read().split()[0])
+            with open(owner) as fh:
+                pid = int(fh.read().split()[0])
         except (OSError, ValueError, IndexError):
             continue
         if pid == os.getpid():
