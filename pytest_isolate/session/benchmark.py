@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.session.kind import PluginCollector
+
 NAME = "benchmark"
 _MAX = 10_000
 #: Metadata fields carried as pytest-benchmark's JSON has them (besides the timings).
@@ -54,17 +56,11 @@ def _bsession(config: pytest.Config) -> Any:
 
 
 # -- controller ---------------------------------------------------------------------
-class Collector:
+class Collector(PluginCollector):
     """Controller side: carried benchmarks, appended to pytest-benchmark's session."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    def server_args(self) -> list[str]:
-        return []
-
-    def server_init(self) -> dict[str, Any] | None:
-        return {} if _loaded(self.config) else None
+    def loaded(self) -> bool:
+        return _loaded(self.config)
 
     def merge(self, data: Any) -> None:
         bs = _bsession(self.config)
@@ -76,8 +72,6 @@ class Collector:
                 if meta is not None:
                     bs.benchmarks.append(meta)
 
-    def finish(self) -> None:
-        """pytest-benchmark's own ``pytest_sessionfinish`` acts on what was merged."""
 
 
 def _plain(value: Any) -> bool:

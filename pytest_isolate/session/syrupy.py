@@ -46,6 +46,8 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.session.kind import PluginCollector
+
 NAME = "syrupy"
 #: Frames larger than this many snapshots are not ours to trust (a test forging them).
 _MAX_ENTRIES = 100_000
@@ -61,17 +63,11 @@ def _class_name(cls: type) -> str:
 
 
 # -- controller ---------------------------------------------------------------------
-class Collector:
+class Collector(PluginCollector):
     """Controller side: carried assertions and writes, given to syrupy's session."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    def server_args(self) -> list[str]:
-        return []
-
-    def server_init(self) -> dict[str, Any] | None:
-        return {} if config_has_syrupy(self.config) else None
+    def loaded(self) -> bool:
+        return config_has_syrupy(self.config)
 
     def merge(self, data: Any) -> None:
         session = _session(self.config)
@@ -86,8 +82,6 @@ class Collector:
             for entry in _list(data.get("writes")):
                 self._write(session, entry)
 
-    def finish(self) -> None:
-        """syrupy's own ``pytest_sessionfinish`` acts on what was merged."""
 
     def _resolve(self, session: Any, entry: dict[str, Any]) -> tuple[Any, Any] | None:
         """The controller's item and a fresh extension for what an entry names."""
