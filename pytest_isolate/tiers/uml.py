@@ -25,8 +25,10 @@ Known limits:
   macvlan on the run's switch) until a test changes its links, addresses or routes;
   netfilter rules are not compared. No PID namespace per test: the cgroup kill ends
   whatever a test started.
-* Without root the guest's channel needs a ``/dev/net/tun`` the user may open (mode
-  0666, udev's default) and user namespaces; ``network="ip"`` needs root.
+* Without root the guest needs user namespaces (``linux.uml`` is confined in one); its
+  channel is a tap where ``/dev/net/tun`` is open to the user (mode 0666, udev's
+  default), else a veth read by the vector driver's raw transport (``choose_channel``);
+  ``network="ip"`` needs root.
 
 Run one guest by hand::
 
@@ -109,6 +111,10 @@ STARTUP_ENV = (
     "LC_CTYPE",
     "VIRTUAL_ENV",
 )
+#: Forces the guest's channel ("tap" or "veth"; unset or "auto": ``choose_channel``).
+#: For tests and benchmarks, which run each channel where both would work.
+CHANNEL_ENV = "PYTEST_ISOLATE_UML_CHANNEL"
+CHANNELS = ("tap", "veth")
 #: UML's COMMAND_LINE_SIZE is 4096; leave room for what the kernel appends.
 CMDLINE_MAX = 3800
 #: RAM tmpfs beyond ``memory``: UML's own files (pid, mconsole socket) and slack.
@@ -351,11 +357,64 @@ def _privileged() -> bool:
     return False
 
 
+def tap_problem() -> str | None:
+    """None when this process can give a guest a tap (the launcher creates it in its
+    own network namespace through ``/dev/net/tun``), else why not."""
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing"
+    if not _privileged() and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return "/dev/net/tun is not accessible to this user"
+    return None
+
+
+def choose_channel(kernel: str, requested: str | None = None) -> str:
+    """The guest's channel: ``"tap"`` or ``"veth"``; raises ``Unavailable`` when
+    neither works.
+
+    ``tap`` where ``/dev/net/tun`` can be opened: as root, or a user where it is mode
+    0666 (udev's default). Otherwise ``veth``: a veth pair in the launcher's private
+    network namespace, the guest's end driven by the vector driver's raw transport (a
+    packet socket: CAP_NET_RAW in the launcher's user namespace, over that netns only).
+    It needs no device and no privilege beyond the user namespace the unprivileged
+    launcher makes anyway, and is the same TCP channel at the same speed. Not the
+    preferred one where a tap works because the tap came first and runs on the
+    legacy ``tuntap`` driver of kernels before 6.15, the one measured there (the
+    vector driver's tap transport stalled TCP on Debian 12's 6.1).
+
+    ``requested`` (else ``$PYTEST_ISOLATE_UML_CHANNEL``): ``tap``, ``veth`` or ``auto``.
+    """
+    want = (requested or os.environ.get(CHANNEL_ENV) or "auto").strip().lower()
+    if want not in (*CHANNELS, "auto"):
+        raise Unavailable(
+            f"uml: channel {want!r} unknown ({CHANNEL_ENV}: valid are tap, veth and auto)"
+        )
+    vector = kernel_config(kernel).get("CONFIG_UML_NET_VECTOR") == "y"
+    tap_why = tap_problem()
+    if want == "tap" or (want == "auto" and tap_why is None):
+        if tap_why:
+            raise Unavailable(f"uml: {tap_why} (the tap channel was asked for with {CHANNEL_ENV}=tap)")
+        return "tap"
+    if vector:
+        return "veth"
+    why = tap_why or "the veth channel was asked for"
+    raise Unavailable(
+        f"uml: {why}, and kernel {kernel} lacks CONFIG_UML_NET_VECTOR (the guest's channel "
+        "without a tap is a veth read by the vector driver's raw transport): "
+        + (
+            "`modprobe tun`, or use a kernel built with it (--isolate-uml-kernel)"
+            if tap_why == "/dev/net/tun is missing"
+            else "make /dev/net/tun mode 0666 (udev's default), run as root, or use a kernel "
+            "built with it (--isolate-uml-kernel)"
+        )
+    )
+
+
 def availability(kernel: str | None = None) -> str | None:
     """None when a guest can boot here, else one line: what is missing and how to fix it.
 
-    Cheap probes only (no boot): the kernel, its hostfs/tuntap support, /dev/net/tun,
-    namespaces, and a tmpfs-capable TMPDIR is not needed (the launcher mounts its own).
+    Cheap probes only (no boot): the kernel, its hostfs/tuntap support, a channel
+    (``choose_channel``), namespaces, and a tmpfs-capable TMPDIR is not needed (the
+    launcher mounts its own).
     """
     try:
         k = find_kernel(kernel)
@@ -376,14 +435,11 @@ def availability(kernel: str | None = None) -> str | None:
     why = boot_probe(k)
     if why:
         return why
-    if not os.path.exists("/dev/net/tun"):
-        return "uml: /dev/net/tun is missing (the guest's channel is a tap): `modprobe tun`"
+    try:
+        choose_channel(k)
+    except Unavailable as e:
+        return str(e)
     if not _privileged():
-        if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
-            return (
-                "uml: /dev/net/tun is not accessible to this user (the guest's channel is a tap): "
-                "make it mode 0666 (udev's default) or run as root"
-            )
         from pytest_isolate.facets import namespaces
 
         why = namespaces.userns_available()
@@ -431,6 +487,7 @@ def gateway_spec(
     hang_timeout: float = 5.0,
     debug: bool = False,
     mode: str = "auto",
+    channel: str | None = None,
 ) -> str:
     """The execnet spec of one guest: ``popen//python=<launcher ...>``.
 
@@ -447,6 +504,8 @@ def gateway_spec(
     ``hang_timeout``: seconds without a heartbeat from the guest's PID 1 before the
     launcher declares the guest hung, kills it and closes the gateway.
     ``mode="userns"`` confines ``linux.uml`` the unprivileged way even when root.
+    ``channel``: ``"tap"``, ``"veth"`` or ``None`` (``choose_channel``: the environment
+    variable ``PYTEST_ISOLATE_UML_CHANNEL``, else a tap where ``/dev/net/tun`` opens).
     """
     kernel = find_kernel(opts.kernel)
     if opts.network not in ("none", "ip"):
@@ -457,8 +516,13 @@ def gateway_spec(
         )
     if opts.network == "ip" and not _privileged():
         raise Unavailable(
-            "uml: network='ip' needs root (the guest's tap must join the run's switch)"
+            "uml: network='ip' needs root: the guest's second NIC (a tap, or a veth for "
+            "kernels with only the vector driver) is created in the launcher's network "
+            "namespace and moved into the run's switch, which needs CAP_NET_ADMIN over both; "
+            "without root the launcher's namespaces belong to a user namespace of its own, "
+            "not to the switch's. Run as root, or use network='none' (loopback only)"
         )
+    chan = choose_channel(kernel, channel)
     ncpu = smp_support(kernel)
     if opts.cpus is not None and opts.cpus > ncpu:
         raise Unavailable(
@@ -500,7 +564,13 @@ def gateway_spec(
     if seccomp_mode(kernel):
         argv.append("seccomp=auto")
     nic, prefix = nic_driver(kernel) or ("eth{n}=tuntap,{tap}", "eth")
-    argv.append(nic.format(n=0, tap="umlc0"))
+    if chan == "veth":
+        # The vector driver's raw transport on the guest's end of a veth pair (uml_launch).
+        argv.append("vec0:transport=raw,ifname=umlc0u,gro=1")
+        channel_if = "vec0"
+    else:
+        argv.append(nic.format(n=0, tap="umlc0"))
+        channel_if = f"{prefix}0"
     if switch_tap and prefix == "vec":
         # The vector driver's tap transport breaks when its tap moves netns: raw transport
         # on a veth whose peer goes into the switch instead (uml_launch.create_veth).
@@ -532,6 +602,7 @@ def gateway_spec(
         "switch_transport": "raw" if prefix == "vec" else "tap",
         "boot_timeout": boot_timeout,
         "mode": mode,
+        "channel": chan,
         "hang_timeout": hang_timeout,
         "guest": {
             "python": python,
@@ -540,7 +611,7 @@ def gateway_spec(
             "writable": paths,
             "basetemp": os.path.realpath(bt),
             "network": opts.network,
-            "channel_if": f"{prefix}0",
+            "channel_if": channel_if,
             "switch_if": f"{prefix}1",
             "modules": module_roots(kernel),
             "hostname": hostname,

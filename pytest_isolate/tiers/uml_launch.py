@@ -9,11 +9,20 @@ this program, so execnet runs::
 and this program boots a guest whose init (``uml_init.py``) runs ``-u -c <bootstrap>``
 with the guest's stdin/stdout wired to ours.
 
-Why TCP over a tap and not the guest console: UML's tty line driver stops delivering
-host-to-guest input for good once the guest tty throttles (~4 KiB pending), so a raw
-console hangs on the first large message. Instead the guest gets ``eth0`` on a tap that
-lives in a network namespace private to this launcher, and we relay between our stdio
-and one TCP connection from the guest (TCP_NODELAY: execnet messages are small).
+Why TCP and not the guest console: UML's tty line driver stops delivering host-to-guest
+input for good once the guest tty throttles (~4 KiB pending), so a raw console hangs on
+the first large message. Instead the guest gets a NIC whose other end lives in a
+network namespace private to this launcher, and we relay between our stdio and one TCP
+connection from the guest (TCP_NODELAY: execnet messages are small). The NIC is either
+
+* ``tap`` (``cfg["channel"]``): a tap device, which needs ``/dev/net/tun`` (root, or
+  mode 0666 as udev makes it), or
+* ``veth``: a veth pair in that private netns, the guest's end read and written by the
+  vector driver's ``raw`` transport (a packet socket). Needs no device and no host
+  privilege: the netns is owned by the launcher's user namespace, where ``linux.uml``
+  keeps CAP_NET_RAW, and a packet socket reaches only that netns, which holds nothing
+  but this pair and ``lo``. Same speed as the tap (it is the same TCP), unlike the
+  flow-controlled serial line (~1.7 MB/s) that is the other channel without privilege.
 
 Host protection. Guest root can mount hostfs again, and ``hostfs=<prefix>`` is not a
 boundary, so the ``linux.uml`` process itself is confined; whatever the guest kernel
@@ -30,7 +39,8 @@ does on the host, it does with that process's credentials and mount view:
   ``/run/initctl``). basetemp is an *idmapped* bind (its owner shown as 65534), so the
   guest writes ``tmp_path`` and the files land owned by the real owner.
 * not root: the same in a user namespace mapping only the caller's uid, all
-  capabilities dropped.
+  capabilities dropped but CAP_NET_RAW for the ``veth`` channel (over this private
+  netns only).
 * its own PID namespace, whose PID 1 is a small reaper (``_runner``) that forwards
   SIGTERM to ``linux.uml`` and exits with its status: when it exits, however it
   exits, the kernel kills every helper UML had (a SIGKILL on a plain ``linux.uml``
@@ -454,28 +464,30 @@ _DEVICES = (
     ("full", 1, 7),
     ("random", 1, 8),
     ("urandom", 1, 9),
-    ("net/tun", 10, 200),
 )
+_TUN = ("net/tun", 10, 200)
 
 
-def _minimal_dev(privileged: bool) -> None:
-    """Replace /dev with a tmpfs holding only what UML needs.
+def _minimal_dev(privileged: bool, tun: bool) -> None:
+    """Replace /dev with a tmpfs holding only what UML needs (``net/tun`` only when a
+    NIC of the guest is a tap: a veth channel runs where the host has none).
 
     With the host's /dev, guest root could open /dev/vda through hostfs (a read-only
     mount does not stop writes to device nodes). As root we mknod our own nodes, so
     ``net/tun`` can be 0666 for the unprivileged UML process without touching the host's
     node; in a user namespace mknod is refused, so the host nodes are bound instead.
     """
+    devices = (*_DEVICES, _TUN) if tun else _DEVICES
     # The host's nodes, held by O_PATH fds before the tmpfs hides them (O_PATH does
     # not open the device, so the nodev mount does not refuse it).
     host = (
         {}
         if privileged
-        else {n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC) for n, _, _ in _DEVICES}
+        else {n: os.open(f"/dev/{n}", os.O_PATH | os.O_CLOEXEC) for n, _, _ in devices}
     )
     mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k")
     os.mkdir("/dev/net", 0o755)
-    for name, major, minor in _DEVICES:
+    for name, major, minor in devices:
         path = f"/dev/{name}"
         if privileged:
             os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
@@ -516,16 +528,20 @@ def _last_cap() -> int:
 
 def _drop_privileges(privileged: bool, net_raw: bool = False) -> None:
     """Root: become 65534 keeping only CAP_DAC_READ_SEARCH (ambient, survives exec),
-    plus CAP_NET_RAW with ``net_raw`` (the vector driver's raw transport on the switch
-    veth; packet sockets only reach this private netns, which holds the guest's own
-    two links). User namespace: keep uid 0-in-namespace, drop every capability.
+    plus CAP_NET_RAW with ``net_raw`` (the vector driver's raw transport on the channel
+    or switch veth; packet sockets only reach this private netns, which holds the
+    guest's own links). User namespace: keep uid 0-in-namespace, drop every capability
+    but CAP_NET_RAW with ``net_raw`` (a capability over the namespaces this user
+    namespace owns, i.e. that private netns, not over the host's).
 
     SECBIT_NO_SETUID_FIXUP matters for hostfs: it checks permissions with access(2),
     which runs with the *real* uid and, for a non-root uid, clears the effective
     capabilities unless this bit is set; CAP_DAC_READ_SEARCH would then not let the
     guest reach the interpreter under a 0700 /root.
     """
-    keep = {CAP_DAC_READ_SEARCH, *((CAP_NET_RAW,) if net_raw else ())} if privileged else set()
+    keep = {CAP_NET_RAW} if net_raw else set()
+    if privileged:
+        keep.add(CAP_DAC_READ_SEARCH)
     for cap in range(_last_cap() + 1):
         if cap not in keep and cap != CAP_SETPCAP:
             _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
@@ -539,9 +555,11 @@ def _drop_privileges(privileged: bool, net_raw: bool = False) -> None:
         for cap in sorted(keep):
             prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     else:
-        _capset(1 << CAP_SETPCAP)
+        _capset(1 << CAP_SETPCAP | sum(1 << c for c in keep))
         _libc.prctl(PR_CAPBSET_DROP, CAP_SETPCAP, 0, 0, 0)
-        _capset(0)
+        _capset(sum(1 << c for c in keep))
+        for cap in sorted(keep):
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -569,7 +587,7 @@ def _build_view(cfg: dict, privileged: bool) -> list[str]:
             notes.append(note)
     if fresh_proc:
         mount(None, "/proc", None, MS_REMOUNT | MS_RDONLY | proc_flags)
-    _minimal_dev(privileged)
+    _minimal_dev(privileged, tun=uses_tun(cfg))
     try:
         mount(
             "tmpfs",
@@ -582,6 +600,20 @@ def _build_view(cfg: dict, privileged: bool) -> list[str]:
         pass
     os.chdir("/")
     return notes
+
+
+def uses_tun(cfg: dict) -> bool:
+    """Is any NIC of the guest a tap (so /dev/net/tun must be opened)?"""
+    return cfg.get("channel", "tap") == "tap" or (
+        bool(cfg.get("switch_tap")) and cfg.get("switch_transport") != "raw"
+    )
+
+
+def needs_net_raw(cfg: dict) -> bool:
+    """Does ``linux.uml`` open a packet socket (the vector driver's raw transport)?"""
+    return cfg.get("channel") == "veth" or (
+        bool(cfg.get("switch_tap")) and cfg.get("switch_transport") == "raw"
+    )
 
 
 def _runner(cfg: dict, console_w: int, ready_w: int, privileged: bool) -> None:
@@ -610,7 +642,7 @@ def _runner(cfg: dict, console_w: int, ready_w: int, privileged: bool) -> None:
             for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                 signal.signal(s, signal.SIG_DFL)
             os.setpgid(0, 0)
-            _drop_privileges(privileged, net_raw=cfg.get("switch_transport") == "raw")
+            _drop_privileges(privileged, net_raw=needs_net_raw(cfg))
             prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
             env = {
                 "TMPDIR": cfg["ramdir"],
@@ -708,7 +740,11 @@ class Launcher:
                 f.write(f"0 {gid} 1\n")
         unshare(CLONE_NEWNET)
         owner = NOBODY if privileged else 0
-        create_tap(CHANNEL_TAP, owner, owner)
+        if self.cfg.get("channel", "tap") == "veth":
+            # the guest's end (its raw transport's ifname) is CHANNEL_TAP + "u"
+            create_veth(CHANNEL_TAP + "u", CHANNEL_TAP)
+        else:
+            create_tap(CHANNEL_TAP, owner, owner)
         if_up(CHANNEL_TAP, HOST_IP, "255.255.255.252")
         if self.switch_tap and self.cfg.get("switch_transport") == "raw":
             create_veth(self.switch_tap + "u", self.switch_tap)
