@@ -18,6 +18,9 @@ python   interpreter start-up *inside* a guest: ``-c pass`` with/without site, `
 fork     per-test cost inside a warm guest, in a single-threaded interpreter with
          pytest imported: bare ``fork`` + ``_exit`` + ``wait`` (with and without
          ``gc.freeze()``), and a full ``UmlTier`` prepare → spawn → finish cycle.
+channel  throughput of the gateway's channel: 10 MB host → guest and guest → host in
+         one ``remote_exec`` each (``--channel tap|veth`` picks the channel, as
+         ``PYTEST_ISOLATE_UML_CHANNEL`` does; default: what ``choose_channel`` picks).
 pytest   a warm guest running 20 trivial tests through the plugin's fork server
          (``pytest --isolate=uml``): per-test wall inside the guest (from the JSON
          report), the interval between test reports seen by the controller, and the
@@ -297,6 +300,35 @@ def pytest_sessionfinish(session):
 """
 
 
+def bench_channel(repeat: int, out: dict[str, Any]) -> None:
+    size = 10 << 20
+    data = os.urandom(size)
+    up, down = [], []
+    g = Guest()
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            n = g.run("channel.send(len(channel.receive()))", data)
+            up.append(time.perf_counter() - t0)
+            assert n == size
+            t0 = time.perf_counter()
+            back = g.run("import os; channel.send(os.urandom(channel.receive()))", size)
+            down.append(time.perf_counter() - t0)
+            assert len(back) == size
+        chan = json.loads((g.wd / "launch.json").read_text())["channel"]
+    finally:
+        g.close()
+    out["channel"] = {
+        "channel": chan,
+        "host_to_guest_MBps": size / med(up) / 1e6,
+        "guest_to_host_MBps": size / med(down) / 1e6,
+    }
+    c = out["channel"]
+    print(f"== channel {chan}: 10 MB each way in one message (median of {repeat})")
+    print(f"  host → guest   {c['host_to_guest_MBps']:7.1f} MB/s")
+    print(f"  guest → host   {c['guest_to_host_MBps']:7.1f} MB/s")
+
+
 def bench_pytest(tests: int, out: dict[str, Any]) -> None:
     d = Path(tempfile.mkdtemp(prefix="pytest-isolate-umlbench-suite-"))
     try:
@@ -374,14 +406,26 @@ def main() -> int:
     )
     ap.add_argument("--repeat", type=int, default=5, help="cold boots to time (default 5)")
     ap.add_argument("--tests", type=int, default=20)
-    ap.add_argument("--only", default="boot,kernel,python,fork,pytest")
+    ap.add_argument("--only", default="boot,kernel,python,fork,channel,pytest")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--channel",
+        choices=("auto", *uml.CHANNELS),
+        default=None,
+        help="the guests' channel (sets PYTEST_ISOLATE_UML_CHANNEL for every guest of the run)",
+    )
     a = ap.parse_args()
+    if a.channel:
+        os.environ[uml.CHANNEL_ENV] = a.channel
     why = uml.availability()
     if why:
         print(why)
         return 1
-    print(f"kernel {uml.find_kernel()}  python {PY}  host {os.uname().release}")
+    kernel = uml.find_kernel()
+    print(
+        f"kernel {kernel}  python {PY}  host {os.uname().release}  "
+        f"channel {uml.choose_channel(kernel)}"
+    )
     out: dict[str, Any] = {}
     only = set(a.only.split(","))
     if "boot" in only:
@@ -392,6 +436,8 @@ def main() -> int:
         bench_python(out)
     if "fork" in only:
         bench_fork(out)
+    if "channel" in only:
+        bench_channel(a.repeat, out)
     if "pytest" in only:
         bench_pytest(a.tests, out)
     if a.json:

@@ -155,6 +155,51 @@ def test_kernel_features_are_read_from_the_binary() -> None:
         assert uml.seccomp_mode(kernel) == (b"Invalid seccomp option" in f.read())
 
 
+def test_channel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tap where /dev/net/tun opens, veth (vector raw on a veth pair) where it does not;
+    PYTEST_ISOLATE_UML_CHANNEL forces one; each refusal names its fix. (The real thing,
+    uid 65534 on this host, is tests/uml/test_uml_unprivileged.py.)"""
+    kernel = uml.find_kernel()
+    monkeypatch.delenv(uml.CHANNEL_ENV, raising=False)
+    monkeypatch.setattr(uml, "tap_problem", lambda: None)
+    assert uml.choose_channel(kernel) == "tap"
+    monkeypatch.setenv(uml.CHANNEL_ENV, "veth")
+    assert uml.choose_channel(kernel) == "veth"
+    assert uml.choose_channel(kernel, "tap") == "tap"
+    monkeypatch.setenv(uml.CHANNEL_ENV, "serial")
+    with pytest.raises(Unavailable, match="channel 'serial' unknown"):
+        uml.choose_channel(kernel)
+    monkeypatch.delenv(uml.CHANNEL_ENV)
+    monkeypatch.setattr(uml, "tap_problem", lambda: "/dev/net/tun is not accessible to this user")
+    assert uml.choose_channel(kernel) == "veth"
+    with pytest.raises(Unavailable, match="not accessible to this user .*=tap"):
+        uml.choose_channel(kernel, "tap")
+    monkeypatch.setattr(uml, "kernel_config", lambda k: {"CONFIG_UML_NET_TUNTAP": "y"})
+    with pytest.raises(Unavailable, match="lacks CONFIG_UML_NET_VECTOR .* make /dev/net/tun mode 0666"):
+        uml.choose_channel(kernel)
+    monkeypatch.setattr(uml, "tap_problem", lambda: "/dev/net/tun is missing")
+    with pytest.raises(Unavailable, match="missing, and kernel .* `modprobe tun`"):
+        uml.choose_channel(kernel)
+
+
+def test_guest_runs_on_the_chosen_channel(guest: Guest) -> None:
+    """The shared guest's channel is ``choose_channel``'s (run this module with
+    PYTEST_ISOLATE_UML_CHANNEL=veth to run it all on the veth channel)."""
+    cfg = json.loads((guest.workdir / "launch.json").read_text())
+    assert cfg["channel"] == uml.choose_channel(uml.find_kernel())
+    links = guest.run(
+        """
+        import os, socket
+        with open("/proc/1/net/dev") as f:
+            channel.send([line.split(":")[0].strip() for line in f.readlines()[2:]])
+        """
+    )
+    assert cfg["guest"]["channel_if"] in links
+    if cfg["channel"] == "veth":
+        assert cfg["guest"]["channel_if"] == "vec0"
+        assert "vec0:transport=raw,ifname=umlc0u,gro=1" in cfg["argv"]
+
+
 def test_gateway_reports_guest_kernel(guest: Guest) -> None:
     version = subprocess.run(
         [uml.find_kernel(), "--version"], capture_output=True, text=True
