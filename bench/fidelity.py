@@ -161,8 +161,19 @@ def pytest_collectreport(report):
         _emit({"kind": "collecterror", "nodeid": report.nodeid, "first": first, "detail": detail})
 
 
+def _key(report):
+    """A subtest (pytest 9 ``subtests``, unittest ``subTest``) is an entry of its own."""
+    describe = getattr(report, "_sub_test_description", None)
+    if getattr(report, "context", None) is not None and callable(describe):
+        try:
+            return "%s %s" % (report.nodeid, describe())
+        except Exception:
+            return report.nodeid + " [subtest]"
+    return report.nodeid
+
+
 def pytest_runtest_logreport(report):
-    rec = {"kind": "report", "nodeid": report.nodeid, "when": report.when,
+    rec = {"kind": "report", "nodeid": _key(report), "when": report.when,
            "outcome": report.outcome, "wasxfail": hasattr(report, "wasxfail")}
     if report.outcome != "passed":
         rec["first"], rec["detail"] = _text(report)
