@@ -8,13 +8,18 @@ process and remain the fallback for tiers without a cgroup.
 Host layouts handled (``CgroupHost.mode``):
 
 - ``v2``: pure unified hierarchy. One group per test under a run-level parent whose
-  ``cgroup.subtree_control`` enables memory, pids, cpu, io (whatever is available).
-  Rootless: the base is the deepest *delegated* ancestor of our own cgroup that can give
-  the controllers to children (see ``_v2_hierarchy``), e.g. the ``app.slice`` of a
-  ``systemd-run --user --scope -p Delegate=yes`` scope. cgroup v2's no-internal-process
-  rule means a cgroup holding processes (our own, usually) cannot enable controllers for
-  its children, so we create *siblings* of our own cgroup under a delegated parent
-  rather than moving pytest itself around.
+  ``cgroup.subtree_control`` enables memory, pids, cpu, io (whatever is available). The
+  run parent goes into pytest's own cgroup (rootless: the delegated one, e.g. the scope
+  of ``systemd-run --user --scope -p Delegate=yes``), or an ancestor if only that can
+  give more controllers (see ``_v2_hierarchy``). cgroup v2's no-internal-process rule
+  means a cgroup holding processes (our own, nearly always: a session scope, a CI
+  runner's service, a container's root) cannot enable controllers for its children, so
+  before the first test group is made its processes are moved into a leaf of it,
+  ``pytest-isolate.leaf`` (``_vacate``), as container runtimes do, and the controllers
+  are enabled; root also enables them on ancestors that left them off. Why not
+  siblings of our cgroup under its parent: there the tests would escape the limits of
+  the job, scope or container pytest runs in, a container's parent is out of reach, a
+  rootless user may not write it, and its ``subtree_control`` is another unit's.
 - ``v1``: one group per controller hierarchy (memory, cpu, cpuacct, pids, blkio, freezer),
   created under our own cgroup of each hierarchy (so an outer limit keeps applying).
 - ``hybrid`` (systemd's hybrid layout, this project's CI host): the v1 controllers do the
@@ -61,6 +66,11 @@ V2_WANTED = ("memory", "pids", "cpu", "io")
 _LIMIT_CTRL = {"memory": "memory", "pids": "pids", "cpu": "cpu", "io": "io"}
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DELEGATE_HINT = "`systemd-run --user --scope -p Delegate=yes pytest ...`"
+#: The leaf a v2 base's own processes are moved into so that it may enable controllers
+#: for the run's groups (no-internal-process rule). Shared by every run and worker in
+#: that cgroup, never named PREFIX + run id: it is no run's object, sweeps leave it, and
+#: it holds whatever lived in the base (pytest, and the shell or CI agent beside it).
+LEAF = "pytest-isolate.leaf"
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,10 @@ class _Hier:
     enable_at_base: tuple[str, ...] = ()
     #: v2: controller → why it is unusable, with "{c}" standing for the controller name.
     whys: dict[str, str] = field(default_factory=dict)
+    #: v2: (ancestor, controllers) to switch on, top-down, before ``enable_at_base``.
+    enable_chain: tuple[tuple[Path, tuple[str, ...]], ...] = ()
+    #: v2: the base holds processes: move them into ``base / LEAF`` before enabling.
+    vacate: bool = False
 
 
 def _parse_mounts(text: str) -> list[tuple[str, str, str, set[str]]]:
@@ -239,18 +253,67 @@ def _under(mount: Path, mroot: str, path: str) -> Path | None:
     return d if d.is_dir() else None
 
 
+def _enabled_by_chain(
+    chain: list[Path], idx: int, missing: set[str]
+) -> tuple[dict[str, list[Path]], dict[str, Path]]:
+    """Controllers ``chain[idx]`` lacks that its ancestors in ``chain`` can pass down to it.
+
+    ``chain`` runs from our own cgroup (index 0) up. For each missing controller, walk
+    up until an ancestor whose ``cgroup.controllers`` has it; every ancestor on the way
+    (it included) must let us write its ``cgroup.subtree_control`` and hold no processes
+    (the real root is exempt): those get ``+c``, top-down. Root can do this wherever
+    systemd left a slice's controllers off (e.g. ``cpu`` or ``io`` not enabled for
+    ``system.slice``); an unprivileged user cannot write above the delegated subtree.
+    Returns (controller → dirs to enable it in, top-down) and (controller → the
+    ancestor that blocked it, when one held processes).
+    """
+    got: dict[str, list[Path]] = {}
+    blocked: dict[str, Path] = {}
+    for c in missing:
+        path: list[Path] = []
+        for x in chain[idx + 1 :]:
+            real_root = not (x / "cgroup.type").exists()
+            if not os.access(x / "cgroup.subtree_control", os.W_OK):
+                break
+            if not real_root and _procs(x):
+                blocked[c] = x
+                break
+            path.append(x)
+            try:
+                avail = set(_read(x / "cgroup.controllers").split())
+            except OSError:
+                break
+            if c in avail:
+                got[c] = list(reversed(path))
+                break
+    return got, blocked
+
+
 def _v2_hierarchy(
     mount: Path, own_dir: Path, wanted: tuple[str, ...], uid: int, disabled: set[str]
 ) -> _Hier:
-    """Pick where test groups go in a cgroup2 tree.
+    """Pick where test groups go in a cgroup2 tree, and what it takes to get there.
 
     Candidates are our own cgroup and its ancestors up to the mount, filtered to the
-    ones we may write (for rootless users: the delegated part). For each, the usable
-    controllers are those already in its subtree_control, or — if it holds no
-    processes (or is the real root, which is exempt) and we may write subtree_control —
-    those in its cgroup.controllers. The candidate giving the most wanted controllers
-    wins; ties go to the deepest, to stay as close to our own cgroup as possible.
+    ones we may write (for rootless users: the delegated part). A candidate gives the
+    wanted controllers already in its ``subtree_control``, plus — if we may write that
+    file — those in its ``cgroup.controllers`` and those its writable, process-free
+    ancestors can pass down (``_enabled_by_chain``). The candidate giving the most wanted
+    controllers wins; ties go to the deepest, to stay as close to our own cgroup as
+    possible: the outer limits (a CI job's scope, a container) keep applying to tests,
+    and nothing is written into cgroups that belong to someone else.
+
+    cgroup v2's no-internal-process rule: a cgroup holding processes cannot enable
+    controllers for its children (the real root is exempt). Where the chosen base holds
+    processes — pytest's own cgroup, always, unless it is the real root — its processes
+    are moved into a leaf of it (``LEAF``) before the controllers are enabled
+    (``vacate``), as container runtimes and systemd do; they stay inside the same
+    cgroup subtree, so its limits and its unit's accounting still cover them. A probe
+    from inside that leaf (a second pytest-xdist worker, a later run) plans from the
+    leaf's parent, never a leaf inside the leaf.
     """
+    if own_dir.name == LEAF and own_dir != mount:
+        own_dir = own_dir.parent
     chain: list[Path] = []
     d = own_dir
     while True:
@@ -265,9 +328,12 @@ def _v2_hierarchy(
         ):
             break
         d = d.parent
-    best: tuple[int, int, Path, set[str], set[str]] | None = None
-    blocked: list[str] = []
-    for depth, cand in enumerate(reversed(chain)):
+    want = set(wanted)
+    best: tuple[int, int, _Hier] | None = None
+    blocked: dict[str, Path] = {}
+    for idx in range(len(chain) - 1, -1, -1):
+        cand = chain[idx]
+        depth = len(chain) - 1 - idx
         if not _writable(cand):
             continue
         try:
@@ -276,15 +342,42 @@ def _v2_hierarchy(
         except OSError:
             continue
         real_root = not (cand / "cgroup.type").exists()
-        can_enable = os.access(cand / "cgroup.subtree_control", os.W_OK) and (
-            real_root or not _procs(cand)
+        try:
+            ctype = "domain" if real_root else _read(cand / "cgroup.type").strip()
+        except OSError:
+            ctype = "?"
+        usable = enabled & want
+        chain_plan: dict[str, list[Path]] = {}
+        # Only pytest's own cgroup is vacated: an ancestor's processes are not ours.
+        busy = not real_root and bool(_procs(cand))
+        if (
+            os.access(cand / "cgroup.subtree_control", os.W_OK)
+            and ctype == "domain"
+            and (idx == 0 or not busy)
+        ):
+            chain_plan, why_blocked = _enabled_by_chain(chain, idx, want - avail - enabled)
+            for c, x in why_blocked.items():
+                blocked.setdefault(c, x)
+            usable |= (avail | set(chain_plan)) & want
+        to_enable = usable - enabled
+        vacate = bool(to_enable) and busy
+        steps: dict[Path, set[str]] = {}
+        for c in sorted(to_enable & set(chain_plan)):
+            for x in chain_plan[c]:
+                steps.setdefault(x, set()).add(c)
+        order = [x for x in reversed(chain[idx + 1 :]) if x in steps]  # top-down
+        h = _Hier(
+            "v2",
+            mount,
+            frozenset(usable),
+            cand,
+            enable_at_base=tuple(sorted(to_enable)),
+            enable_chain=tuple((x, tuple(sorted(steps[x]))) for x in order),
+            vacate=vacate,
         )
-        usable = (avail if can_enable else enabled) & set(wanted)
-        if not can_enable and (avail - enabled) & set(wanted):
-            blocked.append(str(cand))
         score = (len(usable), depth)
         if best is None or score > best[:2]:
-            best = (len(usable), depth, cand, usable, usable - enabled)
+            best = (len(usable), depth, h)
     if best is None:
         who = "root" if uid == 0 else f"uid {uid}"
         return _Hier(
@@ -301,40 +394,48 @@ def _v2_hierarchy(
                 )
             ),
         )
-    _, _, base, usable, to_enable = best
+    h = best[2]
+    assert h.base is not None
     try:
         offered = set(_read(mount / "cgroup.controllers").split())
     except OSError:
         offered = set()
-    whys: dict[str, str] = {}
+    try:
+        base_avail = " ".join(sorted(set(_read(h.base / "cgroup.controllers").split()))) or "none"
+    except OSError:
+        base_avail = "?"
     for c in wanted:
-        if c in usable:
+        if c in h.controllers:
             continue
         if c in disabled:
-            whys[c] = (
+            h.whys[c] = (
                 "the {c} controller is disabled at boot: add cgroup_enable={c} to the kernel command line"
             )
         elif c not in offered:
-            whys[c] = (
+            h.whys[c] = (
                 f"cgroup2 at {mount} does not offer the {{c}} controller (bound to a v1 "
                 "hierarchy, or not compiled in)"
             )
+        elif c in blocked:
+            h.whys[c] = (
+                f"the {{c}} controller cannot be enabled for children of {blocked[c]}: it holds "
+                "processes (cgroup v2 no-internal-process rule) and is not pytest's own "
+                "cgroup: run pytest in a cgroup of its own below it "
+                "(`systemd-run --scope -p Delegate=yes pytest ...`)"
+            )
         elif uid != 0:
-            whys[c] = (
-                f"the {{c}} controller is not delegated to uid {uid} (own cgroup {own_dir}): "
+            h.whys[c] = (
+                f"the {{c}} controller is not delegated to uid {uid}: {h.base} offers only "
+                f"{base_avail} (cgroup.controllers) and its parent is not writable by uid {uid}: "
                 f"run pytest under {_DELEGATE_HINT}"
                 + (" with io delegated to user@.service" if c == "io" else "")
             )
         else:
-            where = ", ".join(blocked) or str(base)
-            whys[c] = (
-                f"the {{c}} controller cannot be enabled for children of {where}: it holds "
-                "processes (cgroup v2 no-internal-process rule): run pytest in a leaf cgroup "
-                "whose parent holds no processes, or at the cgroup root"
+            h.whys[c] = (
+                f"the {{c}} controller cannot be enabled for {h.base}: no writable ancestor "
+                f"up to {chain[-1]} offers it (cgroup.controllers)"
             )
-    return _Hier(
-        "v2", mount, frozenset(usable), base, enable_at_base=tuple(sorted(to_enable)), whys=whys
-    )
+    return h
 
 
 class CgroupHost:
@@ -532,6 +633,8 @@ class CgroupHost:
                 feats = [c for c in V2_WANTED if c in self.v2.controllers]
                 feats.append("kill" if self.v2_kill else "freeze")
                 where = "" if self.mode == "hybrid" else f" under {self.v2.base}"
+                if self.v2.vacate:
+                    where += f" (its processes moved into {LEAF})"
                 parts.append("v2 " + ",".join(feats) + where)
         return f"cgroups: {self.mode} ({'; '.join(parts)})"
 
@@ -571,12 +674,13 @@ class CgroupHost:
         return h.base / f"{PREFIX}{run_id}"
 
     def _make_parent(self, h: _Hier, parent: Path) -> None:
-        if h.kind == "v2" and h.enable_at_base:
-            assert h.base is not None
-            enabled = set(_read(h.base / "cgroup.subtree_control").split())
-            need = [c for c in h.enable_at_base if c not in enabled]
-            if need:
-                _write(h.base / "cgroup.subtree_control", " ".join("+" + c for c in need))
+        if h.kind == "v2" and h.base is not None:
+            for d, ctrls in h.enable_chain:
+                _enable(d, ctrls)
+            if h.vacate:
+                _vacate(h.base, h.enable_at_base)
+            elif h.enable_at_base:
+                _enable(h.base, h.enable_at_base)
         try:
             os.mkdir(parent)
         except FileExistsError:
@@ -602,6 +706,53 @@ class CgroupHost:
             self._make_parent(h, parent)
             os.mkdir(d)
         return d
+
+
+def _enable(d: Path, ctrls: tuple[str, ...]) -> None:
+    """Switch ``ctrls`` on in ``d``'s subtree_control (those not on already)."""
+    enabled = set(_read(d / "cgroup.subtree_control").split())
+    need = [c for c in ctrls if c not in enabled]
+    if need:
+        _write(d / "cgroup.subtree_control", " ".join("+" + c for c in need))
+
+
+def _vacate(base: Path, ctrls: tuple[str, ...], timeout: float = 5.0) -> None:
+    """Move every process of ``base`` into ``base / LEAF``, then enable ``ctrls`` there.
+
+    What container runtimes do at a cgroup namespace's root (Docker-in-Docker's
+    entrypoint, systemd's ``init.scope``): the no-internal-process rule lets a cgroup
+    give controllers to its children only while it holds no process. Idempotent and
+    safe to race with: pytest-xdist's workers all start in the same cgroup, and each
+    may vacate it at its first test. A process forked in ``base`` during the move, or
+    placed there by someone else, makes the enable fail with EBUSY: the loop moves it
+    too and tries again. Once the controllers are on, the kernel refuses new members
+    of ``base`` itself; children of the moved processes are born in the leaf.
+    """
+    leaf = base / LEAF
+    try:
+        os.mkdir(leaf)
+    except FileExistsError:
+        pass
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in _procs(base):
+            try:
+                _write(leaf / "cgroup.procs", str(pid))
+            except OSError as e:
+                if e.errno != errno.ESRCH:  # ESRCH: it exited meanwhile
+                    raise CgroupUnavailable(
+                        f"cannot move process {pid} out of {base} into {leaf} (so that {base} "
+                        f"may enable controllers for the tests' cgroups): {e.strerror}"
+                    ) from None
+        try:
+            _enable(base, ctrls)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise CgroupUnavailable(
+                    f"cannot enable {', '.join(ctrls)} in {base}/cgroup.subtree_control after "
+                    f"moving its processes into {leaf}: {e.strerror}"
+                ) from None
 
 
 _HOST: CgroupHost | None = None

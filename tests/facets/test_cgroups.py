@@ -625,18 +625,108 @@ def _probe_as_member(group: Path, mount: Path, wanted: tuple[str, ...]) -> str:
     return data
 
 
-def test_pure_v2_populated_cgroup_cannot_enable_so_parent_is_used(run_id, cgroup2_mount):
-    """No-internal-process rule: our own (populated) cgroup cannot give controllers to
-    children, so the base moves up to the ancestor that can."""
+def test_pure_v2_populated_own_cgroup_is_vacated_into_a_leaf(run_id, cgroup2_mount):
+    """No-internal-process rule: our own cgroup holds us (and here a foreign process,
+    as a CI agent's service or a login scope does), so it cannot give controllers to
+    children as it is. The run stays in it: at the first group its processes move into
+    ``pytest-isolate.leaf`` and the controllers are enabled there, not at the parent."""
     top = cgroup2_mount / f"scratch-isolat-{run_id}"
     own = top / "own"
+    leaf = own / cgroups.LEAF
+    sleeper = None
     try:
         own.mkdir(parents=True)
-        # wanting hugetlb: own holds us and cannot enable it; top can. Wanting nothing:
-        # the deepest writable cgroup, our own, is fine (no controller to enable).
-        assert _probe_as_member(own, cgroup2_mount, ("hugetlb",)) == str(top)
+        (top / "cgroup.subtree_control").write_text("+hugetlb")
+        # wanting nothing: our own cgroup as it is (nothing to enable, nothing moved)
         assert _probe_as_member(own, cgroup2_mount, ()) == str(own)
+        sleeper = subprocess.Popen(["sleep", "60"])
+        (own / "cgroup.procs").write_text(str(sleeper.pid))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            out: dict = {}
+            try:
+                os.close(r)
+                (own / "cgroup.procs").write_text("0")
+                h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+                out["plan"] = [str(h.v2.base), h.v2.vacate, sorted(h.v2.controllers), h.describe()]
+                cg = TestCgroup(h, run_id, "t0", Limits())
+                out["group"] = str(cg.dirs["v2"])
+                out["own_procs"] = (own / "cgroup.procs").read_text().split()
+                out["leaf_procs"] = (leaf / "cgroup.procs").read_text().split()
+                out["subtree"] = (own / "cgroup.subtree_control").read_text().split()
+                out["me"] = Path("/proc/self/cgroup").read_text().strip()
+                # a second worker probing from the leaf plans from the same base
+                h2 = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+                out["again"] = [str(h2.v2.base), h2.v2.vacate, sorted(h2.v2.controllers)]
+                cg.remove()
+            except BaseException:  # noqa: BLE001 - report to the parent
+                import traceback
+
+                out["error"] = traceback.format_exc()
+            finally:
+                os.write(w, json.dumps(out).encode())
+                os._exit(0)
+        os.close(w)
+        out = json.loads(os.read(r, 65536))
+        os.close(r)
+        _wait(pid)
+        assert "error" not in out, out["error"]
+        base, vacate, ctrls, header = out["plan"]
+        assert (base, vacate, ctrls) == (str(own), True, ["hugetlb"])
+        assert f"(its processes moved into {cgroups.LEAF})" in header, header
+        assert out["group"] == str(own / f"{cgroups.PREFIX}{run_id}" / "t0")
+        assert out["own_procs"] == [] and str(sleeper.pid) in out["leaf_procs"]
+        assert out["subtree"] == ["hugetlb"]
+        assert out["me"].endswith(f"/own/{cgroups.LEAF}")
+        assert out["again"] == [str(own), False, ["hugetlb"]]
     finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
+        _rmtree_cg(top)
+
+
+def test_pure_v2_root_enables_what_an_ancestor_left_off(run_id, cgroup2_mount):
+    """systemd may leave a controller off for a slice (cpu, io): root switches it on
+    down the process-free ancestors. One holding processes that are not ours blocks
+    that path: they are not moved, the deepest ancestor above it is used instead."""
+    top = cgroup2_mount / f"scratch-isolat-{run_id}"
+    own = top / "mid" / "own"
+    try:
+        own.mkdir(parents=True)
+        assert _probe_as_member(own, cgroup2_mount, ("hugetlb",)) == str(own)
+        host = CgroupHost.probe(
+            v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",),
+            proc_cgroup=f"0::/{own.relative_to(cgroup2_mount)}\n",
+        )
+        assert host.v2 is not None and host.v2.controllers == {"hugetlb"}
+        # top-down; the mount's root too if hugetlb was off there
+        assert [str(d) for d, _ in host.v2.enable_chain][-2:] == [str(top), str(top / "mid")]
+        cg = TestCgroup(host, run_id, "t0", Limits())
+        assert "hugetlb" in (cg.dirs["v2"] / "cgroup.controllers").read_text().split()
+        cg.remove()
+        cgroups.sweep(run_id, host)
+        # a process in "mid" (not ours): the rule forbids enabling there
+        for d in (own, top / "mid"):
+            (d / "cgroup.subtree_control").write_text("-hugetlb")
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            (top / "mid" / "cgroup.procs").write_text(str(sleeper.pid))
+            host = CgroupHost.probe(
+                v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",),
+                proc_cgroup=f"0::/{own.relative_to(cgroup2_mount)}\n",
+            )
+            # own cannot get it through "mid", whose process is not ours to move: the
+            # deepest cgroup that can give it without that is "top" (siblings there)
+            assert host.v2 is not None and host.v2.base == top and not host.v2.vacate
+            assert host.v2.controllers == {"hugetlb"}
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
         _rmtree_cg(top)
 
 
@@ -722,8 +812,48 @@ def test_pure_v2_rootless_delegated_subtree(run_id, cgroup2_mount):
         _rmtree_cg(deleg)
     assert "error" not in out, out
     assert "writable by uid 65534" in out["undelegated"] and "Delegate=yes" in out["undelegated"]
-    assert out["base"] == str(deleg) and out["controllers"] == ["hugetlb"]
+    # the scope itself is the base: its processes (us) moved into a leaf of it
+    assert out["base"] == str(leaf) and out["controllers"] == ["hugetlb"]
     assert out["owner"] == 65534
     assert out["read"]["cpu_user"] + out["read"]["cpu_sys"] >= 0.2
     assert os.WIFSIGNALED(out["killed"]) and os.WTERMSIG(out["killed"]) == signal.SIGKILL
-    assert out["swept"] == [str(deleg / f"{cgroups.PREFIX}inner")]
+    assert out["swept"] == [str(leaf / f"{cgroups.PREFIX}inner")]
+
+
+def test_pure_v2_rootless_not_delegated_names_the_controller(run_id, cgroup2_mount):
+    """The "not delegated" message appears only when the scope truly lacks the
+    controller (its parent did not enable it), and names it."""
+    deleg = cgroup2_mount / f"scratch-isolat-{run_id}"
+    scope = deleg / "scope"
+    scope.mkdir(parents=True)
+    _delegate(scope, 65534)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out: dict = {}
+        try:
+            os.close(r)
+            (scope / "cgroup.procs").write_text("0")
+            os.setgid(65534)
+            os.setuid(65534)
+            h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+            out["base"] = str(h.v2.base)
+            out["why"] = h.v2.whys.get("hugetlb", "").replace("{c}", "hugetlb")
+        except BaseException:  # noqa: BLE001 - report to the parent
+            import traceback
+
+            out["error"] = traceback.format_exc()
+        finally:
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+    os.close(w)
+    try:
+        out = json.loads(os.read(r, 65536))
+        os.close(r)
+        _wait(pid)
+    finally:
+        _rmtree_cg(deleg)
+    assert "error" not in out, out
+    assert out["base"] == str(scope)
+    assert out["why"].startswith("the hugetlb controller is not delegated to uid 65534: "), out
+    assert f"{scope} offers only " in out["why"] and "Delegate=yes" in out["why"], out
