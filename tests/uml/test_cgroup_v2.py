@@ -150,7 +150,9 @@ def _suite(where: Path, uid: int) -> None:
     os.chown(where, uid, uid)
 
 
-def _inner(where: Path, *, cgroup: Path, uid: int = 0, cgroupns: bool = False) -> tuple[int, str]:
+def _inner(
+    where: Path, *, cgroup: Path, uid: int = 0, cgroupns: bool = False, extra: str = ""
+) -> tuple[int, str]:
     """Run the inner zone suite in ``where``, its pytest placed in ``cgroup`` first.
 
     A sh joins ``cgroup`` (writes itself into cgroup.procs), mounts a private /tmp in a
@@ -160,7 +162,7 @@ def _inner(where: Path, *, cgroup: Path, uid: int = 0, cgroupns: bool = False) -
     py = shlex.quote(sys.executable)
     pytest_cmd = (
         f"{py} -m pytest --isolate=zone --isolate-on-escape=warn -rA "
-        f"--isolate-report=r.json --basetemp={shlex.quote(str(where / 'bt'))} test_zone.py"
+        f"--isolate-report=r.json --basetemp={shlex.quote(str(where / 'bt'))} {extra} test_zone.py"
     )
     if uid:
         pytest_cmd = f"setpriv --reuid={uid} --regid={uid} --clear-groups env HOME=/tmp {pytest_cmd}"
@@ -222,7 +224,10 @@ def _systemd_like(path: Path) -> None:
 
 
 @GUEST
-def test_zone_as_root_from_a_cgroup_holding_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xdist", ["", "-n 2"], ids=["one-worker", "xdist-2"])
+def test_zone_as_root_from_a_cgroup_holding_processes(xdist: str) -> None:
+    """With ``-n 2`` both workers' fork servers start in the scope and race to vacate
+    it at their first test."""
     where = Path("/opt/pi-cg2-scope")
     scope = CG / "system.slice" / "foo.scope"
     sleeper = None
@@ -231,14 +236,14 @@ def test_zone_as_root_from_a_cgroup_holding_processes(tmp_path: Path) -> None:
         _systemd_like(scope)
         sleeper = subprocess.Popen(["sleep", "600"])  # the runner's other processes
         _w(scope / "cgroup.procs", str(sleeper.pid))
-        rc, out = _inner(where, cgroup=scope)
+        rc, out = _inner(where, cgroup=scope, extra=xdist)
         measured = _check(where, rc, out)
         # pytest and the foreign process now live in the scope's leaf; the scope gives
         # the controllers to the run's groups, and the run removed its own.
         assert _procs(scope) == [] and sleeper.pid in _procs(scope / LEAF), out
         assert set((scope / "cgroup.subtree_control").read_text().split()) >= {"memory", "pids", "cpu"}
         assert _run_groups(scope) == set()
-        print("scope", json.dumps(measured))
+        print("scope", xdist, json.dumps(measured))
     finally:
         if sleeper is not None:
             sleeper.kill()
@@ -248,7 +253,7 @@ def test_zone_as_root_from_a_cgroup_holding_processes(tmp_path: Path) -> None:
 
 
 @GUEST
-def test_zone_rootless_on_a_delegated_scope(tmp_path: Path) -> None:
+def test_zone_rootless_on_a_delegated_scope() -> None:
     where = Path("/opt/pi-cg2-delegated")
     scope = CG / "user.slice" / "user-1000.slice" / "user@1000.service" / "app.slice" / "run-u1.scope"
     try:
@@ -269,7 +274,7 @@ def test_zone_rootless_on_a_delegated_scope(tmp_path: Path) -> None:
 
 
 @GUEST
-def test_zone_rootless_without_delegation_says_which_controller(tmp_path: Path) -> None:
+def test_zone_rootless_without_delegation_says_which_controller() -> None:
     """The scope is the user's but its parent enabled only pids for it: the memory
     limit fails naming memory, the pids one works."""
     where = Path("/opt/pi-cg2-undelegated")
@@ -309,7 +314,7 @@ def test_zone_rootless_without_delegation_says_which_controller(tmp_path: Path) 
 
 
 @GUEST
-def test_zone_as_root_at_the_hierarchy_root(tmp_path: Path) -> None:
+def test_zone_as_root_at_the_hierarchy_root() -> None:
     where = Path("/opt/pi-cg2-root")
     try:
         _suite(where, 0)
@@ -324,7 +329,7 @@ def test_zone_as_root_at_the_hierarchy_root(tmp_path: Path) -> None:
 
 
 @GUEST
-def test_zone_as_root_in_a_container_cgroup_namespace(tmp_path: Path) -> None:
+def test_zone_as_root_in_a_container_cgroup_namespace() -> None:
     where = Path("/opt/pi-cg2-container")
     ctr = CG / "docker-ctr.scope"
     sleeper = None
