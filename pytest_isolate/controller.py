@@ -352,6 +352,85 @@ class Worker:
         self.gw = self.ch = None
 
 
+#: What CI systems, ``timeout``, ``docker stop`` and Kubernetes send to cancel a job
+#: (SIGTERM), and what a closed terminal or SSH session sends (SIGHUP).
+CANCEL_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class CancelSignals:
+    """SIGTERM and SIGHUP handled as Ctrl-C while the controller lives.
+
+    By default either signal kills pytest where it stands: no ``finally`` runs, so the
+    running sandbox's mounts, the switch namespace, the cgroups and the run dir stay
+    until some later run sweeps them. Raised as ``KeyboardInterrupt`` instead, they take
+    the path Ctrl-C takes: the test being waited for is abandoned, pytest prints its
+    interrupted summary and exits with 2, and ``Controller.shutdown(fast=True)`` stops
+    the workers and sweeps the run.
+
+    Installed only for a signal whose disposition is still the default. ``SIG_IGN``
+    means whoever started pytest (``nohup``, a supervisor) wants the run to survive that
+    signal; a Python handler means the user's own code (a conftest, a plugin) decided
+    what the signal does, and replacing it would silently break their shutdown logic.
+    Whatever their handler raises into the controller is handled as any exception is
+    (``Controller.abort``, or the interrupt path for ``KeyboardInterrupt``), and the
+    session end sweeps the run either way. A handler that is not Python's (set by C
+    code: ``getsignal`` returns None) is left alone for the same reason.
+
+    Only in the controller: the fork server and the sandboxes are other processes, which
+    are stopped by the controller (and see it go if it is killed outright).
+    """
+
+    def __init__(self) -> None:
+        #: Signal -> the disposition it had before ours, for those we took over.
+        self.previous: dict[int, Any] = {}
+        #: Cancel signals that arrived while ``closing``: re-sent once it is over.
+        self.deferred: list[int] | None = None
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works only there (a controller made by a thread's pytest)
+        for sig in CANCEL_SIGNALS:
+            if sig in self.previous or signal.getsignal(sig) is not signal.SIG_DFL:
+                continue
+            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.SIG_DFL
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.deferred is not None:
+            # Shutting down: the sweep finishes first, or it would leave half the run.
+            self.deferred.append(signum)
+            return
+        raise KeyboardInterrupt(f"Interrupted by {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def closing(self) -> Any:
+        """Defer cancel signals for the duration; then restore the previous handlers and
+        re-send a deferred signal, now handled as it would have been without us (by
+        default: the process ends, with nothing of the run left behind)."""
+        outer = self.deferred is None
+        if outer:
+            self.deferred = []
+        try:
+            yield
+        finally:
+            if outer:
+                deferred, self.deferred = self.deferred or [], None
+                self.restore()
+                for sig in dict.fromkeys(deferred):
+                    os.kill(os.getpid(), sig)
+
+    def restore(self) -> None:
+        """Put the previous handlers back, unless someone replaced ours meanwhile (a test
+        that ran in-process): theirs stays."""
+        for sig, prev in self.previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                if signal.getsignal(sig) == self._handle:
+                    signal.signal(sig, prev)
+        self.previous.clear()
+
+
 class Controller:
     """Owns the run directory, the workers, and the end-of-session sweep."""
 
@@ -362,13 +441,26 @@ class Controller:
         # this process's time per isolated test, where each result is a few dicts).
         gc.freeze()
         self.run_id = secrets.token_hex(4)
-        sweep_stale()
         self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
-        self.rundir.mkdir(mode=0o755)
-        (self.rundir / "owner").write_text(f"{os.getpid()} {_starttime(os.getpid())}\n")
-        self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
+        self._switch: Any = None
+        self.canaries: Any = None
+        # First: from here on a cancel (SIGTERM, SIGHUP) unwinds through ``shutdown``.
+        self.cancel = CancelSignals()
+        self.cancel.install()
+        try:
+            self._start(config)
+        except BaseException:
+            # Cancelled or failed half-way: nobody holds this controller to shut it down.
+            self.shutdown(fast=True)
+            raise
+
+    def _start(self, config: pytest.Config) -> None:
+        sweep_stale()
+        self.rundir.mkdir(mode=0o755)
+        _write_owner(self.rundir)
+        self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         #: What plugins measured inside sandboxes (coverage, ...), merged per test.
         self.carry = Carry(config)
         #: Workers that could not start, by pool key: the reason their tests fail with.
@@ -380,7 +472,6 @@ class Controller:
             "isolate_uml_kernel"
         ) or None
         self.needs_switch = False
-        self._switch: Any = None
         from pytest_isolate.observe.canaries import Canaries
 
         self.canaries: Canaries | None = Canaries(self.rundir, self.run_id)
@@ -544,16 +635,29 @@ class Controller:
             w.close(fast or error is not None)
 
     def shutdown(self, fast: bool = False) -> None:
+        """Stop every worker and sweep what carries the run id. A cancel signal that
+        arrives meanwhile waits until the sweep is done (``CancelSignals.closing``)."""
+        with self.cancel.closing():
+            self._shutdown(fast)
+
+    def _shutdown(self, fast: bool) -> None:
         self.pending = None
         for key in list(self.workers):
             self.drop(key, fast)
-        with contextlib.suppress(Exception):
-            self.carry.finish()
+        carry = getattr(self, "carry", None)
+        if carry is not None:
+            with contextlib.suppress(Exception):
+                carry.finish()
         with contextlib.suppress(Exception):
             self.group.terminate(timeout=5)
         if self._switch is not None:
             with contextlib.suppress(Exception):
                 self._switch.close()
+        if "pytest_isolate.facets.net" in sys.modules:
+            # A cancel inside ``SharedSwitch.open`` may leave the lock file of a switch
+            # not yet recorded in ``_switch``; one still held by a user stays.
+            with contextlib.suppress(Exception):
+                sweep_stale_switches(self.switch_id())
         if self.canaries is not None:
             with contextlib.suppress(Exception):
                 self.canaries.close()
@@ -657,8 +761,11 @@ class SharedSwitch:
                     switch = net.Switch.create(switch_id, lock=str(lock))
                     if switch.holder is not None:
                         holder = switch.holder.pid
-                        os.ftruncate(fd, 0)
-                        os.pwrite(fd, f"{holder} {_starttime(holder)}\n".encode(), 0)
+                    # Who made it, and where (``sweep_stale_switches``): the holder's
+                    # pid and start time, or "- -" for a mounted switch.
+                    os.ftruncate(fd, 0)
+                    who = f"{holder} {_starttime(holder)}" if holder is not None else "- -"
+                    os.pwrite(fd, f"{who} {' '.join(_identity())}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
@@ -762,7 +869,7 @@ def _published_holder(fd: int, switch_id: str) -> tuple[int | None, str | None]:
     from pytest_isolate.facets import net
 
     try:
-        pid_s, start = os.pread(fd, 100, 0).decode().split()
+        pid_s, start = os.pread(fd, 200, 0).decode().split()[:2]
         pid = int(pid_s)
     except (OSError, ValueError, UnicodeDecodeError):
         return None, None
@@ -772,25 +879,37 @@ def _published_holder(fd: int, switch_id: str) -> tuple[int | None, str | None]:
     return (pid, path) if path is not None else (None, None)
 
 
-def sweep_stale_switches() -> list[str]:
+def sweep_stale_switches(switch_id: str = "*") -> list[str]:
+    """Remove switches (and their lock files) that nobody holds: users hold the lock
+    shared for as long as they use the switch (``SharedSwitch``). ``switch_id``: only
+    that one (a controller's own at its end, left by an ``open`` cut short)."""
     import fcntl
 
     removed = []
-    for lock in Path("/tmp").glob("pytest-isolate-switch-*.lock"):
-        switch_id = lock.name.removeprefix("pytest-isolate-switch-").removesuffix(".lock")
+    me = _identity()
+    for lock in Path("/tmp").glob(f"pytest-isolate-switch-{switch_id}.lock"):
+        sid = lock.name.removeprefix("pytest-isolate-switch-").removesuffix(".lock")
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            # Read-only: inside a sandbox whose root is an overlay of the host's, opening
+            # for writing would copy the file up, and our lock would be on the copy.
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fields = os.pread(fd, 200, 0).decode(errors="replace").split()
+            # Made in another pid namespace or kernel: not ours to judge (``owner_dead``).
+            foreign = len(fields) >= 4 and tuple(fields[2:4]) != me
+            if not foreign:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError included: someone uses it
+            foreign = True
+        if foreign:
             os.close(fd)
             continue
         with contextlib.suppress(Exception):
             from pytest_isolate.facets import net
 
-            removed += net.sweep(switch_id)
+            removed += net.sweep(sid)
         lock.unlink(missing_ok=True)
         Path(f"{lock}.create").unlink(missing_ok=True)
         os.close(fd)
@@ -810,20 +929,138 @@ def _starttime(pid: int) -> str:
         return "?"
 
 
+def _identity() -> tuple[str, str]:
+    """(boot id, pid namespace) of this process: what a pid in an owner record means.
+
+    A pid names a process only within one pid namespace of one running kernel. A run
+    inside a sandbox of another run sees the outer run's record under /tmp (a jail's or
+    zone's root is an overlay of the host's; a UML guest has the host's /tmp read-only)
+    but neither its pid namespace nor, in a guest, its kernel: the outer pid is absent
+    there, and without these two fields the outer run looked dead and was swept (its
+    cgroup, named by its run id, held the very test that swept it).
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    try:
+        st = os.stat("/proc/self/ns/pid")
+        pidns = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        pidns = "?"
+    return boot, pidns
+
+
+def _write_owner(rundir: Path) -> None:
+    """``<pid> <start time> <boot id> <pid namespace>`` in ``rundir/owner``: enough for
+    any other run to tell whether this one is alive, or whether it cannot know.
+
+    Written to a temporary name and renamed, so a sweeper never reads half a record."""
+    pid = os.getpid()
+    boot, pidns = _identity()
+    tmp = rundir / "owner.tmp"
+    tmp.write_text(f"{pid} {_starttime(pid)} {boot} {pidns}\n")
+    tmp.rename(rundir / "owner")
+
+
+def owner_dead(text: str, identity: tuple[str, str] | None = None) -> bool:
+    """Whether the owner record ``text`` names a controller that is certainly gone.
+
+    Only a record made in this kernel's boot and this pid namespace can say so: from
+    anywhere else (a sandbox of that run, a UML guest, another container sharing /tmp)
+    the pid means nothing here, so such a run is never "dead" from here; its own
+    namespace's runs sweep it. A record without the two fields (written by an older
+    version) is judged by its pid, as before.
+    """
+    fields = text.split()
+    if len(fields) < 2 or not fields[0].isdigit():
+        return False  # being written, or not a record of ours
+    pid, start = fields[0], fields[1]
+    if len(fields) >= 4 and tuple(fields[2:4]) != (identity or _identity()):
+        return False
+    return not (os.path.exists(f"/proc/{pid}") and _starttime(int(pid)) == start)
+
+
 def sweep_stale() -> list[str]:
     """Sweep runs whose controller died without cleaning up (SIGKILL, a segfault in an
-    unisolated test): the next session on the machine removes what they left."""
+    unisolated test): the next session on the machine removes what they left — its
+    processes, mounts, cgroups, switch namespace and run dir (``sweep``).
+
+    Runs that are alive, or whose record was made in another pid namespace or kernel
+    (``owner_dead``), are not touched: a run inside another's sandbox, and two runs side
+    by side, each clean up only their own objects.
+    """
     removed: list[str] = sweep_stale_switches()
+    me = _identity()
     for owner in Path("/tmp").glob("pytest-isolate-*/owner"):
         try:
-            pid, start = owner.read_text().split()
-        except (OSError, ValueError):
+            text = owner.read_text()
+        except OSError:
             continue
-        if os.path.exists(f"/proc/{pid}") and _starttime(int(pid)) == start:
-            continue  # alive (and not a recycled pid)
+        if not owner_dead(text, me):
+            continue  # alive, not a recycled pid, or not ours to judge
         run_id = owner.parent.name.removeprefix("pytest-isolate-")
+        removed += _kill_run_processes(run_id, owner.parent)
         removed += sweep(run_id, owner.parent, search=True)
     return removed
+
+
+def _kill_run_processes(run_id: str, rundir: Path) -> list[str]:
+    """SIGKILL what is left of a dead run's processes: those started with its
+    environment (every worker and sandbox inherits the controller's
+    ``PYTEST_ISOLATE_CANARY_UNIX``), those named after it (canary, switch holder), and
+    those whose root or cwd is inside its run dir (a sandbox that cleared its
+    environment). The fork servers see the controller die and stop their tests; this is
+    for what could not (a stopped or wedged server, a test that escaped it).
+
+    Never this process or its ancestors: a run started by a test of the dead run is its
+    process too, and must live to sweep it. Cgroup members are killed by the cgroup
+    sweep as well; this also reaches tiers without a cgroup.
+    """
+    name = f"pytest-isolate-{run_id}"
+    env_mark = f"PYTEST_ISOLATE_CANARY_UNIX={name}".encode()
+    argv_mark = name.encode()
+    inside = str(rundir) + "/"
+    spared = _ancestors()
+    killed: list[str] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read()
+            if not argv:
+                continue  # a kernel thread or a zombie
+            hit = any(arg == argv_mark or arg.startswith(argv_mark + b"-") for arg in argv.split(b"\0"))
+            if not hit:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    hit = env_mark in f.read().split(b"\0")
+            if not hit:
+                places = (os.readlink(f"/proc/{pid}/root"), os.readlink(f"/proc/{pid}/cwd"))
+                hit = any((p + "/").startswith(inside) for p in places)
+        except OSError:
+            continue  # gone, or not ours to read
+        if hit:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(f"process {pid}")
+    return killed
+
+
+def _ancestors() -> set[int]:
+    """This process and every process above it."""
+    out: set[int] = set()
+    pid = os.getpid()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
 
 
 def _unmount_under(root: Path) -> list[str]:

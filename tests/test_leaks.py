@@ -156,7 +156,8 @@ def run_ids(path: Path) -> set[str]:
 # -- inner runs ----------------------------------------------------------------------
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PYTEST_ADDOPTS": "-p no:hypothesispytest -p no:benchmark", "PY_COLORS": "0"})
+    # Not pytest-randomly: an unisolated test run first records no run id (run_ids).
+    env.update({"PYTEST_ADDOPTS": "-p no:hypothesispytest -p no:benchmark -p no:randomly", "PY_COLORS": "0"})
     return env
 
 
@@ -483,3 +484,193 @@ def test_killed_controller_takes_its_workers_down(killed_then_swept_elsewhere: K
 def test_sweep_from_another_cgroup_removes_every_cgroup(killed_then_swept_elsewhere: Killed) -> None:
     left = killed_then_swept_elsewhere.left
     assert not [line for line in left if line.startswith("cgroup: ")], left
+
+
+# -- cancellation: SIGTERM and SIGHUP are Ctrl-C --------------------------------------
+CANCEL = '''
+import subprocess
+import time
+
+import pytest
+
+TOKEN = "{token}"
+
+
+@pytest.mark.isolate({marker})
+def test_running(tmp_path_factory):
+    subprocess.Popen(["sh", "-c", "sleep 600; :", TOKEN + "-child"])
+    (tmp_path_factory.getbasetemp() / "started").touch()
+    time.sleep(60)
+
+
+def test_never_reached():
+    pass
+'''
+
+#: (marker arguments, host objects the run has while its test runs).
+CANCEL_TIERS = {
+    "process": ('"process"', {"file", "process"}),
+    "chroot": ('"chroot"', {"file", "process", "mount"}),
+    "jail": ('"jail"', {"file", "process"}),
+    "zone": ('"zone", memory="256M", pids=64', {"file", "process", "cgroup"}),
+    "jail-ip": ('"jail", network="ip"', {"file", "process", "netns"}),
+}
+
+
+@pytest.mark.parametrize(
+    ("tier", "sig", "group"),
+    [
+        *((t, signal.SIGTERM, False) for t in CANCEL_TIERS),
+        ("jail-ip", signal.SIGHUP, False),
+        ("zone", signal.SIGHUP, False),
+        # `timeout` signals its whole process group: the gateway gets it too.
+        ("jail-ip", signal.SIGTERM, True),
+    ],
+    ids=lambda v: v.name if isinstance(v, signal.Signals) else ("group" if v is True else None),
+)
+def test_cancel_signal_interrupts_and_leaves_nothing(
+    tmp_path_factory: pytest.TempPathFactory, h: Any, tier: str, sig: signal.Signals, group: bool
+) -> None:
+    """SIGTERM (CI cancel, `timeout`, `docker stop`, Kubernetes) and SIGHUP (a closed
+    terminal) mid-test end the run as Ctrl-C does: the running test is stopped, pytest
+    says the run was interrupted and exits with 2, and every host object of the run is
+    gone — mounts, the switch namespace, links, cgroups, processes, /tmp files."""
+    marker, kinds = CANCEL_TIERS[tier]
+    path, tok = _prepare(tmp_path_factory, f"cancel-{tier}", {"test_cancel.py": CANCEL.replace("{marker}", marker)}, h)
+    before = host_state(path, tok)
+    snap = h.LeakSnapshot(path)
+    with reaped(popen_pytest(path, ESCAPE, "-rA")) as proc:
+        wait_for("started", path)
+        owner = Owner(path, tok, run_ids(path))
+        assert len(owner.ids) == 1, owner.ids
+        during = ours(owner, before, host_state(path, tok))
+        assert kinds <= {line.split(":", 1)[0] for line in during}, during
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        rc = _wait_exit(proc, path)
+    out = _read(str(path / "out.txt"))
+    assert rc == pytest.ExitCode.INTERRUPTED, out
+    assert f"KeyboardInterrupt: Interrupted by {sig.name}" in out, out
+    assert "test_never_reached" not in out.split("KeyboardInterrupt", 1)[1], out
+    assert leaks(owner, before) == []
+    assert snap.leaks() == []
+
+
+HANDLERS_CONFTEST = """
+import signal
+
+
+def _mine(signum, frame):
+    pass
+
+
+if {users}:
+    signal.signal(signal.SIGHUP, _mine)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _name(handler):
+    if isinstance(handler, signal.Handlers):
+        return handler.name
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+def pytest_unconfigure(config):
+    print("AT END", _name(signal.getsignal(signal.SIGTERM)), _name(signal.getsignal(signal.SIGHUP)))
+"""
+
+HANDLERS_TEST = """
+import signal
+
+import pytest
+
+from conftest import _name
+
+
+@pytest.mark.isolate("process")
+def test_isolated():
+    pass
+
+
+def test_in_controller():
+    print("DURING", _name(signal.getsignal(signal.SIGTERM)), _name(signal.getsignal(signal.SIGHUP)))
+"""
+
+
+@pytest.mark.parametrize("users", [False, True], ids=["default", "users-own"])
+def test_cancel_signal_handlers_are_restored_and_respect_the_users(
+    h: Any, pytester: pytest.Pytester, users: bool
+) -> None:
+    """The handlers live as long as the controller: the session end puts the default
+    back. A signal the user's code (here a conftest) set a handler for, or ignores (as
+    under ``nohup``), stays theirs throughout."""
+    pytester.makeconftest(HANDLERS_CONFTEST.replace("{users}", str(users)))
+    pytester.makepyfile(test_handlers=HANDLERS_TEST)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-s")
+    result.assert_outcomes(passed=2)
+    if users:
+        result.stdout.fnmatch_lines(["*DURING SIG_IGN _mine*", "AT END SIG_IGN _mine"])
+    else:
+        result.stdout.fnmatch_lines(
+            ["*DURING CancelSignals._handle CancelSignals._handle*", "AT END SIG_DFL SIG_DFL"]
+        )
+
+
+STOPPED = '''
+import subprocess
+import time
+
+import pytest
+
+TOKEN = "{token}"
+
+
+@pytest.mark.isolate("process")
+def test_process_running(tmp_path_factory):
+    subprocess.Popen(["sh", "-c", "sleep 600; :", TOKEN + "-child"], start_new_session=True)
+    (tmp_path_factory.getbasetemp() / "started").touch()
+    time.sleep(60)
+'''
+TRIVIAL = '''
+import pytest
+
+
+@pytest.mark.isolate("process")
+def test_trivial():
+    pass
+'''
+
+
+def test_next_run_kills_the_processes_of_a_killed_run(tmp_path_factory: pytest.TempPathFactory, h: Any) -> None:
+    """The controller is SIGKILLed while its fork server is stopped (so it cannot see the
+    controller go and stop its test): the server, the test and the test's daemon stay.
+    The next run, at the process tier, finds the run dead and kills them, then removes
+    the rest."""
+    path, tok = _prepare(tmp_path_factory, "killed-stopped", {"test_stopped.py": STOPPED}, h)
+    before = host_state(path, tok)
+    owner = Owner(path, tok, set())
+    try:
+        with reaped(popen_pytest(path, ESCAPE, "-rA")) as proc:
+            wait_for("started", path)
+            owner = Owner(path, tok, run_ids(path))
+            servers = h.fork_servers_under(path)
+            assert servers, "no fork server found"
+            for pid, _ in servers:
+                os.kill(pid, signal.SIGSTOP)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert _wait_exit(proc, path) == -signal.SIGKILL
+        time.sleep(1.0)
+        left = ours(owner, before, host_state(path, tok))
+        assert any(tok in line for line in left), left  # the daemon is still there
+        path2, tok2 = _prepare(tmp_path_factory, "after-stopped", {"test_trivial.py": TRIVIAL}, h)
+        before2 = host_state(path2, tok2)
+        h.run_pytest(path2, ESCAPE, "-rA", timeout=60).assert_outcomes(passed=1)
+        assert leaks(owner, before) == []
+        assert leaks(Owner(path2, tok2, run_ids(path2)), before2) == []
+    finally:
+        for line in ours(owner, before, host_state(path, tok)):
+            if line.startswith("process: "):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[1]), signal.SIGKILL)
