@@ -457,9 +457,16 @@ def _setup_switch_netns() -> None:
     """In the (fresh) switch netns of the calling thread: ``lo`` and ``br0`` up.
 
     The bridge keeps its defaults: STP off, so a port forwards as soon as it is up.
+    No IPv6 in the switch (``all`` and ``default`` before any port exists): the bridge
+    and the tests' peers would otherwise take link-local addresses and send router
+    solicitations and MLD reports onto the segment, IPv6 no test asked for.
     """
     from pyroute2 import IPRoute
 
+    for conf in ("all", "default"):
+        with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+                f.write("1")
     with IPRoute() as ipr:
         ipr.link("set", index=1, state="up")
         ipr.link("add", ifname=BRIDGE, kind="bridge")
@@ -736,6 +743,25 @@ def sweep(run_id: str) -> list[str]:
 # --------------------------------------------------------------------------- per test
 
 
+def _disable_ipv6(ifname: str) -> None:
+    """No IPv6 on ``ifname`` in the calling thread's netns (``disable_ipv6`` sysctl).
+
+    network="ip" promises the test one address, its IPv4 one on the switch; the kernel
+    would add an IPv6 link-local address to every interface that comes up. Per
+    interface, not ``default``/``all``: ``lo`` keeps ``::1``, and interfaces the test
+    creates itself keep the kernel's defaults. /proc/sys/net is the opener's netns
+    whatever /proc is mounted. A kernel without IPv6 has no such file: nothing to do.
+    """
+    try:
+        fd = os.open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
+
+
 def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str = "eth0") -> None:
     """Plug the calling thread's netns into the switch with ``address/prefixlen``.
 
@@ -760,6 +786,9 @@ def attach_ip(switch_path: str | int, address: str, prefixlen: int, ifname: str 
                 1,
                 f"create veth {ifname} with peer {peer.decode()} in the switch",
             )
+            # Before the peer is up: until then the veth has no carrier, and the kernel
+            # gives an interface its IPv6 link-local address when the carrier comes.
+            _disable_ipv6(ifname)
             if ifname == "eth0":
                 index = _index_of(here.send_raw(msgs.get_eth0, 2, "look up eth0"))
             else:

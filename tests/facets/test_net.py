@@ -353,6 +353,65 @@ def test_attach_with_an_fd_and_another_ifname(switch: net.Switch) -> None:
         os.close(fd)
 
 
+def _if_inet6() -> list[str]:
+    """The IPv6 addresses of the calling thread's netns, ``<address> <ifname>`` each."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            return sorted(f"{x[0]} {x[5]}" for x in (line.split() for line in f))
+    except FileNotFoundError:  # a kernel without IPv6
+        return []
+
+
+def test_attached_veth_has_its_ipv4_address_and_no_ipv6(switch: net.Switch) -> None:
+    """network="ip" promises one address: no IPv6 link-local next to it on the veth,
+    and none on the switch's side (its ports and bridge send no IPv6 to the tests)."""
+    a = _addr(2, 6)
+
+    def body(_: _Child) -> None:
+        _unshare(CLONE_NEWNET)
+        net.loopback_up()
+        net.attach_ip(switch.path, a, _PREFIX)
+        with IPRoute() as ipr:
+            (idx,) = ipr.link_lookup(ifname="eth0")
+            assert ipr.get_links(idx)[0]["flags"] & net.IFF_UP
+            got = sorted((x["family"], x.get("address")) for x in ipr.get_addr(index=idx))
+        assert got == [(socket.AF_INET, a)]
+        # lo keeps ::1: only the veth is the tier's business
+        assert [x for x in _if_inet6() if not x.endswith(" lo")] == []
+
+    _children_all_ok(_Child(body))
+    with net._in_netns(switch.path):
+        assert _if_inet6() == []
+
+
+@pytest.mark.parametrize("tier", ["jail", "zone"])
+def test_network_ip_test_sees_exactly_one_address(pytester: pytest.Pytester, tier: str) -> None:
+    """Inside a real sandbox: ``ip -o addr`` lists lo's and one IPv4 address on eth0.
+
+    The wait lets a link-local address finish duplicate address detection (and a late
+    one appear) had one been configured."""
+    pytester.makepyfile(
+        f"""
+        import subprocess
+        import time
+
+        import pytest
+
+        @pytest.mark.isolate("{tier}", network="ip")
+        def test_one_address():
+            time.sleep(0.3)
+            lines = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+            mine = [line.split()[1:4] for line in lines.splitlines() if line.split()[1] != "lo"]
+            assert len(mine) == 1 and mine[0][:2] == ["eth0", "inet"], lines
+            with open("/proc/net/if_inet6") as f:
+                assert [line for line in f if not line.rstrip().endswith(" lo")] == []
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-rA")
+    result.stdout.fnmatch_lines(["PASSED test_network_ip_test_sees_exactly_one_address.py::test_one_address"])
+    result.assert_outcomes(passed=1)
+
+
 def test_test_netns_has_no_route_out(switch: net.Switch) -> None:
     a = _addr(3, 1)
 
