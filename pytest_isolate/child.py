@@ -280,7 +280,7 @@ def run_items(
         basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
         if forwarder.carry is not None:
             forwarder.carry.begin()
-        escapes.arm(result_fd, [basetemp])
+        escapes.arm(result_fd, [basetemp], str(config.rootpath))
         while True:
             item = items[job["nodeid"]]
             session = item.session

@@ -193,7 +193,13 @@ def _is_user(filename: str) -> bool:
     return r
 
 
+#: The session's rootdir with a trailing "/" (``arm`` sets it; "" for none): an escape's
+#: location under it is named relative to it, as pytest names the test itself.
+_ROOT = [""]
+
+
 def _where(depth: int = 2) -> str | None:
+    """``file:line`` of the innermost user frame ``depth`` frames up, if there is one."""
     try:
         f: types.FrameType | None = sys._getframe(depth)
     except ValueError:
@@ -201,14 +207,23 @@ def _where(depth: int = 2) -> str | None:
     while f is not None:
         fn = f.f_code.co_filename
         if _is_user(fn):
-            try:
-                rel = os.path.relpath(fn, _os.getcwd())
-                fn = rel if not rel.startswith("..") else fn
-            except (ValueError, OSError):  # no cwd (it lies outside a new root)
-                pass
-            return f"{fn}:{f.f_lineno}"
+            return f"{_located(fn)}:{f.f_lineno}"
         f = f.f_back
     return None
+
+
+def _located(filename: str) -> str:
+    """Relative under the rootdir, absolute anywhere else.
+
+    Against the rootdir taken at ``arm``, not the cwd of the moment: a test that chroots
+    or chdirs to "/" would otherwise turn /tmp/x/t.py into "tmp/x/t.py". String work
+    only: no ``os.path`` call, which would reach ``os.fspath``/``os.getcwd`` (the test
+    may have replaced them, and must not see our calls).
+    """
+    root = _ROOT[0]
+    if root and filename.startswith(root):
+        return filename[len(root):]
+    return filename
 
 
 # --- classification helpers -------------------------------------------------------------
@@ -1198,11 +1213,20 @@ def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _install = _build()
 
 
-def arm(result_fd: int, writable: list[str]) -> None:
+def arm(result_fd: int, writable: list[str], rootdir: str | None = None) -> None:
     """Install the audit layer in this (already confined) test process.
 
     Everything the hook needs lives in closures made at import: replacing this module's
     globals, or ``sys.addaudithook``, changes nothing for the installed hook (audit hooks
     cannot be removed); attempts at it are reported as ``tamper``.
+
+    ``rootdir``: the session's, which escape locations are relative to (default: the
+    cwd now, before the test runs). "/" counts as none: every path would lose its "/".
     """
+    if rootdir is None:
+        try:
+            rootdir = _os.getcwd()
+        except OSError:  # no cwd (it lies outside a new root)
+            rootdir = ""
+    _ROOT[0] = rootdir.rstrip("/") + "/" if rootdir.rstrip("/") else ""
     _install(result_fd, writable)

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -33,7 +35,12 @@ from pytest_isolate.observe import escapes
 HERE = os.path.basename(__file__)
 
 
-def run_armed(body: Callable[[], Any], writable: list[str] | None = None, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def run_armed(
+    body: Callable[[], Any],
+    writable: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    rootdir: str | None = None,
+) -> list[dict[str, Any]]:
     """Fork, arm, run ``body``; the audit messages the child sent (its errors re-raised)."""
     r, w = os.pipe()
     pid = os.fork()
@@ -43,7 +50,7 @@ def run_armed(body: Callable[[], Any], writable: list[str] | None = None, env: d
             os.close(r)
             if env:
                 os.environ.update(env)
-            escapes.arm(w, list(writable or []))
+            escapes.arm(w, list(writable or []), rootdir)
             body()
         except BaseException:  # noqa: BLE001
             wire.send(w, {"t": "error", "tb": traceback.format_exc()})
@@ -122,6 +129,96 @@ def test_chroot_failure_and_where(tmp_path: Path) -> None:
     assert m["ok"] is False
     assert "No such file" in m["detail"]
     assert m["where"].endswith(f"{HERE}:{body.__code__.co_firstlineno + 2}")
+
+
+def test_where_is_relative_to_the_rootdir_whatever_the_cwd(tmp_path: Path) -> None:
+    """A call made with "/" as cwd (after a chroot escape, say) still names its file
+    relative to the rootdir; a file outside the rootdir keeps its leading "/"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def body() -> None:
+        os.chdir("/")
+        with contextlib.suppress(OSError):
+            os.chroot(tmp_path / "missing")
+
+    line = body.__code__.co_firstlineno + 3
+    inside = only(run_armed(body, rootdir=os.path.dirname(here)), "chroot")
+    assert inside["where"] == f"escapes/{HERE}:{line}"
+    outside = only(run_armed(body, rootdir=str(tmp_path)), "chroot")
+    assert outside["where"] == f"{here}/{HERE}:{line}"
+
+
+WHERE_HELPER = """
+    import os
+
+    def try_chroot(path):
+        try:
+            os.chroot(path)
+        except OSError:
+            pass
+"""
+
+WHERE_TESTS = """
+    import os
+    import sys
+
+    import pytest
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "lib"))
+    import helper
+
+    @pytest.fixture
+    def at_root(monkeypatch):
+        # At "/" (as after a chroot escape); os functions replaced, as a test may do:
+        # the plugin's own calls must not reach them.
+        monkeypatch.chdir("/")
+        def boom(*a):
+            raise AssertionError("the plugin called a function the test replaced")
+        for name in ("getcwd", "fspath", "stat"):
+            monkeypatch.setattr(os, name, boom)
+
+    def test_inside(at_root):
+        try:
+            os.chroot("/pytest-isolate-missing")
+        except OSError:
+            pass
+
+    def test_outside(at_root):
+        helper.try_chroot("/pytest-isolate-missing")
+"""
+
+
+def test_escape_locations_in_the_report(pytester: pytest.Pytester) -> None:
+    """End to end: under the rootdir relative, outside it absolute, never "tmp/..."."""
+    root = pytester.path / "proj"
+    (pytester.path / "lib").mkdir()
+    (pytester.path / "lib" / "helper.py").write_text(textwrap.dedent(WHERE_HELPER))
+    (root / "tests").mkdir(parents=True)
+    (root / "pytest.ini").write_text("[pytest]\n")
+    (root / "tests" / "test_where.py").write_text(textwrap.dedent(WHERE_TESTS))
+    result = pytester.runpytest_subprocess(
+        "--isolate=process", "--rootdir", str(root), "-rA", str(root / "tests"), "--isolate-report=r.json"
+    )
+    result.assert_outcomes(passed=2)
+    helper = pytester.path / "lib" / "helper.py"
+    inside = _line_of(WHERE_TESTS, 'os.chroot("/pytest-isolate-missing")')
+    outside = f"{helper}:{_line_of(WHERE_HELPER, 'os.chroot(path)')}"
+    result.stdout.fnmatch_lines(
+        [
+            "*isolation escapes*",
+            "tests/test_where.py::test_inside [[]process[]]",
+            f"  BLOCKED  chroot at tests/test_where.py:{inside}: *",
+            "tests/test_where.py::test_outside [[]process[]]",
+            f"  BLOCKED  chroot at {outside}: *",
+        ]
+    )
+    recs = {t["nodeid"]: t for t in json.loads((pytester.path / "r.json").read_text())["tests"]}
+    assert [e["where"] for e in recs["tests/test_where.py::test_outside"]["escapes"]] == [outside]
+
+
+def _line_of(text: str, needle: str) -> int:
+    """1-based line of ``needle`` in ``text`` as written to its file (dedented)."""
+    return next(i for i, line in enumerate(textwrap.dedent(text).splitlines(), 1) if needle in line)
 
 
 def test_double_chroot_is_seen_reaching_the_host_root(tmp_path: Path) -> None:
