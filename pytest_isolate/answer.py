@@ -182,21 +182,31 @@ def apply_policy(
 
 
 def _fail(reports: list[pytest.TestReport], lines: list[str]) -> None:
-    """Fail the call phase (or explain an existing failure) with the policy lines first."""
-    text = "\n".join(lines)
+    """Fail the call phase (or explain an existing failure) with the policy lines first.
+
+    A line the failure already holds is not added again: the fork server's failure for
+    a test killed at its timeout says it in the overuse record's own words.
+    """
     for rep in reports:
         if rep.when == "call":
             if rep.passed:
                 rep.outcome = "failed"
-                rep.longrepr = text
-            elif rep.failed and text not in str(rep.longrepr):
-                rep.longrepr = f"{text}\n{rep.longrepr}"
+                rep.longrepr = "\n".join(lines)
+            elif rep.failed:
+                _explain(rep, lines)
             return
     for rep in reports:
         if rep.failed:
-            if text not in str(rep.longrepr):
-                rep.longrepr = f"{text}\n{rep.longrepr}"
+            _explain(rep, lines)
             return
+
+
+def _explain(rep: pytest.TestReport, lines: list[str]) -> None:
+    """Put the lines the failure does not hold yet before it."""
+    have = str(rep.longrepr)
+    new = [line for line in lines if line not in have]
+    if new:
+        rep.longrepr = "\n".join([*new, have])
 
 
 def _warning(text: str, item: pytest.Item) -> Any:

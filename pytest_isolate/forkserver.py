@@ -854,7 +854,8 @@ class ForkServer:
         finished = any(rep.get("when") == "teardown" for rep in reports)
         crash = None
         if timed_out or not finished or internal:
-            crash = self._crash_report(item, box, reports, exit_info, timed_out, stack_fd, captures, internal)
+            killed_after = readings["wall"] if timed_out else None
+            crash = self._crash_report(item, box, reports, exit_info, killed_after, stack_fd, captures, internal)
             reports.append(crash)
             terminal.append(pending)
             pending = ""
@@ -897,18 +898,21 @@ class ForkServer:
         box: Box,
         reports: list[dict[str, Any]],
         exit_info: dict[str, Any],
-        timed_out: bool,
+        timed_out: float | None,
         stack_fd: int,
         captures: list[Any],
         internal: list[str],
     ) -> dict[str, Any]:
-        """A failed report for the phase the child died in, built here where the item is."""
+        """A failed report for the phase the child died in, built here where the item is.
+
+        ``timed_out``: the wall time of a test killed at its timeout, said in the
+        overuse record's words (the policy then does not say it twice)."""
         whens = [rep.get("when") for rep in reports]
         when = "teardown" if "call" in whens else ("call" if "setup" in whens else "setup")
         if when == "call" and any(rep.get("when") == "setup" and rep.get("outcome") != "passed" for rep in reports):
             when = "teardown"
-        if timed_out:
-            head = f"timed out after {box.spec.timeout:g}s"
+        if timed_out is not None:
+            head = usage.timeout_message(box.spec.timeout or 0.0, timed_out)
         elif box.state.get("spawner_killed"):
             head = "killed with SIGKILL: the test killed its parent process (the worker's spawner)"
         elif "signal" in exit_info:
@@ -922,7 +926,7 @@ class ForkServer:
         stack = _user_frames(os.read(stack_fd, 1 << 20).decode(errors="replace"))
         parts = [head]
         if stack:
-            parts.append(("Python stack when it timed out:\n" if timed_out else "Python stack:\n") + stack)
+            parts.append(("Python stack when it timed out:\n" if timed_out is not None else "Python stack:\n") + stack)
         parts.extend(internal)
         sections = []
         for name, f in zip(("stdout", "stderr"), captures, strict=False):

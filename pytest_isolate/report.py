@@ -51,7 +51,7 @@ class ReportPlugin:
             how = r.get("signal") or (f"exit code {r['exit_code']}" if r.get("exit_code") is not None else "worker died")
             tr.write_line(f"CRASHED {r['nodeid']} [{r['tier']}]: {how}")
         for r in timed_out:
-            tr.write_line(f"TIMEOUT {r['nodeid']} [{r['tier']}]: over {r['budgets'].get('timeout')}s")
+            tr.write_line(f"TIMEOUT {r['nodeid']} [{r['tier']}]: {_timeout_message(r)}")
         for reason in sorted({r["unavailable"] for r in unavailable}):
             tr.write_line(f"UNAVAILABLE {reason}")
         self._escape_section(tr)
@@ -76,18 +76,24 @@ class ReportPlugin:
                 )
 
     def _usage_section(self, tr: Any) -> None:
-        over = [r for r in self.records if r["overuse"]]
+        # A timeout that killed its test is its TIMEOUT line above: not said twice.
+        over = [
+            (r, shown) for r in self.records if (shown := [o for o in r["overuse"] if not _is_kill(r, o)])
+        ]
         if over:
             tr.section("resource usage", sep="-")
             tr.write_line(f"{len(over)} test(s) over budget:")
-            for r in over:
-                for o in r["overuse"]:
+            for r, overuse in over:
+                for o in overuse:
                     how = "enforced" if o.get("enforced") else "observed"
                     tr.write_line(f"  {r['nodeid']} [{r['tier']}] ({how}): {o.get('message')}")
         top = self.config.getoption("isolate_top", None)
         if top is None:
             top = int(self.config.getini("isolate_top") or 5)
-        measured = [r for r in self.records if r.get("peak_rss") is not None]
+        # Only what was measured above zero: a trivial test whose reading is 0 B (it
+        # used nothing beyond what its fork inherited) tells nobody anything, and with
+        # nothing measured there is no list, so no header either.
+        measured = [r for r in self.records if _peak(r) > 0]
         if not top or not measured:
             return
         by_mem = sorted(measured, key=_peak, reverse=True)
@@ -162,6 +168,21 @@ def write_json(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _is_kill(record: dict[str, Any], overuse: dict[str, Any]) -> bool:
+    """The overuse entry of a test killed at its timeout (told on its TIMEOUT line)."""
+    return bool(record.get("timed_out")) and overuse.get("budget") == "timeout" and overuse.get("kind") == "reached"
+
+
+def _timeout_message(record: dict[str, Any]) -> str:
+    """How a timed-out test is told: its overuse record's message (how long it ran, that
+    it was killed), as in its failure, JSON record and junit property."""
+    for o in record["overuse"]:
+        if _is_kill(record, o) and o.get("message"):
+            return str(o["message"])
+    limit = record["budgets"].get("timeout")
+    return f"timeout {limit:g} s exceeded, killed" if isinstance(limit, (int, float)) else "killed at its timeout"
 
 
 def _peak(record: dict[str, Any]) -> int:

@@ -4,8 +4,10 @@ hooks) carry one record per isolated test."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -422,3 +424,78 @@ def test_keyword_selection(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, deselected=2)
     ran = [r["nodeid"] for r in json.loads((pytester.path / "r.json").read_text())["tests"]]
     assert ran == ["test_k.py::test_alpha"]
+
+
+TIMED_OUT = """
+    import time
+
+    import pytest
+
+    @pytest.mark.isolate(timeout="1s")
+    def test_hangs():
+        time.sleep(60)
+"""
+#: How a test killed at its timeout is told (observe/usage.py ``timeout_message``).
+KILLED = "timeout 1 s exceeded: still running after * s, killed"
+
+
+def test_timeout_is_told_once_everywhere(pytester: pytest.Pytester) -> None:
+    """One line, the informative one, in the failure, the isolation section (its TIMEOUT
+    line, not again under resource usage), the JSON record and the junit testcase."""
+    pytester.makepyfile(test_to=TIMED_OUT)
+    result = pytester.runpytest_subprocess(ISO, "-rA", "--isolate-report=r.json", "--junitxml=j.xml")
+    result.assert_outcomes(failed=1)
+    out = result.outlines
+    failure = _block(out, "FAILURES")
+    assert fnmatch.filter(failure, f"process: {KILLED}") == failure[1:2], failure
+    assert not [line for line in out if "timed out after" in line], out
+    isolation = _block(out, "isolation")
+    assert len(fnmatch.filter(isolation, f"*{KILLED}*")) == 1, isolation
+    result.stdout.fnmatch_lines(
+        [
+            "*= isolation =*",
+            "tests per tier: process 1; crashed 0; timed out 1",
+            f"TIMEOUT test_to.py::test_hangs [[]process[]]: {KILLED}",
+        ]
+    )
+    (rec,) = json.loads((pytester.path / "r.json").read_text())["tests"]
+    assert rec["timed_out"] is True
+    assert [(o["budget"], o["kind"]) for o in rec["overuse"]] == [("timeout", "reached")]
+    assert fnmatch.fnmatch(rec["overuse"][0]["message"], KILLED)
+    (case,) = ET.parse(pytester.path / "j.xml").getroot().iter("testcase")
+    (fail,) = case.iter("failure")
+    text = f"{fail.get('message')}\n{fail.text}"
+    assert len(re.findall(r"timeout 1 s exceeded: still running after \S+ s, killed", text)) == 2, text  # message + body
+    assert fnmatch.fnmatch(str(fail.get("message")).splitlines()[0], f"process: {KILLED}")
+    assert "timed out after" not in text
+    overuse = [p.get("value") for p in case.iter("property") if p.get("name") == "isolate_overuse"]
+    assert len(overuse) == 1 and fnmatch.fnmatch(str(overuse[0]), KILLED), overuse
+
+
+PEAKS = """
+    import time
+
+    def test_trivial():
+        pass
+
+    def test_heavy():
+        block = b"x" * (48 << 20)  # written: resident, not just reserved
+        time.sleep(0.3)
+        assert len(block)
+"""
+
+
+def test_top_by_peak_memory_lists_only_measured_peaks(pytester: pytest.Pytester) -> None:
+    """A test that used no memory of its own is not a "top" entry at "0 B"; with no
+    such entry at all there is no list and no header."""
+    pytester.makepyfile(test_peaks=PEAKS)
+    result = pytester.runpytest_subprocess(ISO, "-p", "no:randomly", "--isolate-report=r.json")
+    result.assert_outcomes(passed=2)
+    recs = {r["nodeid"]: r for r in json.loads((pytester.path / "r.json").read_text())["tests"]}
+    assert recs["test_peaks.py::test_trivial"]["usage"]["peak_memory"] == 0  # the premise
+    result.stdout.fnmatch_lines(["top 1 by peak memory:", "* MiB  cpu * test_peaks.py::test_heavy [[]process[]]"])
+    assert not [line for line in result.outlines if " 0 B " in line or "test_trivial [" in line]
+    trivial = pytester.runpytest_subprocess(ISO, "-k", "trivial")
+    trivial.assert_outcomes(passed=1, deselected=1)
+    trivial.stdout.fnmatch_lines(["tests per tier: process 1; crashed 0; timed out 0"])
+    assert not [line for line in trivial.outlines if "by peak memory" in line], trivial.outlines

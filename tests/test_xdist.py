@@ -85,14 +85,17 @@ def check_distribution(
         assert recs[n]["overuse"], n
         assert recs[n]["budgets"], n
     # ... reach the controller's terminal summary: every budget test in "resource
-    # usage", every escape test under "isolation escapes", every test in the top list.
+    # usage", every escape test under "isolation escapes", every test with a measured
+    # peak in the top list (a test that used no memory of its own is not listed at 0 B).
     usage = "\n".join(block(result, "resource usage"))
     for n in budget_ids:
         assert re.search(rf"^  {re.escape(n)} \[{tier}\] \((enforced|observed)\): ", usage, re.M), (n, usage)
     escapes = block(result, "isolation escapes")
     for n in escape_ids:
         assert f"{n} [{tier}]" in escapes, (n, escapes)
-    assert sorted(top_ids(result)) == sorted(all_ids)
+    peaked = [n for n in all_ids if (recs[n]["usage"].get("peak_memory") or 0) > 0]
+    assert sorted(top_ids(result)) == sorted(peaked), {n: recs[n]["usage"].get("peak_memory") for n in all_ids}
+    assert {ran[n] for n in peaked} == {"gw0", "gw1"}, {n: (ran[n], recs[n]["usage"].get("peak_memory")) for n in all_ids}
     # One summary, one hook call with every record, nothing half-written.
     assert sum(1 for ln in result.outlines if re.fullmatch(r"=+ isolation =+", ln)) == 1
     assert sum(1 for ln in result.outlines if re.fullmatch(r"-+ resource usage -+", ln)) == 1

@@ -373,6 +373,16 @@ def merge(
     return out
 
 
+def timeout_message(limit: float, wall: float) -> str:
+    """What a test killed at its ``timeout`` is told, in one wording everywhere.
+
+    The fork server's failure for the killed test and the overuse record ``check``
+    makes both say it with this line, so the policy sees the failure already says it
+    and does not say it a second time (and the terminal, JSON and junit agree).
+    """
+    return f"timeout {_dur(limit)} exceeded: still running after {_dur(wall)}, killed"
+
+
 def _dur(s: float) -> str:
     if s < 1:
         return f"{s * 1e3:.0f} ms"
@@ -463,7 +473,7 @@ def check(
                 spec.timeout,
                 wall,
                 "reached",
-                f"timeout {_dur(spec.timeout)} exceeded: still running after {_dur(wall)}, killed",
+                timeout_message(spec.timeout, wall),
             )
         elif wall > spec.timeout:
             rec(
