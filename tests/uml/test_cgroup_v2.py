@@ -213,12 +213,13 @@ def _run_groups(base: Path) -> set[str]:
     return {p.name for p in base.iterdir() if p.is_dir() and p.name.startswith("pytest-isolate-")}
 
 
-def _systemd_like(path: Path) -> None:
-    """Make ``path`` (a slice/scope chain under the root) with the controllers enabled
-    on its slices, as systemd does for accounting; the scope itself has none."""
+def _systemd_like(path: Path, ctrls: str = "+memory +pids +cpu +io") -> None:
+    """Make ``path`` (a slice/scope chain under the root) with ``ctrls`` enabled on its
+    slices (systemd enables memory and pids for accounting, cpu and io only when a unit
+    asks); the scope itself enables none."""
     d = CG
     for part in path.relative_to(CG).parts:
-        _w(d / "cgroup.subtree_control", "+memory +pids +cpu +io")
+        _w(d / "cgroup.subtree_control", ctrls if d != CG else "+memory +pids +cpu +io")
         d = d / part
         d.mkdir(exist_ok=True)
 
@@ -233,7 +234,7 @@ def test_zone_as_root_from_a_cgroup_holding_processes(xdist: str) -> None:
     sleeper = None
     try:
         _suite(where, 0)
-        _systemd_like(scope)
+        _systemd_like(scope, "+memory +pids")  # cpu, io: root switches them on
         sleeper = subprocess.Popen(["sleep", "600"])  # the runner's other processes
         _w(scope / "cgroup.procs", str(sleeper.pid))
         rc, out = _inner(where, cgroup=scope, extra=xdist)
@@ -241,7 +242,8 @@ def test_zone_as_root_from_a_cgroup_holding_processes(xdist: str) -> None:
         # pytest and the foreign process now live in the scope's leaf; the scope gives
         # the controllers to the run's groups, and the run removed its own.
         assert _procs(scope) == [] and sleeper.pid in _procs(scope / LEAF), out
-        assert set((scope / "cgroup.subtree_control").read_text().split()) >= {"memory", "pids", "cpu"}
+        assert set((scope / "cgroup.subtree_control").read_text().split()) == {"memory", "pids", "cpu", "io"}
+        assert {"cpu", "io"} <= set((scope.parent / "cgroup.subtree_control").read_text().split())
         assert _run_groups(scope) == set()
         print("scope", xdist, json.dumps(measured))
     finally:
