@@ -607,13 +607,16 @@ class ForkServer:
                 box.state["released"] = True
                 self.exiting[pid] = box
                 status = 0
-            elif slot.go >= 0:  # a kept child that died or ended
-                os.close(slot.go)
-                slot.go = -1
         finally:
             if slot.w >= 0:
                 os.close(slot.w)
                 slot.w = -1
+            if not kept and slot.go >= 0:
+                # The job pipe of a child that ran its last job (a zygote, a sandbox
+                # built ahead, a kept child that ended or died): nothing more is sent on
+                # it. Held open, it is one fd a test, and every later child inherits them.
+                os.close(slot.go)
+                slot.go = -1
             wall = time.perf_counter() - t0
             if not kept:
                 try:
