@@ -618,6 +618,165 @@ def test_cancel_signal_handlers_are_restored_and_respect_the_users(
         )
 
 
+# -- runs never touch each other ------------------------------------------------------
+HOLDING = '''
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TOKEN = "{token}"
+
+
+def _wait(path, timeout=50.0):
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never came"
+        time.sleep(0.05)
+
+
+def _own_cgroup():
+    """This test's cgroup where it can see one (cgroup2 mounted: a uml guest)."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return None
+    for line in open("/proc/self/cgroup"):
+        if line.startswith("0::"):
+            return Path("/sys/fs/cgroup" + line.strip()[3:])
+    return None
+
+
+@pytest.mark.isolate({marker})
+def test_holding(tmp_path_factory, tmp_path):
+    base = tmp_path_factory.getbasetemp()
+    subprocess.Popen(["sh", "-c", "sleep 600; :", TOKEN + "-child"])
+    cgroup = _own_cgroup()
+    (base / "started").touch()
+    _wait(base / "go-inner")
+    for tier in {inner}:
+        d = tmp_path / tier
+        d.mkdir()
+        (d / "test_inner.py").write_text("def test_inner():\\n    pass\\n")
+        env = dict(os.environ, PYTEST_ADDOPTS="{addopts}")
+        p = subprocess.run(
+            [sys.executable, "-m", "pytest", f"--isolate={tier}", "--isolate-unavailable=skip", "-rA",
+             "-p", "no:cacheprovider", f"--basetemp={d / 'bt'}"],
+            cwd=d, env=env, capture_output=True, text=True, timeout=60,
+        )
+        (base / f"inner-{tier}.txt").write_text(p.stdout + p.stderr)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert cgroup is None or cgroup.is_dir(), f"an inner run removed this test's cgroup {cgroup}"
+    (base / "inner-done").touch()
+    _wait(base / "go")
+'''
+
+
+def _holding(tmp_path_factory: pytest.TempPathFactory, h: Any, name: str, marker: str, inner: tuple[str, ...]) -> tuple[Path, str]:
+    from tests.conftest import FAST_ADDOPTS
+
+    text = HOLDING.replace("{marker}", marker).replace("{inner}", repr(inner)).replace("{addopts}", FAST_ADDOPTS)
+    return _prepare(tmp_path_factory, name, {"test_holding.py": text}, h)
+
+
+def _intact(owner: Owner, before: dict[str, set[str]], held: list[str]) -> list[str]:
+    """Objects of ``owner``'s run that were there (``held``) and are gone now."""
+    now = set(ours(owner, before, host_state(owner.root, owner.token)))
+    return [line for line in held if line not in now]
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner"),
+    [
+        ('"jail", network="ip"', ("process", "zone")),
+        ('"zone", network="ip", memory="256M"', ("process", "zone")),
+    ],
+    ids=["jail", "zone"],
+)
+def test_run_inside_a_sandbox_leaves_the_outer_run_alone(
+    tmp_path_factory: pytest.TempPathFactory, h: Any, outer: str, inner: tuple[str, ...]
+) -> None:
+    """A test runs pytest with the plugin inside its sandbox (as a plugin's pytester
+    suite does). The inner runs see the outer run's record under /tmp but not its pid
+    namespace: they must not take it for a dead run. The outer run's objects (switch,
+    cgroups, run dir, processes) are all still there after the inner runs, and its test
+    passes. (A zone inside a jail or zone cannot be made: that inner run is skipped as
+    unavailable, and must do no harm either.)"""
+    path, tok = _holding(tmp_path_factory, h, f"nested-{outer.split(',')[0].strip(chr(34))}", outer, inner)
+    before = host_state(path, tok)
+    snap = h.LeakSnapshot(path)
+    with reaped(popen_pytest(path, ESCAPE, "-rA")) as proc:
+        base = wait_for("started", path).parent  # the sandbox's basetemp
+        owner = Owner(path, tok, run_ids(path))
+        held = ours(owner, before, host_state(path, tok))
+        assert {"file", "netns", "process"} <= {line.split(":", 1)[0] for line in held}, held
+        (base / "go-inner").touch()
+        wait_for("inner-done", path)
+        gone = _intact(owner, before, held)
+        (base / "go").touch()
+        rc = _wait_exit(proc, path, timeout=60)
+    out = _read(str(path / "out.txt"))
+    inner_out = "\n".join(_read(str(p)) for p in sorted(path.rglob("inner-*.txt")))
+    assert gone == [], inner_out
+    assert rc == 0, out + inner_out
+    assert "1 passed" in out, out
+    # Not even inside the sandbox: an inner run that took the outer run for dead swept
+    # its switch and run dir there (seen as blocked escapes).
+    verdicts = [ln for ln in out.splitlines() if "BLOCKED" in ln or "ESCAPED" in ln]
+    assert not [ln for ln in verdicts if "/run/netns" in ln or any(i in ln for i in owner.ids)], out
+    assert leaks(owner, before) == []
+    assert snap.leaks() == []
+
+
+SIDE = '''
+import pytest
+
+
+@pytest.mark.isolate("jail", network="ip")
+def test_jail_ip():
+    pass
+
+
+@pytest.mark.isolate("zone", network="ip", memory="64M")
+def test_zone_ip():
+    pass
+
+
+@pytest.mark.isolate("process")
+def test_process():
+    pass
+'''
+
+
+def test_two_runs_side_by_side_each_sweep_only_their_own(tmp_path_factory: pytest.TempPathFactory, h: Any) -> None:
+    """Run A holds a zone test with a switch and a cgroup; run B starts, runs every host
+    tier (its own switch and cgroups, its start-up sweep of dead runs) and ends while A
+    still runs. Everything of A is still there after B; both pass; neither leaves
+    anything."""
+    path, tok = _holding(tmp_path_factory, h, "side-a", '"zone", network="ip", memory="256M"', ())
+    path2, tok2 = _prepare(tmp_path_factory, "side-b", {"test_side.py": SIDE}, h)
+    before = host_state(path, tok)
+    with reaped(popen_pytest(path, ESCAPE, "-rA")) as proc:
+        base = wait_for("started", path).parent
+        owner = Owner(path, tok, run_ids(path))
+        held = ours(owner, before, host_state(path, tok))
+        assert {"file", "netns", "cgroup", "process"} <= {line.split(":", 1)[0] for line in held}, held
+        before2 = host_state(path2, tok2)
+        result = h.run_pytest(path2, ESCAPE, "-rA", timeout=60)
+        result.assert_outcomes(passed=3)
+        gone = _intact(owner, before, held)
+        (base / "go-inner").touch()
+        (base / "go").touch()
+        rc = _wait_exit(proc, path, timeout=60)
+    out = _read(str(path / "out.txt"))
+    assert gone == [], "run B removed objects of run A"
+    assert rc == 0, out
+    owner2 = Owner(path2, tok2, run_ids(path2))
+    assert leaks(owner2, before2) == []
+    assert leaks(owner, before) == []
+
+
 STOPPED = '''
 import subprocess
 import time
