@@ -43,7 +43,9 @@ class SandboxNode:
         self.config = config
         self.gateway = gateway
         self.workerinput = workerinput
-        self.workeroutput: dict[str, Any] = {}
+        # ``workeroutput`` is set only once the server sent it: a worker that died or
+        # was stopped at once has none, and plugins tell that by its absence, as with
+        # an xdist worker that went down (pytest-metadata reads it unguarded otherwise).
         #: pytest-cov's DistMaster reads ``node.nodemanager.roots`` (rsync roots: none).
         self.nodemanager = _NodeManager()
         self.shutting_down = False
@@ -109,7 +111,8 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 
 def nodedown(config: pytest.Config, node: SandboxNode, workeroutput: dict[str, Any] | None, error: str | None) -> None:
     """``pytest_testnodedown`` for a sandbox worker that stopped."""
-    node.workeroutput = dict(workeroutput or {})
+    if workeroutput is not None:
+        node.workeroutput = dict(workeroutput)
     node.shutting_down = True
     hook = _hook(config, "pytest_testnodedown")
     if hook is not None:
