@@ -27,8 +27,9 @@ Known limits:
   whatever a test started.
 * Without root the guest needs user namespaces (``linux.uml`` is confined in one); its
   channel is a tap where ``/dev/net/tun`` is open to the user (mode 0666, udev's
-  default), else a veth read by the vector driver's raw transport (``choose_channel``);
-  ``network="ip"`` needs root.
+  default), else a veth read by the vector driver's raw transport (``choose_channel``).
+  ``network="ip"`` without root: the launcher joins the user namespace of the run's
+  switch (its holder's), so it may move the guest's NIC into it.
 
 Run one guest by hand::
 
@@ -514,14 +515,6 @@ def gateway_spec(
         raise Unavailable(
             "uml: network='ip' needs the run's switch (gateway_spec(..., switch=<netns path>))"
         )
-    if opts.network == "ip" and not _privileged():
-        raise Unavailable(
-            "uml: network='ip' needs root: the guest's second NIC (a tap, or a veth for "
-            "kernels with only the vector driver) is created in the launcher's network "
-            "namespace and moved into the run's switch, which needs CAP_NET_ADMIN over both; "
-            "without root the launcher's namespaces belong to a user namespace of its own, "
-            "not to the switch's. Run as root, or use network='none' (loopback only)"
-        )
     chan = choose_channel(kernel, channel)
     ncpu = smp_support(kernel)
     if opts.cpus is not None and opts.cpus > ncpu:
@@ -571,9 +564,11 @@ def gateway_spec(
     else:
         argv.append(nic.format(n=0, tap="umlc0"))
         channel_if = f"{prefix}0"
-    if switch_tap and prefix == "vec":
-        # The vector driver's tap transport breaks when its tap moves netns: raw transport
-        # on a veth whose peer goes into the switch instead (uml_launch.create_veth).
+    # The vector driver's tap transport breaks when its tap moves netns: raw transport
+    # on a veth whose peer goes into the switch instead (uml_launch.create_veth); the
+    # same where the channel is a veth because /dev/net/tun is out of reach.
+    switch_raw = prefix == "vec" or chan == "veth"
+    if switch_tap and switch_raw:
         argv.append(f"vec1:transport=raw,ifname={switch_tap}u,gro=1")
     elif switch_tap:
         argv.append(nic.format(n=1, tap=switch_tap))
@@ -599,7 +594,7 @@ def gateway_spec(
         "switch": switch,
         "bridge": bridge,
         "switch_tap": switch_tap,
-        "switch_transport": "raw" if prefix == "vec" else "tap",
+        "switch_transport": "raw" if switch_raw else "tap",
         "boot_timeout": boot_timeout,
         "mode": mode,
         "channel": chan,
@@ -612,7 +607,7 @@ def gateway_spec(
             "basetemp": os.path.realpath(bt),
             "network": opts.network,
             "channel_if": channel_if,
-            "switch_if": f"{prefix}1",
+            "switch_if": "vec1" if switch_raw else f"{prefix}1",
             "modules": module_roots(kernel),
             "hostname": hostname,
             "workdir": str(workdir),

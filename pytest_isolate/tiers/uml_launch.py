@@ -39,8 +39,9 @@ does on the host, it does with that process's credentials and mount view:
   ``/run/initctl``). basetemp is an *idmapped* bind (its owner shown as 65534), so the
   guest writes ``tmp_path`` and the files land owned by the real owner.
 * not root: the same in a user namespace mapping only the caller's uid, all
-  capabilities dropped but CAP_NET_RAW for the ``veth`` channel (over this private
-  netns only).
+  capabilities dropped but CAP_NET_RAW for the ``veth`` channel (packet sockets open
+  in this private netns only). With ``network="ip"`` that user namespace is the run's
+  switch's (``_join_switch_userns``), so the guest's NIC may move into the switch.
 * its own PID namespace, whose PID 1 is a small reaper (``_runner``) that forwards
   SIGTERM to ``linux.uml`` and exits with its status: when it exits, however it
   exits, the kernel kills every helper UML had (a SIGKILL on a plain ``linux.uml``
@@ -152,6 +153,8 @@ SIOCSIFFLAGS = 0x8914
 SIOCSIFADDR = 0x8916
 SIOCSIFNETMASK = 0x891C
 IFF_UP = 0x1
+
+NS_GET_USERNS = 0xB701  # ioctl on a namespace fd: an fd of its owning user namespace
 
 NOBODY = 65534
 #: The guest's eth0 and our end of it; only ever exists in our private netns.
@@ -726,10 +729,36 @@ class Launcher:
             pass
 
     # -- set-up
+    def _join_switch_userns(self) -> bool:
+        """Unprivileged network="ip": join the user namespace that owns the run's switch.
+
+        Without root the switch lives in a user namespace of its own, kept by a holder
+        process (``facets.net``), mapping the user's uid and gid to 0 as ours would. A
+        launcher in a user namespace of its own would hold no capability over the
+        switch and could not move the guest's NIC into it; in the switch's user
+        namespace everything the launcher then unshares (network, mount, PID) is owned
+        by the same namespace as the switch. False when the switch belongs to our own
+        user namespace (root's switch): nothing to join.
+        """
+        sw = os.open(self.cfg["switch"], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ufd = fcntl.ioctl(sw, NS_GET_USERNS)
+        finally:
+            os.close(sw)
+        try:
+            mine = os.stat("/proc/self/ns/user")
+            theirs = os.fstat(ufd)
+            if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+                return False
+            setns(ufd, CLONE_NEWUSER)
+            return True
+        finally:
+            os.close(ufd)
+
     def setup_namespaces(self) -> bool:
         # "userns": take the unprivileged path even as root (tests exercise it that way)
         privileged = _privileged() and self.cfg.get("mode") != "userns"
-        if not privileged:
+        if not privileged and not (self.switch_tap and self._join_switch_userns()):
             uid, gid = os.getuid(), os.getgid()
             unshare(CLONE_NEWUSER)
             with open("/proc/self/setgroups", "w") as f:

@@ -5,12 +5,13 @@ The guest's channel is then chosen automatically: a veth pair in the launcher's 
 network namespace, the guest's end read by the vector driver's raw transport. These
 tests drop privileges themselves (CI runs as root) and check what a user would see:
 
-* the tier is available and picks ``veth`` (``choose_channel``), ``network="ip"`` says
-  exactly why it needs root;
+* the tier is available and picks ``veth`` (``choose_channel``);
 * a gateway booted by uid 65534 carries 8 MB both ways intact;
+* ``network="ip"``: a guest of uid 65534 joins an unprivileged switch (its launcher
+  joins the switch holder's user namespace) and talks to a peer namespace on it;
 * a small suite passes in a guest through the plugin (``--isolate=uml``), including a
-  test whose 4 MB of captured output reaches the host's report byte for byte, and a
-  test whose failure report (a 2 MB assertion message) comes back whole;
+  test whose 4 MB of captured output reaches the host's report byte for byte, a test
+  whose failure report (a 2 MB message) comes back whole, and a ``network="ip"`` test;
 * nothing is left behind: no process, no work dir.
 
 ``/root`` is mode 700, so the project's pyenv Python is out of reach of other users: a
@@ -86,6 +87,7 @@ class Nobody:
         self.venv = top / "venv"
         self.python = str(self.venv / "bin" / "python")
         self.kernel = kernel
+        self.src = top / "src"  # the plugin's copy, importable by uid 65534
 
     def workdir(self, name: str) -> Path:
         """A fresh directory owned by uid 65534 beside the venv (not under pytest's
@@ -155,7 +157,6 @@ def nobody() -> Iterator[Nobody]:
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(REPO / name, src / name)
         subprocess.run([*pip, "--no-deps", str(src)], check=True, capture_output=True, timeout=300)
-        shutil.rmtree(src)
         yield n
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -163,13 +164,13 @@ def nobody() -> Iterator[Nobody]:
 
 def test_the_tap_is_out_of_reach_and_veth_is_chosen(nobody: Nobody) -> None:
     """The premise (this host's /dev/net/tun is root's) and the choice it leads to:
-    available, channel veth; network='ip' refused with the reason."""
+    available, channel veth; asking for the tap names the reason."""
     if os.path.exists("/dev/net/tun") and os.stat("/dev/net/tun").st_mode & 0o006 == 0o006:
         pytest.skip("/dev/net/tun is open to everyone here: the tap channel would be chosen")
     path = nobody.workdir("choice")
     code = textwrap.dedent(
         f"""
-        import json, os, sys
+        import json, os
         from pytest_isolate.tiers import uml
         from pytest_isolate.tiers.base import Unavailable
         k = {nobody.kernel!r}
@@ -178,11 +179,6 @@ def test_the_tap_is_out_of_reach_and_veth_is_chosen(nobody: Nobody) -> None:
             uml.choose_channel(k, "tap")
         except Unavailable as e:
             out["tap"] = str(e)
-        try:
-            uml.gateway_spec(uml.UmlOptions(kernel=k, network="ip"), {str(path / "g")!r}, sys.executable,
-                             switch="/proc/1/ns/net")
-        except Unavailable as e:
-            out["ip"] = str(e)
         print(json.dumps(out))
         """
     )
@@ -195,8 +191,6 @@ def test_the_tap_is_out_of_reach_and_veth_is_chosen(nobody: Nobody) -> None:
     assert out["available"] is None
     assert out["channel"] == "veth"
     assert "/dev/net/tun is not accessible to this user" in out["tap"]
-    assert out["ip"].startswith("uml: network='ip' needs root: "), out["ip"]
-    assert "switch" in out["ip"] and "network='none'" in out["ip"]
     assert nobody.leftovers(path) == []
 
 
@@ -249,6 +243,88 @@ def test_gateway_as_nobody_carries_8mb_both_ways(nobody: Nobody) -> None:
     assert not (path / "g").exists()
 
 
+NETWORK_IP = """
+import json, os, socket, sys
+import execnet
+from pytest_isolate.facets import net
+from pytest_isolate.tiers import uml
+
+kernel, workdir, driver, pkg_root = sys.argv[1:5]
+switch = net.Switch.create("umlnb" + os.urandom(3).hex())
+peer_addr, plen = net.address_for(63, 1)
+r, w = os.pipe()
+peer = os.fork()
+if peer == 0:  # a peer on the switch, as the jail tier attaches one: echo a line back
+    try:
+        os.close(r)
+        net.enter_switch_userns(switch.path)
+        net._unshare(net.CLONE_NEWNET)
+        net.loopback_up()
+        net.attach_ip(switch.path, peer_addr, plen)
+        s = socket.socket()
+        s.bind((peer_addr, 7777))
+        s.listen(1)
+        os.write(w, b"1")
+        s.settimeout(120)
+        c, _ = s.accept()
+        c.sendall(c.recv(100).upper())
+    finally:
+        os._exit(0)
+os.close(w)
+assert os.read(r, 1) == b"1"
+gw = None
+try:
+    spec = uml.gateway_spec(uml.UmlOptions(kernel=kernel, network="ip"), workdir, sys.executable,
+                            switch=switch.path)
+    gw = execnet.makegateway(spec)
+    ch = gw.remote_exec(
+        "import subprocess, sys\\n"
+        "args = channel.receive()\\n"
+        "p = subprocess.run([sys.executable, '-c'] + args, capture_output=True, text=True)\\n"
+        "channel.send((p.returncode, p.stdout, p.stderr))\\n"
+    )
+    ch.send([driver, pkg_root, peer_addr])
+    rc, out, err = ch.receive(300)
+    cfg = json.load(open(os.path.join(workdir, "launch.json")))
+    res = json.loads(out.strip().splitlines()[-1]) if rc == 0 else {"error": err[-2000:]}
+    res.update(channel=cfg["channel"], switch_transport=cfg["switch_transport"],
+               expect=uml.guest_address(0, 0)[0], switch=switch.path)
+    print(json.dumps(res))
+finally:
+    if gw is not None:
+        gw.exit()
+        gw.join(timeout=10)
+    uml.close_guest(workdir)
+    os.kill(peer, 9)
+    os.waitpid(peer, 0)
+    switch.close()
+"""
+
+
+def test_network_ip_as_nobody_reaches_a_peer_on_the_switch(nobody: Nobody) -> None:
+    """Unprivileged network="ip": the switch is a holder's user + net namespace; the
+    launcher joins that user namespace, so the guest's second NIC (a veth on the raw
+    transport) moves into the switch; a test in the guest reaches a peer there and
+    nothing else (one route)."""
+    from tests.uml.test_uml_guest import IP_DRIVER
+
+    path = nobody.workdir("netip")
+    p = nobody.run(
+        [nobody.python, "-c", NETWORK_IP, nobody.kernel, str(path / "g"), IP_DRIVER, str(nobody.src)],
+        path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out.get("reply") == "HELLO", out
+    assert out["addr"] == out["expect"]
+    assert out["routes"] == 1, out
+    assert out["channel"] == "veth" and out["switch_transport"] == "raw"
+    assert out["switch"].startswith("/proc/")  # a holder's namespace: no root involved
+    assert nobody.leftovers(path) == []
+
+
 SUITE = '''
 import ctypes
 import hashlib
@@ -294,6 +370,15 @@ def test_large_captured_output():
 
 def test_large_failure_report():
     pytest.fail(payload(2, 1 << 20), pytrace=False)
+
+
+@pytest.mark.isolate("uml", network="ip")
+def test_network_ip():
+    links = [n for _, n in socket.if_nameindex()]
+    assert links == ["lo", "eth0"], links
+    with open("/proc/net/route") as f:
+        routes = f.read().splitlines()[1:]
+    assert len(routes) == 1 and routes[0].split()[0] == "eth0", routes
 '''
 
 
@@ -311,7 +396,7 @@ def test_suite_as_nobody_passes_in_a_guest(nobody: Nobody) -> None:
     )
     out = p.stdout + p.stderr
     shown = "\n".join(line[:300] for line in out.splitlines()[-60:])
-    assert "1 failed, 5 passed" in out, shown
+    assert "1 failed, 6 passed" in out, shown
     assert "FAILED test_guest.py::test_large_failure_report" in out, shown
     cases = {c.get("name"): c for c in ET.parse(path / "junit.xml").getroot().iter("testcase")}
     import random
