@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,31 @@ def _wait(pid: int, timeout: float = 30.0) -> tuple[int, object]:
             os.wait4(pid, 0)
             raise AssertionError(f"pid {pid} did not finish within {timeout}s")
         time.sleep(0.01)
+
+
+def _in_child(body: Callable[[dict], None]) -> dict:
+    """``body(out)`` in a forked child (it may join a cgroup or drop its uid for good):
+    what it put in ``out``, or the traceback it raised as ``out["error"]``."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out: dict = {}
+        try:
+            os.close(r)
+            body(out)
+        except BaseException:  # noqa: BLE001 - report to the parent
+            import traceback
+
+            out["error"] = traceback.format_exc()
+        finally:
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+    os.close(w)
+    try:
+        return json.loads(os.read(r, 65536))
+    finally:
+        os.close(r)
+        _wait(pid)
 
 
 def _spawn(cg: TestCgroup, code: str) -> int:
@@ -641,36 +667,22 @@ def test_pure_v2_populated_own_cgroup_is_vacated_into_a_leaf(run_id, cgroup2_mou
         assert _probe_as_member(own, cgroup2_mount, ()) == str(own)
         sleeper = subprocess.Popen(["sleep", "60"])
         (own / "cgroup.procs").write_text(str(sleeper.pid))
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            out: dict = {}
-            try:
-                os.close(r)
-                (own / "cgroup.procs").write_text("0")
-                h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
-                out["plan"] = [str(h.v2.base), h.v2.vacate, sorted(h.v2.controllers), h.describe()]
-                cg = TestCgroup(h, run_id, "t0", Limits())
-                out["group"] = str(cg.dirs["v2"])
-                out["own_procs"] = (own / "cgroup.procs").read_text().split()
-                out["leaf_procs"] = (leaf / "cgroup.procs").read_text().split()
-                out["subtree"] = (own / "cgroup.subtree_control").read_text().split()
-                out["me"] = Path("/proc/self/cgroup").read_text().strip()
-                # a second worker probing from the leaf plans from the same base
-                h2 = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
-                out["again"] = [str(h2.v2.base), h2.v2.vacate, sorted(h2.v2.controllers)]
-                cg.remove()
-            except BaseException:  # noqa: BLE001 - report to the parent
-                import traceback
 
-                out["error"] = traceback.format_exc()
-            finally:
-                os.write(w, json.dumps(out).encode())
-                os._exit(0)
-        os.close(w)
-        out = json.loads(os.read(r, 65536))
-        os.close(r)
-        _wait(pid)
+        def body(out: dict) -> None:
+            (own / "cgroup.procs").write_text("0")
+            h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+            out["plan"] = [str(h.v2.base), h.v2.vacate, sorted(h.v2.controllers), h.describe()]
+            cg = TestCgroup(h, run_id, "t0", Limits())
+            out["group"] = str(cg.dirs["v2"])
+            out["own_procs"] = (own / "cgroup.procs").read_text().split()
+            out["leaf_procs"] = (leaf / "cgroup.procs").read_text().split()
+            out["subtree"] = (own / "cgroup.subtree_control").read_text().split()
+            out["me"] = Path("/proc/self/cgroup").read_text().strip()
+            # a second worker probing from the leaf plans from the same base
+            h2 = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+            out["again"] = [str(h2.v2.base), h2.v2.vacate, sorted(h2.v2.controllers)]
+            cg.remove()
+        out = _in_child(body)
         assert "error" not in out, out["error"]
         base, vacate, ctrls, header = out["plan"]
         assert (base, vacate, ctrls) == (str(own), True, ["hugetlb"])
@@ -755,57 +767,43 @@ def test_pure_v2_rootless_delegated_subtree(run_id, cgroup2_mount):
     _delegate(leaf, 65534)
     undelegated = cgroup2_mount / f"{cgroups.PREFIX}{run_id}-root"
     undelegated.mkdir()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        out: dict = {}
-        try:
-            os.close(r)
-            (leaf / "cgroup.procs").write_text("0")  # as systemd places a --user scope
-            os.setgid(65534)
-            os.setuid(65534)
-            h = CgroupHost.probe(
-                v1=False,
-                v2_mount=cgroup2_mount,
-                v2_wanted=("hugetlb",),
-                proc_cgroup=f"0::/{undelegated.name}\n",  # as if we lived in a root-owned one
-            )
-            out["undelegated"] = h.missing(Limits())
-            h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
-            out["base"] = str(h.v2.base)
-            out["controllers"] = sorted(h.v2.controllers)
-            cg = TestCgroup(h, "inner", "t0", Limits())
-            kid = os.fork()
-            if kid == 0:
-                cg.attach()
-                while time.process_time() < 0.2:
-                    pass
-                os._exit(0)
-            os.waitpid(kid, 0)
-            out["read"] = cg.read()
-            out["owner"] = os.stat(cg.dirs["v2"]).st_uid
-            kid = os.fork()
-            if kid == 0:
-                cg.attach()
-                time.sleep(60)
-                os._exit(0)
-            time.sleep(0.05)
-            cg.kill()
-            out["killed"] = os.waitpid(kid, 0)[1]
-            cg.remove()
-            out["swept"] = cgroups.sweep("inner", h)
-        except BaseException:  # noqa: BLE001 - report to the parent
-            import traceback
 
-            out["error"] = traceback.format_exc()
-        finally:
-            os.write(w, json.dumps(out).encode())
+    def body(out: dict) -> None:
+        (leaf / "cgroup.procs").write_text("0")  # as systemd places a --user scope
+        os.setgid(65534)
+        os.setuid(65534)
+        h = CgroupHost.probe(
+            v1=False,
+            v2_mount=cgroup2_mount,
+            v2_wanted=("hugetlb",),
+            proc_cgroup=f"0::/{undelegated.name}\n",  # as if we lived in a root-owned one
+        )
+        out["undelegated"] = h.missing(Limits())
+        h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+        out["base"] = str(h.v2.base)
+        out["controllers"] = sorted(h.v2.controllers)
+        cg = TestCgroup(h, "inner", "t0", Limits())
+        kid = os.fork()
+        if kid == 0:
+            cg.attach()
+            while time.process_time() < 0.2:
+                pass
             os._exit(0)
-    os.close(w)
+        os.waitpid(kid, 0)
+        out["read"] = cg.read()
+        out["owner"] = os.stat(cg.dirs["v2"]).st_uid
+        kid = os.fork()
+        if kid == 0:
+            cg.attach()
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.05)
+        cg.kill()
+        out["killed"] = os.waitpid(kid, 0)[1]
+        cg.remove()
+        out["swept"] = cgroups.sweep("inner", h)
     try:
-        out = json.loads(os.read(r, 65536))
-        os.close(r)
-        _wait(pid)
+        out = _in_child(body)
     finally:
         host = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount)
         cgroups.sweep(f"{run_id}-root", host)
@@ -827,30 +825,16 @@ def test_pure_v2_rootless_not_delegated_names_the_controller(run_id, cgroup2_mou
     scope = deleg / "scope"
     scope.mkdir(parents=True)
     _delegate(scope, 65534)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        out: dict = {}
-        try:
-            os.close(r)
-            (scope / "cgroup.procs").write_text("0")
-            os.setgid(65534)
-            os.setuid(65534)
-            h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
-            out["base"] = str(h.v2.base)
-            out["why"] = h.v2.whys.get("hugetlb", "").replace("{c}", "hugetlb")
-        except BaseException:  # noqa: BLE001 - report to the parent
-            import traceback
 
-            out["error"] = traceback.format_exc()
-        finally:
-            os.write(w, json.dumps(out).encode())
-            os._exit(0)
-    os.close(w)
+    def body(out: dict) -> None:
+        (scope / "cgroup.procs").write_text("0")
+        os.setgid(65534)
+        os.setuid(65534)
+        h = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount, v2_wanted=("hugetlb",))
+        out["base"] = str(h.v2.base)
+        out["why"] = h.v2.whys.get("hugetlb", "").replace("{c}", "hugetlb")
     try:
-        out = json.loads(os.read(r, 65536))
-        os.close(r)
-        _wait(pid)
+        out = _in_child(body)
     finally:
         _rmtree_cg(deleg)
     assert "error" not in out, out
