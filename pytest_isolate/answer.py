@@ -61,6 +61,9 @@ def new_record(
         "leftovers": list(raw.get("leftovers") or []),
         "changes": list(raw.get("changes") or []),
         "notes": list(raw.get("notes") or []),
+        # What the test did to its result channel or to pytest's protocol (forkserver
+        # ``_faults``): each fails the test, whatever the policy.
+        "faults": [str(f) for f in raw.get("faults") or ()],
     }
     for key in ("unavailable", "worker_error"):
         if key in raw:
@@ -139,7 +142,7 @@ def apply_policy(
 ) -> None:
     """Fail or warn per ``--isolate-on-escape`` / ``--isolate-on-overuse``."""
     allowed = set(spec.allow)
-    failures: list[str] = []
+    failures: list[str] = list(record.get("faults") or ())
     warnings: list[str] = []
     on_escape = _policy(config, "isolate_on_escape")
     for e in record["escapes"]:
@@ -222,7 +225,7 @@ def clean(done: dict[str, Any]) -> bool:
     if "error" in done or "unavailable" in done:
         return False
     record = done.get("record") or {}
-    if record.get("escapes") or record.get("overuse"):
+    if record.get("escapes") or record.get("overuse") or record.get("faults"):
         return False
     return not any(rep.get("outcome") == "failed" for rep in done.get("reports") or ())
 

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import sys
+import traceback
 from collections.abc import Generator, Iterator
 from typing import Any, NoReturn
 
@@ -31,6 +32,14 @@ STACK_SIGNAL = signal.SIGRTMIN + 3
 #: comm name of the process that runs the test, so the fork server finds it in the
 #: sandbox's process tree whatever tier structure sits above it.
 RUNNER_COMM = b"isolate-test"
+#: Starts the line a runner writes into its stack file when the test took its result
+#: channel away: the one place left that the fork server reads (forkserver._faults).
+CHANNEL_NOTE = "pytest-isolate channel: "
+#: Room kept in a report frame for what JSON adds around the captured output.
+_FRAME_SLACK = 1 << 20
+_getpid = os.getpid
+_exit = os._exit
+_os_write = os.write
 
 
 class Forwarder:
@@ -51,6 +60,20 @@ class Forwarder:
         #: In a child whose test makes attempts (``adapters.Reruns``): the test started.
         self.attempts = False
         self.started: str | None = None
+        #: The process that runs the test (set in the runner): a process the test forked
+        #: that returns into pytest is not it, and must not report as the test.
+        self.runner = 0
+
+    def check_runner(self) -> None:
+        """End a process the test forked that returned into pytest's protocol instead of
+        exiting: in-process it would run the rest of the session a second time; here it
+        would report as the test (first, while the test still runs) and run its next job.
+        It says so on the channel, which the test's own frames share, and exits."""
+        if self.fd < 0 or self.runner in (0, _getpid()):
+            return
+        with contextlib.suppress(BaseException):
+            wire.send(self.fd, {"t": "stray", "pid": _getpid()})
+        _exit(0)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid: str) -> None:
@@ -66,8 +89,12 @@ class Forwarder:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.fd < 0:
             return
+        self.check_runner()
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
-        wire.send(self.fd, {"t": "report", "data": data})
+        frame = wire.encode({"t": "report", "data": data})
+        if len(frame) > wire.MAX_MESSAGE - _FRAME_SLACK:
+            frame = wire.encode(_fitted({"t": "report", "data": data}))
+        wire.write_frame(self.fd, frame)
 
     def send_xml(self, kind: str, name: object, value: object) -> None:
         """What junitxml's fixtures record in a child (an attribute of the testcase, a
@@ -196,6 +223,64 @@ class TerminalRelay:
             return (yield)
 
 
+def _fitted(msg: dict[str, Any]) -> dict[str, Any]:
+    """A report frame cut to what the fork server accepts from a sandbox.
+
+    pytest's reports repeat the captured output of every phase so far, so a test that
+    prints 40 MB makes a teardown report beyond ``wire.MAX_MESSAGE``, which the server
+    would refuse as the test's doing. The largest sections lose their middle (their
+    start and end stay, as a terminal scrollback would keep them), then the failure
+    text if that is still too much; the report says what was cut."""
+    limit = wire.MAX_MESSAGE - _FRAME_SLACK
+    size = len(wire.encode(msg))
+    if size <= limit:
+        return msg
+    data = dict(msg["data"])
+    sections = [list(s) for s in data.get("sections") or ()]
+    for _ in range(64):
+        if size <= limit:
+            break
+        big = max(range(len(sections)), key=lambda i: len(str(sections[i][1])), default=None)
+        if big is None or len(str(sections[big][1])) < 4096:
+            break
+        text = str(sections[big][1])
+        keep = len(text) // 4
+        cut = len(text) - 2 * keep
+        sections[big][1] = (
+            f"{text[:keep]}\n[... {cut} characters cut by pytest-isolate: the report would exceed the "
+            f"{wire.MAX_MESSAGE} bytes a sandbox may send ...]\n{text[-keep:]}"
+        )
+        data["sections"] = sections
+        size = len(wire.encode({"t": "report", "data": data}))
+    if size > limit and data.get("longrepr") is not None:
+        text = str(data["longrepr"])[: limit // 8]
+        data["longrepr"] = (
+            f"{text}\n[... the rest of this failure cut by pytest-isolate: the report exceeded the "
+            f"{wire.MAX_MESSAGE} bytes a sandbox may send]"
+        )
+    return {"t": "report", "data": data}
+
+
+#: Bound at import: a test may wipe ``sys.modules``, and the error it then causes in
+#: pytest must still be described (an import here would run in the wiped interpreter).
+_extract_tb = traceback.extract_tb
+_exception_only = traceback.format_exception_only
+_format_list = traceback.format_list
+
+
+def _failure(exc: BaseException) -> str:
+    """What failed in the runner outside the test's own phases, for its failure text.
+
+    In-process this is pytest's INTERNALERROR (a test that wiped ``sys.modules`` breaks
+    pytest's reporting): the exception and where pytest or a plugin raised it, without
+    the plugin's own frames, which only say that the sandbox ran the protocol."""
+    frames = [f for f in _extract_tb(exc.__traceback__) if "/pytest_isolate/" not in f.filename]
+    where = "".join(_format_list(frames[-3:])).rstrip()
+    what = "".join(_exception_only(type(exc), exc)).strip()
+    text = f"pytest failed in the sandbox outside the test's phases: {what}"
+    return f"{text}\n{where}" if where else text
+
+
 def _terminal_width(term_fd: int) -> int:
     """The user's terminal width as the controller's writer sees it (``COLUMNS``, else the
     terminal's size): the child's own stdout is pytest's capture file."""
@@ -268,7 +353,12 @@ def run_items(
         faulthandler.enable(file=stack_fd, all_threads=True)
         faulthandler.register(STACK_SIGNAL, file=stack_fd, all_threads=True, chain=False)
         forwarder.fd = result_fd
+        forwarder.runner = _getpid()
         forwarder.terminal.start(result_fd)
+        # Which pipe the channel is, and its number here: the server names it in the
+        # failure of a test that writes onto it, closes it or replaces it.
+        wire.guard(result_fd)
+        wire.send(result_fd, {"t": "channel", "fd": result_fd})
         _set_comm(RUNNER_COMM)
         if job is None:
             job = wire.recv(go_fd)
@@ -295,6 +385,7 @@ def run_items(
                 Reruns.end(item)
                 wire.send(result_fd, {"t": "next_attempt"})
                 break
+            forwarder.check_runner()
             if nxt is None or go_fd < 0:
                 break
             sys.stdout.flush()
@@ -308,13 +399,16 @@ def run_items(
                 session._setupstate.teardown_exact(None)  # type: ignore[attr-defined]
                 break
     except BaseException as exc:  # noqa: BLE001 - report, never fall back into the server
+        forwarder.check_runner()
         code = 70
-        try:
-            import traceback
-
-            wire.send(result_fd, {"t": "internal", "error": "".join(traceback.format_exception(exc))})
-        except BaseException:  # noqa: BLE001
-            pass
+        lost = wire.channel_lost(result_fd)
+        if lost is not None:
+            # Nothing more can go up the channel; the stack file is read by the server.
+            with contextlib.suppress(BaseException):
+                _os_write(stack_fd, f"\n{CHANNEL_NOTE}{lost}\n".encode())
+        else:
+            with contextlib.suppress(BaseException):
+                wire.send(result_fd, {"t": "internal", "error": _failure(exc)})
     finally:
         try:
             sys.stdout.flush()

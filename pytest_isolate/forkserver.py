@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
+from pytest_isolate.child import CHANNEL_NOTE, RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import escapes, usage
 from pytest_isolate.session import adapters, node
@@ -640,7 +640,10 @@ class ForkServer:
     ) -> tuple[int | None, Any, bool]:
         """Wait for the test; ``(None, None, False)`` means the runner said "end" and the
         tier is direct, so its exit need not be waited for."""
-        reader = wire.Reader()
+        # One reader per sandbox: a kept child's next item continues its stream.
+        reader = box.state.get("reader")
+        if reader is None:
+            reader = box.state["reader"] = wire.Reader(limit=wire.MAX_MESSAGE, check=_frame_ok, strict=False)
         pidfd = self._pidfd(pid)
         deadline = time.monotonic() + timeout if timeout else None
         timed_out = False
@@ -703,6 +706,8 @@ class ForkServer:
                     deadline = None
             status, ru = self._reap(pid)
             self._drain(r, reader, msgs)
+            if _hung_up(r):  # every writer is gone: a partial frame left is garbage
+                msgs.extend(reader.close())
             return status, ru, timed_out
         finally:
             os.close(pidfd)
@@ -825,6 +830,7 @@ class ForkServer:
         xml = [m for m in msgs if m.get("t") == "xml"]
         carry = [m for m in msgs if m.get("t") == "carry"]
         internal = [m["error"] for m in msgs if m.get("t") == "internal"]
+        faults = self._faults(box, msgs, stack_fd)
         for m in msgs:
             if m.get("t") == "exit":  # an init between us and the runner told the truth
                 status = m["status"]
@@ -858,7 +864,9 @@ class ForkServer:
         crash = None
         if timed_out or not finished or internal:
             killed_after = readings["wall"] if timed_out else None
-            crash = self._crash_report(item, box, reports, exit_info, killed_after, stack_fd, captures, internal)
+            crash = self._crash_report(
+                item, box, reports, exit_info, killed_after, stack_fd, captures, internal, faults
+            )
             reports.append(crash)
             terminal.append(pending)
             pending = ""
@@ -884,6 +892,8 @@ class ForkServer:
             "leftovers": leftovers,
             "changes": box.state.get("changes", []),
         }
+        if faults:
+            record["faults"] = faults
         done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
         if xml:
             done["xml"] = xml
@@ -895,6 +905,34 @@ class ForkServer:
             done["terminal"] = terminal
         return done
 
+    def _faults(self, box: Box, msgs: list[dict[str, Any]], stack_fd: int) -> list[str]:
+        """What the test did to its result channel (and to pytest's protocol), one line
+        each: bytes that are not frames, a frame over the limit, the channel closed,
+        a forked process that returned into pytest. Each fails the test (answer.py)."""
+        tier = box.spec.tier
+        fd = next((m["fd"] for m in msgs if m.get("t") == "channel"), box.state.get("channel_fd"))
+        box.state["channel_fd"] = fd
+        out = []
+        reader = box.state.get("reader")
+        line = reader.fault(fd) if reader is not None else None
+        if line:
+            out.append(f"{tier}: {line}")
+            reader.garbage = reader.oversized = 0  # said: a kept child's next test starts clean
+        # Said where the test cannot close it: the child's stack file (its channel is gone).
+        for ln in _stack_text(stack_fd).splitlines():
+            if ln.startswith(CHANNEL_NOTE):
+                out.append(f"{tier}: {ln[len(CHANNEL_NOTE):].strip()}")
+                box.state["channel_lost"] = True
+                break
+        for m in msgs:
+            if m.get("t") == "stray":
+                out.append(
+                    f"{tier}: a process the test forked (pid {m['pid']}) returned into pytest instead of "
+                    "exiting; it was ended before it could report as the test or run another"
+                )
+                break
+        return out
+
     def _crash_report(
         self,
         item: pytest.Item,
@@ -905,11 +943,16 @@ class ForkServer:
         stack_fd: int,
         captures: list[Any],
         internal: list[str],
+        faults: list[str] = (),  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """A failed report for the phase the child died in, built here where the item is.
 
         ``timed_out``: the wall time of a test killed at its timeout, said in the
-        overuse record's words (the policy then does not say it twice)."""
+        overuse record's words (the policy then does not say it twice). ``faults``: what
+        the test did to its result channel; they say why its reports are missing better
+        than an exit code (the runner's own 70 for a channel it lost, or 0 for a test
+        whose last frames a bogus header swallowed), so they stand alone unless a
+        signal or the timeout ended the test."""
         whens = [rep.get("when") for rep in reports]
         when = "teardown" if "call" in whens else ("call" if "setup" in whens else "setup")
         if when == "call" and any(rep.get("when") == "setup" and rep.get("outcome") != "passed" for rep in reports):
@@ -925,9 +968,12 @@ class ForkServer:
         else:
             head = f"exited with code {exit_info.get('exit_code')} before the test finished"
         head = f"{box.spec.tier}: {head}"
-        os.lseek(stack_fd, 0, os.SEEK_SET)
-        stack = _user_frames(os.read(stack_fd, 1 << 20).decode(errors="replace"))
+        stack = _user_frames(_stack_text(stack_fd))
         parts = [head]
+        if faults:
+            ended_by = timed_out is not None or "signal" in exit_info
+            parts = [*faults, head] if ended_by else list(faults)
+            internal = [] if box.state.get("channel_lost") else internal
         if stack:
             parts.append(("Python stack when it timed out:\n" if timed_out is not None else "Python stack:\n") + stack)
         parts.extend(internal)
@@ -997,6 +1043,57 @@ class _JunitFamily:
         self.forwarder.send_xml("suite", name, value)
 
 
+#: Frame types a sandbox sends and the fields the server and controller rely on: a
+#: frame of another shape is the test's doing and counts as bytes that are not frames.
+_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "channel": {"fd": int},
+    "report": {"data": dict},
+    "term": {"text": str},
+    "warning": {"message": str, "category": str, "category_module": str, "when": str, "nodeid": str},
+    "xml": {"kind": str, "name": str, "value": str},
+    "carry": {"name": str},
+    "internal": {"error": str},
+    "end": {"rusage": dict},
+    "item_done": {"rusage": dict},
+    "exit": {"status": int},
+    "leftover": {"procs": list},
+    "stray": {"pid": int},
+}
+_WHENS = ("setup", "call", "teardown")
+_OUTCOMES = ("passed", "failed", "skipped")
+
+
+def _frame_ok(m: Any) -> bool:
+    """Whether a frame from a sandbox has the shape its type promises (``wire.Reader``)."""
+    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
+        return False
+    fields = _FIELDS.get(m["t"])
+    if fields is None:
+        return True  # audit frames and the like: their readers check what they use
+    for key, kind in fields.items():
+        value = m.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return False
+    if m["t"] == "report":
+        d = m["data"]
+        return d.get("when") in _WHENS and d.get("outcome") in _OUTCOMES and isinstance(d.get("nodeid"), str)
+    if m["t"] in ("end", "item_done", "exit"):
+        ru = m.get("rusage") or {}
+        return isinstance(ru, dict) and all(isinstance(v, int | float) for v in ru.values())
+    if m["t"] == "leftover":
+        return all(isinstance(p, dict) and isinstance(p.get("pid"), int) for p in m["procs"])
+    return True
+
+
+def _stack_text(stack_fd: int) -> str:
+    """The child's stack file (faulthandler's dumps, a lost channel's note)."""
+    try:
+        os.lseek(stack_fd, 0, os.SEEK_SET)
+        return os.read(stack_fd, 1 << 20).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _hung_up(fd: int) -> bool:
     """Every writer of pipe ``fd`` is gone (POLLHUP; unread data does not hide it)."""
     p = select.poll()
@@ -1012,7 +1109,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-_NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"')
+_NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"', CHANNEL_NOTE)
 
 
 def _user_frames(dump: str) -> str:
