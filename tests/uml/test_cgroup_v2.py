@@ -19,10 +19,10 @@ measured, a 200 MiB reading within 10 %):
 - ``container``: root at the root of a private cgroup namespace with cgroup2 mounted
   from it (Docker's default on cgroup v2), other processes beside pytest.
 
-The inner run gets a private tmpfs on /tmp (a mount namespace of its own): the guest
-sees the host's /tmp through its overlay, records of the outer run included, and the
-outer run's controller is no live process there; run-record nesting is another
-engineer's fix, this keeps the inner run's sweep away from the outer run meanwhile.
+The inner run shares the guest's /tmp, where the outer run's records show through the
+guest's overlay of the host's: a run never sweeps a record of another kernel or pid
+namespace (``controller.sweep_stale``), so it must leave the outer run alone. (A private
+/tmp would also hide a checkout under /tmp, as CI's may be, and its venv.)
 """
 
 from __future__ import annotations
@@ -155,9 +155,9 @@ def _inner(
 ) -> tuple[int, str]:
     """Run the inner zone suite in ``where``, its pytest placed in ``cgroup`` first.
 
-    A sh joins ``cgroup`` (writes itself into cgroup.procs), mounts a private /tmp in a
-    mount namespace of its own, optionally enters a cgroup namespace (and mounts cgroup2
-    from it, as a container runtime does), drops to ``uid`` and execs pytest.
+    A sh joins ``cgroup`` (writes itself into cgroup.procs), enters a mount namespace of
+    its own and optionally a cgroup namespace (and mounts cgroup2 from it, as a container
+    runtime does), drops to ``uid`` and execs pytest.
     """
     py = shlex.quote(sys.executable)
     pytest_cmd = (
@@ -167,7 +167,7 @@ def _inner(
     if uid:
         pytest_cmd = f"setpriv --reuid={uid} --regid={uid} --clear-groups env HOME=/tmp {pytest_cmd}"
     mount_cg = "umount -l /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && " if cgroupns else ""
-    inner = f"mount -t tmpfs tmpfs /tmp && {mount_cg}cd {shlex.quote(str(where))} && exec {pytest_cmd}"
+    inner = f"{mount_cg}cd {shlex.quote(str(where))} && exec {pytest_cmd}"
     unshare = "unshare -m --propagation private" + (" -C" if cgroupns else "")
     script = f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))} && exec {unshare} sh -c {shlex.quote(inner)}"
     p = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=500)
