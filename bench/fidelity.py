@@ -61,6 +61,7 @@ class Project:
     test_deps: tuple[str, ...]
     why: str
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
 
 
 # Pinned so the table can be reproduced. Test dependencies come from each project's
@@ -107,7 +108,10 @@ PROJECTS: tuple[Project, ...] = (
         "wcwidth",
         "0.9.4",
         ("pytest-cov",),
-        "--doctest-modules, pytest-cov (--cov in addopts), filterwarnings=error, junit_family",
+        "--doctest-modules, pytest-cov (--cov in addopts), filterwarnings=error, junit_family; "
+        "WCWIDTH_PYTHON=1: its conftest asserts the C extension is loaded unless told pure "
+        "Python, and the flat layout imports the unbuilt source tree",
+        env=(("WCWIDTH_PYTHON", "1"),),
     ),
     Project("cachetools", "8.0.2", (), "no pytest config at all: defaults"),
 )
@@ -406,6 +410,7 @@ def run_suite(
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "COV_"))
     }
+    env.update(proj.env)
     env["FIDELITY_OUT_DIR"] = str(out_dir)
     env["PATH"] = f"{py.parent}:{env.get('PATH', '/usr/bin:/bin')}"
     log(f"{proj.name} {name}: {' '.join(cmd[1:])}")
