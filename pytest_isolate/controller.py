@@ -253,7 +253,7 @@ class Worker:
             return self.receive(timeout)
         if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
             output = raw[2] if len(raw) > 2 else []
-            raise WorkerDied(self._death(f"fork server exited with code {raw[1]}", output))
+            raise WorkerDied(self._death(_server_end(raw[1]), output))
         return json.loads(raw)
 
     def _death(self, why: str, output: Sequence[str] = ()) -> str:
@@ -815,6 +815,18 @@ class SharedSwitch:
                 self.fd = -1
             if mutex >= 0:
                 os.close(mutex)
+
+
+def _server_end(code: Any) -> str:
+    """How the fork server ended, in words: a signal by name (a test that may signal
+    its worker, at ``process``, ``chroot`` or in a ``uml`` guest, can kill it)."""
+    if isinstance(code, int) and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"fork server killed by {name}; a test that can signal its worker may have done it"
+    return f"fork server exited with code {code}"
 
 
 def _error_line(text: str) -> str:
