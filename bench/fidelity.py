@@ -213,6 +213,8 @@ def pytest_runtest_logfinish(nodeid, location):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
+    if _tries >= 0:
+        _find_run_id()
     _emit({"kind": "finish", "exitstatus": int(exitstatus)})
 
 
