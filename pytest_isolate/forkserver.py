@@ -101,6 +101,19 @@ class _Slot:
     box: Box | None = None
 
 
+def _collect_and_freeze() -> None:
+    """``gc.freeze()`` before a fork, after collecting what is garbage by now.
+
+    Freezing moves every tracked object to the permanent generation, garbage included:
+    a cycle a test's bookkeeping left since the last fork is then never collected. Frozen
+    once per test, the server grew by ~7 KiB a test (130 MB over 20,000 ``chroot``
+    tests, tests/test_soak.py). Collecting first costs little: everything older is
+    frozen already, so the collection walks only what was made since the last freeze.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class ForkServer:
     """pytest plugin registered in the server's config; owns the serve loop."""
 
@@ -446,7 +459,7 @@ class ForkServer:
         self._busy = (*busy, go_w)  # go_w: see run_test
         try:
             tier.prepare(box)
-            gc.freeze()
+            _collect_and_freeze()
             pid = tier.spawn(box, run)
         except Exception:  # noqa: BLE001 - a guess that failed: the test will be built in turn
             for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
@@ -574,7 +587,7 @@ class ForkServer:
                 # Everything the warm server allocated becomes permanent for the GC: a
                 # child's collection then never walks (and copy-on-write faults) the
                 # inherited heap — measured 20 ms → 2 ms per child that collects.
-                gc.freeze()
+                _collect_and_freeze()
                 self._reap_exiting()
                 # The job pipe's write end stays here only: held by a process between us
                 # and the runner (a namespace's init), it would never reach EOF.

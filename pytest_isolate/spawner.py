@@ -165,6 +165,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], war
         if nodeid:
             with contextlib.suppress(Exception):
                 warm(nodeid)
+        gc.collect()  # what became garbage since the last fork: frozen, it would stay
         gc.freeze()
         pid = os.fork()
         if pid == 0:
