@@ -674,7 +674,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="rows to run (names or globs; dependencies are added)",
     )
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers here")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per pytest run")
+    ap.add_argument(
+        "--timeout", type=float, help="seconds per pytest run (default 300; 1200 with --scaling)"
+    )
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead of the table: wall(3,000 tests) / wall(300 tests) per tier (bench/scaling.py)",
+    )
     ap.add_argument(
         "--rebuild-baselines",
         action="store_true",
@@ -684,6 +691,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.tests < 1 or opts.repeat < 1:
         ap.error("--tests and --repeat must be >= 1")
+    if opts.scaling:
+        # Issue 12's linearity check: the same rows at 300 and 3,000 tests. Its own
+        # script, because its runs take minutes where the table's take seconds.
+        import scaling
+
+        only = [n for chunk in opts.only or () for n in chunk.split(",") if n]
+        timeout = opts.timeout if opts.timeout is not None else 1200.0
+        return scaling.run(scaling.SMALL, scaling.LARGE, opts.repeat, timeout, only, opts.json)
+    if opts.timeout is None:
+        opts.timeout = 300.0
 
     if opts.list:
         interps_for_list = {SELF: Interp(SELF, "python", {}), BASELINES: Interp(BASELINES, "python", {})}
