@@ -163,6 +163,14 @@ class LeakSnapshot:
             time.sleep(0.1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml: setup.sh reinstalls the package whenever
+    # pyproject.toml changes.
+    config.addinivalue_line(
+        "markers", "soak: the 20,000-test runs of test_soak.py (minutes per tier); -m 'not soak' skips them"
+    )
+
+
 @pytest.fixture(scope="session")
 def leak_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every pytester dir and run_pytest dir of this session lives below this."""
