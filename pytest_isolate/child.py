@@ -367,7 +367,8 @@ def run_items(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
         )
         # Last: from here on the audit layer watches, and our own set-up is not the test's.
-        basetemp = str(config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
+        factory = getattr(config, "_tmp_path_factory", None)  # none under -p no:tmpdir
+        basetemp = str(factory.getbasetemp() if factory is not None else config.option.basetemp)
         if forwarder.carry is not None:
             forwarder.carry.begin()
         escapes.arm(result_fd, [basetemp], str(config.rootpath))

@@ -68,6 +68,9 @@ class Worker:
         self.workdir = ctl.rundir / f"w{index}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.basetemp = ctl.basetemp / f"iso{index}"
+        # Made here, not only by the server's tmp_path factory: under -p no:tmpdir there
+        # is none, and chroot/jail/zone bind this dir into every sandbox.
+        self.basetemp.mkdir(parents=True, exist_ok=True)
         self.uml = key[0] == "uml"
         self.gw: execnet.Gateway | None = None
         self.ch: Any = None
@@ -161,7 +164,9 @@ class Worker:
         try:
             msg = self.receive(START_TIMEOUT)
             if msg.get("t") != "ready":
-                raise WorkerDied(f"unexpected first message from worker: {msg!r}")
+                # The server's session ended before it could serve (its collection
+                # failed, or a plugin ended it): its log says why.
+                raise WorkerDied(self._death(f"the fork server's session ended before it was ready ({msg.get('t')!r})"))
             self.server_pid = msg["pid"]
             if listener is not None:
                 self.link = self._accept(listener)
@@ -460,7 +465,11 @@ class Controller:
         sweep_stale()
         self.rundir.mkdir(mode=0o755)
         _write_owner(self.rundir)
-        self.basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        factory = getattr(config, "_tmp_path_factory", None)
+        # ``-p no:tmpdir`` (packaging's suite runs so): no tmp_path for anyone, but the
+        # sandboxes still want a writable base of their own; the run dir's goes with it.
+        self.basetemp = factory.getbasetemp() if factory is not None else self.rundir / "basetemp"
+        self.basetemp.mkdir(exist_ok=True)
         #: What plugins measured inside sandboxes (coverage, ...), merged per test.
         self.carry = Carry(config)
         #: Workers that could not start, by pool key: the reason their tests fail with.

@@ -299,7 +299,13 @@ class ForkServer:
         files = []
         for cap in (getattr(gc, "out", None), getattr(gc, "err", None)):
             tmp = getattr(cap, "tmpfile", None)
-            if tmp is not None and hasattr(tmp, "buffer") and tmp.name != os.devnull:
+            # ``--capture=fd`` only: with ``--capture=sys`` (packaging's suite) the
+            # capture is in the child's memory, no file to share, nothing to read here.
+            try:
+                shared = tmp is not None and hasattr(tmp, "buffer") and tmp.name != os.devnull and tmp.fileno() >= 0
+            except (AttributeError, OSError, ValueError):
+                shared = False
+            if shared:
                 files.append(tmp)
         return files
 
@@ -1073,7 +1079,6 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "stray": {"pid": int},
 }
 _WHENS = ("setup", "call", "teardown")
-_OUTCOMES = ("passed", "failed", "skipped")
 
 
 def _frame_ok(m: Any) -> bool:
@@ -1089,7 +1094,8 @@ def _frame_ok(m: Any) -> bool:
             return False
     if m["t"] == "report":
         d = m["data"]
-        return d.get("when") in _WHENS and d.get("outcome") in _OUTCOMES and isinstance(d.get("nodeid"), str)
+        # Any outcome word: plugins log their own (pytest-rerunfailures' "rerun").
+        return d.get("when") in _WHENS and isinstance(d.get("outcome"), str) and isinstance(d.get("nodeid"), str)
     if m["t"] in ("end", "item_done", "exit"):
         ru = m.get("rusage") or {}
         return isinstance(ru, dict) and all(isinstance(v, int | float) for v in ru.values())

@@ -178,3 +178,30 @@ def test_plugins_from_the_environment(pytester: pytest.Pytester, run: Runner, ti
         "test_env.py::test_no_doctest_plugin": ["PASSED"],
     }, iso.stdout.str()
     iso.stdout.fnmatch_lines(["*tests per tier: " + tier + " 2*"])
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_builtin_plugins_off_and_sys_capture(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """packaging's suite runs with ``-p no:tmpdir -p no:logging --capture=sys``: no
+    tmp_path factory, no capture file to share with the fork server."""
+    pytester.makepyfile(
+        test_plain="""
+            import sys
+
+            def test_prints():
+                print("out")
+                sys.stderr.write("err\\n")
+
+            def test_fails():
+                print("seen in the failure")
+                assert 0
+        """
+    )
+    args = ("-p", "no:tmpdir", "-p", "no:logging", "--capture=sys")
+    base = run(None, *args)
+    iso = run(tier, *args)
+    assert outcomes(iso) == outcomes(base) == {
+        "test_plain.py::test_prints": ["PASSED"],
+        "test_plain.py::test_fails": ["FAILED"],
+    }, iso.stdout.str()
+    iso.stdout.fnmatch_lines(["*Captured stdout call*", "seen in the failure"])
