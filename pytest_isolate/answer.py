@@ -103,7 +103,8 @@ def unpack(
     if "error" in done:
         reports = synthetic(item, "failed", done["error"])
         return reports, new_record(item, spec, reports, {"worker_error": done["error"]})
-    reports = [hook.pytest_report_from_serializable(config=config, data=_tuples(d)) for d in done["reports"]]
+    reports = [_subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(d)), d)
+               for d in done["reports"]]
     for w in done.get("warnings", ()):
         _replay_warning(config, w)
     _replay_xml(config, item.nodeid, done.get("xml", ()))
@@ -228,6 +229,21 @@ def clean(done: dict[str, Any]) -> bool:
     if record.get("escapes") or record.get("overuse") or record.get("faults"):
         return False
     return not any(rep.get("outcome") == "failed" for rep in done.get("reports") or ())
+
+
+def _subtest_kwargs(rep: Any, data: dict[str, Any]) -> Any:
+    """A subtest's parameters as the sandbox rendered them.
+
+    pytest renders them with ``saferepr`` when it makes a subtest's context, and again
+    when it rebuilds one from JSON: ``n=2`` would become ``n='2'`` on this side of the
+    boundary (in the terminal, junit and every plugin that keys on the label). The
+    sandbox's rendering is the in-process one."""
+    ctx = getattr(rep, "context", None)
+    raw = (data.get("_subtest.context") or {}).get("kwargs") if isinstance(data, dict) else None
+    if ctx is not None and isinstance(raw, dict) and all(isinstance(v, str) for v in raw.values()):
+        with contextlib.suppress(Exception):
+            object.__setattr__(ctx, "kwargs", dict(raw))
+    return rep
 
 
 def _tuples(data: dict[str, Any]) -> dict[str, Any]:

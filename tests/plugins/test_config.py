@@ -205,3 +205,37 @@ def test_builtin_plugins_off_and_sys_capture(pytester: pytest.Pytester, run: Run
         "test_plain.py::test_fails": ["FAILED"],
     }, iso.stdout.str()
     iso.stdout.fnmatch_lines(["*Captured stdout call*", "seen in the failure"])
+
+
+@pytest.mark.parametrize("tier", ["process", "zone"])
+def test_subtest_labels_as_in_process(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """unittest's ``subTest`` and pytest's ``subtests``: the same labels on both sides
+    (pytest renders a subtest's parameters again when it rebuilds a report from JSON)."""
+    pytester.makepyfile(
+        test_sub="""
+            import unittest
+
+            class TestUnit(unittest.TestCase):
+                def test_params(self):
+                    for n in (1, 2):
+                        with self.subTest(n=n, flag=True):
+                            self.assertEqual(n, 1)
+
+            def test_fixture(subtests):
+                for word in ("a", "b"):
+                    with subtests.test(msg="word", word=word):
+                        assert word == "a"
+        """
+    )
+    base = run(None, "-rA")
+    iso = run(tier, "-rA")
+
+    def labels(result: pytest.RunResult) -> list[str]:
+        import re
+
+        # The words, not the lines: in-process the first one shares the test's line.
+        return sorted(m.group(0) for line in result.outlines for m in re.finditer(r"SUB[A-Z]+(?:\[[^\]]*\])?(?: ?\([^)]*\))?", line))
+
+    assert labels(base), base.stdout.str()
+    assert labels(iso) == labels(base), iso.stdout.str()
+    assert any("n=2, flag=True" in line for line in labels(iso))
