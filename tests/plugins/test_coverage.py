@@ -60,10 +60,12 @@ def _write(pytester: pytest.Pytester) -> None:
 
 def _report(pytester: pytest.Pytester, run: Runner, tier: str | None, *extra: str) -> tuple[dict, str]:
     result = run(tier, "--cov=src", "--cov-branch", "--cov-report=term-missing", "--cov-report=json:cov.json",
-                 "--cov-report=xml:cov.xml", *extra, plugins=("pytest_cov",))
+                 "--cov-report=xml:cov.xml", "--cov-report=html:htmlcov", *extra, plugins=("pytest_cov",))
     assert result.ret == 0, result.stdout.str()
     data = json.loads((pytester.path / "cov.json").read_text())
     assert (pytester.path / "cov.xml").exists()
+    total = data["totals"]["percent_covered_display"]
+    assert f"{total}%" in (pytester.path / "htmlcov" / "index.html").read_text()
     return data["files"]["src/calc.py"], result.stdout.str()
 
 
