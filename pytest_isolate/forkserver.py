@@ -796,9 +796,14 @@ class ForkServer:
         waiting = self.waiting.pid if self.waiting is not None else None
         # A released init's subtree is its own to end (it already killed the rest).
         keep = {spawner, waiting, *(p for p, box in self.exiting.items() if box is not None)}
-        mine = [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]
-        if spawner is not None:
-            mine += [q for z in children(spawner) for q in descendants(z)]
+        # The zygotes' subtrees first, then our own children: an orphan of an exiting
+        # zygote moves from the first place to the second (we are its subreaper), so
+        # read in that order it is seen in one or the other; read the other way round
+        # it could move between the two reads and be seen in neither (a daemon then
+        # counted as the next test's).
+        mine = [q for z in children(spawner) for q in descendants(z)] if spawner is not None else []
+        mine += [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]
+        mine = list(dict.fromkeys(mine))
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])
         # Reap what died (killed orphans, zombies): nothing may be reported twice.
         while True:
