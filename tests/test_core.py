@@ -829,3 +829,46 @@ def test_xdist_runs_isolated_and_reports_once(pytester: pytest.Pytester) -> None
     assert (pytester.path / "reports.log").read_text().split() == ["7"]
     assert not list(pytester.path.glob("r.json.tmp*"))
     result.stdout.fnmatch_lines(["tests per tier: process 7; crashed 0; timed out 0"])
+
+
+DAEMONS = """
+    import subprocess
+
+    import pytest
+
+    @pytest.mark.isolate(allow=["daemon"])
+    @pytest.mark.parametrize("n", range(30))
+    def test_daemon(n):
+        subprocess.Popen(["sh", "-c", "sleep 600; :", "{token}-daemon"], start_new_session=True)
+        print(n)
+"""
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known race at process: under CPU load a daemon the test started is sometimes "
+    "found only after the test was answered, and is listed (and, without allow=daemon, "
+    "blamed) as the next test's leftover; /proc/<pid>/task/*/children may skip a child "
+    "that is being reparented to the fork server. Reading the zygotes before the server's "
+    "own children (8989459) made a two-test pair go from 8 of 25 runs to 0 of 25; this "
+    "30-daemon run still shows it",
+)
+def test_a_daemon_is_its_own_tests_leftover_under_load(pytester: pytest.Pytester, h: Any) -> None:
+    """A daemon moves from its exiting test process to the fork server (the subreaper)
+    while the server looks for what the test left. Each daemon must be listed as its own
+    test's leftover, none as the next test's."""
+    tok = token()
+    pytester.makepyfile(test_many_daemons=DAEMONS.replace("{token}", tok))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        result = pytester.runpytest_subprocess(ISO, "--isolate-report=r.json", timeout=120)
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()
+    assert h.wait_gone(tok + "-daemon", timeout=2.0) == []
+    result.assert_outcomes(passed=30)
+    recs = records(pytester.path / "r.json")
+    for n in range(30):
+        rec = recs[f"test_many_daemons.py::test_daemon[{n}]"]
+        assert any(tok + "-daemon" in p["cmdline"] for p in rec["leftovers"]), (n, rec["leftovers"])
