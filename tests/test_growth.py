@@ -23,6 +23,8 @@ import json
 
 import pytest
 
+from tests import procprobe
+
 #: Isolated tests between the two probes: a leak of one descriptor a test shows as
 #: ~250, far above ``SLACK``; each tier's run stays well under 30 s.
 BETWEEN = 250
@@ -35,46 +37,11 @@ import json
 import os
 
 import pytest
-
-
-def _children(pid):
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{{pid}}/task"):
-            with open(f"/proc/{{pid}}/task/{{task}}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{{pid}}/cmdline", "rb") as f:
-            return f.read().replace(b"\\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _fork_servers():
-    """The controller's descendants that run the fork server (not its test children)."""
-    todo, found = [os.getpid()], []
-    while todo:
-        for c in _children(todo.pop()):
-            (found if "pytest_isolate.forkserver" in _cmdline(c) else todo).append(c)
-    return found
-
-
-def _sample(pid):
-    return {{
-        "fds": len(os.listdir(f"/proc/{{pid}}/fd")),
-        "threads": len(os.listdir(f"/proc/{{pid}}/task")),
-        "children": len(_children(pid)),
-    }}
+from procprobe import fork_servers, sample
 
 
 def _probe(pytestconfig, name):
-    data = {{"controller": _sample(os.getpid()), "servers": [_sample(p) for p in _fork_servers()]}}
+    data = {{"controller": sample(os.getpid()), "servers": [sample(p) for p in fork_servers()]}}
     (pytestconfig.rootpath / f"probe-{{name}}.json").write_text(json.dumps(data))
 
 
@@ -102,6 +69,7 @@ def test_probe_late(pytestconfig):
 @pytest.mark.parametrize("tier", ["process", "chroot", "jail", "zone"])
 def test_fork_server_and_controller_do_not_grow_per_test(pytester: pytest.Pytester, tier: str) -> None:
     pytester.makepyfile(test_many=INNER)
+    procprobe.install(pytester.path)
     result = pytester.runpytest_subprocess(f"--isolate={tier}", ESCAPE, timeout=120)
     result.assert_outcomes(passed=20 + BETWEEN + 2)
     early = json.loads((pytester.path / "probe-early.json").read_text())

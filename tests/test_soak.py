@@ -54,6 +54,8 @@ from typing import Any
 
 import pytest
 
+from tests import procprobe
+
 pytestmark = pytest.mark.soak
 
 #: Tests in the soak, and where the probes sit (after this many trivial tests).
@@ -80,60 +82,12 @@ import json
 import os
 
 import pytest
-
-
-def _children(pid):
-    out = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _fork_servers():
-    """The controller's descendants that run the fork server (not its test children)."""
-    todo, found = [os.getpid()], []
-    while todo:
-        for c in _children(todo.pop()):
-            (found if "pytest_isolate.forkserver" in _cmdline(c) else todo).append(c)
-    return found
-
-
-def _rss(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _sample(pid, kids=False):
-    out = {
-        "pid": pid,
-        "fds": len(os.listdir(f"/proc/{pid}/fd")),
-        "threads": len(os.listdir(f"/proc/{pid}/task")),
-        "children": len(_children(pid)),
-        "rss": _rss(pid),
-    }
-    if kids:  # the spawner, a sandbox built ahead, an init still exiting
-        out["kids"] = [_sample(c) for c in _children(pid)]
-    return out
+from procprobe import fork_servers, sample
 
 
 @pytest.mark.isolate("none")
 def test_probe(pytestconfig):
-    data = {"controller": _sample(os.getpid()), "servers": [_sample(p, kids=True) for p in _fork_servers()]}
+    data = {"controller": sample(os.getpid()), "servers": [sample(p, kids=True) for p in fork_servers()]}
     (pytestconfig.rootpath / "probe-AT.json").write_text(json.dumps(data))
 '''
 
@@ -141,6 +95,7 @@ def test_probe(pytestconfig):
 def write_suite(root: Path) -> None:
     """``TOTAL`` trivial tests in modules of ``PER_MODULE``, a probe module after each
     count in ``PROBES`` (``test_00004.py`` sorts before ``test_00004_probe.py``)."""
+    procprobe.install(root)
     (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    isolate: pytest-isolate's marker\n")
     body = f"import pytest\n\n\n@pytest.mark.parametrize('i', range({PER_MODULE}))\ndef test_trivial(i):\n    pass\n"
     for m in range(TOTAL // PER_MODULE):
