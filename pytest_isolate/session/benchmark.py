@@ -73,7 +73,6 @@ class Collector(PluginCollector):
                     bs.benchmarks.append(meta)
 
 
-
 def _plain(value: Any) -> bool:
     """JSON's own values only (what ``json.loads`` makes), nested."""
     if value is None or type(value) in (bool, int, str):
