@@ -8,7 +8,8 @@
 Sections (``--only``):
 
 boot     cold start, host's view: ``makegateway`` → first ``remote_exec`` result; then
-         ``import pytest`` in that fresh guest; "cold ready" is their sum (target ≤ 2.5 s).
+         ``import pytest`` in that fresh guest; "cold ready" is their sum (no target: the
+         user waits for more, see ``pytest``).
          Also the guest close (``gw.exit`` + ``close_guest``).
 kernel   the same boot with kernel command line variants: without the initcall blacklist
          (Debian's kernel benchmarks RAID6/XOR at every boot), with ``loglevel=0``, and
@@ -24,7 +25,10 @@ channel  throughput of the gateway's channel: 10 MB host → guest and guest →
 pytest   a warm guest running 20 trivial tests through the plugin's fork server
          (``pytest --isolate=uml``): per-test wall inside the guest (from the JSON
          report), the interval between test reports seen by the controller, and the
-         whole run. Target: ≤ 150 ms per trivial test.
+         whole run. Targets (issue 13), each measured the way a user waits for it:
+         pytest's start → first uml result ≤ 2.5 s; a warm trivial test (the
+         controller's interval between results, median) ≤ 60 ms; 20 trivial tests from
+         pytest's start to its exit ≤ 3.7 s.
 
 The host is noisy (other runs share its two cores): compare ratios within one run.
 """
@@ -141,10 +145,9 @@ def bench_boot(repeat: int, out: dict[str, Any]) -> None:
     print(f"  launcher start → guest connected   {b['channel_up_s']:6.2f} s")
     print(f"  makegateway → first remote_exec    {b['first_result_s']:6.2f} s")
     print(f"  import pytest in the fresh guest   {b['import_pytest_s']:6.2f} s")
-    verdict = "PASS" if b["cold_ready_s"] <= 2.5 else "MISS"
-    print(
-        f"  cold ready (sum)                   {b['cold_ready_s']:6.2f} s   target ≤ 2.5 s: {verdict}"
-    )
+    # No target here: this leaves out the worker's start and collection. The 2.5 s of
+    # issue 13 run from pytest's start to the first result (the pytest section).
+    print(f"  cold ready (sum)                   {b['cold_ready_s']:6.2f} s")
     print(f"  close (gw.exit + close_guest)      {b['close_s']:6.2f} s")
 
 
@@ -376,6 +379,8 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
             "tests": tests,
             "total_s": total,
             "first_result_s": stamps[0] - st["start"] if stamps else float("nan"),
+            # perf_counter is CLOCK_MONOTONIC: the child's stamps and our t0 share it.
+            "start_to_first_result_s": stamps[0] - t0 if stamps else float("nan"),
             "after_last_s": total - (stamps[-1] - st["start"]) if stamps else float("nan"),
             "in_guest_wall_median_s": med(walls),
             "controller_interval_median_s": med(gaps),
@@ -384,9 +389,15 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     out["pytest"] = res
-    verdict = "PASS" if res["controller_interval_median_s"] <= 0.150 else "MISS"
+    def verdict(value: float, limit: float) -> str:
+        return "PASS" if value <= limit else "MISS"
+
+    whole_limit = 3.7 if tests == 20 else None
     print(f"== warm guest: {tests} trivial tests through the fork server (pytest --isolate=uml)")
-    print(f"  whole run (boot, collect, tests, close)  {res['total_s']:6.2f} s")
+    whole = f"   target ≤ {whole_limit} s: {verdict(res['total_s'], whole_limit)}" if whole_limit else ""
+    print(f"  whole run, pytest's start → exit          {res['total_s']:6.2f} s{whole}")
+    first = res["start_to_first_result_s"]
+    print(f"  pytest's start → first test reported     {first:6.2f} s   target ≤ 2.5 s: {verdict(first, 2.5)}")
     print(
         f"  plugin loaded → first test reported      {res['first_result_s']:6.2f} s   (boot + fork server start + collection)"
     )
@@ -395,7 +406,8 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
     )
     print(f"  per test, inside the guest (wall)     {ms(res['in_guest_wall_median_s'])}")
     print(
-        f"  per test, controller's view (median)  {ms(res['controller_interval_median_s'])}   target ≤ 150 ms: {verdict}"
+        f"  per test, controller's view (median)  {ms(res['controller_interval_median_s'])}   "
+        f"target ≤ 60 ms: {verdict(res['controller_interval_median_s'], 0.060)}"
     )
     print(f"  per test, controller's view (max)     {ms(res['controller_interval_max_s'])}")
 
