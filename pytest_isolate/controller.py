@@ -483,7 +483,7 @@ class Controller:
         self.needs_switch = False
         from pytest_isolate.observe.canaries import Canaries
 
-        self.canaries: Canaries | None = Canaries(self.rundir, self.run_id)
+        self.canaries: Canaries | None = Canaries(self.rundir, self.run_id, settle=False)
         # Sandboxes inherit the environment of the workers: tests can find the
         # tripwires (the escape matrix targets them on purpose).
         os.environ.update(self.canaries.env)

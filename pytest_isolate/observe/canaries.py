@@ -186,7 +186,9 @@ def _host_services_env(max_names: int = 64) -> dict[str, str]:
 class Canaries:
     """Host-side tripwires planted once per run, outside every sandbox (controller process)."""
 
-    def __init__(self, rundir: Path, run_id: str, hooks: list[str] | None = None) -> None:
+    def __init__(self, rundir: Path, run_id: str, hooks: list[str] | None = None, settle: bool = True) -> None:
+        """``settle=False``: return before the canary process is armed; the first
+        ``contacts`` waits for it (the controller starts its worker meanwhile)."""
         self.rundir = Path(rundir)
         self.run_id = run_id
         self.token = secrets.token_hex(16)
@@ -204,8 +206,14 @@ class Canaries:
         self._unix: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_buf = b""
+        self._proc_ready = False
         self._proc_flags: set[str] = set()
         self._mount_fd = -1
+        #: A second handle, polled only by ``contacts``: each open mountinfo file keeps its
+        #: own "changed since I was last polled", so the watcher thread's poll cannot
+        #: consume the change a test made before ``contacts`` reads it.
+        self._mount_seen = select.poll()
+        self._mount_fd2 = -1
         self._mounts: dict[str, tuple[str, str, str]] = {}
         self._mount_excluded = (*_OWN_MOUNT_PREFIXES, os.path.join(str(self.rundir), ""))
         self._hooks: dict[str, str] = {}
@@ -222,6 +230,8 @@ class Canaries:
                 self.problems.append(f"{plant.__name__[7:]}: {exc}")
         self.env.update(_host_services_env())
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if settle:
+            self._settle()  # before the watcher exists, which would read "ready" too
         self._thread = threading.Thread(target=self._watch, name="isolate-canaries", daemon=True)
         self._thread.start()
 
@@ -272,15 +282,30 @@ class Canaries:
             close_fds=True,
         )
         assert proc.stdout is not None
-        # Wait until its signals are blocked: a signal before that would kill it.
-        line = proc.stdout.readline()
-        if line != b"ready\n":
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("the canary process did not start")
+        # Its "ready" (signals blocked: a signal before that would kill it) is waited for
+        # at the first ``contacts``, not here: its start-up (~17 ms) then overlaps the
+        # worker's, which the controller launches right after planting.
         os.set_blocking(proc.stdout.fileno(), False)
         self._proc = proc
         self.env["PYTEST_ISOLATE_CANARY_PID"] = str(proc.pid)
+
+    def _settle(self) -> None:
+        """Wait (once) until the canary process has blocked its signals. Under the lock."""
+        proc = self._proc
+        if self._proc_ready or proc is None or proc.stdout is None:
+            return
+        end = time.monotonic() + 10
+        while not self._proc_ready and proc.poll() is None and time.monotonic() < end:
+            with contextlib.suppress(OSError):
+                select.select([proc.stdout.fileno()], [], [], 0.05)
+            self._drain_process()
+        if not self._proc_ready:  # died or hung before it was armed: a problem, no contact
+            self.problems.append("process: the canary process did not start")
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+            self._proc = None
 
     def _plant_mounts(self) -> None:
         self._mount_fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
@@ -288,6 +313,8 @@ class Canaries:
         with contextlib.suppress(OSError):
             while os.read(self._mount_fd, 65536):
                 pass  # read to the end: POLLPRI now means "changed since"
+        self._mount_fd2 = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._mount_seen.register(self._mount_fd2, select.POLLPRI | select.POLLERR)
 
     def _plant_state(self) -> None:
         for path in kernel_hooks() if self._hook_paths is None else self._hook_paths:
@@ -443,6 +470,9 @@ class Canaries:
                 self._proc_buf += data
             *lines, self._proc_buf = self._proc_buf.split(b"\n")
             for line in lines:
+                if line == b"ready":
+                    self._proc_ready = True
+                    continue
                 try:
                     signo, pid, uid, _code = (int(x) for x in line.split())
                 except ValueError:
@@ -522,16 +552,26 @@ class Canaries:
         with self._lock:
             if self._closed:
                 return []
+            self._settle()
             # A signal the test just sent may not have been picked up by the canary yet.
-            end = time.monotonic() + 0.05
-            while self._signals_pending() and time.monotonic() < end:
-                time.sleep(0.002)
-            # Always re-read the mount table here: POLLPRI on mountinfo is consumed by
-            # whichever poller sees it first, and the watcher thread may have been woken
-            # for another fd in between; a per-test read costs ~0.1 ms.
-            self._drain(mounts=True, state=True)
+            if self._signals_pending():
+                end = time.monotonic() + 0.05
+                while self._signals_pending() and time.monotonic() < end:
+                    time.sleep(0.002)
+            # The mount table is re-read only when it changed since the last test: asked
+            # of our own handle (see ``_mount_seen``), a question of a few microseconds
+            # where reading and parsing the table cost ~0.1 ms on the critical path.
+            self._drain(mounts=self._mounts_changed(), state=True)
             out, self._pending = self._pending, []
         return out
+
+    def _mounts_changed(self) -> bool:
+        if self._mount_fd2 < 0:
+            return self._mount_fd >= 0
+        try:
+            return bool(self._mount_seen.poll(0))
+        except OSError:
+            return True
 
     def close(self) -> None:
         """Remove every tripwire; idempotent."""
@@ -555,11 +595,11 @@ class Canaries:
             if s is not None:
                 s.close()
         self._tcp = self._unix = None
-        for fd in (self._inotify, self._mount_fd, self._wake_r, self._wake_w, self._status_fd, *self._hook_fds.values()):
+        for fd in (self._inotify, self._mount_fd, self._mount_fd2, self._wake_r, self._wake_w, self._status_fd, *self._hook_fds.values()):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._inotify = self._mount_fd = self._wake_r = self._wake_w = self._status_fd = -1
+        self._inotify = self._mount_fd = self._mount_fd2 = self._wake_r = self._wake_w = self._status_fd = -1
         self._hook_fds = {}
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -201,3 +201,19 @@ def test_new_key_in_the_hosts_keyring(canaries: Canaries) -> None:
         libc.syscall(nr[1], 21, ctypes.c_long(key))  # KEYCTL_INVALIDATE
     assert [c["technique"] for c in got] == ["keyring"]
     assert desc.decode() in got[0]["evidence"]
+
+
+def test_unsettled_canaries_are_armed_by_the_first_contacts(tmp_path: Path) -> None:
+    """The controller plants without waiting for the canary process (its start-up then
+    overlaps the worker's); the first ``contacts`` waits until it is armed, so a signal
+    sent after it is reported with its sender, never as a killed canary."""
+    c = Canaries(tmp_path, "unsettled", settle=False)
+    try:
+        assert c.contacts() == []
+        os.kill(int(c.env["PYTEST_ISOLATE_CANARY_PID"]), signal.SIGUSR1)
+        got = wait_contacts(c)
+        assert [x["technique"] for x in got] == ["signal"]
+        assert "SIGUSR1" in got[0]["evidence"] and f"from pid {os.getpid()}" in got[0]["evidence"]
+        assert c.problems == []
+    finally:
+        c.close()
