@@ -231,7 +231,13 @@ def resolve(layers: Iterable[Mapping[str, Any]]) -> IsolationSpec:
     for layer in layers:
         for k, v in layer.items():
             merged.setdefault(k, v)
-    return IsolationSpec(**merged)
+    spec = IsolationSpec(**merged)
+    # One object per distinct spec: its ``to_dict`` is then made once for the run, not
+    # once per test (every test is sent with its spec).
+    return _INTERNED.setdefault(spec, spec)
+
+
+_INTERNED: dict[IsolationSpec, IsolationSpec] = {}
 
 
 def format_size(n: int | float | None) -> str:
