@@ -252,9 +252,11 @@ class IsolatePlugin:
         return [f"isolate: default tier {tier}"]
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_collection(self, session: pytest.Session) -> None:
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
         """Start the host worker now when the run's own tier says one will be needed: it
-        imports pytest and collects on the other CPU while this process collects."""
+        imports pytest and collects on the other CPU while this process collects. As
+        early as the session exists: the first test waits for the worker (~0.3 s of
+        interpreter start, imports and collection), not the other way round."""
         cfg = self.config
         if self.server or cfg.option.collectonly or cfg.pluginmanager.has_plugin("dsession"):
             return  # a server, nothing will run, or pytest-xdist's controller (no tests here)
