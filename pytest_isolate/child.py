@@ -178,6 +178,20 @@ class TerminalRelay:
         self.file = _RelayFile(self, term_fd)
         self.writer = create_terminal_writer(self.config, self.file)  # type: ignore[arg-type]
         self.writer.fullwidth = _terminal_width(term_fd)
+        self._quiet_reporter()
+
+    def _quiet_reporter(self) -> None:
+        """The terminal reporter's own logging hooks do nothing in a child: what they
+        write is muted (below) and the controller logs the same reports with its own,
+        so in the sandbox they only cost the test's critical path (~0.2 ms and the
+        copy-on-write faults of every page they touch). Done here, in the server, once:
+        the hook implementations are shared by every child forked from it."""
+        pm = self.config.pluginmanager
+        tr = pm.get_plugin("terminalreporter")
+        for name in ("pytest_runtest_logstart", "pytest_runtest_logreport", "pytest_runtest_logfinish"):
+            for impl in getattr(pm.hook, name).get_hookimpls():
+                if impl.plugin is tr and not impl.wrapper and not impl.hookwrapper:
+                    impl.function = _nothing
 
     def start(self, fd: int) -> None:
         """In a test child: text from here on goes up ``fd``."""
@@ -221,6 +235,10 @@ class TerminalRelay:
     def pytest_runtest_logfinish(self) -> Generator[None, object, object]:
         with self._muted():
             return (yield)
+
+
+def _nothing(*args: object) -> None:
+    return None
 
 
 def _fitted(msg: dict[str, Any]) -> dict[str, Any]:
@@ -360,18 +378,25 @@ def run_items(
         wire.guard(result_fd)
         wire.send(result_fd, {"t": "channel", "fd": result_fd})
         _set_comm(RUNNER_COMM)
-        if job is None:
+        factory = getattr(config, "_tmp_path_factory", None)  # none under -p no:tmpdir
+        basetemp = str(factory.getbasetemp() if factory is not None else config.option.basetemp)
+        # A pre-forked child arms the audit layer while it waits, deaf until its job has
+        # come and its own set-up below is done (nothing in it depends on the job).
+        early = job is None
+        if early:
+            escapes.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
             job = wire.recv(go_fd)
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
         rlimits.apply(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup
         )
-        # Last: from here on the audit layer watches, and our own set-up is not the test's.
-        factory = getattr(config, "_tmp_path_factory", None)  # none under -p no:tmpdir
-        basetemp = str(factory.getbasetemp() if factory is not None else config.option.basetemp)
         if forwarder.carry is not None:
             forwarder.carry.begin()
-        escapes.arm(result_fd, [basetemp], str(config.rootpath))
+        # Last: from here on the audit layer watches, and our own set-up is not the test's.
+        if early:
+            escapes.resume()
+        else:
+            escapes.arm(result_fd, [basetemp], str(config.rootpath))
         while True:
             item = items[job["nodeid"]]
             session = item.session

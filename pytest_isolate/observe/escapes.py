@@ -854,7 +854,7 @@ def _build() -> Callable[[int, list[str]], None]:
     protected.update({id(hook), id(ctypes.CDLL), *(id(mod) for mod, _ in guards)})
     installed: list[int] = []
 
-    def install(result_fd: int, writable: list[str]) -> None:
+    def install(result_fd: int, writable: list[str], paused: bool = False) -> None:
         # Our own copy of the pipe, out of the way of a test that closes or reuses low
         # fds; its identity is checked before every send so we never write into a file
         # of the test's.
@@ -875,6 +875,7 @@ def _build() -> Callable[[int, list[str]], None]:
         st.sent = st.spawns = 0
         st.over = False
         if installed and installed[0] == st.me:
+            st.busy = paused
             return  # armed twice in one process: new pipe and paths, same hook
         installed[:] = [st.me]
         sys.addaudithook(hook)
@@ -889,8 +890,12 @@ def _build() -> Callable[[int, list[str]], None]:
                 except TypeError:
                     pass
         finally:
-            st.busy = False
+            st.busy = paused
 
+    def resume() -> None:
+        st.busy = False
+
+    install.resume = resume  # type: ignore[attr-defined]
     return install
 
 
@@ -1213,7 +1218,7 @@ def merge(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _install = _build()
 
 
-def arm(result_fd: int, writable: list[str], rootdir: str | None = None) -> None:
+def arm(result_fd: int, writable: list[str], rootdir: str | None = None, paused: bool = False) -> None:
     """Install the audit layer in this (already confined) test process.
 
     Everything the hook needs lives in closures made at import: replacing this module's
@@ -1222,6 +1227,9 @@ def arm(result_fd: int, writable: list[str], rootdir: str | None = None) -> None
 
     ``rootdir``: the session's, which escape locations are relative to (default: the
     cwd now, before the test runs). "/" counts as none: every path would lose its "/".
+
+    ``paused``: installed but deaf until ``resume`` (a pre-forked child arms itself
+    while it waits for its job, off the test's critical path: ~0.35 ms a test here).
     """
     if rootdir is None:
         try:
@@ -1229,4 +1237,9 @@ def arm(result_fd: int, writable: list[str], rootdir: str | None = None) -> None
         except OSError:  # no cwd (it lies outside a new root)
             rootdir = ""
     _ROOT[0] = rootdir.rstrip("/") + "/" if rootdir.rstrip("/") else ""
-    _install(result_fd, writable)
+    _install(result_fd, writable, paused)
+
+
+def resume() -> None:
+    """From here on the audit layer watches (after ``arm(..., paused=True)``)."""
+    _install.resume()  # type: ignore[attr-defined]
