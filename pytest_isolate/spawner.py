@@ -8,6 +8,10 @@ the fork itself in its own loop. The spawner is forked from the server once; it 
 sits in a small loop (receive three fds, fork, answer), touches a handful of pages a
 test, and the server never forks for the `process` tier again.
 
+A `chroot` sandbox's child is a zygote too: the server mounts its root (it must, in
+the host's mount namespace) and names it in the request; the zygote enters it before
+it waits for its job.
+
 The zygotes are the spawner's children, so it reaps them and reports each one's raw
 wait status and rusage; the server asks for them by pid (``status``). The spawner is
 not a subreaper: what a test leaves behind still reparents to the server, which finds
@@ -39,7 +43,7 @@ class Spawner:
 
     def __init__(
         self,
-        zygote: Callable[[int, int, int], NoReturn],
+        zygote: Callable[[int, int, int, str, str], NoReturn],
         warm: Callable[[str], None],
         close_in_child: list[int],
     ) -> None:
@@ -65,13 +69,17 @@ class Spawner:
         self.children: set[int] = set()
         self.named: list[int] = []  # pids the spawner sent, oldest first, not yet taken
 
-    def spawn(self, result_w: int, stack_fd: int, go_r: int, warm: str | None) -> None:
+    def spawn(
+        self, result_w: int, stack_fd: int, go_r: int, warm: str | None, root: str = "", cwd: str = ""
+    ) -> None:
         """Ask for a new zygote holding these three fds; ``next_pid()`` answers which it is.
         Not waited for here: the fork takes ~1 ms, during which the server may have a
-        test's end to notice. ``warm``: the nodeid the zygote will most likely run,
-        whose cached attributes the spawner computes first."""
+        test's end to notice. ``warm``: the test in progress; the zygote will most
+        likely run the one after it, whose cached attributes the spawner computes
+        first. ``root``/``cwd``: the root the zygote chroots into (`chroot`), if any."""
+        fields = "\0".join(("z", warm or "", root, cwd))
         try:
-            socket.send_fds(self.sock, [f"z {warm or ''}".encode()], [result_w, stack_fd, go_r])
+            socket.send_fds(self.sock, [fields.encode()], [result_w, stack_fd, go_r])
         except OSError as exc:
             raise SpawnerGone(str(exc)) from None
 
@@ -133,7 +141,9 @@ class Spawner:
             os.waitpid(self.pid, 0)
 
 
-def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], warm: Callable[[str], None]) -> NoReturn:
+def _serve(
+    sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoReturn], warm: Callable[[str], None]
+) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     kids: dict[int, int] = {}  # pidfd -> pid
     while True:
@@ -150,7 +160,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], war
         if sock not in ready:
             continue
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, 1024, 3)
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
         except OSError:
             msg, fds = b"", []
         if not msg:  # the server is gone or done: so are its zygotes
@@ -161,7 +171,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], war
                     os.waitpid(pid, 0)
                 os.close(fd)
             os._exit(0)
-        nodeid = msg.decode()[2:]
+        _, nodeid, root, cwd = msg.decode().split("\0")
         if nodeid:
             with contextlib.suppress(Exception):
                 warm(nodeid)
@@ -172,7 +182,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int], NoReturn], war
             sock.close()
             for fd in kids:
                 os.close(fd)
-            zygote(fds[0], fds[1], fds[2])
+            zygote(fds[0], fds[1], fds[2], root, cwd)
         for fd in fds:
             os.close(fd)
         kids[os.pidfd_open(pid)] = pid

@@ -126,9 +126,14 @@ class ChrootTier(Tier):
             cwd = str(self.ctx.rootdir) if os.path.isdir(os.path.join(plan.merged, str(self.ctx.rootdir).lstrip("/"))) else "/"
         box.state["chroot_cwd"] = cwd
 
+    def entry(self, box: Box) -> tuple[str, str]:
+        """The prepared root and the cwd in it: all a child needs to enter this sandbox,
+        so a child forked elsewhere (the fork server's spawner, for a sandbox built
+        ahead) can do it as well as ``spawn``'s: own process group, chroot, chdir."""
+        return str(box.state["chroot_dir"] / "root"), box.state["chroot_cwd"]
+
     def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
-        root: Path = box.state["chroot_dir"] / "root"
-        cwd: str = box.state["chroot_cwd"]
+        root, cwd = self.entry(box)
 
         def body() -> NoReturn:
             os.setpgid(0, 0)
