@@ -49,7 +49,9 @@ from pytest_isolate.tiers.base import (
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
 STACK_GRACE = 1.0
 #: Tiers whose next sandbox is built while the current test runs (``_build_ahead``).
-AHEAD_TIERS = ("chroot", "jail", "zone")
+AHEAD_TIERS = ("chroot", "jail", "zone", "uml")
+#: Tiers whose sandbox has a cgroup of its own (readings, memory and pids limits).
+CGROUP_TIERS = ("zone", "uml")
 #: Tiers whose children the spawner forks (so this server's pages stay its own).
 SPAWNER_TIERS = ("process", "chroot")
 #: Sandboxes built ahead for nothing before a server stops building ahead.
@@ -462,7 +464,7 @@ class ForkServer:
         box = Box(nxt.nodeid, nspec, slot.seq, slot.scratch, _hostname(nxt.nodeid), slot.w)
         tier = self.tier(nspec.tier)
         go_r, go_w = os.pipe()
-        cgroup_memory = nspec.tier == "zone"
+        cgroup_memory = nspec.tier in CGROUP_TIERS
 
         def run() -> NoReturn:
             self._close_private()
@@ -590,7 +592,7 @@ class ForkServer:
         for f in captures:
             f.seek(0)
             f.truncate()
-        cgroup_memory = spec.tier in ("zone", "uml")
+        cgroup_memory = spec.tier in CGROUP_TIERS
         go_r, go_w = os.pipe() if group and waiting is None else (-1, -1)
 
         def run() -> NoReturn:
@@ -795,7 +797,7 @@ class ForkServer:
     @staticmethod
     def _cgroup(box: Box) -> bool:
         """Whether the test's readings and limits come from a cgroup (zone, uml)."""
-        return box.spec.tier in ("zone", "uml")
+        return box.spec.tier in CGROUP_TIERS
 
     def _reap_exiting(self) -> None:
         for pid in list(self.exiting):
