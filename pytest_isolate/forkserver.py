@@ -610,10 +610,15 @@ class ForkServer:
         timed_out = False
         kept = False
         pid = 0
+        parent: Spawner | None = None
         t0 = time.perf_counter()
         try:
             if waiting is not None:
                 pid = self._named(waiting)
+                # Its parent, taken now: making the next child below may find the spawner
+                # dead (this test may kill it at once) and replace it before ``_wait``.
+                if self.spawner is not None and pid in self.spawner.children:
+                    parent = self.spawner
                 wire.send(waiting.go, job)
                 if self.want_zygote:
                     with contextlib.suppress(SpawnerGone):  # next time: forked here
@@ -641,7 +646,7 @@ class ForkServer:
                     slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, group, tier, box
                 if not group:
                     self._build_ahead(nodeid, spec, busy=(r, stack_fd))
-            status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout, stack_fd)
+            status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout, stack_fd, parent)
             if status == "kept":  # the child keeps fixtures up for the next item of its group
                 kept = True
                 status = 0
@@ -687,10 +692,12 @@ class ForkServer:
         return result
 
     def _wait(
-        self, box: Box, tier: Tier, pid: int, r: int, msgs: list[dict[str, Any]], timeout: float | None, stack_fd: int
+        self, box: Box, tier: Tier, pid: int, r: int, msgs: list[dict[str, Any]], timeout: float | None, stack_fd: int,
+        parent: Spawner | None = None,
     ) -> tuple[int | None, Any, bool]:
         """Wait for the test; ``(None, None, False)`` means the runner said "end" and the
-        tier is direct, so its exit need not be waited for."""
+        tier is direct, so its exit need not be waited for. ``parent``: the spawner that
+        forked the runner, if one did."""
         # One reader per sandbox: a kept child's next item continues its stream.
         reader = box.state.get("reader")
         if reader is None:
@@ -711,7 +718,12 @@ class ForkServer:
         watch = [r, pidfd, self.cmd_fd]
         # A test may kill whatever it sees, its parent too: for a zygote, the spawner.
         # Then the test dies with it, as when a test kills the fork server.
-        spawner = self.spawner if self.spawner is not None and pid in self.spawner.children else None
+        spawner = parent
+        if spawner is not None and spawner is not self.spawner:  # found dead meanwhile
+            spawner = None
+            box.state["spawner_killed"] = True
+            tier.kill(box, pid)
+            deadline = None
         if spawner is not None:
             watch.append(spawner.sock.fileno())
         try:
