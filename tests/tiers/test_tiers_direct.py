@@ -133,7 +133,11 @@ def test_daemon_killed_and_reported(harness, cls):
                         f.write(".")
                     time.sleep(0.01)
             os._exit(0)
-        time.sleep(0.05)
+        # Until the daemon has ticked: a fixed wait was too short on a loaded host (CI
+        # with another suite beside it), and the daemon then never wrote at all.
+        end = time.monotonic() + 30
+        while not os.path.exists(ticks) and time.monotonic() < end:
+            time.sleep(0.01)
         return {"pids": _ls_pids()}
 
     out = harness.run(cls, body)
