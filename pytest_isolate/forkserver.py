@@ -493,7 +493,6 @@ class ForkServer:
         os.close(slot.w)
         slot.w = -1
         slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, f"ahead:{nxt.nodeid}", tier, box
-        slot.spawned = pid == 0
         self.waiting = slot
 
     def _spawned_ahead(self, tier: Tier, box: Box, slot: _Slot, go_r: int, after: str) -> int | None:
@@ -502,15 +501,15 @@ class ForkServer:
         read when first needed, ``_named``). None: fork it here (the tier needs it, or
         there is no spawner). Forked here, every child costs this server ~1.5 ms of
         copy-on-write faults on its own pages and the page-table copy of the fork."""
-        entry = getattr(tier, "entry", None)
-        if entry is None or self.spawner is None:
+        where = tier.entry(box)
+        if where is None or self.spawner is None:
             return None
-        root, cwd = entry(box)
         try:
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after, root, cwd)
+            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after, *where)
         except SpawnerGone:
             self._spawner_gone()
             return None
+        slot.spawned = True
         return 0
 
     def _close_busy(self) -> None:

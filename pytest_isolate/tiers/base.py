@@ -95,6 +95,12 @@ class Tier:
     def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
         raise NotImplementedError
 
+    def entry(self, box: Box) -> tuple[str, str] | None:
+        """How a child forked elsewhere (the fork server's spawner) enters this prepared
+        sandbox: the root to chroot into and the cwd in it. None: only ``spawn`` can
+        make its child (namespaces, an init between the server and the runner)."""
+        return None
+
     def kill(self, box: Box, pid: int) -> None:
         """Kill everything the test started, not only ``pid``."""
         kill_tree(pid)

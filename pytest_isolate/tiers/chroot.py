@@ -127,9 +127,8 @@ class ChrootTier(Tier):
         box.state["chroot_cwd"] = cwd
 
     def entry(self, box: Box) -> tuple[str, str]:
-        """The prepared root and the cwd in it: all a child needs to enter this sandbox,
-        so a child forked elsewhere (the fork server's spawner, for a sandbox built
-        ahead) can do it as well as ``spawn``'s: own process group, chroot, chdir."""
+        # All a child needs here (own process group, chroot, chdir), so the spawner's
+        # zygote can do it as well as ``spawn``'s child.
         return str(box.state["chroot_dir"] / "root"), box.state["chroot_cwd"]
 
     def spawn(self, box: Box, run: Callable[[], NoReturn]) -> int:
