@@ -23,7 +23,8 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int | str) -> str:
+    """A process's command line, "" once it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -36,7 +37,7 @@ def fork_servers() -> list[int]:
     todo, found = [os.getpid()], []
     while todo:
         for c in children(todo.pop()):
-            (found if "pytest_isolate.forkserver" in _cmdline(c) else todo).append(c)
+            (found if "pytest_isolate.forkserver" in cmdline(c) else todo).append(c)
     return found
 
 

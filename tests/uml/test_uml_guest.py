@@ -33,6 +33,7 @@ import pytest
 import pytest_isolate
 from pytest_isolate.tiers import uml
 from pytest_isolate.tiers.base import Unavailable
+from tests.procprobe import cmdline
 
 PKG_ROOT = str(Path(pytest_isolate.__file__).resolve().parent.parent)
 
@@ -40,16 +41,8 @@ PKG_ROOT = str(Path(pytest_isolate.__file__).resolve().parent.parent)
 # -- helpers --------------------------------------------------------------------------
 
 
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def procs_with(token: str) -> list[str]:
-    return [f"{p}: {c}" for p in os.listdir("/proc") if p.isdigit() and token in (c := _cmdline(p))]
+    return [f"{p}: {c}" for p in os.listdir("/proc") if p.isdigit() and token in (c := cmdline(p))]
 
 
 def leftovers(workdir: Path, grace: float = 5.0) -> list[str]:
