@@ -163,6 +163,8 @@ class ForkServer:
         os.register_at_fork(after_in_child=self._close_busy)
         self.pidfds: dict[int, int] = {}  # spawner-made zygote -> its pidfd
         self.want_zygote = False
+        #: The worker attributes hidden while tests run (``node.hide_worker``).
+        self.worker_attrs: dict[str, Any] = {}
 
     # -- pytest hooks -------------------------------------------------------------
     @pytest.hookimpl(trylast=True)
@@ -189,11 +191,18 @@ class ForkServer:
         if isinstance(config.stash.get(xml_key, None), _JunitFamily):
             del config.stash[xml_key]
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self) -> None:
+        """Last: every plugin has decided it runs in a worker by now (pytest-cov does here)."""
+        self.worker_attrs = node.hide_worker(self.config)
+
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_sessionfinish(self) -> Any:
         """After every plugin's own ``pytest_sessionfinish`` (the outermost wrapper):
         what they left in ``workeroutput`` goes to the controller's
-        ``pytest_testnodedown``, as an xdist worker's does."""
+        ``pytest_testnodedown``, as an xdist worker's does. Before them, the session is
+        a worker again (``node.hide_worker``)."""
+        node.show_worker(self.config, self.worker_attrs)
         try:
             return (yield)
         finally:

@@ -699,7 +699,7 @@ EARLY_CONFTEST = """
 
 
     def pytest_collection_finish(session):
-        if getattr(session.config, "workerinput", None) is not None:
+        if session.config.pluginmanager.has_plugin("isolate-forkserver"):
             return  # the fork server's own collection
         end = time.monotonic() + 20
         while not _server_running() and time.monotonic() < end:

@@ -626,7 +626,7 @@ def test_sandbox_built_ahead_serves_only_its_own_test(pytester: pytest.Pytester,
         pytester.makeconftest(
             """
             def pytest_collection_modifyitems(config, items):
-                if not hasattr(config, "workerinput"):  # the controller only
+                if not config.pluginmanager.has_plugin("isolate-forkserver"):  # the controller only
                     items.reverse()
             """
         )

@@ -16,7 +16,10 @@ adjustments:
   those hooks would have given (``_shims``), since the server is a worker either way;
 - under a real xdist worker, the server's input is that worker's own ``workerinput``
   (its id, its run uid, what the xdist controller's plugins gave it: they are not asked
-  again), and the worker's own ``workeroutput`` is never touched.
+  again), and the worker's own ``workeroutput`` is never touched;
+- it is a worker only where plugins decide what kind of session they are in: while it
+  is configured and starts, and when it finishes (``hide_worker``). From collection to
+  the last test it looks like the user's in-process session, which is not a worker.
 """
 
 from __future__ import annotations
@@ -122,3 +125,30 @@ def nodedown(config: pytest.Config, node: SandboxNode, workeroutput: dict[str, A
 def server_output(config: pytest.Config) -> dict[str, Any]:
     """The server's ``workeroutput`` as JSON can carry it, sent when its session ends."""
     return _plain(dict(getattr(config, "workeroutput", None) or {}))
+
+
+#: What makes a session an xdist worker, to plugins and tests alike.
+_WORKER_ATTRS = ("workerinput", "workeroutput")
+
+
+def hide_worker(config: pytest.Config) -> dict[str, Any]:
+    """Take the worker attributes off the server's config until ``show_worker``.
+
+    Plugins decide whether they run in a worker when they are configured or when the
+    session starts (pytest-cov, pytest-randomly, pytest-rerunfailures, junitxml), and a
+    worker's session-end work reaches the controller only if they still see one at the
+    end. Between the two, what asks is a conftest's collection hook or a test's fixture:
+    ``xdist.is_xdist_worker(request)``, the ``worker_id`` fixture, pytest-django's test
+    database suffix, "skip this on xdist workers". In-process those see no worker, so a
+    sandbox must not show one either. Under a real xdist worker they do see one (its
+    own), and nothing is hidden."""
+    if (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master":
+        return {}
+    return {name: config.__dict__.pop(name) for name in _WORKER_ATTRS if name in config.__dict__}
+
+
+def show_worker(config: pytest.Config, saved: dict[str, Any]) -> None:
+    """Put back what ``hide_worker`` took, for the session's end."""
+    for name, value in saved.items():
+        setattr(config, name, value)
+    saved.clear()

@@ -3,6 +3,7 @@ calls, another plugin's signal in the controller, markers that came too late."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -59,7 +60,7 @@ def test_something_raised_into_the_controller_fails_that_test_only(pytester: pyt
 
         @pytest.hookimpl(hookwrapper=True)
         def pytest_runtest_protocol(item):
-            armed = item.name == "test_slow" and not hasattr(item.config, "workerinput")
+            armed = item.name == "test_slow" and not item.config.pluginmanager.has_plugin("isolate-forkserver")
             if armed:
                 old = signal.signal(signal.SIGALRM, _raise)
                 signal.setitimer(signal.ITIMER_REAL, 0.5)
@@ -171,3 +172,78 @@ def test_markers_from_modifyitems_count_and_late_ones_warn(pytester: pytest.Pyte
             "*tests per tier: jail 1*",
         ]
     )
+
+
+NO_WORKER_CONFTEST = """
+    import pytest
+
+    def pytest_configure(config):
+        # Once per run, as the xdist docs advise: never again in a worker's session.
+        if not hasattr(config, "workerinput"):
+            with open("configured-by", "a") as f:
+                f.write("controller\\n")
+
+    def pytest_collection_modifyitems(config, items):
+        if hasattr(config, "workerinput"):
+            for item in items:
+                if item.name == "test_skipped_on_workers":
+                    item.add_marker(pytest.mark.skip(reason="not on xdist workers"))
+"""
+NO_WORKER = """
+    from xdist import is_xdist_worker
+
+    def test_not_a_worker(request):
+        assert not hasattr(request.config, "workerinput")
+        assert not is_xdist_worker(request)
+
+    def test_worker_id(worker_id):
+        assert worker_id == "master"
+
+    def test_database_suffix(request):
+        # pytest-django names its test databases after this
+        assert not getattr(request.config, "workerinput", {}).get("workerid")
+
+    def test_skipped_on_workers():
+        pass
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_sandbox_is_no_xdist_worker_to_its_test(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """The sandbox's session speaks the xdist node protocol to plugins, but from
+    collection to the last test it looks like the in-process session: a conftest's
+    collection hook, ``xdist.is_xdist_worker``, ``worker_id`` and pytest-django's
+    database suffix see no worker. Once-per-run work in ``pytest_configure`` still
+    runs in the controller only."""
+    pytester.makeconftest(NO_WORKER_CONFTEST)
+    pytester.makepyfile(test_nw=NO_WORKER)
+    marker = pytester.path / "configured-by"
+    base = run(None)
+    assert marker.read_text() == "controller\n"
+    marker.unlink()
+    iso = run(tier)
+    names = ("test_not_a_worker", "test_worker_id", "test_database_suffix", "test_skipped_on_workers")
+    assert outcomes(base) == outcomes(iso) == {f"test_nw.py::{n}": ["PASSED"] for n in names}, iso.stdout.str()
+    assert marker.read_text() == "controller\n"
+
+
+def test_under_xdist_a_sandbox_is_its_workers(pytester: pytest.Pytester, run: Runner) -> None:
+    """Under ``-n`` a test runs in an xdist worker in-process, and its sandbox shows
+    that worker: the same outcomes either way."""
+    pytester.makeconftest(NO_WORKER_CONFTEST)
+    pytester.makepyfile(test_nw=NO_WORKER)
+    base = run(None, "-n", "2")
+    iso = run("process", "-n", "2")
+    expected = {
+        "test_nw.py::test_not_a_worker": "FAILED",
+        "test_nw.py::test_worker_id": "FAILED",
+        "test_nw.py::test_database_suffix": "FAILED",
+        "test_nw.py::test_skipped_on_workers": "SKIPPED",
+    }
+    assert _xdist_outcomes(base) == _xdist_outcomes(iso) == expected, iso.stdout.str()
+
+
+def _xdist_outcomes(result: pytest.RunResult) -> dict[str, str]:
+    """``[gw0] [ 25%] FAILED test_nw.py::test_x`` lines of ``-v`` under xdist."""
+    found = (re.match(r"^\[gw\d+\] \[\s*\d+%\] (\w+) (\S+)", line) for line in result.outlines)
+    return {m.group(2): m.group(1) for m in found if m}
