@@ -635,10 +635,10 @@ def direct_readings_cost(rounds: int = 200) -> dict[str, Any]:
             lambda: usage.check(spec, usage.merge(ru, None, sampler.result(), 0.01), {"memory"})
         )
         try:
-            from pytest_isolate.facets import cgroups
+            from pytest_isolate.facets import cgroup_host, cgroups
 
             run_id = f"bench{os.getpid()}"
-            cg = cgroups.TestCgroup(cgroups.detect(), run_id, "readings", cgroups.Limits())
+            cg = cgroups.TestCgroup(cgroup_host.detect(), run_id, "readings", cgroup_host.Limits())
             try:
                 cg.attach(child.pid)
                 out["cgroup_read_us"] = median_us(cg.read)

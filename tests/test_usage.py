@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from pytest_isolate.facets import cgroups
-from pytest_isolate.facets.cgroups import Limits, TestCgroup
+from pytest_isolate.facets import cgroup_host, cgroups
+from pytest_isolate.facets.cgroup_host import Limits
+from pytest_isolate.facets.cgroups import TestCgroup
 from pytest_isolate.observe import usage
 from pytest_isolate.observe.usage import READINGS, TreeSampler, check, merge
 from pytest_isolate.spec import IsolationSpec
@@ -117,7 +118,7 @@ def test_sampler_reads_200mb():
 
 def test_all_sources_agree_on_200mb_in_a_real_cgroup():
     """The zone's view: sampler while it runs, rusage and cgroup after; merge picks the cgroup."""
-    cg = TestCgroup(cgroups.detect(), RUN_ID, "agree", Limits())
+    cg = TestCgroup(cgroup_host.detect(), RUN_ID, "agree", Limits())
     try:
         r, w = os.pipe()
         pid = os.fork()
@@ -151,7 +152,7 @@ def test_all_sources_agree_on_200mb_in_a_real_cgroup():
 
 
 def test_oom_in_cgroup_gives_a_memory_verdict():
-    cg = TestCgroup(cgroups.detect(), RUN_ID, "oom", Limits(memory=128 * MiB))
+    cg = TestCgroup(cgroup_host.detect(), RUN_ID, "oom", Limits(memory=128 * MiB))
     try:
         pid = os.fork()
         if pid == 0:

@@ -896,9 +896,9 @@ class UmlTier(Tier):
         os.makedirs(TESTS_DIR, exist_ok=True)
         self._cg_host: Any = None
         try:
-            from pytest_isolate.facets import cgroups
+            from pytest_isolate.facets import cgroup_host
 
-            host = cgroups.detect()
+            host = cgroup_host.detect()
             if host.mode != "none":
                 self._cg_host = host
         except Exception:  # noqa: BLE001 - readings then come from rusage only
@@ -1006,9 +1006,9 @@ class UmlTier(Tier):
                 "uml: this guest has no interface on the run's switch (booted with network='none')"
             )
         if self._cg_host is not None:
-            from pytest_isolate.facets import cgroups
+            from pytest_isolate.facets import cgroup_host, cgroups
 
-            limits = cgroups.Limits(memory=box.spec.memory, pids=box.spec.pids, cpu=box.spec.cpu)
+            limits = cgroup_host.Limits(memory=box.spec.memory, pids=box.spec.pids, cpu=box.spec.cpu)
             problem = self._cg_host.missing(limits)
             if problem:
                 raise Unavailable(f"uml: in the guest: {problem}")

@@ -26,13 +26,13 @@ import re
 import resource
 import sys
 
-from pytest_isolate.facets import caps, cgroups, seccomp
+from pytest_isolate.facets import caps, cgroup_host, cgroups, seccomp
 from pytest_isolate.tiers.base import Box, Unavailable, kill_tree
 from pytest_isolate.tiers.jail import JailTier
 
 
-def limits_for(spec) -> cgroups.Limits:  # type: ignore[no-untyped-def]
-    return cgroups.Limits(memory=spec.memory, pids=spec.pids, cpu=spec.cpu, io=spec.io)
+def limits_for(spec) -> cgroup_host.Limits:  # type: ignore[no-untyped-def]
+    return cgroup_host.Limits(memory=spec.memory, pids=spec.pids, cpu=spec.cpu, io=spec.io)
 
 
 class ZoneTier(JailTier):
@@ -46,8 +46,8 @@ class ZoneTier(JailTier):
         reason = super().availability()
         if reason:
             return reason
-        host = cgroups.detect()
-        problem = host.missing(cgroups.Limits())
+        host = cgroup_host.detect()
+        problem = host.missing(cgroup_host.Limits())
         if problem:
             return f"the zone tier needs a cgroup of its own per test: {problem}"
         return None
@@ -55,11 +55,11 @@ class ZoneTier(JailTier):
     @staticmethod
     def spec_problem(spec) -> str | None:  # type: ignore[no-untyped-def]
         """None when this host can enforce every limit ``spec`` asks for, else why not."""
-        return cgroups.detect().missing(limits_for(spec))
+        return cgroup_host.detect().missing(limits_for(spec))
 
     def prepare(self, box: Box) -> None:
         super().prepare(box)
-        host = cgroups.detect()
+        host = cgroup_host.detect()
         limits = limits_for(box.spec)
         problem = host.missing(limits)
         if problem:
@@ -67,7 +67,7 @@ class ZoneTier(JailTier):
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"w{os.getpid()}-{box.index}")
         try:
             box.state["zone_cg"] = cgroups.TestCgroup(host, self.ctx.run_id, name, limits)
-        except cgroups.CgroupUnavailable as exc:
+        except cgroup_host.CgroupUnavailable as exc:
             raise Unavailable(str(exc)) from None
 
     def _sync_needed(self, box: Box) -> bool:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.facets import cgroups
-from pytest_isolate.facets.cgroups import CgroupHost, CgroupUnavailable, Limits, TestCgroup
+from pytest_isolate.facets import cgroup_host, cgroups
+from pytest_isolate.facets.cgroup_host import CgroupHost, CgroupUnavailable, Limits
+from pytest_isolate.facets.cgroups import TestCgroup
 
 PY = sys.executable
 MiB = 1 << 20
@@ -51,7 +52,7 @@ def run_id():
     yield rid
     removed = cgroups.sweep(rid)
     # A passing test removed its test groups itself; only run-level parents remain.
-    leaked_groups = [p for p in removed if not p.endswith(f"/{cgroups.PREFIX}{rid}")]
+    leaked_groups = [p for p in removed if not p.endswith(f"/{cgroup_host.PREFIX}{rid}")]
     left = [p for p in _find_isolat() if rid in p]
     assert not left, f"cgroups left behind: {left}"
     assert not leaked_groups, f"test groups only removed by sweep: {leaked_groups}"
@@ -123,8 +124,8 @@ def _run(cg: TestCgroup, code: str, timeout: float = 30.0) -> int:
 
 
 def test_detect_matches_this_host():
-    host = cgroups.detect()
-    assert host is cgroups.detect()  # probed once per process
+    host = cgroup_host.detect()
+    assert host is cgroup_host.detect()  # probed once per process
     line = host.describe()
     assert "\n" not in line and line.startswith(f"cgroups: {host.mode}")
     assert host.mode in ("v1", "v2", "hybrid", "none")
@@ -184,7 +185,7 @@ def test_missing_v1_not_writable_names_the_fix():
 
 
 def test_lifecycle_limits_written_and_cost(run_id):
-    host = cgroups.detect()
+    host = cgroup_host.detect()
     lim = Limits(memory=256 * MiB, pids=64, cpu=0.5, io=50 * MiB)
     setup, attach = [], []
     for i in range(30):
@@ -243,14 +244,14 @@ def _check_limits_written(cg: TestCgroup, lim: Limits) -> None:
 
 
 def test_remove_is_tolerant(run_id):
-    cg = TestCgroup(cgroups.detect(), run_id, "t", Limits())
+    cg = TestCgroup(cgroup_host.detect(), run_id, "t", Limits())
     cg.remove()
     cg.remove()
     assert not cg.leftover
-    cg2 = TestCgroup(cgroups.detect(), run_id, "u", Limits())
+    cg2 = TestCgroup(cgroup_host.detect(), run_id, "u", Limits())
     cgroups.sweep(run_id)  # parent swept away under the group's feet
     cg2.remove()
-    cg3 = TestCgroup(cgroups.detect(), run_id, "v", Limits())  # parent is made again
+    cg3 = TestCgroup(cgroup_host.detect(), run_id, "v", Limits())  # parent is made again
     assert all(d.is_dir() for d in cg3.dirs.values())
     cg3.remove()
 
@@ -259,7 +260,7 @@ def test_remove_is_tolerant(run_id):
 
 
 def test_peak_memory_of_200mb_child(run_id):
-    cg = TestCgroup(cgroups.detect(), run_id, "mem", Limits())
+    cg = TestCgroup(cgroup_host.detect(), run_id, "mem", Limits())
     try:
         status = _run(cg, "b = b'x' * (200 << 20)")  # bytes * n writes every page
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -270,7 +271,7 @@ def test_peak_memory_of_200mb_child(run_id):
 
 
 def test_oom_kill_at_memory_limit(run_id):
-    cg = TestCgroup(cgroups.detect(), run_id, "oom", Limits(memory=128 * MiB))
+    cg = TestCgroup(cgroup_host.detect(), run_id, "oom", Limits(memory=128 * MiB))
     try:
         status = _run(cg, "b = b'x' * (300 << 20)\nprint('survived')")
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
@@ -311,7 +312,7 @@ print(fails)
 
 
 def test_fork_bomb_stops_at_pids_max(run_id):
-    cg = TestCgroup(cgroups.detect(), run_id, "bomb", Limits(pids=20))
+    cg = TestCgroup(cgroup_host.detect(), run_id, "bomb", Limits(pids=20))
     try:
         t0 = time.monotonic()
         status = _run(cg, BOMB, timeout=30)
@@ -324,13 +325,13 @@ def test_fork_bomb_stops_at_pids_max(run_id):
         # the host is unaffected: we can still fork, and nothing of the bomb is left
         assert subprocess.run(["true"]).returncode == 0
         cg.kill()
-        assert not any(cgroups._procs(d) for d in cg.dirs.values())
+        assert not any(cgroup_host._procs(d) for d in cg.dirs.values())
     finally:
         cg.remove()
 
 
 def test_cpu_quota_throttles(run_id):
-    cg = TestCgroup(cgroups.detect(), run_id, "cpu", Limits(cpu=0.2))
+    cg = TestCgroup(cgroup_host.detect(), run_id, "cpu", Limits(cpu=0.2))
     try:
         status = _run(
             cg, "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.5: pass"
@@ -347,7 +348,7 @@ def test_cpu_quota_throttles(run_id):
 def test_io_limit_throttles_direct_writes(run_id, tmp_path):
     """io=8 MiB/s: 16 MiB of O_DIRECT writes to / 's disk take ~2 s, and are counted.
     (Direct I/O because v1 blkio does not see buffered writeback; v2 io does.)"""
-    host = cgroups.detect()
+    host = cgroup_host.detect()
     cg = TestCgroup(host, run_id, "io", Limits(io=8 * MiB))
     target = tmp_path / "direct"
     try:
@@ -434,7 +435,7 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["host", "v1-only"])
 def test_kill_reaches_daemons(run_id, how):
-    host = cgroups.detect() if how == "host" else CgroupHost.probe(v2=False)
+    host = cgroup_host.detect() if how == "host" else CgroupHost.probe(v2=False)
     cg = TestCgroup(host, run_id, "k", Limits(pids=50))
     try:
         if how == "v1-only":
@@ -446,7 +447,7 @@ def test_kill_reaches_daemons(run_id, how):
         took = time.perf_counter() - t0
         status, _ = _wait(pid, 5)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        assert not any(cgroups._procs(d) for d in cg.dirs.values())
+        assert not any(cgroup_host._procs(d) for d in cg.dirs.values())
         deadline = time.monotonic() + 5
         while not all(_gone(p) for p in others) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -459,7 +460,7 @@ def test_kill_reaches_daemons(run_id, how):
 
 
 def test_sweep_kills_and_removes_everything(run_id):
-    host = cgroups.detect()
+    host = cgroup_host.detect()
     groups = [TestCgroup(host, run_id, f"s{i}", Limits(memory=64 * MiB, cpu=1)) for i in range(3)]
     pids = [_spawn(g, "import time; time.sleep(120)") for g in groups]
     time.sleep(0.2)
@@ -471,7 +472,7 @@ def test_sweep_kills_and_removes_everything(run_id):
         for d in g.dirs.values():
             assert str(d) in removed and not d.exists()
     # children before parents
-    parents = [i for i, p in enumerate(removed) if p.endswith(f"{cgroups.PREFIX}{run_id}")]
+    parents = [i for i, p in enumerate(removed) if p.endswith(f"{cgroup_host.PREFIX}{run_id}")]
     assert parents
     for i in parents:
         kids = [j for j, p in enumerate(removed) if p.startswith(removed[i] + "/")]
@@ -483,7 +484,7 @@ def test_sweep_kills_and_removes_everything(run_id):
 def elsewhere(run_id):
     """A host as a sweeper started from another cgroup sees it: its own cgroup in every
     hierarchy is a fresh child of ours (another terminal, CI job or systemd scope)."""
-    host = cgroups.detect()
+    host = cgroup_host.detect()
     made = []
     lines = []
     for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -511,12 +512,12 @@ def _sleeper_in(host, run_id):
 
 def test_sweep_from_another_cgroup_follows_the_run_dir_record(run_id, elsewhere):
     host, other = elsewhere
-    rundir = Path(f"/tmp/{cgroups.PREFIX}{run_id}")
+    rundir = Path(f"/tmp/{cgroup_host.PREFIX}{run_id}")
     rundir.mkdir()
     try:
         cg, pid = _sleeper_in(host, run_id)
         parents = {str(d.parent) for d in cg.dirs.values()}
-        assert set((rundir / cgroups.RECORD).read_text().split()) == parents
+        assert set((rundir / cgroup_host.RECORD).read_text().split()) == parents
         removed = cgroups.sweep(run_id, other)
         status, _ = _wait(pid, 5)
         assert os.WIFSIGNALED(status)
@@ -547,13 +548,13 @@ def test_sweep_ignores_record_lines_that_are_not_the_runs_cgroups(run_id, tmp_pa
     named after the run, inside a cgroup hierarchy, is ever killed and removed."""
     rundir = tmp_path / "rundir"
     rundir.mkdir()
-    host = cgroups.detect()
+    host = cgroup_host.detect()
     base = host._usable()[0].base
     wrong_name = base / f"ut-notours-{run_id}"
     wrong_name.mkdir()
-    outside = tmp_path / f"{cgroups.PREFIX}{run_id}"
+    outside = tmp_path / f"{cgroup_host.PREFIX}{run_id}"
     outside.mkdir()
-    (rundir / cgroups.RECORD).write_text(f"{wrong_name}\n{outside}\n{base}/../{cgroups.PREFIX}{run_id}\nrelative\n")
+    (rundir / cgroup_host.RECORD).write_text(f"{wrong_name}\n{outside}\n{base}/../{cgroup_host.PREFIX}{run_id}\nrelative\n")
     try:
         assert cgroups.sweep(run_id, host, rundir=rundir) == []
         assert wrong_name.is_dir() and outside.is_dir()
@@ -592,7 +593,7 @@ def test_pure_v2_lifecycle(run_id, cgroup2_mount):
     cg = TestCgroup(host, run_id, "t", Limits())
     try:
         d = cg.dirs["v2"]
-        assert d == cgroup2_mount / f"{cgroups.PREFIX}{run_id}" / "t"
+        assert d == cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}" / "t"
         assert set(cg.dirs) == {"v2", "cpuacct"}
         status = _run(cg, "import time\nwhile time.process_time() < 0.3: pass")
         assert os.WIFEXITED(status)
@@ -605,10 +606,10 @@ def test_pure_v2_lifecycle(run_id, cgroup2_mount):
         assert (d / "cgroup.events").read_text().startswith("populated 0")
         _wait(pid, 5)
         # the same hierarchy, seen through the host's own mount
-        assert (Path("/sys/fs/cgroup/unified") / f"{cgroups.PREFIX}{run_id}" / "t").is_dir()
+        assert (Path("/sys/fs/cgroup/unified") / f"{cgroup_host.PREFIX}{run_id}" / "t").is_dir()
     finally:
         cg.remove()
-    assert cgroups.sweep(run_id, host) == [str(cgroup2_mount / f"{cgroups.PREFIX}{run_id}")]
+    assert cgroups.sweep(run_id, host) == [str(cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}")]
 
 
 def test_pure_v2_enables_controllers_in_subtree_control(run_id, cgroup2_mount):
@@ -617,7 +618,7 @@ def test_pure_v2_enables_controllers_in_subtree_control(run_id, cgroup2_mount):
     assert host.v2 is not None and host.v2.controllers == {"hugetlb"}
     cg = TestCgroup(host, run_id, "t", Limits())
     try:
-        parent = cgroup2_mount / f"{cgroups.PREFIX}{run_id}"
+        parent = cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}"
         assert "hugetlb" in (parent / "cgroup.subtree_control").read_text().split()
         assert "hugetlb" in (cg.dirs["v2"] / "cgroup.controllers").read_text().split()
     finally:
@@ -658,7 +659,7 @@ def test_pure_v2_populated_own_cgroup_is_vacated_into_a_leaf(run_id, cgroup2_mou
     ``pytest-isolate.leaf`` and the controllers are enabled there, not at the parent."""
     top = cgroup2_mount / f"scratch-isolat-{run_id}"
     own = top / "own"
-    leaf = own / cgroups.LEAF
+    leaf = own / cgroup_host.LEAF
     sleeper = None
     try:
         own.mkdir(parents=True)
@@ -686,11 +687,11 @@ def test_pure_v2_populated_own_cgroup_is_vacated_into_a_leaf(run_id, cgroup2_mou
         assert "error" not in out, out["error"]
         base, vacate, ctrls, header = out["plan"]
         assert (base, vacate, ctrls) == (str(own), True, ["hugetlb"])
-        assert f"(its processes moved into {cgroups.LEAF})" in header, header
-        assert out["group"] == str(own / f"{cgroups.PREFIX}{run_id}" / "t0")
+        assert f"(its processes moved into {cgroup_host.LEAF})" in header, header
+        assert out["group"] == str(own / f"{cgroup_host.PREFIX}{run_id}" / "t0")
         assert out["own_procs"] == [] and str(sleeper.pid) in out["leaf_procs"]
         assert out["subtree"] == ["hugetlb"]
-        assert out["me"].endswith(f"/own/{cgroups.LEAF}")
+        assert out["me"].endswith(f"/own/{cgroup_host.LEAF}")
         assert out["again"] == [str(own), False, ["hugetlb"]]
     finally:
         if sleeper is not None:
@@ -745,7 +746,7 @@ def test_pure_v2_root_enables_what_an_ancestor_left_off(run_id, cgroup2_mount):
 def test_pure_v2_nested_run_stays_inside_its_test_group(run_id, cgroup2_mount):
     """pytest-isolate run inside a zone test: never make siblings of the outer test's
     group (that would leave its limits), even if that costs the controllers."""
-    outer = cgroup2_mount / f"{cgroups.PREFIX}{run_id}" / "t0"
+    outer = cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}" / "t0"
     outer.mkdir(parents=True)
     assert _probe_as_member(outer, cgroup2_mount, ("hugetlb",)) == str(outer)
     cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
@@ -765,7 +766,7 @@ def test_pure_v2_rootless_delegated_subtree(run_id, cgroup2_mount):
     (deleg / "cgroup.subtree_control").write_text("+hugetlb")
     _delegate(deleg, 65534)
     _delegate(leaf, 65534)
-    undelegated = cgroup2_mount / f"{cgroups.PREFIX}{run_id}-root"
+    undelegated = cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}-root"
     undelegated.mkdir()
 
     def body(out: dict) -> None:
@@ -815,7 +816,7 @@ def test_pure_v2_rootless_delegated_subtree(run_id, cgroup2_mount):
     assert out["owner"] == 65534
     assert out["read"]["cpu_user"] + out["read"]["cpu_sys"] >= 0.2
     assert os.WIFSIGNALED(out["killed"]) and os.WTERMSIG(out["killed"]) == signal.SIGKILL
-    assert out["swept"] == [str(leaf / f"{cgroups.PREFIX}inner")]
+    assert out["swept"] == [str(leaf / f"{cgroup_host.PREFIX}inner")]
 
 
 def test_pure_v2_rootless_not_delegated_names_the_controller(run_id, cgroup2_mount):

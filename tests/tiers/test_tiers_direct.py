@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pytest_isolate import child, wire
-from pytest_isolate.facets import caps, cgroups, mounts, net
+from pytest_isolate.facets import caps, cgroup_host, mounts, net
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.chroot import ChrootTier
 from pytest_isolate.tiers.jail import JailTier
@@ -443,7 +443,7 @@ def test_unprivileged_jail_in_user_namespace(harness):
 
     def as_nobody():
         harness.tiers.clear()  # tiers decide their mode from the euid at construction
-        cgroups._HOST = None  # the probe cached as root would claim cgroups are usable
+        cgroup_host._HOST = None  # the probe cached as root would claim cgroups are usable
         avail = JailTier.availability()
         out = harness.run(JailTier, body)
         harness.close()
