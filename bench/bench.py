@@ -635,7 +635,7 @@ def direct_readings_cost(rounds: int = 200) -> dict[str, Any]:
             lambda: usage.check(spec, usage.merge(ru, None, sampler.result(), 0.01), {"memory"})
         )
         try:
-            from pytest_isolate.facets import cgroup_host, cgroups
+            from pytest_isolate.facets import cgroup_host, cgroup_sweep, cgroups
 
             run_id = f"bench{os.getpid()}"
             cg = cgroups.TestCgroup(cgroup_host.detect(), run_id, "readings", cgroup_host.Limits())
@@ -646,7 +646,7 @@ def direct_readings_cost(rounds: int = 200) -> dict[str, Any]:
                 child.kill()
                 child.wait()
                 cg.remove()
-                cgroups.sweep(run_id)
+                cgroup_sweep.sweep(run_id)
         except Exception as e:  # noqa: BLE001 - a host without cgroups: say so, go on
             out["cgroup_error"] = f"{type(e).__name__}: {e}"
     finally:

@@ -692,9 +692,9 @@ def sweep(run_id: str, rundir: Path, loaded_only: bool = False, search: bool = F
     removed: list[str] = []
     removed += _unmount_under(rundir)
     with contextlib.suppress(Exception):
-        from pytest_isolate.facets import cgroups
+        from pytest_isolate.facets import cgroup_sweep
 
-        removed += cgroups.sweep(run_id, rundir=rundir, search=search)
+        removed += cgroup_sweep.sweep(run_id, rundir=rundir, search=search)
     if not loaded_only or "pytest_isolate.facets.net" in sys.modules:
         with contextlib.suppress(Exception):
             from pytest_isolate.facets import net

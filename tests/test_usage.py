@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pytest_isolate.facets import cgroup_host, cgroups
+from pytest_isolate.facets import cgroup_host, cgroup_sweep
 from pytest_isolate.facets.cgroup_host import Limits
 from pytest_isolate.facets.cgroups import TestCgroup
 from pytest_isolate.observe import usage
@@ -31,7 +31,7 @@ ALLOC_200 = "import sys\nb = b'x' * (200 << 20)\nprint('ready', flush=True)\nsys
 @pytest.fixture(scope="module", autouse=True)
 def _no_cgroup_left():
     yield
-    cgroups.sweep(RUN_ID)
+    cgroup_sweep.sweep(RUN_ID)
     out = subprocess.run(
         ["find", "/sys/fs/cgroup", "-name", "*isolat*"], capture_output=True, text=True
     )

@@ -4,7 +4,7 @@ Apart from the per-test group (``facets.cgroups``) because it changes with hosts
 with tests: which hierarchies are mounted, which controllers are ours to use (kernel,
 systemd, container, delegation), and what making a run parent takes there. ``detect``
 probes once per process; ``CgroupHost.missing`` says in one line why ``Limits`` cannot
-be enforced; the parents made are recorded in the run dir for ``facets.cgroups.sweep``.
+be enforced; the parents made are recorded in the run dir for ``facets.cgroup_sweep``.
 
 Host layouts handled (``CgroupHost.mode``):
 
@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Every host object of a run is named PREFIX + run_id, so ``cgroups.sweep`` finds it.
+#: Every host object of a run is named PREFIX + run_id, so ``cgroup_sweep.sweep`` finds it.
 PREFIX = "pytest-isolate-"
 #: v1 hierarchies we create groups in. cpuset/devices are left alone (cpuset needs
 #: cpus/mems copied before a task can join; devices is the zone's business via mounts).

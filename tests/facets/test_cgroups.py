@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.facets import cgroup_host, cgroups
+from pytest_isolate.facets import cgroup_host, cgroup_sweep
 from pytest_isolate.facets.cgroup_host import CgroupHost, CgroupUnavailable, Limits
 from pytest_isolate.facets.cgroups import TestCgroup
 
@@ -50,7 +50,7 @@ def run_id():
     """A fresh run id; afterwards: nothing of it may remain in any hierarchy."""
     rid = f"{TAG}-{next(_counter)}"
     yield rid
-    removed = cgroups.sweep(rid)
+    removed = cgroup_sweep.sweep(rid)
     # A passing test removed its test groups itself; only run-level parents remain.
     leaked_groups = [p for p in removed if not p.endswith(f"/{cgroup_host.PREFIX}{rid}")]
     left = [p for p in _find_isolat() if rid in p]
@@ -249,7 +249,7 @@ def test_remove_is_tolerant(run_id):
     cg.remove()
     assert not cg.leftover
     cg2 = TestCgroup(cgroup_host.detect(), run_id, "u", Limits())
-    cgroups.sweep(run_id)  # parent swept away under the group's feet
+    cgroup_sweep.sweep(run_id)  # parent swept away under the group's feet
     cg2.remove()
     cg3 = TestCgroup(cgroup_host.detect(), run_id, "v", Limits())  # parent is made again
     assert all(d.is_dir() for d in cg3.dirs.values())
@@ -456,7 +456,7 @@ def test_kill_reaches_daemons(run_id, how):
     finally:
         cg.remove()
         if how == "v1-only":
-            cgroups.sweep(run_id, host)
+            cgroup_sweep.sweep(run_id, host)
 
 
 def test_sweep_kills_and_removes_everything(run_id):
@@ -464,7 +464,7 @@ def test_sweep_kills_and_removes_everything(run_id):
     groups = [TestCgroup(host, run_id, f"s{i}", Limits(memory=64 * MiB, cpu=1)) for i in range(3)]
     pids = [_spawn(g, "import time; time.sleep(120)") for g in groups]
     time.sleep(0.2)
-    removed = cgroups.sweep(run_id)
+    removed = cgroup_sweep.sweep(run_id)
     for p in pids:
         status, _ = _wait(p, 5)
         assert os.WIFSIGNALED(status)
@@ -477,7 +477,7 @@ def test_sweep_kills_and_removes_everything(run_id):
     for i in parents:
         kids = [j for j, p in enumerate(removed) if p.startswith(removed[i] + "/")]
         assert kids and max(kids) < i
-    assert cgroups.sweep(run_id) == []
+    assert cgroup_sweep.sweep(run_id) == []
 
 
 @pytest.fixture
@@ -518,13 +518,13 @@ def test_sweep_from_another_cgroup_follows_the_run_dir_record(run_id, elsewhere)
         cg, pid = _sleeper_in(host, run_id)
         parents = {str(d.parent) for d in cg.dirs.values()}
         assert set((rundir / cgroup_host.RECORD).read_text().split()) == parents
-        removed = cgroups.sweep(run_id, other)
+        removed = cgroup_sweep.sweep(run_id, other)
         status, _ = _wait(pid, 5)
         assert os.WIFSIGNALED(status)
         assert parents <= set(removed)
         assert not any(d.exists() for d in cg.dirs.values())
     finally:
-        cgroups.sweep(run_id, host)
+        cgroup_sweep.sweep(run_id, host)
         for f in rundir.iterdir():
             f.unlink()
         rundir.rmdir()
@@ -534,13 +534,13 @@ def test_sweep_of_a_dead_run_searches_every_hierarchy(run_id, elsewhere):
     host, other = elsewhere
     cg, pid = _sleeper_in(host, run_id)  # no run dir, so no record
     try:
-        assert cgroups.sweep(run_id, other) == []  # not where the sweeper looks
-        removed = cgroups.sweep(run_id, other, search=True)
+        assert cgroup_sweep.sweep(run_id, other) == []  # not where the sweeper looks
+        removed = cgroup_sweep.sweep(run_id, other, search=True)
         status, _ = _wait(pid, 5)
         assert os.WIFSIGNALED(status)
         assert {str(d.parent) for d in cg.dirs.values()} <= set(removed)
     finally:
-        cgroups.sweep(run_id, host)
+        cgroup_sweep.sweep(run_id, host)
 
 
 def test_sweep_ignores_record_lines_that_are_not_the_runs_cgroups(run_id, tmp_path):
@@ -556,7 +556,7 @@ def test_sweep_ignores_record_lines_that_are_not_the_runs_cgroups(run_id, tmp_pa
     outside.mkdir()
     (rundir / cgroup_host.RECORD).write_text(f"{wrong_name}\n{outside}\n{base}/../{cgroup_host.PREFIX}{run_id}\nrelative\n")
     try:
-        assert cgroups.sweep(run_id, host, rundir=rundir) == []
+        assert cgroup_sweep.sweep(run_id, host, rundir=rundir) == []
         assert wrong_name.is_dir() and outside.is_dir()
     finally:
         wrong_name.rmdir()
@@ -609,7 +609,7 @@ def test_pure_v2_lifecycle(run_id, cgroup2_mount):
         assert (Path("/sys/fs/cgroup/unified") / f"{cgroup_host.PREFIX}{run_id}" / "t").is_dir()
     finally:
         cg.remove()
-    assert cgroups.sweep(run_id, host) == [str(cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}")]
+    assert cgroup_sweep.sweep(run_id, host) == [str(cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}")]
 
 
 def test_pure_v2_enables_controllers_in_subtree_control(run_id, cgroup2_mount):
@@ -623,7 +623,7 @@ def test_pure_v2_enables_controllers_in_subtree_control(run_id, cgroup2_mount):
         assert "hugetlb" in (cg.dirs["v2"] / "cgroup.controllers").read_text().split()
     finally:
         cg.remove()
-        cgroups.sweep(run_id, host)
+        cgroup_sweep.sweep(run_id, host)
 
 
 def _rmtree_cg(top: Path) -> None:
@@ -697,7 +697,7 @@ def test_pure_v2_populated_own_cgroup_is_vacated_into_a_leaf(run_id, cgroup2_mou
         if sleeper is not None:
             sleeper.kill()
             sleeper.wait()
-        cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
+        cgroup_sweep.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
         _rmtree_cg(top)
 
 
@@ -720,7 +720,7 @@ def test_pure_v2_root_enables_what_an_ancestor_left_off(run_id, cgroup2_mount):
         cg = TestCgroup(host, run_id, "t0", Limits())
         assert "hugetlb" in (cg.dirs["v2"] / "cgroup.controllers").read_text().split()
         cg.remove()
-        cgroups.sweep(run_id, host)
+        cgroup_sweep.sweep(run_id, host)
         # a process in "mid" (not ours): the rule forbids enabling there
         for d in (own, top / "mid"):
             (d / "cgroup.subtree_control").write_text("-hugetlb")
@@ -739,7 +739,7 @@ def test_pure_v2_root_enables_what_an_ancestor_left_off(run_id, cgroup2_mount):
             sleeper.kill()
             sleeper.wait()
     finally:
-        cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
+        cgroup_sweep.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
         _rmtree_cg(top)
 
 
@@ -749,7 +749,7 @@ def test_pure_v2_nested_run_stays_inside_its_test_group(run_id, cgroup2_mount):
     outer = cgroup2_mount / f"{cgroup_host.PREFIX}{run_id}" / "t0"
     outer.mkdir(parents=True)
     assert _probe_as_member(outer, cgroup2_mount, ("hugetlb",)) == str(outer)
-    cgroups.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
+    cgroup_sweep.sweep(run_id, CgroupHost.probe(v1=False, v2_mount=cgroup2_mount))
 
 
 def _delegate(d: Path, uid: int) -> None:
@@ -802,12 +802,12 @@ def test_pure_v2_rootless_delegated_subtree(run_id, cgroup2_mount):
         cg.kill()
         out["killed"] = os.waitpid(kid, 0)[1]
         cg.remove()
-        out["swept"] = cgroups.sweep("inner", h)
+        out["swept"] = cgroup_sweep.sweep("inner", h)
     try:
         out = _in_child(body)
     finally:
         host = CgroupHost.probe(v1=False, v2_mount=cgroup2_mount)
-        cgroups.sweep(f"{run_id}-root", host)
+        cgroup_sweep.sweep(f"{run_id}-root", host)
         _rmtree_cg(deleg)
     assert "error" not in out, out
     assert "writable by uid 65534" in out["undelegated"] and "Delegate=yes" in out["undelegated"]

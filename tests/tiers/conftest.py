@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.facets import cgroups
+from pytest_isolate.facets import cgroup_sweep
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import Box, Tier, WorkerContext, descendants
 from tests.forked import in_child
@@ -212,7 +212,7 @@ def harness(leakcheck: None) -> Iterator[Harness]:
     finally:
         h.close()
         left_cg = [d for d in _cgroup_dirs(h.run_id) if not d.endswith(f"pytest-isolate-{h.run_id}")]
-        cgroups.sweep(h.run_id)
+        cgroup_sweep.sweep(h.run_id)
         mounts_left = [ln for ln in open("/proc/self/mountinfo") if str(h.rundir) in ln]
         leftovers = sorted(p.name for p in h.ctx.workdir.iterdir())
         if not mounts_left:
