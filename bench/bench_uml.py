@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import execnet  # noqa: E402
 
-from pytest_isolate.tiers import uml  # noqa: E402
+from pytest_isolate.tiers import uml, uml_kernel  # noqa: E402
 
 PY = sys.executable  # a venv's own path: the guest finds the venv's packages through it
 
@@ -422,21 +422,21 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--channel",
-        choices=("auto", *uml.CHANNELS),
+        choices=("auto", *uml_kernel.CHANNELS),
         default=None,
         help="the guests' channel (sets PYTEST_ISOLATE_UML_CHANNEL for every guest of the run)",
     )
     a = ap.parse_args()
     if a.channel:
-        os.environ[uml.CHANNEL_ENV] = a.channel
-    why = uml.availability()
+        os.environ[uml_kernel.CHANNEL_ENV] = a.channel
+    why = uml_kernel.availability()
     if why:
         print(why)
         return 1
-    kernel = uml.find_kernel()
+    kernel = uml_kernel.find_kernel()
     print(
         f"kernel {kernel}  python {PY}  host {os.uname().release}  "
-        f"channel {uml.choose_channel(kernel)}"
+        f"channel {uml_kernel.choose_channel(kernel)}"
     )
     out: dict[str, Any] = {}
     only = set(a.only.split(","))

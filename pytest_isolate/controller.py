@@ -99,13 +99,13 @@ class Worker:
     def _gateway_spec(self, spec: IsolationSpec) -> str:
         if not self.uml:
             return f"popen//python={sys.executable}"
-        from pytest_isolate.tiers import uml
+        from pytest_isolate.tiers import uml, uml_kernel
 
         # The test's memory budget is a cgroup limit inside the guest; the guest's RAM
         # needs room above it for its kernel, init and the worker, or the whole guest
         # runs out of memory before the budget is reached.
         opts = uml.UmlOptions(
-            kernel=uml.find_kernel(spec.kernel or self.ctl.uml_kernel),
+            kernel=uml_kernel.find_kernel(spec.kernel or self.ctl.uml_kernel),
             memory=(spec.memory + GUEST_OVERHEAD) if spec.memory else 256 << 20,
             cpus=spec.cpus,
             network=spec.network,

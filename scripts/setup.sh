@@ -33,15 +33,15 @@ fi
 # (.venv/bin, where scripts/uml-kernel.sh puts one) before PATH, and the tests start
 # their subprocesses with sys.executable. uml_kernel: the kernel the plugin would boot.
 uml_kernel() {
-  .venv/bin/python -c 'from pytest_isolate.tiers import uml
-print(uml.find_kernel())' 2>/dev/null || echo "(none)"
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml_kernel
+print(uml_kernel.find_kernel())' 2>/dev/null || echo "(none)"
 }
 # A UML kernel that boots on this CPU: Debian 12's panics on AVX-512/AMX hosts
 # ("ptrace set fp regs failed"); then fetch a newer one into .venv (scripts/uml-kernel.sh).
 uml_probe() {
-  .venv/bin/python -c 'from pytest_isolate.tiers import uml
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml_kernel
 try:
-    print(uml.boot_probe(uml.find_kernel()) or "ok")
+    print(uml_kernel.boot_probe(uml_kernel.find_kernel()) or "ok")
 except Exception as e:
     print(e)'
 }
@@ -49,8 +49,8 @@ except Exception as e:
 # call with ptrace: ~3x slower per test. As root, fetch the newer one then too; keep
 # the old one if that fails or the new one does not boot here.
 uml_seccomp() {
-  .venv/bin/python -c 'from pytest_isolate.tiers import uml
-print("yes" if uml.seccomp_mode(uml.find_kernel()) else "no")' 2>/dev/null || echo no
+  .venv/bin/python -c 'from pytest_isolate.tiers import uml_kernel
+print("yes" if uml_kernel.seccomp_mode(uml_kernel.find_kernel()) else "no")' 2>/dev/null || echo no
 }
 if command -v linux.uml >/dev/null 2>&1 || [ -x .venv/bin/linux.uml ]; then
   uml_why=$(uml_probe)  # one probe boot (~1 s); say why once, not boot again to say it

@@ -303,10 +303,10 @@ UML_SUBSET = (
 
 
 def test_faults_in_a_uml_guest(tmp_path: Path, h: Any) -> None:
-    from pytest_isolate.tiers import uml
+    from pytest_isolate.tiers import uml_kernel
 
     try:
-        uml.find_kernel()
+        uml_kernel.find_kernel()
     except Exception as exc:  # noqa: BLE001 - no kernel here: nothing to run
         pytest.skip(f"no UML kernel: {exc}")
     _run_faults(tmp_path, h, "uml", UML_SUBSET)

@@ -122,9 +122,9 @@ def _uml_kernel() -> list[str]:
     """The UML kernel this environment boots (scripts/uml-kernel.sh may have put one
     beside the development venv's interpreter, which the fresh venv's is not)."""
     try:
-        from pytest_isolate.tiers import uml
+        from pytest_isolate.tiers import uml_kernel
 
-        return [f"--isolate-uml-kernel={uml.find_kernel()}"]
+        return [f"--isolate-uml-kernel={uml_kernel.find_kernel()}"]
     except Exception:
         return []
 

@@ -22,12 +22,12 @@ def availability(tier: str, config: pytest.Config | None = None) -> str | None:
         elif tier == "zone":
             from pytest_isolate.tiers.zone import ZoneTier as cls
         elif tier == "uml":
-            from pytest_isolate.tiers import uml
+            from pytest_isolate.tiers import uml_kernel
 
             kernel = None
             if config is not None:
                 kernel = config.getoption("isolate_uml_kernel", None) or config.getini("isolate_uml_kernel") or None
-            return uml.availability(uml.find_kernel(kernel))
+            return uml_kernel.availability(uml_kernel.find_kernel(kernel))
         else:
             return f"unknown tier {tier!r}"
         return cls.availability()

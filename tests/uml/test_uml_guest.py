@@ -31,7 +31,7 @@ import execnet
 import pytest
 
 import pytest_isolate
-from pytest_isolate.tiers import uml
+from pytest_isolate.tiers import uml, uml_kernel
 from pytest_isolate.tiers.base import Unavailable
 from tests.procprobe import cmdline
 
@@ -117,21 +117,21 @@ def new_guest(basetemp: Path, **kw: Any) -> Guest:
 
 
 def test_availability_and_kernel() -> None:
-    assert uml.availability() is None
-    kernel = uml.find_kernel()
+    assert uml_kernel.availability() is None
+    kernel = uml_kernel.find_kernel()
     assert os.path.basename(kernel).startswith("linux")
     with pytest.raises(Unavailable, match="not an executable"):
-        uml.find_kernel("/nonexistent/linux.uml")
+        uml_kernel.find_kernel("/nonexistent/linux.uml")
 
 
 def test_boot_probe_names_a_kernel_that_cannot_run_a_guest(tmp_path: Path) -> None:
     """availability() boots a probe guest: the kernel in use passes; a binary that is no
     UML kernel (exits at once, prints nothing) gets one line naming it and its exit."""
-    assert uml.boot_probe(uml.find_kernel()) is None
+    assert uml_kernel.boot_probe(uml_kernel.find_kernel()) is None
     fake = tmp_path / "linux.uml"
     fake.write_text("#!/bin/sh\nexit 3\n")
     fake.chmod(0o755)
-    why = uml.boot_probe(str(fake))
+    why = uml_kernel.boot_probe(str(fake))
     assert why is not None and why.startswith(f"uml: kernel {fake} did not boot a test guest (exit 3)"), why
     assert "\n" not in why
     assert not list(Path(tempfile.gettempdir()).glob("pytest-isolate-umlprobe-*"))  # its dir is gone
@@ -139,47 +139,47 @@ def test_boot_probe_names_a_kernel_that_cannot_run_a_guest(tmp_path: Path) -> No
 
 def test_kernel_features_are_read_from_the_binary() -> None:
     """The NIC driver and seccomp mode the tier picks are what the kernel offers."""
-    kernel = uml.find_kernel()
-    cfg = uml.kernel_config(kernel)
-    nic = uml.nic_driver(kernel)
+    kernel = uml_kernel.find_kernel()
+    cfg = uml_kernel.kernel_config(kernel)
+    nic = uml_kernel.nic_driver(kernel)
     assert nic is not None
     assert nic[1] == ("eth" if cfg.get("CONFIG_UML_NET_TUNTAP") == "y" else "vec")
     with open(kernel, "rb") as f:
-        assert uml.seccomp_mode(kernel) == (b"Invalid seccomp option" in f.read())
+        assert uml_kernel.seccomp_mode(kernel) == (b"Invalid seccomp option" in f.read())
 
 
 def test_channel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """tap where /dev/net/tun opens, veth (vector raw on a veth pair) where it does not;
     PYTEST_ISOLATE_UML_CHANNEL forces one; each refusal names its fix. (The real thing,
     uid 65534 on this host, is tests/uml/test_uml_unprivileged.py.)"""
-    kernel = uml.find_kernel()
-    monkeypatch.delenv(uml.CHANNEL_ENV, raising=False)
-    monkeypatch.setattr(uml, "tap_problem", lambda: None)
-    assert uml.choose_channel(kernel) == "tap"
-    monkeypatch.setenv(uml.CHANNEL_ENV, "veth")
-    assert uml.choose_channel(kernel) == "veth"
-    assert uml.choose_channel(kernel, "tap") == "tap"
-    monkeypatch.setenv(uml.CHANNEL_ENV, "serial")
+    kernel = uml_kernel.find_kernel()
+    monkeypatch.delenv(uml_kernel.CHANNEL_ENV, raising=False)
+    monkeypatch.setattr(uml_kernel, "tap_problem", lambda: None)
+    assert uml_kernel.choose_channel(kernel) == "tap"
+    monkeypatch.setenv(uml_kernel.CHANNEL_ENV, "veth")
+    assert uml_kernel.choose_channel(kernel) == "veth"
+    assert uml_kernel.choose_channel(kernel, "tap") == "tap"
+    monkeypatch.setenv(uml_kernel.CHANNEL_ENV, "serial")
     with pytest.raises(Unavailable, match="channel 'serial' unknown"):
-        uml.choose_channel(kernel)
-    monkeypatch.delenv(uml.CHANNEL_ENV)
-    monkeypatch.setattr(uml, "tap_problem", lambda: "/dev/net/tun is not accessible to this user")
-    assert uml.choose_channel(kernel) == "veth"
+        uml_kernel.choose_channel(kernel)
+    monkeypatch.delenv(uml_kernel.CHANNEL_ENV)
+    monkeypatch.setattr(uml_kernel, "tap_problem", lambda: "/dev/net/tun is not accessible to this user")
+    assert uml_kernel.choose_channel(kernel) == "veth"
     with pytest.raises(Unavailable, match="not accessible to this user .*=tap"):
-        uml.choose_channel(kernel, "tap")
-    monkeypatch.setattr(uml, "kernel_config", lambda k: {"CONFIG_UML_NET_TUNTAP": "y"})
+        uml_kernel.choose_channel(kernel, "tap")
+    monkeypatch.setattr(uml_kernel, "kernel_config", lambda k: {"CONFIG_UML_NET_TUNTAP": "y"})
     with pytest.raises(Unavailable, match="lacks CONFIG_UML_NET_VECTOR .* make /dev/net/tun mode 0666"):
-        uml.choose_channel(kernel)
-    monkeypatch.setattr(uml, "tap_problem", lambda: "/dev/net/tun is missing")
+        uml_kernel.choose_channel(kernel)
+    monkeypatch.setattr(uml_kernel, "tap_problem", lambda: "/dev/net/tun is missing")
     with pytest.raises(Unavailable, match="missing, and kernel .* `modprobe tun`"):
-        uml.choose_channel(kernel)
+        uml_kernel.choose_channel(kernel)
 
 
 def test_guest_runs_on_the_chosen_channel(guest: Guest) -> None:
     """The shared guest's channel is ``choose_channel``'s (run this module with
     PYTEST_ISOLATE_UML_CHANNEL=veth to run it all on the veth channel)."""
     cfg = json.loads((guest.workdir / "launch.json").read_text())
-    assert cfg["channel"] == uml.choose_channel(uml.find_kernel())
+    assert cfg["channel"] == uml_kernel.choose_channel(uml_kernel.find_kernel())
     links = guest.run(
         """
         import os, socket
@@ -195,7 +195,7 @@ def test_guest_runs_on_the_chosen_channel(guest: Guest) -> None:
 
 def test_gateway_reports_guest_kernel(guest: Guest) -> None:
     version = subprocess.run(
-        [uml.find_kernel(), "--version"], capture_output=True, text=True
+        [uml_kernel.find_kernel(), "--version"], capture_output=True, text=True
     ).stdout.split()[0]
     sysname, nodename, release, _, machine = guest.run("import os; channel.send(tuple(os.uname()))")
     assert (sysname, release, machine) == ("Linux", version, "x86_64")
@@ -621,7 +621,7 @@ def test_parent_death_stops_everything(basetemp: Path) -> None:
 def test_memory_and_kernel_options(basetemp: Path, tmp_path: Path) -> None:
     """``memory`` becomes ``mem=``; ``kernel`` boots another binary (a copy here)."""
     copy = tmp_path / "my-linux.uml"
-    shutil.copy2(uml.find_kernel(), copy)
+    shutil.copy2(uml_kernel.find_kernel(), copy)
     g = new_guest(basetemp, opts=uml.UmlOptions(kernel=str(copy), memory=192 << 20))
     try:
         total_kb, cmdline = g.run(
@@ -641,8 +641,8 @@ def test_memory_and_kernel_options(basetemp: Path, tmp_path: Path) -> None:
 
 
 def test_cpus_beyond_kernel_support_is_refused(tmp_path: Path) -> None:
-    kernel = uml.find_kernel()
-    n = uml.smp_support(kernel)
+    kernel = uml_kernel.find_kernel()
+    n = uml_kernel.smp_support(kernel)
     with pytest.raises(Unavailable, match="CONFIG_SMP|CPU"):
         uml.gateway_spec(
             uml.UmlOptions(cpus=n + 1), tmp_path / "g", sys.executable, basetemp=tmp_path

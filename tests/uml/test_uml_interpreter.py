@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.tiers import uml
+from pytest_isolate.tiers import uml_kernel
 
 #: A value the guest's environment must carry through byte for byte (spaces, quotes,
 #: "=", non-ASCII): the worker's environment travels as JSON, not on a command line.
@@ -117,7 +117,7 @@ def test_kernel_beside_the_interpreter_is_found_without_path(
     if not beside.exists():
         pytest.skip(f"no kernel installed beside {sys.executable} (scripts/uml-kernel.sh)")
     monkeypatch.setenv("PATH", _host_path_without_venv_bin())
-    assert uml.find_kernel() == os.path.realpath(beside)
+    assert uml_kernel.find_kernel() == os.path.realpath(beside)
     pytester.makepyfile(test_dump=DUMP_TEST)
     guest = _run_dump(pytester, "uml")
     assert guest["release"] != os.uname().release
@@ -142,8 +142,8 @@ def test_find_kernel_looks_beside_the_unresolved_interpreter_first(
         k.chmod(0o755)
     monkeypatch.setenv("PATH", str(on_path))
     monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
-    assert uml.find_kernel() == str(venv_bin / "linux.uml")
+    assert uml_kernel.find_kernel() == str(venv_bin / "linux.uml")
     (venv_bin / "linux.uml").unlink()
-    assert uml.find_kernel() == str(on_path / "linux.uml")
+    assert uml_kernel.find_kernel() == str(on_path / "linux.uml")
     # An explicit kernel still wins.
-    assert uml.find_kernel(str(on_path / "linux.uml")) == str(on_path / "linux.uml")
+    assert uml_kernel.find_kernel(str(on_path / "linux.uml")) == str(on_path / "linux.uml")

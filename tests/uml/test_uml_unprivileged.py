@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_isolate.tiers import uml
+from pytest_isolate.tiers import uml_kernel
 
 UID = GID = 65534
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -138,10 +138,10 @@ def nobody() -> Iterator[Nobody]:
     python3 = shutil.which("python3", path="/usr/bin")
     if python3 is None:  # pragma: no cover - every Debian has it
         pytest.skip("no /usr/bin/python3 to build a venv other users can run")
-    why = uml.availability()
+    why = uml_kernel.availability()
     if why:
         pytest.skip(why)
-    kernel = uml.find_kernel()
+    kernel = uml_kernel.find_kernel()
     if not _readable_by_others(kernel):
         pytest.skip(f"the UML kernel {kernel} is not readable by other users")
     top = Path(tempfile.mkdtemp(prefix="isolate-umlnobody-", dir="/tmp"))
@@ -171,12 +171,12 @@ def test_the_tap_is_out_of_reach_and_veth_is_chosen(nobody: Nobody) -> None:
     code = textwrap.dedent(
         f"""
         import json, os
-        from pytest_isolate.tiers import uml
+        from pytest_isolate.tiers import uml_kernel
         from pytest_isolate.tiers.base import Unavailable
         k = {nobody.kernel!r}
-        out = {{"uid": os.getuid(), "available": uml.availability(k), "channel": uml.choose_channel(k)}}
+        out = {{"uid": os.getuid(), "available": uml_kernel.availability(k), "channel": uml_kernel.choose_channel(k)}}
         try:
-            uml.choose_channel(k, "tap")
+            uml_kernel.choose_channel(k, "tap")
         except Unavailable as e:
             out["tap"] = str(e)
         print(json.dumps(out))
