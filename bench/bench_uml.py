@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import execnet  # noqa: E402
 
-from pytest_isolate.tiers import uml, uml_kernel  # noqa: E402
+from pytest_isolate.tiers import uml_gateway, uml_kernel  # noqa: E402
 
 PY = sys.executable  # a venv's own path: the guest finds the venv's packages through it
 
@@ -71,7 +71,7 @@ class Guest:
         self.root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umlbench-"))
         self.wd = self.root / "g"
         t0 = time.perf_counter()
-        spec = uml.gateway_spec(uml.UmlOptions(**kw), self.wd, PY, basetemp=self.root / "bt")
+        spec = uml_gateway.gateway_spec(uml_gateway.UmlOptions(**kw), self.wd, PY, basetemp=self.root / "bt")
         if argv_patch is not None:
             cfg_path = self.wd / "launch.json"
             cfg = json.loads(cfg_path.read_text())
@@ -109,7 +109,7 @@ class Guest:
             self.gw.exit()
             self.gw.join(timeout=10)
         finally:
-            uml.close_guest(self.wd)
+            uml_gateway.close_guest(self.wd)
             shutil.rmtree(self.root, ignore_errors=True)
         return time.perf_counter() - t0
 

@@ -99,18 +99,18 @@ class Worker:
     def _gateway_spec(self, spec: IsolationSpec) -> str:
         if not self.uml:
             return f"popen//python={sys.executable}"
-        from pytest_isolate.tiers import uml, uml_kernel
+        from pytest_isolate.tiers import uml_gateway, uml_kernel
 
         # The test's memory budget is a cgroup limit inside the guest; the guest's RAM
         # needs room above it for its kernel, init and the worker, or the whole guest
         # runs out of memory before the budget is reached.
-        opts = uml.UmlOptions(
+        opts = uml_gateway.UmlOptions(
             kernel=uml_kernel.find_kernel(spec.kernel or self.ctl.uml_kernel),
             memory=(spec.memory + GUEST_OVERHEAD) if spec.memory else 256 << 20,
             cpus=spec.cpus,
             network=spec.network,
         )
-        return uml.gateway_spec(
+        return uml_gateway.gateway_spec(
             opts,
             self.workdir / "uml",
             # Not its realpath: a venv's bin/python is a symlink into the base install,
@@ -271,9 +271,9 @@ class Worker:
         tail = ""
         if self.uml:
             with contextlib.suppress(Exception):
-                from pytest_isolate.tiers import uml
+                from pytest_isolate.tiers import uml_gateway
 
-                tail = uml.console_tail(self.workdir / "uml")
+                tail = uml_gateway.console_tail(self.workdir / "uml")
         log = self.workdir / "server.log"
         with contextlib.suppress(OSError):
             text = log.read_text(errors="replace").strip()
@@ -351,9 +351,9 @@ class Worker:
                 popen.wait(timeout=10)  # type: ignore[union-attr]
         if self.uml:
             with contextlib.suppress(Exception):
-                from pytest_isolate.tiers import uml
+                from pytest_isolate.tiers import uml_gateway
 
-                uml.close_guest(self.workdir / "uml")
+                uml_gateway.close_guest(self.workdir / "uml")
         self.gw = self.ch = None
 
 

@@ -5,8 +5,8 @@ PATH), read what it was built with (``--showconfig`` and its option text, no boo
 boot one probe guest per kernel (Debian's 6.1 and 6.12 panic on AVX-512/AMX CPUs, and
 nothing short of running one shows it), pick the guest's channel (tap or veth) and
 answer ``availability``. Asked by ``tiers.availability``, the controller and
-``gateway_spec`` (which builds a guest's command line from the answers), all on the
-host; each answer is cached per kernel binary.
+``uml_gateway.gateway_spec`` (which builds a guest's command line from the answers),
+all on the host; each answer is cached per kernel binary.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Boot one User-Mode Linux guest and relay execnet's stdin/stdout into it, byte-exact.
 
 execnet's popen gateway runs ``<python spec> -u -c <bootstrap>`` and speaks its protocol
-over that process's stdin/stdout. ``uml.gateway_spec`` makes the "python" of the spec
-this program, so execnet runs::
+over that process's stdin/stdout. ``uml_gateway.gateway_spec`` makes the "python" of the
+spec this program, so execnet runs::
 
     <host python> -I -S uml_launch.py <workdir>/launch.json -u -c <bootstrap>
 
@@ -54,7 +54,7 @@ kernel exits (panic: UML aborts with status 134), when the guest stops sending
 heartbeats (hang), on stdin EOF (the gateway was closed; the guest gets EOF, its
 worker exits and PID 1 powers off), on SIGTERM/SIGHUP, or when its parent dies
 (PR_SET_PDEATHSIG plus a ``getppid`` watchdog). Each reason is appended to
-``<workdir>/console.log``; ``uml.console_tail`` shows it.
+``<workdir>/console.log``; ``uml_gateway.console_tail`` shows it.
 
 Run one guest by hand: see the module docstring of ``pytest_isolate.tiers.uml``.
 

@@ -31,7 +31,7 @@ import execnet
 import pytest
 
 import pytest_isolate
-from pytest_isolate.tiers import uml, uml_kernel
+from pytest_isolate.tiers import uml, uml_gateway, uml_kernel
 from pytest_isolate.tiers.base import Unavailable
 from tests.procprobe import cmdline
 
@@ -62,12 +62,12 @@ def leftovers(workdir: Path, grace: float = 5.0) -> list[str]:
 class Guest:
     """One booted guest and its gateway."""
 
-    def __init__(self, basetemp: Path, opts: uml.UmlOptions | None = None, **kw: Any) -> None:
+    def __init__(self, basetemp: Path, opts: uml_gateway.UmlOptions | None = None, **kw: Any) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umltest-"))
         self.workdir = self.root / "guest"
-        self.opts = opts or uml.UmlOptions()
+        self.opts = opts or uml_gateway.UmlOptions()
         t0 = time.perf_counter()
-        spec = uml.gateway_spec(self.opts, self.workdir, sys.executable, basetemp=basetemp, **kw)
+        spec = uml_gateway.gateway_spec(self.opts, self.workdir, sys.executable, basetemp=basetemp, **kw)
         try:
             self.gw = execnet.makegateway(spec)
         except BaseException:
@@ -90,7 +90,7 @@ class Guest:
             with contextlib.suppress(Exception):
                 gw.exit()
                 gw.join(timeout=10)
-        uml.close_guest(self.workdir)
+        uml_gateway.close_guest(self.workdir)
         left = leftovers(self.workdir)
         shutil.rmtree(self.root, ignore_errors=True)
         return left
@@ -465,7 +465,7 @@ def test_kernel_panic_kills_gateway_and_explains(basetemp: Path) -> None:
     try:
         took = _expect_death(g, "open('/proc/sysrq-trigger', 'w').write('c')", 10)
         assert took < 10
-        tail = uml.console_tail(g.workdir)
+        tail = uml_gateway.console_tail(g.workdir)
         assert "Kernel panic" in tail, tail
     finally:
         left = g.close()
@@ -490,7 +490,7 @@ def test_guest_hang_is_detected(basetemp: Path) -> None:
             20,
         )
         assert took < 15
-        tail = uml.console_tail(g.workdir)
+        tail = uml_gateway.console_tail(g.workdir)
         assert "guest hung" in tail, tail
     finally:
         left = g.close()
@@ -498,11 +498,11 @@ def test_guest_hang_is_detected(basetemp: Path) -> None:
 
 
 def test_guest_oom_kills_gateway_and_explains(basetemp: Path) -> None:
-    g = new_guest(basetemp, opts=uml.UmlOptions(memory=128 << 20))
+    g = new_guest(basetemp, opts=uml_gateway.UmlOptions(memory=128 << 20))
     try:
         took = _expect_death(g, "x = []\nwhile True:\n    x.append(bytearray(8 << 20))", 30)
         assert took < 30
-        tail = uml.console_tail(g.workdir)
+        tail = uml_gateway.console_tail(g.workdir)
         assert "Out of memory" in tail or "oom-kill" in tail, tail
     finally:
         left = g.close()
@@ -520,7 +520,7 @@ def test_sigterm_to_launcher_stops_everything(basetemp: Path) -> None:
         while procs_with(str(g.workdir)) and time.monotonic() < end:
             time.sleep(0.05)
         assert not procs_with(str(g.workdir))
-        assert "SIGTERM" in uml.console_tail(g.workdir)
+        assert "SIGTERM" in uml_gateway.console_tail(g.workdir)
     finally:
         left = g.close()
     assert not left, left
@@ -531,7 +531,7 @@ def test_stdin_eof_stops_the_guest(basetemp: Path) -> None:
     was sent (the controller went away): the guest is stopped and nothing is left."""
     root = Path(tempfile.mkdtemp(prefix="pytest-isolate-umltest-"))
     wd = root / "guest"
-    spec = uml.gateway_spec(uml.UmlOptions(), wd, sys.executable, basetemp=basetemp)
+    spec = uml_gateway.gateway_spec(uml_gateway.UmlOptions(), wd, sys.executable, basetemp=basetemp)
     argv = shlex.split(spec.split("python=", 1)[1]) + [
         "-u",
         "-c",
@@ -542,16 +542,16 @@ def test_stdin_eof_stops_the_guest(basetemp: Path) -> None:
         end = time.monotonic() + 60
         while not (wd / "ready").exists() and time.monotonic() < end:
             time.sleep(0.05)
-        assert (wd / "ready").exists(), uml.console_tail(wd)
+        assert (wd / "ready").exists(), uml_gateway.console_tail(wd)
         assert p.stdin is not None
         p.stdin.close()
         assert p.wait(timeout=10) is not None
-        assert "stdin closed" in uml.console_tail(wd)
+        assert "stdin closed" in uml_gateway.console_tail(wd)
     finally:
         with contextlib.suppress(ProcessLookupError):
             p.kill()
         p.wait()
-        uml.close_guest(wd)
+        uml_gateway.close_guest(wd)
         left = leftovers(wd)
         shutil.rmtree(root, ignore_errors=True)
     assert not left, left
@@ -561,8 +561,8 @@ PARENT = r"""
 import sys, execnet
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from pytest_isolate.tiers import uml
-gw = execnet.makegateway(uml.gateway_spec(uml.UmlOptions(), Path(sys.argv[2]), sys.executable, basetemp=sys.argv[3]))
+from pytest_isolate.tiers import uml_gateway
+gw = execnet.makegateway(uml_gateway.gateway_spec(uml_gateway.UmlOptions(), Path(sys.argv[2]), sys.executable, basetemp=sys.argv[3]))
 assert gw.remote_exec("channel.send(7)").receive(60) == 7
 import os, time
 keeper = os.fork()  # holds the gateway's pipes open: only the parent's death can tell
@@ -597,7 +597,7 @@ def test_parent_death_stops_everything(basetemp: Path) -> None:
         while guest_procs() and time.monotonic() < end:
             time.sleep(0.05)
         assert not guest_procs(), guest_procs()
-        tail = uml.console_tail(wd)
+        tail = uml_gateway.console_tail(wd)
         assert "parent died" in tail or "got SIGTERM" in tail, tail
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -609,7 +609,7 @@ def test_parent_death_stops_everything(basetemp: Path) -> None:
             end = time.monotonic() + 5
             while os.path.exists(f"/proc/{keeper}") and time.monotonic() < end:
                 time.sleep(0.02)  # reparented to init, which reaps it
-        uml.close_guest(wd)
+        uml_gateway.close_guest(wd)
         left = leftovers(wd)
         shutil.rmtree(root, ignore_errors=True)
     assert not left, left
@@ -622,7 +622,7 @@ def test_memory_and_kernel_options(basetemp: Path, tmp_path: Path) -> None:
     """``memory`` becomes ``mem=``; ``kernel`` boots another binary (a copy here)."""
     copy = tmp_path / "my-linux.uml"
     shutil.copy2(uml_kernel.find_kernel(), copy)
-    g = new_guest(basetemp, opts=uml.UmlOptions(kernel=str(copy), memory=192 << 20))
+    g = new_guest(basetemp, opts=uml_gateway.UmlOptions(kernel=str(copy), memory=192 << 20))
     try:
         total_kb, cmdline = g.run(
             """
@@ -644,8 +644,8 @@ def test_cpus_beyond_kernel_support_is_refused(tmp_path: Path) -> None:
     kernel = uml_kernel.find_kernel()
     n = uml_kernel.smp_support(kernel)
     with pytest.raises(Unavailable, match="CONFIG_SMP|CPU"):
-        uml.gateway_spec(
-            uml.UmlOptions(cpus=n + 1), tmp_path / "g", sys.executable, basetemp=tmp_path
+        uml_gateway.gateway_spec(
+            uml_gateway.UmlOptions(cpus=n + 1), tmp_path / "g", sys.executable, basetemp=tmp_path
         )
 
 
@@ -681,7 +681,7 @@ def test_network_ip_reaches_a_peer_on_the_switch(basetemp: Path) -> None:
     left: list[str] = []
     try:
         assert os.read(r, 1) == b"1"
-        g = new_guest(basetemp, opts=uml.UmlOptions(network="ip"), switch=switch.path)
+        g = new_guest(basetemp, opts=uml_gateway.UmlOptions(network="ip"), switch=switch.path)
         out = run_ip_driver(g, peer_addr)
         assert out.get("reply") == "HELLO", out
         assert out["addr"] == uml.guest_address(0, 0)[0]

@@ -197,11 +197,11 @@ def test_the_tap_is_out_of_reach_and_veth_is_chosen(nobody: Nobody) -> None:
 GATEWAY = """
 import hashlib, json, os, sys, time
 import execnet
-from pytest_isolate.tiers import uml
+from pytest_isolate.tiers import uml_gateway
 
 kernel, workdir = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
-gw = execnet.makegateway(uml.gateway_spec(uml.UmlOptions(kernel=kernel), workdir, sys.executable))
+gw = execnet.makegateway(uml_gateway.gateway_spec(uml_gateway.UmlOptions(kernel=kernel), workdir, sys.executable))
 try:
     t1 = time.perf_counter()
     data = os.urandom(8 << 20)
@@ -223,7 +223,7 @@ channel.send((os.getuid(), [n for _, n in socket.if_nameindex()], hashlib.sha256
 finally:
     gw.exit()
     gw.join(timeout=10)
-    uml.close_guest(workdir)
+    uml_gateway.close_guest(workdir)
 """
 
 
@@ -247,7 +247,7 @@ NETWORK_IP = """
 import json, os, socket, sys
 import execnet
 from pytest_isolate.facets import net
-from pytest_isolate.tiers import uml
+from pytest_isolate.tiers import uml, uml_gateway
 
 kernel, workdir, driver, pkg_root = sys.argv[1:5]
 switch = net.Switch.create("umlnb" + os.urandom(3).hex())
@@ -274,7 +274,7 @@ os.close(w)
 assert os.read(r, 1) == b"1"
 gw = None
 try:
-    spec = uml.gateway_spec(uml.UmlOptions(kernel=kernel, network="ip"), workdir, sys.executable,
+    spec = uml_gateway.gateway_spec(uml_gateway.UmlOptions(kernel=kernel, network="ip"), workdir, sys.executable,
                             switch=switch.path)
     gw = execnet.makegateway(spec)
     ch = gw.remote_exec(
@@ -294,7 +294,7 @@ finally:
     if gw is not None:
         gw.exit()
         gw.join(timeout=10)
-    uml.close_guest(workdir)
+    uml_gateway.close_guest(workdir)
     os.kill(peer, 9)
     os.waitpid(peer, 0)
     switch.close()
