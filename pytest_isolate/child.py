@@ -23,7 +23,7 @@ import pytest
 
 from pytest_isolate import wire
 from pytest_isolate.facets import rlimits
-from pytest_isolate.observe import escapes
+from pytest_isolate.observe import audit
 from pytest_isolate.session.adapters import NextAttempt, Reruns
 from pytest_isolate.spec import IsolationSpec
 
@@ -384,7 +384,7 @@ def run_items(
         # come and its own set-up below is done (nothing in it depends on the job).
         early = job is None
         if early:
-            escapes.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
+            audit.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
             job = wire.recv(go_fd)
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
         rlimits.apply(
@@ -394,9 +394,9 @@ def run_items(
             forwarder.carry.begin()
         # Last: from here on the audit layer watches, and our own set-up is not the test's.
         if early:
-            escapes.resume()
+            audit.resume()
         else:
-            escapes.arm(result_fd, [basetemp], str(config.rootpath))
+            audit.arm(result_fd, [basetemp], str(config.rootpath))
         while True:
             item = items[job["nodeid"]]
             session = item.session

@@ -1,4 +1,4 @@
-"""The audit layer on its own: ``escapes.arm`` in a forked child, real calls, real pipe.
+"""The audit layer on its own: ``audit.arm`` in a forked child, real calls, real pipe.
 
 Each test forks, arms the hook in the child with one end of a pipe, makes real calls
 there (most of them fail harmlessly: a mount on a missing dir, a signal 0...) and reads
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.observe import escapes
+from pytest_isolate.observe import audit
 
 HERE = os.path.basename(__file__)
 
@@ -50,7 +50,7 @@ def run_armed(
             os.close(r)
             if env:
                 os.environ.update(env)
-            escapes.arm(w, list(writable or []), rootdir)
+            audit.arm(w, list(writable or []), rootdir)
             body()
         except BaseException:  # noqa: BLE001
             wire.send(w, {"t": "error", "tb": traceback.format_exc()})
@@ -253,7 +253,7 @@ def test_ctypes_calls_report_arguments_and_result(tmp_path: Path) -> None:
 
 
 def escapes_nr(name: str) -> int:
-    return next(n for n, v in escapes._SYSCALLS.items() if v == name)
+    return next(n for n, v in audit._SYSCALLS.items() if v == name)
 
 
 def test_ctypes_mount_that_works_is_in_the_hosts_mount_namespace(tmp_path: Path) -> None:
@@ -309,10 +309,10 @@ def test_canary_paths_are_never_writable(tmp_path: Path) -> None:
     script = tmp_path / "probe.py"
     script.write_text(
         "import os, sys\n"
-        "from pytest_isolate.observe import escapes\n"
+        "from pytest_isolate.observe import audit\n"
         "from pytest_isolate import wire\n"
         "r, w = os.pipe()\n"
-        "escapes.arm(w, [os.path.dirname(sys.argv[1])])\n"
+        "audit.arm(w, [os.path.dirname(sys.argv[1])])\n"
         "open(sys.argv[1] + '/x', 'w').close()\n"
         "os.set_blocking(r, False)\n"
         "print(wire.Reader().feed(os.read(r, 65536)))\n"
@@ -448,7 +448,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
     def body() -> None:
         sys.addaudithook(lambda *a: None)
         sys.addaudithook = lambda *a: None  # type: ignore[assignment]
-        escapes.arm = lambda *a: None  # type: ignore[assignment]
+        audit.arm = lambda *a: None  # type: ignore[assignment]
         os.chroot = lambda *a: None  # type: ignore[assignment]
         # still watching:
         with contextlib.suppress(OSError):
@@ -459,7 +459,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
     assert tamper == [
         "another audit hook was added",
         "replaced sys.addaudithook",
-        "replaced pytest_isolate.observe.escapes.arm",
+        "replaced pytest_isolate.observe.audit.arm",
         "replaced os.chroot",
     ], msgs
     assert "mount" in techniques(msgs)
@@ -482,7 +482,7 @@ def test_fd_reused_by_the_test_is_never_written(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover
         os.close(r)
-        escapes.arm(w, [])
+        audit.arm(w, [])
         body()
         os._exit(0)
     os.close(w)
@@ -502,7 +502,7 @@ def test_dedup_and_cap(tmp_path: Path, outside: Path) -> None:
 
     msgs = run_armed(body)
     assert len([m for m in msgs if m["technique"] == "chroot"]) == 1
-    assert len(msgs) == escapes.MAX_MESSAGES + 1
+    assert len(msgs) == audit.MAX_MESSAGES + 1
     assert "not reported" in msgs[-1]["detail"]
 
 
@@ -543,7 +543,7 @@ def test_cost_of_arming() -> None:
     r, w = os.pipe()
     try:
         base = _median_in_fork(lambda: None)
-        armed = _median_in_fork(lambda: escapes.arm(w, ["/tmp/x"]))
+        armed = _median_in_fork(lambda: audit.arm(w, ["/tmp/x"]))
     finally:
         os.close(r)
         os.close(w)
@@ -566,7 +566,7 @@ def test_hook_cost_per_event() -> None:
     r2, w2 = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover
-        escapes.arm(w, [])
+        audit.arm(w, [])
         body()
         os._exit(0)
     os.close(w2)

@@ -1,0 +1,1057 @@
+"""Escape detection inside the sandbox: the audit hook ``arm`` installs in the test process.
+
+``arm`` runs in the test's process, inside the sandbox, right before the test protocol.
+It installs an audit hook (``sys.addaudithook``) and a few thin wrappers
+(``os.chroot``/``os.mknod``, which have no audit event in 3.11, and ctypes functions
+looked up by name, whose calls have none either) and sends one wire message per boundary
+crossing it sees; escapes.py turns the messages into verdicts on the host side. Where the
+sandbox can tell by itself (the root or a namespace after the call is the host's, the
+call failed) the message carries ``ok``/``host``. It can only see Python-level calls of
+the test process and its forks; C code and subprocesses are covered by the host-side
+layers (canaries.py). It lives apart from the verdicts because it runs among the test's
+code: everything it calls is bound where this module is first imported (the fork server,
+before any fork), so a test that replaces ``os`` functions cannot change it, and
+replacing this module's names is reported as ``tamper``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import sys
+import sysconfig
+import types
+from collections.abc import Callable, Iterable
+from fcntl import F_DUPFD_CLOEXEC as _F_DUPFD_CLOEXEC
+from fcntl import fcntl as _fcntl
+from typing import Any
+
+from pytest_isolate import wire
+from pytest_isolate.observe.escapes import _FOLLOW_ROOT
+
+#: The os functions the audit hook calls while a test runs, taken before any test runs.
+#: A test that replaces ``os.getcwd`` or ``os.stat`` (say, to assert that its code never
+#: calls them) must not see the plugin's calls: in-process, pytest makes none.
+_os = types.SimpleNamespace(**{n: getattr(os, n) for n in ('getcwd', 'stat', 'fstat', 'listdir', 'getpgrp', 'getpid', 'isatty', 'access', 'readlink', 'strerror', 'major', 'minor', 'fspath', 'fsdecode')})
+_open_fd = os.open
+_close = os.close
+
+
+def _exists(p: str) -> bool:
+    try:
+        _os.stat(p)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _isdir(p: str) -> bool:
+    try:
+        return stat.S_ISDIR(_os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+__all__ = ["arm", "resume"]
+
+#: At most this many audit messages per test (a loop writing 10 000 files is one finding).
+MAX_MESSAGES = 64
+
+# --- facts about the host, taken where this module is first imported --------------------
+# That is the fork server (child.py imports us), before any tier confined anything, so
+# these are the host's root and namespaces (a UML guest's, inside UML).
+
+
+def _root_id() -> tuple[int, int]:
+    st = _os.stat("/")
+    return st.st_dev, st.st_ino
+
+
+def _ns_ids(kinds: Iterable[str] = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup")) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for kind in kinds:
+        try:
+            out[kind] = _os.stat(f"/proc/self/ns/{kind}").st_ino
+        except OSError:
+            pass
+    return out
+
+
+HOST_ROOT = _root_id()
+HOST_NS = _ns_ids()
+
+# --- who called: the first frame that is the test's (not stdlib, pytest or us) ----------
+
+
+def _dir_of(mod: str) -> str | None:
+    m = sys.modules.get(mod)
+    f = getattr(m, "__file__", None)
+    return os.path.dirname(f) + os.sep if f else None
+
+
+_paths = sysconfig.get_paths()
+_STDLIB = tuple({os.path.join(_paths[k], "") for k in ("stdlib", "platstdlib") if k in _paths})
+_SITE = tuple({os.path.join(_paths[k], "") for k in ("purelib", "platlib") if k in _paths})
+_OURS = tuple(
+    d
+    for d in (
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+        _dir_of("pytest"),
+        _dir_of("_pytest"),
+        _dir_of("pluggy"),
+        _dir_of("execnet"),
+    )
+    if d
+)
+_user_cache: dict[str, bool] = {}
+
+
+def _is_user(filename: str) -> bool:
+    r = _user_cache.get(filename)
+    if r is None:
+        r = not (
+            filename.startswith("<")
+            or filename.startswith(_OURS)
+            or (filename.startswith(_STDLIB) and not filename.startswith(_SITE))
+        )
+        _user_cache[filename] = r
+    return r
+
+
+#: The session's rootdir with a trailing "/" (``arm`` sets it; "" for none): an escape's
+#: location under it is named relative to it, as pytest names the test itself.
+_ROOT = [""]
+
+
+def _where(depth: int = 2) -> str | None:
+    """``file:line`` of the innermost user frame ``depth`` frames up, if there is one."""
+    try:
+        f: types.FrameType | None = sys._getframe(depth)
+    except ValueError:
+        return None
+    while f is not None:
+        fn = f.f_code.co_filename
+        if _is_user(fn):
+            return f"{_located(fn)}:{f.f_lineno}"
+        f = f.f_back
+    return None
+
+
+def _located(filename: str) -> str:
+    """Relative under the rootdir, absolute anywhere else.
+
+    Against the rootdir taken at ``arm``, not the cwd of the moment: a test that chroots
+    or chdirs to "/" would otherwise turn /tmp/x/t.py into "tmp/x/t.py". String work
+    only: no ``os.path`` call, which would reach ``os.fspath``/``os.getcwd`` (the test
+    may have replaced them, and must not see our calls).
+    """
+    root = _ROOT[0]
+    if root and filename.startswith(root):
+        return filename[len(root):]
+    return filename
+
+
+# --- classification helpers -------------------------------------------------------------
+
+_W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+#: Always the test's own business, at every tier.
+_WRITABLE = (
+    "/tmp/",
+    "/var/tmp/",
+    "/dev/shm/",
+    "/dev/pts/",
+    "/dev/fd/",
+    "/proc/self/",
+    "/proc/thread-self/",
+    "/run/user/",
+)
+_WRITABLE_EXACT = frozenset(
+    {"/dev/null", "/dev/zero", "/dev/full", "/dev/tty", "/dev/stdout", "/dev/stderr", "/dev/stdin",
+     "/dev/random", "/dev/urandom", "/dev/ptmx", "/tmp", "/var/tmp"}
+)
+_SAFE_DEV = _WRITABLE_EXACT | {"/dev/pts", "/dev/shm", "/dev/fd", "/dev/console", "/dev/log"}
+_USERMODE_HELPERS = ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe", "/proc/sys/fs/binfmt_misc/",
+                     "/proc/sys/kernel/hotplug", "/sys/kernel/uevent_helper")
+
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+AF_UNIX, AF_INET, AF_INET6, AF_PACKET = 1, 2, 10, 17
+SOCK_RAW = 3
+
+#: Command names whose execution is itself worth a record (C tools the audit hook cannot
+#: follow into): technique per program.
+_TOOLS = {
+    "mount": "mount", "umount": "mount", "pivot_root": "mount", "switch_root": "mount", "losetup": "mount",
+    "chroot": "chroot", "nsenter": "setns", "unshare": "unshare", "mknod": "device",
+    "insmod": "kernel-module", "modprobe": "kernel-module", "rmmod": "kernel-module",
+    "keyctl": "keyring", "sysctl": "sysctl", "reboot": "reboot", "shutdown": "reboot",
+    "halt": "reboot", "poweroff": "reboot", "kexec": "reboot",
+}
+
+#: libc functions (and syscall numbers) looked up through ctypes, by technique.
+_LIBC = {
+    "mount": "mount", "umount": "mount", "umount2": "mount", "pivot_root": "mount",
+    "fsopen": "mount", "fsmount": "mount", "move_mount": "mount", "open_tree": "mount", "mount_setattr": "mount",
+    "chroot": "chroot", "setns": "setns", "unshare": "unshare", "ptrace": "ptrace",
+    "process_vm_writev": "ptrace", "process_vm_readv": "ptrace", "pidfd_getfd": "ptrace",
+    "kill": "signal", "killpg": "signal", "tgkill": "signal", "pidfd_send_signal": "signal", "sigqueue": "signal",
+    "mknod": "device", "mknodat": "device", "add_key": "keyring", "request_key": "keyring", "keyctl": "keyring",
+    "init_module": "kernel-module", "finit_module": "kernel-module", "delete_module": "kernel-module",
+    "reboot": "reboot", "kexec_load": "reboot", "kexec_file_load": "reboot",
+    "ioctl": "tiocsti", "syscall": "",
+}
+_SYSCALLS = {
+    "x86_64": {165: "mount", 166: "umount2", 155: "pivot_root", 161: "chroot", 308: "setns", 272: "unshare",
+               101: "ptrace", 310: "process_vm_readv", 311: "process_vm_writev", 438: "pidfd_getfd",
+               62: "kill", 234: "tgkill", 424: "pidfd_send_signal", 133: "mknod", 259: "mknodat",
+               248: "add_key", 249: "request_key", 250: "keyctl", 175: "init_module", 313: "finit_module",
+               176: "delete_module", 169: "reboot", 246: "kexec_load", 320: "kexec_file_load", 16: "ioctl",
+               428: "open_tree", 429: "move_mount", 430: "fsopen", 432: "fsmount", 442: "mount_setattr"},
+    "aarch64": {40: "mount", 39: "umount2", 41: "pivot_root", 51: "chroot", 268: "setns", 97: "unshare",
+                117: "ptrace", 270: "process_vm_readv", 271: "process_vm_writev", 438: "pidfd_getfd",
+                129: "kill", 131: "tgkill", 424: "pidfd_send_signal", 33: "mknodat", 217: "add_key",
+                218: "request_key", 219: "keyctl", 105: "init_module", 273: "finit_module",
+                106: "delete_module", 142: "reboot", 104: "kexec_load", 294: "kexec_file_load", 29: "ioctl",
+                428: "open_tree", 429: "move_mount", 430: "fsopen", 432: "fsmount", 442: "mount_setattr"},
+}.get(os.uname().machine, {})
+
+_ROOT_CHANGING = frozenset({"chroot", "setns", "pivot_root", "unshare"})
+#: libc/syscall names that move a process (root or namespaces).
+_MOVES = _ROOT_CHANGING
+#: Namespaces compared before and after such a move.
+_NS_WATCH = ("mnt", "net", "pid", "user", "ipc", "uts")
+
+_ORIG_OS = {name: getattr(os, name) for name in ("chroot", "mknod") if hasattr(os, name)}
+_ORIG_GETITEM = ctypes.CDLL.__getitem__
+
+
+def _text(x: Any, limit: int = 120) -> str:
+    if isinstance(x, ctypes._SimpleCData):  # type: ignore[attr-defined]
+        x = x.value
+    if isinstance(x, os.PathLike):
+        x = _os.fspath(x)
+    if isinstance(x, bytes):
+        x = x.decode(errors="replace")
+    s = x if isinstance(x, str) else repr(x)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _fspath(p: Any) -> str | None:
+    if isinstance(p, str):
+        return p
+    if isinstance(p, int):
+        return None
+    try:
+        return _os.fsdecode(_os.fspath(p))
+    except TypeError:
+        return None
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# --- the hook ---------------------------------------------------------------------------
+
+
+class _State:
+    """Everything the hook needs, reachable only through its closure."""
+
+    __slots__ = ("fd", "pipe", "me", "seen", "sent", "busy", "writable", "canary", "nodes",
+                 "spawns", "over", "ports", "abstract")
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str]] = set()
+        self.sent = 0
+        self.busy = False
+        self.nodes: set[str] = set()
+        self.spawns = 0
+        self.over = False
+
+
+def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]]:
+    """Make the hook, its handlers and wrappers once, where this module is imported (the
+    warm fork server): a forked test process then only fills in its state and installs
+    them. Building them there costs ~0.5 ms per test in copy-on-write faults alone."""
+    st = _State()
+    st.fd, st.pipe = -1, None
+    # The environment is the fork server's, the same for every test: read it once here.
+    canary = (os.environ.get("PYTEST_ISOLATE_CANARY_DIR"), os.environ.get("PYTEST_ISOLATE_CANARY_FILE"))
+    st.canary = tuple(c for c in canary if c)
+    st.ports, st.abstract = _host_services()
+
+    def shares(kind: str) -> bool | None:
+        """Is this process in the host's ``kind`` namespace *now*? (Asked when needed, not
+        at arm: a stat per kind in a fresh fork costs ~20 us, and most tests ask nothing.)"""
+        h = HOST_NS.get(kind)
+        if h is None:
+            return None
+        try:
+            return _os.stat(f"/proc/self/ns/{kind}").st_ino == h
+        except OSError:
+            return None
+
+    def position() -> tuple[tuple[int, int], dict[str, int]]:
+        return _root_id(), _ns_ids(_NS_WATCH)
+
+    def report(technique: str, detail: str, ok: bool | None = None, host: bool | None = None,
+               where: str | None = None) -> None:
+        key = (technique, detail)
+        if key in st.seen or st.fd < 0:
+            return
+        if st.sent >= MAX_MESSAGES:
+            if not st.over:
+                st.over = True
+                _send(st, {"t": "audit", "technique": "tamper" if technique == "tamper" else technique,
+                           "detail": f"more than {MAX_MESSAGES} findings; the rest were not reported",
+                           "where": None})
+            return
+        st.seen.add(key)
+        st.sent += 1
+        if ok is None and host is None:
+            refused = _lacks(technique, shares)
+            if refused:
+                ok, detail = False, f"{detail} ({refused})"
+        msg: dict[str, Any] = {"t": "audit", "technique": technique, "detail": detail,
+                               "where": where if where is not None else _where(3)}
+        if ok is not None:
+            msg["ok"] = ok
+        if host is not None:
+            msg["host"] = host
+        _send(st, msg)
+
+    def own(pid: int) -> bool:
+        """Is ``pid`` this test's process or one of its descendants?"""
+        if pid == st.me:
+            return True
+        seen = 0
+        while pid > 1 and seen < 64:
+            pid = _ppid(pid)
+            if pid == st.me:
+                return True
+            seen += 1
+        return False
+
+    def at_host_root() -> bool:
+        try:
+            return _root_id() == HOST_ROOT
+        except OSError:
+            return False
+
+    def after_root_change(technique: str, detail: str, before: tuple[tuple[int, int], dict[str, int]],
+                          ok: bool) -> None:
+        """A call that may move us (root or namespaces): did it land on the host's?"""
+        host: bool | None = None
+        if ok:
+            root_before, ns_before = before
+            host = _root_id() == HOST_ROOT and root_before != HOST_ROOT
+            if not host:
+                now = _ns_ids(_NS_WATCH)
+                # Only kinds known before: a process chrooted where /proc is missing
+                # sees its namespaces again once back at a root with /proc.
+                joined = [k for k, v in now.items()
+                          if v == HOST_NS.get(k) and k in ns_before and ns_before[k] != v]
+                if joined:
+                    host = True
+                    detail += f" (joined the host's {'/'.join(joined)} namespace)"
+            else:
+                detail += " (now at the host's root)"
+        report(technique, detail, ok=ok, host=host, where=_where(3))
+
+    # -- path classification ---------------------------------------------------------
+    def classify_path(p: str, write: bool) -> tuple[str, str] | None:
+        if p.startswith("/proc/"):
+            rest = p[6:]
+            head, _, tail = rest.partition("/")
+            if head.isdigit():
+                if own(int(head)):
+                    return None
+                sub = tail.partition("/")[0]
+                if sub in ("root", "cwd", "fd", "map_files"):
+                    return "proc-root", p
+                if sub == "mem" and write:
+                    return "ptrace", p
+                if sub == "ns":
+                    return "setns", p
+                return None
+            if not write:
+                return None
+            if p.startswith(_USERMODE_HELPERS):
+                return "core-pattern", p
+            if p == "/proc/sysrq-trigger":
+                return "sysrq", p
+            if p.startswith("/proc/sys/"):
+                return "sysctl", p
+            if head in ("self", "thread-self"):
+                return None
+            return "sysctl", p
+        if p.startswith("/dev/"):
+            if p in _SAFE_DEV or p.startswith(("/dev/pts/", "/dev/shm/", "/dev/fd/", "/dev/mqueue/", "/dev/hugepages/")):
+                return None
+            return "device", p
+        if p in st.nodes:
+            return "device", p
+        if not write:
+            return None
+        if p.endswith(("/release_agent", "/notify_on_release")):
+            return "release-agent", p
+        if p.startswith(_USERMODE_HELPERS):
+            return "core-pattern", p
+        if p.startswith("/sys/"):
+            return "sysfs", p
+        if st.canary and p.startswith(st.canary):
+            return "write-host-file", p
+        if p in _WRITABLE_EXACT or p.startswith(st.writable) or "/__pycache__/" in p:
+            return None
+        return "write-host-file", p
+
+    # -- handlers (event -> function(args)) ------------------------------------------
+    def on_open(args: tuple[Any, ...]) -> None:
+        path, _mode, flags = args
+        p = _fspath(path)
+        if p is None:
+            return
+        write = bool(flags & _W) if isinstance(flags, int) else False
+        if not p.startswith("/"):
+            if not write:
+                return
+            p = os.path.join(_os.getcwd(), p)
+        elif not write and not p.startswith(("/proc/", "/dev/")) and p not in st.nodes:
+            return
+        p = os.path.normpath(p)
+        found = classify_path(p, write)
+        if found is None:
+            return
+        technique, detail = found
+        if technique == "write-host-file" and _where(3) is None:
+            return  # the interpreter's own doing (import machinery, pytest internals)
+        host: bool | None = None
+        if technique == "device":
+            refused = _probe_device(p)
+            if refused:
+                report(technique, f"open {detail}: {refused} (refused by the kernel)", ok=False)
+                return
+        if technique == "write-host-file":
+            parent = os.path.dirname(p)
+            if not _isdir(parent):
+                return  # ENOENT: nothing gets written anywhere
+            if not _os.access(p if _exists(p) else parent, os.W_OK):
+                report(technique, f"open for write {detail}: permission denied", ok=False)
+                return
+        if technique in ("proc-root", "ptrace", "setns"):
+            host = shares("pid")
+        elif technique in _FOLLOW_ROOT:
+            if at_host_root():
+                host = True
+        verb = "open for write" if write else "open"
+        report(technique, f"{verb} {detail}", host=host)
+
+    def on_kill(args: tuple[Any, ...], group: bool = False) -> None:
+        pid, sig = args[0], args[1]
+        if not sig:
+            return  # a probe: delivers nothing
+        if group:
+            if pid == 0 or pid == _os.getpgrp() or own(pid):
+                return
+            detail = f"killpg({pid}, {sig})"
+        elif pid == -1:
+            detail = f"kill(-1, {sig}): every process it may signal"
+        elif pid == 0 or (pid < 0 and (-pid == _os.getpgrp() or own(-pid))) or (pid > 0 and own(pid)):
+            return
+        else:
+            detail = f"kill({pid}, {sig})"
+        report("signal", detail, host=shares("pid"))
+
+    def on_socket_new(args: tuple[Any, ...]) -> None:
+        family, kind = args[1], args[2]
+        if family == AF_PACKET or (isinstance(kind, int) and kind & 0xF == SOCK_RAW):
+            report("raw-socket", f"socket(family={family}, type={kind})", host=shares("net"))
+
+    def on_connect(args: tuple[Any, ...], verb: str = "connect") -> None:
+        sock, address = args[0], args[1]
+        try:
+            family = sock.family
+        except Exception:  # noqa: BLE001
+            return
+        host_net = shares("net")
+        if family in (AF_INET, AF_INET6) and isinstance(address, tuple) and address:
+            addr, port = str(address[0]), address[1] if len(address) > 1 else 0
+            if verb == "bind":
+                # Listening on the host's network (not its loopback) exposes the test.
+                if host_net and not _is_loopback(addr):
+                    report("network", f"listen on {addr or '*'}:{port} (the host's network)", host=True)
+                return
+            if _is_loopback(addr):
+                proto = "tcp" if getattr(sock, "type", 1) & 0xF == 1 else "udp"
+                owner = _port_owner(proto, int(port), own)
+                if not host_net:
+                    # The sandbox's own loopback: only worth a line when the port is one
+                    # the host serves (the attempt was aimed at the host and missed).
+                    if owner is None and proto == "tcp" and int(port) in st.ports:
+                        report("network", f"{verb} {addr}:{port} (a host service's port; the sandbox "
+                                          "has a loopback of its own)", host=False)
+                    return
+                if owner != "host":
+                    return  # our own server, or nobody listens: nothing of the host reached
+                report("network", f"{verb} {addr}:{port} (a host loopback service)", host=True)
+            elif addr not in ("", "0.0.0.0", "::"):
+                report("network", f"{verb} {addr}:{port}", host=host_net)
+        elif family == AF_UNIX and verb != "bind":
+            if isinstance(address, (bytes, str)) and address[:1] in ("\0", b"\0"):
+                name = _text(address[1:])
+                owner = _unix_owner(name, own)
+                if owner == "own":
+                    return
+                if not host_net and name not in st.abstract:
+                    return  # not a name the host uses: nothing was aimed at the host
+                if host_net and owner is None:
+                    return  # nobody listens: nothing reached
+                report("abstract-socket", f"{verb} @{name}", host=host_net)
+            else:
+                p = _fspath(address)
+                if not p:
+                    return
+                p = os.path.normpath(os.path.join(_os.getcwd(), p))
+                if p in _SAFE_DEV or p.startswith(st.writable):
+                    return
+                report("unix-socket", f"{verb} {p}", host=True if at_host_root() else None)
+
+    def on_ioctl(args: tuple[Any, ...]) -> None:
+        req = args[1] & 0xFFFFFFFF if isinstance(args[1], int) else None
+        fd = args[0]
+        if req in (TIOCSTI, TIOCLINUX) and isinstance(fd, int) and _os.isatty(fd):
+            what = f"ioctl({fd}, {'TIOCSTI' if req == TIOCSTI else 'TIOCLINUX'})"
+            ctty = _os.fstat(fd).st_rdev == _ctty()
+            legacy = _read_int("/proc/sys/dev/tty/legacy_tiocsti")
+            if (not ctty or legacy == 0) and not _has_cap(CAP_SYS_ADMIN):
+                why = "not its controlling tty" if ctty is False else "legacy_tiocsti=0"
+                report("tiocsti", f"{what}: {why} and no CAP_SYS_ADMIN", ok=False)
+            else:
+                report("tiocsti", what, host=None)
+
+    def on_spawn(args: tuple[Any, ...], kind: str) -> None:
+        argv: list[str] = []
+        raw: Any = None
+        if kind == "system":
+            argv = str(args[0]).split()[:8]
+        elif kind == "popen" or kind == "exec":
+            raw = args[1] if len(args) > 1 else args[0]
+        elif kind == "spawn":
+            raw = args[2] if len(args) > 2 else None
+        if raw is not None:
+            if isinstance(raw, (str, bytes, os.PathLike)):
+                argv = _text(raw, 300).split()[:8]
+            else:
+                try:
+                    argv = [_text(a, 200) for a in list(raw)[:8]]
+                except TypeError:
+                    argv = [_text(raw)]
+        words = argv
+        if len(argv) > 2 and os.path.basename(argv[0]) in ("sh", "bash", "dash") and argv[1] == "-c":
+            words = argv[2].split()  # sh -c "mount ...": the command's first word
+        if words:
+            technique = _TOOLS.get(os.path.basename(words[0]))
+            if technique and _acts(technique, words[1:]):
+                report(technique, "runs " + " ".join(argv)[:200])
+        if st.spawns < 16:
+            st.spawns += 1
+            _send(st, {"t": "audit", "technique": "spawn", "detail": " ".join(argv)[:300] or kind,
+                       "where": _where(3)})
+
+    def on_dlsym(args: tuple[Any, ...]) -> None:
+        name = args[1]
+        if not isinstance(name, str) or name not in _LIBC or name == "syscall":
+            return
+        if name == "ioctl":
+            return  # too common to flag on lookup; calls through CDLL attributes are checked
+        report(_LIBC[name] or "syscall", f"ctypes lookup of {name}()")
+
+    def on_hook_added(args: tuple[Any, ...]) -> None:
+        report("tamper", "another audit hook was added")
+
+    protected: set[int] = set()
+
+    def on_setattr(args: tuple[Any, ...]) -> None:
+        if id(args[0]) in protected:
+            report("tamper", f"replaced {getattr(args[0], '__name__', type(args[0]).__name__)}.{args[1]}")
+
+    handlers: dict[str, Callable[[tuple[Any, ...]], None]] = {
+        "open": on_open,
+        "os.kill": on_kill,
+        "os.killpg": lambda a: on_kill(a, group=True),
+        "socket.__new__": on_socket_new,
+        "socket.connect": on_connect,
+        "socket.bind": lambda a: on_connect(a, "bind"),
+        "socket.sendto": lambda a: on_connect(a, "sendto"),
+        "socket.sendmsg": lambda a: on_connect(a, "sendmsg") if len(a) > 1 and a[1] is not None else None,
+        "fcntl.ioctl": on_ioctl,
+        "subprocess.Popen": lambda a: on_spawn(a, "popen"),
+        "os.exec": lambda a: on_spawn(a, "exec"),
+        "os.posix_spawn": lambda a: on_spawn(a, "exec"),
+        "os.spawn": lambda a: on_spawn(a, "spawn"),
+        "os.system": lambda a: on_spawn(a, "system"),
+        "os.fork": lambda a: on_spawn(a, "fork"),
+        "os.forkpty": lambda a: on_spawn(a, "fork"),
+        "ctypes.dlsym": on_dlsym,
+        "sys.addaudithook": on_hook_added,
+        "object.__setattr__": on_setattr,
+        "object.__delattr__": on_setattr,
+        # 3.12+: os.unshare/os.setns have events of their own.
+        "os.setns": lambda a: report("setns", f"os.setns({_text(a[0])}, {a[1] if len(a) > 1 else 0})"),
+        "os.unshare": lambda a: report("unshare", f"os.unshare({a[0]:#x})" if isinstance(a[0], int) else "os.unshare"),
+    }
+    get = handlers.get
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        h = get(event)
+        if h is None or st.busy:
+            return
+        st.busy = True
+        try:
+            h(args)
+        except Exception:  # noqa: BLE001 - the detector must never break the test
+            pass
+        finally:
+            st.busy = False
+
+    # -- wrappers for calls 3.11 does not audit ----------------------------------------
+    def guarded(technique: str, fn: Callable[..., Any], describe: Callable[..., str],
+                after: Callable[..., str | None] | None = None) -> Callable[..., Any]:
+        moves = technique in _ROOT_CHANGING
+
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            before = position() if moves else None
+            try:
+                result = fn(*a, **kw)
+            except OSError as exc:
+                if not st.busy:
+                    report(technique, f"{describe(*a, **kw)}: {exc.strerror}", ok=False, where=_where(2))
+                raise
+            if not st.busy:
+                st.busy = True
+                try:
+                    refused = after(*a, **kw) if after is not None else None
+                    if refused:
+                        report(technique, f"{describe(*a, **kw)}: {refused}", ok=False, where=_where(2))
+                    elif before is not None:
+                        after_root_change(technique, describe(*a, **kw), before, True)
+                    else:
+                        report(technique, describe(*a, **kw), ok=True, where=_where(2))
+                except Exception:  # noqa: BLE001
+                    pass
+                finally:
+                    st.busy = False
+            return result
+
+        wrapper.__name__ = getattr(fn, "__name__", technique)
+        wrapper.__qualname__ = wrapper.__name__
+        wrapper.__doc__ = getattr(fn, "__doc__", None)
+        wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        protected.add(id(wrapper))
+        return wrapper
+
+    def mknod_after(path: Any, mode: int = 0o600, device: int = 0, *, dir_fd: int | None = None) -> str | None:
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            p = _fspath(path)
+            if p and dir_fd is None:
+                p = os.path.normpath(os.path.join(_os.getcwd(), p))
+                st.nodes.add(p)
+                refused = _probe_device(p)
+                if refused:
+                    return f"created, but opening it is refused: {refused}"
+        return None
+
+    def mknod_describe(path: Any, mode: int = 0o600, device: int = 0, **kw: Any) -> str:
+        kind = "c" if stat.S_ISCHR(mode) else "b" if stat.S_ISBLK(mode) else None
+        if kind is None:
+            return f"mknod {_text(path)}"
+        return f"mknod {_text(path)} {kind} {_os.major(device)}:{_os.minor(device)}"
+
+    wrapped: dict[str, Callable[..., Any]] = {}
+    if "chroot" in _ORIG_OS:
+        wrapped["chroot"] = guarded("chroot", _ORIG_OS["chroot"], lambda p, **k: f"chroot({_text(p)})")
+    if "mknod" in _ORIG_OS:
+        wrapped["mknod"] = guarded("device", _ORIG_OS["mknod"], mknod_describe, after=mknod_after)
+
+    # -- ctypes: functions looked up by name during the test report their calls --------
+    audited_types: dict[type, type] = {}
+    errno_flag = getattr(ctypes, "_FUNCFLAG_USE_ERRNO", 8)
+
+    def ctypes_call(name: str, args: tuple[Any, ...], result: Any, use_errno: bool, before: Any) -> None:
+        if name == "syscall":
+            if not args or not isinstance(_num(args[0]), int):
+                return
+            name = _SYSCALLS.get(_num(args[0]), "")
+            if not name:
+                return
+            args = args[1:]
+        technique = _LIBC.get(name)
+        if not technique:
+            return
+        failed = isinstance(result, int) and result < 0
+        err = ""
+        if failed and use_errno:
+            e = ctypes.get_errno()
+            err = f": {_os.strerror(e)}" if e else ""
+        shown = ", ".join(_text(a, 60) for a in args[:5])
+        detail = f"{name}({shown})"
+        if technique == "tiocsti":
+            req = _num(args[1]) if len(args) > 1 else None
+            if not isinstance(req, int) or req & 0xFFFFFFFF not in (TIOCSTI, TIOCLINUX):
+                return
+        elif technique in ("ptrace", "signal") and len(args) > 1:
+            pid = _num(args[1] if technique == "ptrace" else args[0])
+            if technique == "ptrace" and _num(args[0]) == 0:
+                return  # PTRACE_TRACEME: being traced by our own parent
+            if technique == "signal" and name in ("kill", "killpg") and not _num(args[1]):
+                return  # signal 0: a probe
+            if isinstance(pid, int) and pid > 0 and own(pid):
+                return
+        if name == "mount" and len(args) > 2 and _text(args[2]) == "cgroup":
+            # A cgroup v1 hierarchy: the first step of the release_agent escape (the kernel
+            # runs a hierarchy's release_agent as root on the host).
+            report("release-agent", f"{detail}: a cgroup v1 hierarchy" + err, ok=False if failed else None,
+                   host=False if not failed and shares("mnt") is False else None, where=_where(3))
+        if failed:
+            report(technique, detail + err, ok=False, where=_where(3))
+            return
+        if name in _MOVES and before is not None:
+            after_root_change(technique if name != "pivot_root" else "mount", detail, before, True)
+            return
+        host: bool | None = None
+        if technique == "mount":
+            host = shares("mnt")
+
+        elif technique in ("ptrace", "signal"):
+            host = shares("pid")
+        report(technique, detail, ok=True, host=host, where=_where(3))
+
+    def audited_type(base: type) -> type:
+        cls = audited_types.get(base)
+        if cls is None:
+            use_errno = bool(base._flags_ & errno_flag)  # type: ignore[attr-defined]
+            call = base.__call__
+
+            def __call__(self: Any, *a: Any) -> Any:  # noqa: N807
+                name = self.__name__
+                if name == "syscall" and a:
+                    name = _SYSCALLS.get(_num(a[0]), "")  # type: ignore[call-overload]
+                before = position() if name in _MOVES else None
+                result = call(self, *a)
+                if not st.busy:
+                    st.busy = True
+                    try:
+                        ctypes_call(self.__name__, a, result, use_errno, before)
+                    except Exception:  # noqa: BLE001
+                        pass
+                    finally:
+                        st.busy = False
+                return result
+
+            cls = type(base.__name__, (base,), {"_flags_": base._flags_, "_restype_": base._restype_,  # type: ignore[attr-defined]
+                                                "__call__": __call__})
+            audited_types[base] = cls
+            protected.add(id(cls))
+        return cls
+
+    def getitem(self: ctypes.CDLL, name_or_ordinal: Any) -> Any:
+        if isinstance(name_or_ordinal, str) and name_or_ordinal in _LIBC:
+            st.busy = True  # the lookup's own dlsym event: the call will be reported
+            try:
+                func = audited_type(self._FuncPtr)((name_or_ordinal, self))  # type: ignore[attr-defined]
+            finally:
+                st.busy = False
+            func.__name__ = name_or_ordinal
+            return func
+        return _ORIG_GETITEM(self, name_or_ordinal)
+
+    protected.add(id(getitem))
+
+    # -- install ------------------------------------------------------------------------
+    guards = [(sys, _guard_class(sys, ("addaudithook", "audit"), report)),
+              (os, _guard_class(os, tuple(wrapped), report)),
+              (sys.modules[__name__], _guard_class(sys.modules[__name__], None, report))]
+    protected.update({id(hook), id(ctypes.CDLL), *(id(mod) for mod, _ in guards)})
+    installed: list[int] = []
+
+    def install(result_fd: int, writable: list[str], paused: bool = False) -> None:
+        # Our own copy of the pipe, out of the way of a test that closes or reuses low
+        # fds; its identity is checked before every send so we never write into a file
+        # of the test's.
+        try:
+            # High and close-on-exec: fds are handed out lowest first, so a test that
+            # closes its fds and opens new ones does not get this number back.
+            fd = _fcntl(result_fd, _F_DUPFD_CLOEXEC, 512) if result_fd >= 0 else -1
+            if fd >= 0:
+                fst = _os.fstat(fd)
+                st.pipe = (fst.st_dev, fst.st_ino)
+            st.fd = fd
+        except OSError:
+            st.fd, st.pipe = -1, None
+        st.me = _os.getpid()
+        st.writable = tuple(os.path.join(w, "") for w in writable if w) + _WRITABLE
+        st.seen.clear()
+        st.nodes.clear()
+        st.sent = st.spawns = 0
+        st.over = False
+        if installed and installed[0] == st.me:
+            st.busy = paused
+            return  # armed twice in one process: new pipe and paths, same hook
+        installed[:] = [st.me]
+        sys.addaudithook(hook)
+        st.busy = True  # our own patching below raises audit events: not tampering
+        try:
+            ctypes.CDLL.__getitem__ = getitem  # type: ignore[method-assign]
+            for name, fn in wrapped.items():
+                setattr(os, name, fn)
+            for mod, cls in guards:
+                try:
+                    mod.__class__ = cls
+                except TypeError:
+                    pass
+        finally:
+            st.busy = paused
+
+    def resume() -> None:
+        st.busy = False
+
+    return install, resume
+
+
+_PROBED_CHR = {(1, 1), (1, 2), (1, 4)}  # /dev/mem, /dev/kmem, /dev/port
+
+
+def _probe_device(path: str) -> str | None:
+    """Would opening this disk or memory device be refused? (None: allowed or not probed.)
+
+    The audit event comes before the open, so the hook opens it itself first, read-only
+    and non-blocking, and closes it at once: for block devices and /dev/mem that has no
+    side effect, and the result is what the test's own open will get (same credentials,
+    same device cgroup). Other character devices (watchdogs, ttys) are never probed."""
+    try:
+        st = _os.stat(path)
+    except OSError:
+        return None
+    if not (stat.S_ISBLK(st.st_mode) or (stat.S_ISCHR(st.st_mode) and (_os.major(st.st_rdev), _os.minor(st.st_rdev)) in _PROBED_CHR)):
+        return None
+    try:
+        fd = _open_fd(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    _close(fd)
+    return None
+
+
+CAP_NET_RAW, CAP_SYS_MODULE, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_SYS_BOOT, CAP_MKNOD = 13, 16, 18, 21, 22, 27
+#: The capability each technique needs; without it the kernel refuses (EPERM).
+_CAP_FOR = {"mount": CAP_SYS_ADMIN, "setns": CAP_SYS_ADMIN, "chroot": CAP_SYS_CHROOT, "raw-socket": CAP_NET_RAW,
+            "kernel-module": CAP_SYS_MODULE, "reboot": CAP_SYS_BOOT, "release-agent": CAP_SYS_ADMIN}
+#: Techniques only the initial user namespace's root can carry out: root of a user
+#: namespace (an unprivileged sandbox) is refused.
+_INIT_USERNS_ONLY = frozenset({"core-pattern", "release-agent", "sysctl", "sysrq", "kernel-module", "reboot"})
+
+
+def _ctty() -> int:
+    """Device number of this process's controlling terminal (0: none)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[4])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _has_cap(cap: int) -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # unknown: assume the worst
+
+
+def _lacks(technique: str, shares: Callable[[str], bool | None]) -> str | None:
+    """Why the kernel will refuse ``technique`` to this process, when it will (the hook
+    sees most attempts before they happen; this settles the common cases)."""
+    cap = _CAP_FOR.get(technique)
+    if cap is not None and not _has_cap(cap):
+        return f"no {_CAP_NAMES[cap]}: refused by the kernel"
+    if technique in _INIT_USERNS_ONLY and shares("user") is False:
+        return "root of a user namespace only: refused by the kernel"
+    return None
+
+
+_CAP_NAMES = {CAP_NET_RAW: "CAP_NET_RAW", CAP_SYS_MODULE: "CAP_SYS_MODULE", CAP_SYS_CHROOT: "CAP_SYS_CHROOT",
+              CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_SYS_BOOT: "CAP_SYS_BOOT", CAP_MKNOD: "CAP_MKNOD"}
+_INFO_ARGS = frozenset({"--version", "-V", "--help", "-h", "--list", "show", "list", "print", "describe",
+                        "rdescribe", "read", "pipe", "search"})
+
+
+def _acts(technique: str, args: list[str]) -> bool:
+    """Does this command line change something (``mount -t tmpfs x /mnt``), rather than
+    ask (``mount``, ``mount --version``, ``sysctl kernel.core_pattern``)?"""
+    if not args or all(a in _INFO_ARGS for a in args[:1]):
+        return False
+    if technique == "sysctl":
+        return any("=" in a or a == "-w" for a in args)
+    return True
+
+
+def _num(x: Any) -> Any:
+    return x.value if isinstance(x, ctypes._SimpleCData) else x  # type: ignore[attr-defined]
+
+
+def _send(st: _State, msg: dict[str, Any]) -> None:
+    try:
+        fst = _os.fstat(st.fd)
+        if (fst.st_dev, fst.st_ino) != st.pipe:
+            st.fd = -1  # closed and reused by the test: stop rather than write into its file
+            return
+        wire.send(st.fd, msg)
+    except OSError:
+        st.fd = -1
+
+
+def _guard_class(mod: types.ModuleType, names: Iterable[str] | None, report: Callable[..., None]) -> type:
+    """A ModuleType subclass that reports replacing ``names`` of ``mod`` (all when None):
+    modules raise no audit event for attribute assignment; their class can."""
+    watched = frozenset(names) if names is not None else None
+    label = mod.__name__
+
+    class Guarded(types.ModuleType):
+        __slots__ = ()
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if watched is None or name in watched:
+                report("tamper", f"replaced {label}.{name}")
+            super().__setattr__(name, value)
+
+        def __delattr__(self, name: str) -> None:
+            if watched is None or name in watched:
+                report("tamper", f"deleted {label}.{name}")
+            super().__delattr__(name)
+
+    return Guarded
+
+
+def _host_services() -> tuple[frozenset[int], frozenset[str]]:
+    """Ports and abstract socket names the host served when the run started (the
+    canaries put them in the environment): an attempt at them from a sandbox with its own
+    network namespace is reported as blocked rather than passing unnoticed."""
+    ports: set[int] = set()
+    for p in os.environ.get("PYTEST_ISOLATE_HOST_PORTS", "").split(","):
+        if p.isdigit():
+            ports.add(int(p))
+    names = {n for n in os.environ.get("PYTEST_ISOLATE_HOST_ABSTRACT", "").split("\n") if n}
+    unix = os.environ.get("PYTEST_ISOLATE_CANARY_UNIX")
+    if unix:
+        names.add(unix)
+    return frozenset(ports), frozenset(names)
+
+
+def _is_loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr in ("::1", "localhost") or addr.startswith("::ffff:127.")
+
+
+def _port_owner(proto: str, port: int, own: Callable[[int], bool]) -> str | None:
+    """"own" when a process of the test listens on ``port``, "host" when another one
+    does, None when nobody does (a connect then reaches nothing)."""
+    inodes: set[str] = set()
+    for name in (proto, proto + "6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10:
+                        continue
+                    local, state = parts[1], parts[3]
+                    if int(local.rsplit(":", 1)[1], 16) != port:
+                        continue
+                    if proto == "tcp" and state != "0A":
+                        continue
+                    inodes.add(parts[9])
+        except (OSError, StopIteration, ValueError):
+            continue
+    if not inodes:
+        return None
+    return "own" if _inodes_owned(inodes, own) else "host"
+
+
+def _unix_owner(name: str, own: Callable[[int], bool]) -> str | None:
+    inodes: set[str] = set()
+    try:
+        with open("/proc/net/unix") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] == "@" + name:
+                    inodes.add(parts[6])
+    except OSError:
+        return None
+    if not inodes:
+        return None
+    return "own" if _inodes_owned(inodes, own) else "host"
+
+
+def _inodes_owned(inodes: set[str], own: Callable[[int], bool]) -> bool:
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for name in _os.listdir("/proc"):
+        if not name.isdigit() or not own(int(name)):
+            continue
+        try:
+            fds = _os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if _os.readlink(f"/proc/{name}/fd/{fd}") in wanted:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+_install, _resume = _build()
+
+
+def arm(result_fd: int, writable: list[str], rootdir: str | None = None, paused: bool = False) -> None:
+    """Install the audit layer in this (already confined) test process.
+
+    Everything the hook needs lives in closures made at import: replacing this module's
+    globals, or ``sys.addaudithook``, changes nothing for the installed hook (audit hooks
+    cannot be removed); attempts at it are reported as ``tamper``.
+
+    ``rootdir``: the session's, which escape locations are relative to (default: the
+    cwd now, before the test runs). "/" counts as none: every path would lose its "/".
+
+    ``paused``: installed but deaf until ``resume`` (a pre-forked child arms itself
+    while it waits for its job, off the test's critical path: ~0.35 ms a test here).
+    """
+    if rootdir is None:
+        try:
+            rootdir = _os.getcwd()
+        except OSError:  # no cwd (it lies outside a new root)
+            rootdir = ""
+    _ROOT[0] = rootdir.rstrip("/") + "/" if rootdir.rstrip("/") else ""
+    _install(result_fd, writable, paused)
+
+
+def resume() -> None:
+    """From here on the audit layer watches (after ``arm(..., paused=True)``)."""
+    _resume()
