@@ -61,7 +61,7 @@ def new_record(
         "leftovers": list(raw.get("leftovers") or []),
         "changes": list(raw.get("changes") or []),
         "notes": list(raw.get("notes") or []),
-        # What the test did to its result channel or to pytest's protocol (forkserver
+        # What the test did to its result channel or to pytest's protocol (outcome.py
         # ``_faults``): each fails the test, whatever the policy.
         "faults": [str(f) for f in raw.get("faults") or ()],
     }

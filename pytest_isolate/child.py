@@ -33,7 +33,7 @@ STACK_SIGNAL = signal.SIGRTMIN + 3
 #: sandbox's process tree whatever tier structure sits above it.
 RUNNER_COMM = b"isolate-test"
 #: Starts the line a runner writes into its stack file when the test took its result
-#: channel away: the one place left that the fork server reads (forkserver._faults).
+#: channel away: the one place left that the fork server reads (outcome._faults).
 CHANNEL_NOTE = "pytest-isolate channel: "
 #: Room kept in a report frame for what JSON adds around the captured output.
 _FRAME_SLACK = 1 << 20

@@ -26,9 +26,9 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.child import CHANNEL_NOTE, RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
-from pytest_isolate.facets import rlimits
-from pytest_isolate.observe import escapes, usage
+from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
+from pytest_isolate.observe import usage
+from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
 from pytest_isolate.session import adapters, node
 from pytest_isolate.session.carry import SandboxCarry
 from pytest_isolate.session.node import SERVER_KEY
@@ -43,15 +43,12 @@ from pytest_isolate.tiers.base import (
     descendants,
     describe_procs,
     kill_tree,
-    rusage_dict,
 )
 
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
 STACK_GRACE = 1.0
 #: Tiers whose next sandbox is built while the current test runs (``_build_ahead``).
 AHEAD_TIERS = ("chroot", "jail", "zone", "uml")
-#: Tiers whose sandbox has a cgroup of its own (readings, memory and pids limits).
-CGROUP_TIERS = ("zone", "uml")
 #: Tiers whose children the spawner forks (so this server's pages stay its own).
 SPAWNER_TIERS = ("process", "chroot")
 #: Sandboxes built ahead for nothing before a server stops building ahead.
@@ -82,13 +79,6 @@ def _hostname(nodeid: str) -> str:
     name = nodeid.rsplit("::", 1)[-1]
     name = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-").lower()
     return (name or "isolated")[:63]
-
-
-def _signame(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 @dataclass
@@ -693,7 +683,7 @@ class ForkServer:
                     os.close(r)
             else:
                 leftovers = []
-        result = self._result(item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)  # type: ignore[arg-type]
+        result = done_message(self.config, item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)  # type: ignore[arg-type]
         if not kept:
             os.close(stack_fd)
             shutil.rmtree(slot.scratch, ignore_errors=True)
@@ -717,7 +707,7 @@ class ForkServer:
         # of the whole tree and peak process count. A test shorter than one interval
         # costs nothing (rusage has its figures).
         sampler = None
-        if self.sampling and not self._cgroup(box):
+        if self.sampling and not _cgroup(box):
             sampler = usage.TreeSampler(box.spec.memory)
         box.state["sampler"] = sampler
         next_sample = time.monotonic() + SAMPLE_INTERVAL
@@ -814,11 +804,6 @@ class ForkServer:
                 size = new
             return
 
-    @staticmethod
-    def _cgroup(box: Box) -> bool:
-        """Whether the test's readings and limits come from a cgroup (zone, uml)."""
-        return box.spec.tier in CGROUP_TIERS
-
     def _reap_exiting(self) -> None:
         for pid in list(self.exiting):
             with contextlib.suppress(ChildProcessError):
@@ -877,202 +862,6 @@ class ForkServer:
                 os.waitpid(p["pid"], os.WNOHANG)
         return found
 
-    def _result(
-        self,
-        item: pytest.Item,
-        box: Box,
-        msgs: list[dict[str, Any]],
-        status: int,
-        ru: Any,
-        timed_out: bool,
-        wall: float,
-        stack_fd: int,
-        captures: list[Any],
-        leftovers: list[dict[str, Any]],
-    ) -> dict[str, Any]:
-        reports: list[dict[str, Any]] = []
-        # terminal[i]: what the child's terminal writer wrote before reports[i]; one more
-        # entry for what it wrote after the last.
-        terminal: list[str] = []
-        pending = ""
-        for m in msgs:
-            if m.get("t") == "term":
-                pending += str(m.get("text") or "")
-            elif m.get("t") == "report":
-                reports.append(m["data"])
-                terminal.append(pending)
-                pending = ""
-        warnings = [m for m in msgs if m.get("t") == "warning"]
-        xml = [m for m in msgs if m.get("t") == "xml"]
-        carry = [m for m in msgs if m.get("t") == "carry"]
-        internal = [m["error"] for m in msgs if m.get("t") == "internal"]
-        faults = self._faults(box, msgs, stack_fd)
-        for m in msgs:
-            if m.get("t") == "exit":  # an init between us and the runner told the truth
-                status = m["status"]
-                if m.get("rusage"):
-                    box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
-            elif m.get("t") in ("end", "item_done") and ru is None:
-                box.usage.update({k: v for k, v in m["rusage"].items() if k not in box.usage})
-            elif m.get("t") == "leftover":
-                leftovers = leftovers + list(m.get("procs") or [])
-        # A tier that ends what a test left by other means (uml: the test's cgroup) names it.
-        seen = {p["pid"] for p in leftovers}
-        leftovers = leftovers + [p for p in box.state.get("leftovers", []) if p["pid"] not in seen]
-        ru_figures = rusage_dict(ru) or {k: box.usage[k] for k in ("cpu_user", "cpu_sys", "max_rss", "write_bytes") if k in box.usage}
-        sampler = box.state.get("sampler")
-        readings = usage.merge(
-            ru_figures,
-            box.usage if self._cgroup(box) else None,
-            sampler.result() if sampler is not None else None,
-            wall,
-        )
-        readings.update({k: v for k, v in box.usage.items() if k not in readings})
-        readings.setdefault("max_rss", ru_figures.get("max_rss"))
-        if "disk_bytes" in readings:
-            readings.setdefault("disk_used", readings["disk_bytes"])
-        exit_info: dict[str, Any] = {}
-        if os.WIFSIGNALED(status):
-            exit_info = {"signal": os.WTERMSIG(status), "signame": _signame(os.WTERMSIG(status))}
-        elif os.WIFEXITED(status):
-            exit_info = {"exit_code": os.WEXITSTATUS(status)}
-        finished = any(rep.get("when") == "teardown" for rep in reports)
-        crash = None
-        if timed_out or not finished or internal:
-            killed_after = readings["wall"] if timed_out else None
-            crash = self._crash_report(
-                item, box, reports, exit_info, killed_after, stack_fd, captures, internal, faults
-            )
-            reports.append(crash)
-            terminal.append(pending)
-            pending = ""
-        terminal.append(pending)
-        escapes_found = escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
-        cg = self._cgroup(box)
-        enforced = rlimits.enforced(box.spec, cgroup_memory=cg, cgroup_pids=cg) | {"timeout"}
-        if cg:
-            enforced |= {"memory", "pids", "cpu", "io"}
-        flags = {"timed_out": timed_out, "signal": exit_info.get("signame")}
-        overuse = usage.check(box.spec, {**readings, **flags}, enforced)
-        record = {
-            "overuse": overuse,
-            "escapes": escapes_found,
-            "nodeid": item.nodeid,
-            "tier": box.spec.tier,
-            "exit": exit_info,
-            "crashed": bool(crash) and not timed_out,
-            "timed_out": timed_out,
-            "usage": readings,
-            "notes": box.notes,
-            "events": box.events,
-            "leftovers": leftovers,
-            "changes": box.state.get("changes", []),
-        }
-        if faults:
-            record["faults"] = faults
-        done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
-        if xml:
-            done["xml"] = xml
-        if carry:
-            done["carry"] = carry
-        if any(m.get("t") == "next_attempt" for m in msgs):
-            done["next_attempt"] = True
-        if any(terminal):
-            done["terminal"] = terminal
-        return done
-
-    def _faults(self, box: Box, msgs: list[dict[str, Any]], stack_fd: int) -> list[str]:
-        """What the test did to its result channel (and to pytest's protocol), one line
-        each: bytes that are not frames, a frame over the limit, the channel closed,
-        a forked process that returned into pytest. Each fails the test (answer.py)."""
-        tier = box.spec.tier
-        fd = next((m["fd"] for m in msgs if m.get("t") == "channel"), box.state.get("channel_fd"))
-        box.state["channel_fd"] = fd
-        out = []
-        reader = box.state.get("reader")
-        line = reader.fault(fd) if reader is not None else None
-        if line:
-            out.append(f"{tier}: {line}")
-            reader.garbage = reader.oversized = 0  # said: a kept child's next test starts clean
-        # Said where the test cannot close it: the child's stack file (its channel is gone).
-        for ln in _stack_text(stack_fd).splitlines():
-            if ln.startswith(CHANNEL_NOTE):
-                out.append(f"{tier}: {ln[len(CHANNEL_NOTE):].strip()}")
-                box.state["channel_lost"] = True
-                break
-        for m in msgs:
-            if m.get("t") == "stray":
-                out.append(
-                    f"{tier}: a process the test forked (pid {m['pid']}) returned into pytest instead of "
-                    "exiting; it was ended before it could report as the test or run another"
-                )
-                break
-        return out
-
-    def _crash_report(
-        self,
-        item: pytest.Item,
-        box: Box,
-        reports: list[dict[str, Any]],
-        exit_info: dict[str, Any],
-        timed_out: float | None,
-        stack_fd: int,
-        captures: list[Any],
-        internal: list[str],
-        faults: list[str] = (),  # type: ignore[assignment]
-    ) -> dict[str, Any]:
-        """A failed report for the phase the child died in, built here where the item is.
-
-        ``timed_out``: the wall time of a test killed at its timeout, said in the
-        overuse record's words (the policy then does not say it twice). ``faults``: what
-        the test did to its result channel; they say why its reports are missing better
-        than an exit code (the runner's own 70 for a channel it lost, or 0 for a test
-        whose last frames a bogus header swallowed), so they stand alone unless a
-        signal or the timeout ended the test."""
-        whens = [rep.get("when") for rep in reports]
-        when = "teardown" if "call" in whens else ("call" if "setup" in whens else "setup")
-        if when == "call" and any(rep.get("when") == "setup" and rep.get("outcome") != "passed" for rep in reports):
-            when = "teardown"
-        if timed_out is not None:
-            head = usage.timeout_message(box.spec.timeout or 0.0, timed_out)
-        elif box.state.get("spawner_killed"):
-            head = "killed with SIGKILL: the test killed its parent process (the worker's spawner)"
-        elif "signal" in exit_info:
-            head = f"crashed with {exit_info['signame']} (signal {exit_info['signal']})"
-        elif internal:
-            head = "the isolated child failed before it could report"
-        else:
-            head = f"exited with code {exit_info.get('exit_code')} before the test finished"
-        head = f"{box.spec.tier}: {head}"
-        stack = _user_frames(_stack_text(stack_fd))
-        parts = [head]
-        if faults:
-            ended_by = timed_out is not None or "signal" in exit_info
-            parts = [*faults, head] if ended_by else list(faults)
-            internal = [] if box.state.get("channel_lost") else internal
-        if stack:
-            parts.append(("Python stack when it timed out:\n" if timed_out is not None else "Python stack:\n") + stack)
-        parts.extend(internal)
-        sections = []
-        for name, f in zip(("stdout", "stderr"), captures, strict=False):
-            with contextlib.suppress(Exception):
-                f.buffer.seek(0)
-                text = f.buffer.read().decode(errors="replace")
-                if text:
-                    sections.append((f"Captured {name} {when}", text))
-        rep = pytest.TestReport(
-            nodeid=item.nodeid,
-            location=item.location,
-            keywords={k: 1 for k in item.keywords},
-            outcome="failed",
-            longrepr="\n".join(parts),
-            when=when,  # type: ignore[arg-type]
-            sections=sections,
-            duration=0.0,
-            user_properties=list(item.user_properties),
-        )
-        return self.config.hook.pytest_report_to_serializable(config=self.config, report=rep)
-
 
 def _controller_junit_family(config: pytest.Config) -> str | None:
     """The junit family of the controller's LogXML, or None when it writes no junit XML.
@@ -1119,57 +908,6 @@ class _JunitFamily:
         self.forwarder.send_xml("suite", name, value)
 
 
-#: Frame types a sandbox sends and the fields the server and controller rely on: a
-#: frame of another shape is the test's doing and counts as bytes that are not frames.
-_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "channel": {"fd": int},
-    "report": {"data": dict},
-    "term": {"text": str},
-    "warning": {"message": str, "category": str, "category_module": str, "when": str, "nodeid": str},
-    "xml": {"kind": str, "name": str, "value": str},
-    "carry": {"name": str},
-    "internal": {"error": str},
-    "end": {"rusage": dict},
-    "item_done": {"rusage": dict},
-    "exit": {"status": int},
-    "leftover": {"procs": list},
-    "stray": {"pid": int},
-}
-_WHENS = ("setup", "call", "teardown")
-
-
-def _frame_ok(m: Any) -> bool:
-    """Whether a frame from a sandbox has the shape its type promises (``wire.Reader``)."""
-    if not isinstance(m, dict) or not isinstance(m.get("t"), str):
-        return False
-    fields = _FIELDS.get(m["t"])
-    if fields is None:
-        return True  # audit frames and the like: their readers check what they use
-    for key, kind in fields.items():
-        value = m.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return False
-    if m["t"] == "report":
-        d = m["data"]
-        # Any outcome word: plugins log their own (pytest-rerunfailures' "rerun").
-        return d.get("when") in _WHENS and isinstance(d.get("outcome"), str) and isinstance(d.get("nodeid"), str)
-    if m["t"] in ("end", "item_done", "exit"):
-        ru = m.get("rusage") or {}
-        return isinstance(ru, dict) and all(isinstance(v, int | float) for v in ru.values())
-    if m["t"] == "leftover":
-        return all(isinstance(p, dict) and isinstance(p.get("pid"), int) for p in m["procs"])
-    return True
-
-
-def _stack_text(stack_fd: int) -> str:
-    """The child's stack file (faulthandler's dumps, a lost channel's note)."""
-    try:
-        os.lseek(stack_fd, 0, os.SEEK_SET)
-        return os.read(stack_fd, 1 << 20).decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _hung_up(fd: int) -> bool:
     """Every writer of pipe ``fd`` is gone (POLLHUP; unread data does not hide it)."""
     p = select.poll()
@@ -1183,16 +921,6 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
     except (OSError, IndexError):
         return True
-
-
-_NOISE = ("/pluggy/", "/_pytest/", "/pytest_isolate/", '"<string>"', CHANNEL_NOTE)
-
-
-def _user_frames(dump: str) -> str:
-    """faulthandler's dump without pytest's, pluggy's and our own frames: the user wants
-    to see where *their* code was."""
-    lines = [ln for ln in dump.strip().splitlines() if not any(n in ln for n in _NOISE)]
-    return "\n".join(lines).strip()
 
 
 def main() -> None:

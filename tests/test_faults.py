@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import child, wire
-from pytest_isolate.forkserver import _frame_ok
+from pytest_isolate.outcome import _frame_ok
 from tests.outputs import records, section, token
 
 TIERS = ["process", "chroot", "jail", "zone"]
