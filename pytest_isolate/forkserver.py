@@ -29,7 +29,7 @@ from pytest_isolate import wire
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.observe import usage
 from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
-from pytest_isolate.session import adapters, node
+from pytest_isolate.session import adapters, junit, node
 from pytest_isolate.session.carry import SandboxCarry
 from pytest_isolate.session.node import SERVER_KEY
 from pytest_isolate.spawner import Spawner, SpawnerGone
@@ -166,20 +166,12 @@ class ForkServer:
             from _pytest._io import TerminalWriter
 
             tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
-        family = _controller_junit_family(config)
-        if family is not None:
-            from _pytest.junitxml import xml_key
-
-            config.stash[xml_key] = _JunitFamily(family, self.forwarder)  # type: ignore[assignment]
+        junit.stand_in(config, self.forwarder)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        # Before junitxml's own unconfigure, which would unregister the stand-in as if
-        # it were a registered LogXML.
-        from _pytest.junitxml import xml_key
-
-        if isinstance(config.stash.get(xml_key, None), _JunitFamily):
-            del config.stash[xml_key]
+        # Before junitxml's own unconfigure (see ``junit.withdraw``).
+        junit.withdraw(config)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self) -> None:
@@ -861,51 +853,6 @@ class ForkServer:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(p["pid"], os.WNOHANG)
         return found
-
-
-def _controller_junit_family(config: pytest.Config) -> str | None:
-    """The junit family of the controller's LogXML, or None when it writes no junit XML.
-
-    The server re-parsed the controller's command line and ini, so it sees the same
-    ``--junitxml`` and ``junit_family``; junitxml itself makes no LogXML here because
-    the server has ``workerinput``. The controller had one unless it is itself an xdist
-    worker, whose ``workerid`` it passed on (an in-process controller passes "master").
-    """
-    if not getattr(config.option, "xmlpath", None):
-        return None
-    if (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master":
-        return None
-    family = str(config.getini("junit_family"))
-    return "xunit1" if family == "legacy" else family  # as LogXML normalises it
-
-
-class _JunitFamily:
-    """Stands in for the controller's LogXML in the server's ``config.stash[xml_key]``.
-
-    Fixtures read it there: ``record_property`` and ``record_xml_attribute`` warn when
-    the family is not xunit1, as they do in-process, and the warning reaches the
-    controller like any other. It writes nothing: the controller's LogXML writes the
-    one junit file from the reports, and what ``record_xml_attribute`` and
-    ``record_testsuite_property`` record goes to it as "xml" frames (plugin.py replays
-    them before it logs the test's reports).
-    """
-
-    def __init__(self, family: str, forwarder: Forwarder) -> None:
-        self.family = family
-        self.forwarder = forwarder
-
-    def node_reporter(self, nodeid: str) -> _JunitFamily:
-        return self
-
-    def add_attribute(self, name: str, value: object) -> None:
-        self.forwarder.send_xml("attribute", name, value)
-
-    def add_global_property(self, name: str, value: object) -> None:
-        from _pytest.junitxml import _check_record_param_type
-
-        __tracebackhide__ = True
-        _check_record_param_type("name", name)
-        self.forwarder.send_xml("suite", name, value)
 
 
 def _hung_up(fd: int) -> bool:

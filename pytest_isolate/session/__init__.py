@@ -13,4 +13,6 @@ that session the user's lives here, one concern per module:
   carried back to the controller after each test, since each test's process ends there.
 - ``adapters``: plugins that act in the controller around a test (pytest-timeout's
   timer, pytest-rerunfailures' attempts) and must act on the sandbox instead.
+- ``junit``: the controller's junit XML as the sandbox's fixtures see it: the same
+  family (and warnings) for ``record_property`` and the like, what they record sent back.
 """
