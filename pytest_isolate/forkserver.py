@@ -4,28 +4,28 @@ Started by ``remote.py`` (inside an execnet gateway) with ``subprocess``, so it 
 threads and ``fork()`` is safe. It re-parses the controller's command line exactly as
 an xdist worker does, collects once, and then serves ``run`` commands: for each test it
 asks the tier to spawn a confined child, waits for it (timeout, crash), reads the
-child's reports, and answers with one ``done`` message carrying reports and readings.
+child's reports, and answers with one ``done`` message carrying reports and readings
+(made in ``outcome.py``). A child made before its test is sent (a zygote, a sandbox
+built ahead) comes from ``ahead.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
-import re
 import select
 import shutil
 import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
 from pytest_isolate import wire
+from pytest_isolate.ahead import Ahead, _collect_and_freeze, _hostname
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.observe import usage
 from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
@@ -47,12 +47,6 @@ from pytest_isolate.tiers.base import (
 
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
 STACK_GRACE = 1.0
-#: Tiers whose next sandbox is built while the current test runs (``_build_ahead``).
-AHEAD_TIERS = ("chroot", "jail", "zone", "uml")
-#: Tiers whose children the spawner forks (so this server's pages stay its own).
-SPAWNER_TIERS = ("process", "chroot")
-#: Sandboxes built ahead for nothing before a server stops building ahead.
-AHEAD_MISSES = 3
 #: How often a running test's process tree is sampled (tiers without a cgroup).
 SAMPLE_INTERVAL = 0.05
 
@@ -72,41 +66,6 @@ def load_tier(name: str, ctx: WorkerContext) -> Tier:
     else:
         raise ValueError(f"unknown tier {name!r}")
     return cls(ctx)
-
-
-def _hostname(nodeid: str) -> str:
-    """A short, valid UTS name from the test id (tests that print it see which test)."""
-    name = nodeid.rsplit("::", 1)[-1]
-    name = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-").lower()
-    return (name or "isolated")[:63]
-
-
-@dataclass
-class _Slot:
-    seq: int
-    scratch: Path
-    r: int
-    w: int
-    stack_fd: int
-    pid: int = 0  # a waiting child's pid
-    go: int = -1  # a waiting child's job pipe
-    group: str | None = None  # "zygote", or the scope group a kept child serves
-    tier: Tier | None = None
-    box: Box | None = None
-    spawned: bool = False  # forked by the spawner (a zygote, or a chroot built ahead)
-
-
-def _collect_and_freeze() -> None:
-    """``gc.freeze()`` before a fork, after collecting what is garbage by now.
-
-    Freezing moves every tracked object to the permanent generation, garbage included:
-    a cycle a test's bookkeeping left since the last fork is then never collected. Frozen
-    once per test, the server grew by ~7 KiB a test (130 MB over 20,000 ``chroot``
-    tests, tests/test_soak.py). Collecting first costs little: everything older is
-    frozen already, so the collection walks only what was made since the last freeze.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class ForkServer:
@@ -138,21 +97,15 @@ class ForkServer:
         config.pluginmanager.register(self.forwarder.terminal, "isolate-terminal")
         self.tiers: dict[str, Tier] = {}
         self.items: dict[str, pytest.Item] = {}
-        self.following: dict[str, pytest.Item] = {}  # nodeid -> the item collected after it
-        self.seq = 0
         #: Children still being torn down by the kernel after their test was answered:
         #: runners that said "end", and inits that "released" their sandbox (value: its
         #: box, for ``tier.release`` once the last of it is gone).
         self.exiting: dict[int, Box | None] = {}
-        #: A child waiting for its next job: a pre-forked zygote or a kept scope child.
-        self.waiting: _Slot | None = None
-        self.spawner: Spawner | None = None
-        self.spawner_wanted = False
-        self.ahead_misses = 0
-        self._busy: tuple[int, ...] = ()
-        os.register_at_fork(after_in_child=self._close_busy)
-        self.pidfds: dict[int, int] = {}  # spawner-made zygote -> its pidfd
-        self.want_zygote = False
+        #: The child waiting for its next job (a zygote, a sandbox built ahead, a kept
+        #: scope child) and the spawner that forks zygotes.
+        self.ahead = Ahead(
+            config, self.forwarder, term_fd, self.ctx.workdir, self.private_fds, self._close_private, self.tier
+        )
         #: The worker attributes hidden while tests run (``node.hide_worker``).
         self.worker_attrs: dict[str, Any] = {}
 
@@ -194,17 +147,7 @@ class ForkServer:
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
-        self.following = dict(zip(self.items, session.items[1:], strict=False))
-
-    def _warm(self, nodeid: str) -> None:
-        """Compute what the next test's child would compute and throw away: its
-        ``location`` (a cached property: reportinfo, relative path; ~0.5 ms) is then
-        inherited by the fork. The controller runs items in collection order, so the
-        item after the last one run is the likely next; a miss only costs the same again."""
-        nxt = self.following.get(nodeid)
-        if nxt is not None:
-            with contextlib.suppress(Exception):
-                nxt.location  # noqa: B018 - for the cache
+        self.ahead.collected(self.items, session.items)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
@@ -219,15 +162,15 @@ class ForkServer:
         fds = [f.fileno() for f in self._capture_files()]
         wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "capture_fds": fds})
         self._connect_direct()
-        self._start_spawner()
+        self.ahead.start_spawner()
         try:
             self.serve()
         finally:
-            self._drop_waiting()
+            self.ahead.drop_waiting()
             self._reap_exiting()
-            if self.spawner is not None:
+            if self.ahead.spawner is not None:
                 with contextlib.suppress(Exception):
-                    self.spawner.close()
+                    self.ahead.spawner.close()
             for tier in self.tiers.values():
                 with contextlib.suppress(Exception):
                     tier.close()
@@ -274,13 +217,7 @@ class ForkServer:
                 except Exception:  # noqa: BLE001 - the server must survive a bad test
                     msg = {"t": "done", "nodeid": cmd["nodeid"], "error": traceback.format_exc()}
                 wire.send(self.evt_fd, msg)
-                if self.spawner_wanted and self.spawner is None and self.waiting is None and not self.pidfds:
-                    self._start_spawner()  # the last one died; no test's fd is open now
-                if self.want_zygote and self.waiting is None:
-                    try:
-                        self._make_zygote(after=cmd["nodeid"])
-                    except SpawnerGone:
-                        pass  # made afresh, or the test forks its own, next time
+                self.ahead.after_test(cmd["nodeid"])
 
     def tier(self, name: str) -> Tier:
         if name not in self.tiers:
@@ -305,243 +242,11 @@ class ForkServer:
                 files.append(tmp)
         return files
 
-    def _new_slot(self) -> _Slot:
-        """Per-test plumbing: message pipe, stack-dump file, a scratch dir's name.
-
-        The dir is made only by tiers that use it (jail, zone): a mkdir, a file and
-        their removal cost ~0.5 ms a test on this disk's journal. The stack file is a
-        memfd for the same reason (and nothing of it is left if the server dies)."""
-        self.seq += 1
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        stack_fd = os.memfd_create("isolate-stack")
-        return _Slot(self.seq, self.ctx.workdir / f"t{self.seq}", r, w, stack_fd)
-
-    def _make_zygote(self, after: str | None = None) -> None:
-        """Pre-fork the next `process`-tier child, while the current test runs: fork and
-        the child's set-up leave the per-test critical path. The spawner forks it, so
-        this server's pages stay its own (see ``spawner``). ``after``: the test in
-        progress; the zygote is prepared for the one collected after it."""
-        slot = self._new_slot()
-        go_r, go_w = os.pipe()
-        try:
-            if self.spawner is None:
-                raise SpawnerGone("no spawner (it died, or no test of this run asked for the process tier)")
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after)
-        except BaseException:
-            for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
-                os.close(fd)
-            shutil.rmtree(slot.scratch, ignore_errors=True)
-            if self.spawner is not None:
-                self._spawner_gone()
-            raise
-        os.close(go_r)
-        os.close(slot.w)
-        slot.w = -1
-        slot.go, slot.group, slot.spawned = go_w, "zygote", True  # its pid: ``_named``
-        self.waiting = slot
-
-    def _named(self, slot: _Slot) -> int:
-        """The pid of a zygote asked of the spawner, read when first needed, with a
-        pidfd opened while it still waits for its job: once it has run, the spawner
-        reaps it and the pid is gone (not our child: no zombie holds it for us)."""
-        if slot.pid == 0 and self.spawner is not None:
-            slot.pid = self.spawner.next_pid()
-            self.pidfds[slot.pid] = os.pidfd_open(slot.pid)
-        return slot.pid
-
-    def _start_spawner(self) -> None:
-        """Fork the spawner now, before any test: every fd this server opens for a test
-        (pipes, pidfds, stack files) would otherwise be inherited by it and by every
-        zygote it makes, and a job pipe held open there never reaches EOF."""
-        from pytest_isolate.plugin import SPEC_KEY
-
-        if self.spawner is None and any(
-            (spec := item.stash.get(SPEC_KEY, None)) is not None and spec.tier in SPAWNER_TIERS
-            for item in self.items.values()
-        ):
-            self.spawner = Spawner(self._zygote, self._warm, self.private_fds)
-            self.private_fds.append(self.spawner.sock.fileno())
-            self.spawner_wanted = True
-
-    def _zygote(self, result_w: int, stack_fd: int, go_r: int, root: str, cwd: str) -> NoReturn:
-        """In the spawner's new child: wait for a job, run it (``run_items``). ``root``:
-        a `chroot` sandbox's root, mounted by the server, entered first (tiers/chroot.py)."""
-        try:
-            os.setpgid(0, 0)
-            if root:
-                os.chroot(root)
-                os.chdir(cwd)
-            run_items(self.config, self.forwarder, self.items, None, result_w, stack_fd, self.term_fd, False, go_r)
-        finally:
-            os._exit(70)
-
-    def _drop_orphaned_zygote(self, spawner: Spawner) -> None:
-        """The waiting child of a spawner that died is ours now (we are the subreaper):
-        end it quietly, it is nobody's leftover (a sandbox built ahead: its root too)."""
-        z = self.waiting
-        if z is None or not z.spawned:
-            return
-        self.waiting = None
-        pid = z.pid or (spawner.named[0] if spawner.named else 0)
-        if pid:
-            with contextlib.suppress(OSError):
-                kill_tree(pid)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            fd = self.pidfds.pop(pid, -1)
-            if fd >= 0:
-                os.close(fd)
-        if z.tier is not None and z.box is not None:
-            with contextlib.suppress(Exception):
-                z.tier.finish(z.box, pid, 0, None)
-        for fd in (z.go, z.r, z.stack_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        shutil.rmtree(z.scratch, ignore_errors=True)
-        self._spawner_gone()
-
-    def _spawner_gone(self) -> None:
-        """The spawner died (a test may kill anything it can see): the server forks
-        its own children until ``serve`` can start a new one with no test's fd open."""
-        spawner, self.spawner = self.spawner, None
-        if spawner is not None:
-            with contextlib.suppress(ValueError):
-                self.private_fds.remove(spawner.sock.fileno())
-            with contextlib.suppress(Exception):
-                kill_tree(spawner.pid)
-            with contextlib.suppress(Exception):
-                spawner.close()
-
-    def _pidfd(self, pid: int) -> int:
-        """A pidfd of ``pid``: the one opened when the spawner made it, or a new one."""
-        fd = self.pidfds.pop(pid, -1)
-        return fd if fd >= 0 else os.pidfd_open(pid)
-
-    def _reap(self, pid: int) -> tuple[int, Any]:
-        """wait4() for our own children; the spawner's report for its zygotes."""
-        if self.spawner is not None and pid in self.spawner.children:
-            try:
-                return self.spawner.status(pid)
-            except SpawnerGone:
-                self._spawner_gone()
-        # Ours, or the spawner's orphan: it died and we are the subreaper.
-        try:
-            _, status, ru = os.wait4(pid, 0)
-        except ChildProcessError:
-            return signal.SIGKILL, None
-        return status, ru
-
-    def _build_ahead(self, nodeid: str, spec: IsolationSpec, busy: tuple[int, ...]) -> None:
-        """While this test runs, build the sandbox of the one collected after it.
-
-        A `chroot`/`jail`/`zone` sandbox costs far more to build (namespaces, overlay,
-        cgroup, an init and a second fork) than a trivial test takes to run, and it does
-        not depend on the test before it: built now, on the other CPU, its child then
-        waits for its job like a zygote. The controller runs tests in collection order
-        unless something reorders them (pytest-xdist, a random-order plugin): after
-        ``AHEAD_MISSES`` sandboxes built for nothing, this server stops guessing.
-        ``busy``: the running test's fds, which the new sandbox must not hold.
-        """
-        from pytest_isolate.plugin import SPEC_KEY, scope_group
-
-        if spec.tier not in AHEAD_TIERS or self.ahead_misses >= AHEAD_MISSES or self.waiting is not None:
-            return
-        nxt = self.following.get(nodeid)
-        nspec = nxt.stash.get(SPEC_KEY, None) if nxt is not None else None
-        if nxt is None or nspec is None or nspec.tier != spec.tier or scope_group(nxt, nspec) is not None:
-            return
-        slot = self._new_slot()
-        box = Box(nxt.nodeid, nspec, slot.seq, slot.scratch, _hostname(nxt.nodeid), slot.w)
-        tier = self.tier(nspec.tier)
-        go_r, go_w = os.pipe()
-        cgroup_memory = nspec.tier in CGROUP_TIERS
-
-        def run() -> NoReturn:
-            self._close_private()
-            os.close(slot.r)
-            run_items(
-                self.config, self.forwarder, self.items, None,
-                slot.w, slot.stack_fd, self.term_fd, cgroup_memory, go_r,
-            )
-
-        self._busy = (*busy, go_w)  # go_w: see run_test
-        try:
-            tier.prepare(box)
-            pid = self._spawned_ahead(tier, box, slot, go_r, after=nodeid)
-            if pid is None:
-                _collect_and_freeze()
-                pid = tier.spawn(box, run)
-        except Exception:  # noqa: BLE001 - a guess that failed: the test will be built in turn
-            for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
-                os.close(fd)
-            shutil.rmtree(slot.scratch, ignore_errors=True)
-            self.ahead_misses = AHEAD_MISSES
-            return
-        finally:
-            self._busy = ()
-        os.close(go_r)
-        os.close(slot.w)
-        slot.w = -1
-        slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, f"ahead:{nxt.nodeid}", tier, box
-        self.waiting = slot
-
-    def _spawned_ahead(self, tier: Tier, box: Box, slot: _Slot, go_r: int, after: str) -> int | None:
-        """A sandbox built ahead whose child the spawner can fork (`chroot`: the root is
-        mounted here, the child only enters it): asked of the spawner, 0 (its pid is
-        read when first needed, ``_named``). None: fork it here (the tier needs it, or
-        there is no spawner). Forked here, every child costs this server ~1.5 ms of
-        copy-on-write faults on its own pages and the page-table copy of the fork."""
-        where = tier.entry(box)
-        if where is None or self.spawner is None:
-            return None
-        try:
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after, *where)
-        except SpawnerGone:
-            self._spawner_gone()
-            return None
-        slot.spawned = True
-        return 0
-
-    def _close_busy(self) -> None:
-        """After every fork here: a child forked while a test runs lets go of its fds.
-        Once: the numbers may be reused in the child before it forks again."""
-        busy, self._busy = self._busy, ()
-        for fd in busy:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
     def _close_private(self) -> None:
         """In a forked child: let go of the server's links (see ``private_fds``)."""
         for fd in self.private_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def _drop_waiting(self) -> None:
-        """Release the waiting child: EOF on its job pipe makes it tear down and exit."""
-        z, self.waiting = self.waiting, None
-        if z is None:
-            return
-        with contextlib.suppress(SpawnerGone):
-            self._named(z)
-        os.close(z.go)
-        deadline = time.monotonic() + 30
-        with contextlib.suppress(OSError):
-            pidfd = self._pidfd(z.pid)
-            try:
-                while not select.select([pidfd], [], [], 0.05)[0]:
-                    if time.monotonic() > deadline:  # a teardown that hangs
-                        kill_tree(z.pid)
-            finally:
-                os.close(pidfd)
-        with contextlib.suppress(ChildProcessError, SpawnerGone):
-            self._reap(z.pid)
-        if z.tier is not None and z.box is not None:
-            with contextlib.suppress(Exception):
-                z.tier.finish(z.box, z.pid, 0, None)
-        for fd in (z.r, z.stack_fd):
-            os.close(fd)
-        shutil.rmtree(z.scratch, ignore_errors=True)
 
     def run_test(self, cmd: dict[str, Any]) -> dict[str, Any]:
         nodeid = cmd["nodeid"]
@@ -558,22 +263,10 @@ class ForkServer:
             "next": cmd.get("next") if group else None,
             "attempt": cmd.get("attempt", 0),
         }
-        waiting = self.waiting
-        if waiting is not None and (
-            (waiting.group == "zygote" and spec.tier == "process")
-            or (group and waiting.group == group)
-            or (waiting.group == f"ahead:{nodeid}" and waiting.box is not None and waiting.box.spec == spec)
-        ):
-            self.waiting = None  # reuse it: a zygote, the kept child of this group, or built ahead
-            if waiting.group.startswith("ahead:"):
-                self.ahead_misses = 0
-        else:
-            if waiting is not None and waiting.group.startswith("ahead:"):
-                self.ahead_misses += 1  # the controller runs another order (xdist, -p randomly)
-            self._drop_waiting()
-            waiting = None
-        self.want_zygote = spec.tier == "process" and not job["next"]
-        slot = waiting or self._new_slot()
+        ahead = self.ahead
+        waiting = ahead.take(nodeid, spec, group)
+        ahead.want_zygote = spec.tier == "process" and not job["next"]
+        slot = waiting or ahead.new_slot()
         r, stack_fd = slot.r, slot.stack_fd
         box = slot.box if waiting is not None and waiting.box is not None else Box(
             nodeid, spec, slot.seq, slot.scratch, _hostname(nodeid), slot.w
@@ -604,17 +297,17 @@ class ForkServer:
         t0 = time.perf_counter()
         try:
             if waiting is not None:
-                pid = self._named(waiting)
+                pid = ahead.named(waiting)
                 # Its parent, taken now: making the next child below may find the spawner
                 # dead (this test may kill it at once) and replace it before ``_wait``.
-                if self.spawner is not None and pid in self.spawner.children:
-                    parent = self.spawner
+                if ahead.spawner is not None and pid in ahead.spawner.children:
+                    parent = ahead.spawner
                 wire.send(waiting.go, job)
-                if self.want_zygote:
+                if ahead.want_zygote:
                     with contextlib.suppress(SpawnerGone):  # next time: forked here
-                        self._make_zygote(after=nodeid)
+                        ahead.make_zygote(after=nodeid)
                 if waiting.group.startswith("ahead:"):
-                    self._build_ahead(nodeid, spec, busy=(r, stack_fd, waiting.go))
+                    ahead.build_ahead(nodeid, spec, busy=(r, stack_fd, waiting.go))
             else:
                 tier.prepare(box)
                 # Everything the warm server allocated becomes permanent for the GC: a
@@ -624,28 +317,28 @@ class ForkServer:
                 self._reap_exiting()
                 # The job pipe's write end stays here only: held by a process between us
                 # and the runner (a namespace's init), it would never reach EOF.
-                self._busy = (go_w,) if go_w >= 0 else ()
+                ahead.busy = (go_w,) if go_w >= 0 else ()
                 try:
                     pid = tier.spawn(box, run)
                 finally:
-                    self._busy = ()
+                    ahead.busy = ()
                 os.close(slot.w)
                 slot.w = -1
                 if go_r >= 0:
                     os.close(go_r)
                     slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, group, tier, box
                 if not group:
-                    self._build_ahead(nodeid, spec, busy=(r, stack_fd))
+                    ahead.build_ahead(nodeid, spec, busy=(r, stack_fd))
             status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout, stack_fd, parent)
             if status == "kept":  # the child keeps fixtures up for the next item of its group
                 kept = True
                 status = 0
                 slot.group = group
-                self.waiting = slot
+                ahead.waiting = slot
             elif status is None:  # the runner ended cleanly and is exiting: don't wait
                 leftovers_early = self._kill_descendants(pid)
-                if self.spawner is not None and pid in self.spawner.children:
-                    self.spawner.forget(pid)  # the spawner reaps it
+                if ahead.spawner is not None and pid in ahead.spawner.children:
+                    ahead.spawner.forget(pid)  # the spawner reaps it
                 else:
                     self.exiting[pid] = None
                 status = 0
@@ -692,7 +385,7 @@ class ForkServer:
         reader = box.state.get("reader")
         if reader is None:
             reader = box.state["reader"] = wire.Reader(limit=wire.MAX_MESSAGE, check=_frame_ok, strict=False)
-        pidfd = self._pidfd(pid)
+        pidfd = self.ahead.pidfd(pid)
         deadline = time.monotonic() + timeout if timeout else None
         timed_out = False
         # Tiers without a cgroup are sampled from /proc while the test runs: peak memory
@@ -709,7 +402,7 @@ class ForkServer:
         # A test may kill whatever it sees, its parent too: for a zygote, the spawner.
         # Then the test dies with it, as when a test kills the fork server.
         spawner = parent
-        if spawner is not None and spawner is not self.spawner:  # found dead meanwhile
+        if spawner is not None and spawner is not self.ahead.spawner:  # found dead meanwhile
             spawner = None
             box.state["spawner_killed"] = True
             tier.kill(box, pid)
@@ -736,7 +429,7 @@ class ForkServer:
                         spawner.poll()
                     except SpawnerGone:
                         watch.remove(spawner.sock.fileno())
-                        self._drop_orphaned_zygote(spawner)
+                        self.ahead.drop_orphaned_zygote(spawner)
                         spawner = None
                         box.state["spawner_killed"] = True
                         tier.kill(box, pid)
@@ -757,7 +450,7 @@ class ForkServer:
                     self._dump_stack(pid, stack_fd)
                     tier.kill(box, pid)
                     deadline = None
-            status, ru = self._reap(pid)
+            status, ru = self.ahead.reap(pid)
             self._drain(r, reader, msgs)
             if _hung_up(r):  # every writer is gone: a partial frame left is garbage
                 msgs.extend(reader.close())
@@ -821,8 +514,9 @@ class ForkServer:
         # which it may be forking right now: never taken. What they started is: a
         # runner that is still exiting has not handed its children to us yet. A child
         # waiting for its job (zygote, sandbox built ahead, kept scope) is not walked.
-        spawner = self.spawner.pid if self.spawner is not None else None
-        waiting = self.waiting.pid if self.waiting is not None else None
+        ahead = self.ahead
+        spawner = ahead.spawner.pid if ahead.spawner is not None else None
+        waiting = ahead.waiting.pid if ahead.waiting is not None else None
         # A released init's subtree is its own to end (it already killed the rest).
         keep = {spawner, waiting, *(p for p, box in self.exiting.items() if box is not None)}
         # The zygotes' subtrees first, then our own children: an orphan of an exiting
