@@ -390,7 +390,7 @@ def _clean_up(k: Killed) -> None:
     """Remove by hand whatever of a killed run the plugin left (known bugs, see the
     xfail tests): our processes by pid, then the run's own sweep, then what even that
     cannot reach (cgroups under another base, the canary dir)."""
-    from pytest_isolate.controller import sweep
+    from pytest_isolate.leftovers import sweep
 
     for line in ours(k.owner, k.before, host_state(k.owner.root, k.owner.token)):
         if line.startswith("process: "):
@@ -411,7 +411,7 @@ def _clean_up(k: Killed) -> None:
 @pytest.fixture(scope="module")
 def killed_then_next_run(tmp_path_factory: pytest.TempPathFactory, h: Any) -> Any:
     """Kill the controller mid-test, then at once start a second, ordinary run: its
-    start-up sweeps runs whose controller is dead (controller.sweep_stale)."""
+    start-up sweeps runs whose controller is dead (leftovers.sweep_stale)."""
     k = _start_and_kill(tmp_path_factory, "leaks-sigkill", h)
     try:
         path2, tok2 = _prepare(tmp_path_factory, "leaks-after-kill", {"test_after.py": AFTER}, h)
@@ -441,7 +441,7 @@ SWEEP_ELSEWHERE = """
 import sys
 from pathlib import Path
 
-from pytest_isolate.controller import sweep_stale
+from pytest_isolate.leftovers import sweep_stale
 
 cg = Path(sys.argv[1])
 (cg / "cgroup.procs").write_text("0")  # this process, into a memory group of its own

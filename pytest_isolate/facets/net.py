@@ -28,7 +28,7 @@ is ``/proc/<holder>/ns/net``; a test process must then *join* that user namespac
 (``enter_switch_userns``) before it unshares its own namespaces instead of creating a
 fresh user namespace: a process in a sibling user namespace holds no capability over
 the switch and cannot attach to it. The xdist workers of an unprivileged run share one
-holder (``controller.SharedSwitch`` publishes its pid in the switch's lock file): a
+holder (``switch.SharedSwitch`` publishes its pid in the switch's lock file): a
 process of the same uid may join a user namespace of that uid from outside, so tests of
 every worker join the one holder's user namespace and meet on its bridge.
 

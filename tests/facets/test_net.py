@@ -630,11 +630,11 @@ def test_unprivileged_switch_lives_in_a_user_namespace_tests_must_join(run_id: s
 
 
 def test_unprivileged_shared_switch_is_one_holder_for_every_controller(run_id: str) -> None:
-    """xdist workers of an unprivileged run share one switch (controller.SharedSwitch):
+    """xdist workers of an unprivileged run share one switch (switch.SharedSwitch):
     the first one's holder is published in the lock file, the others join it; it lives
     until the last user closes (whoever made it), and exits by itself once every user
     is SIGKILLed."""
-    from pytest_isolate.controller import SharedSwitch, sweep_stale_switches
+    from pytest_isolate.facets.switch import SharedSwitch, sweep_stale_switches
 
     lock = f"/tmp/pytest-isolate-switch-{run_id}.lock"
 

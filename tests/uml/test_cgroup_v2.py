@@ -21,7 +21,7 @@ measured, a 200 MiB reading within 10 %):
 
 The inner run shares the guest's /tmp, where the outer run's records show through the
 guest's overlay of the host's: a run never sweeps a record of another kernel or pid
-namespace (``controller.sweep_stale``), so it must leave the outer run alone. (A private
+namespace (``leftovers.sweep_stale``), so it must leave the outer run alone. (A private
 /tmp would also hide a checkout under /tmp, as CI's may be, and its venv.)
 """
 
