@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from pytest_isolate.facets import mounts
+from pytest_isolate.facets import mounts, overlay_changes
 from pytest_isolate.tiers.base import Box, Tier, fork_child
 
 #: Paths inside the sandbox whose changes are the test's own business, not a change to
@@ -148,7 +148,7 @@ class ChrootTier(Tier):
             return
         try:
             layout = box.state.pop("chroot_layout", None) or mounts.RootLayout()
-            changes, used = mounts.scan_root(layout, d / "upper", lower_for(box), d / "root", TMP_DIRS)
+            changes, used = overlay_changes.scan_root(layout, d / "upper", lower_for(box), d / "root", TMP_DIRS)
             box.usage["disk_bytes"] = used
             box.state["changes"] = changes
         finally:

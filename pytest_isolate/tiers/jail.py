@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 # module first imported in a test's child costs ~1.5 ms there, every test (net imports
 # pyroute2: ~110 ms).
 from pytest_isolate import child, wire
-from pytest_isolate.facets import caps, devices, mounts, net  # noqa: F401 - devices: see above
+from pytest_isolate.facets import caps, devices, mounts, net, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.base import Box, Tier, WorkerContext, fork_child, kill_tree, rusage_dict
 from pytest_isolate.tiers.chroot import TMP_DIRS, _in_initial_userns, lower_for, overlay_available
@@ -247,7 +247,7 @@ class JailTier(Tier):
         try:
             with open(path) as f:
                 data = json.load(f)
-            box.state["changes"] = list(data.get("changes", []))[: mounts.MAX_CHANGES + 1]
+            box.state["changes"] = list(data.get("changes", []))[: overlay_changes.MAX_CHANGES + 1]
             box.usage["disk_bytes"] = int(data.get("disk_bytes", 0))
         except (OSError, ValueError, TypeError, AttributeError):
             pass  # the init died before writing it (killed on timeout, crashed)
@@ -334,7 +334,7 @@ class JailTier(Tier):
         status, ru, ended = _wait_runner(rpid, end_r)
         _finish_namespace(box, rpid, status, ru, ended)
         try:
-            changes, _ = mounts.scan_root(layout, f"/proc/self/fd/{upfd}", f"/proc/self/fd/{lowfd}", "/", ignore)
+            changes, _ = overlay_changes.scan_root(layout, f"/proc/self/fd/{upfd}", f"/proc/self/fd/{lowfd}", "/", ignore)
             vfs = os.fstatvfs(upfd)  # the test's tmpfs: uppers, and a split root's dirs
             used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
             data = json.dumps({"changes": changes, "disk_bytes": used}).encode()

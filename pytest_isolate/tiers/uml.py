@@ -393,7 +393,7 @@ class UmlTier(Tier):
     def finish(
         self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None
     ) -> None:
-        from pytest_isolate.facets import mounts
+        from pytest_isolate.facets import overlay_changes
 
         try:
             # wait4's figures for the runner (rusage_dict shape), then the guest cgroup's,
@@ -424,7 +424,7 @@ class UmlTier(Tier):
             d: Path | None = box.state.get("uml_dir")
             if d is not None:
                 with contextlib.suppress(OSError):
-                    changes, used = mounts.scan_upper(
+                    changes, used = overlay_changes.scan_upper(
                         d / "upper",
                         [*TMP_DIRS, *box.state.get("uml_created", [])],
                         self.info["hostroot"],

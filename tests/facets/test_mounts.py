@@ -1,4 +1,4 @@
-"""Mounts and devices facets on the real kernel, each in a child's private mount namespace."""
+"""Mounts, overlay changes and devices facets on the real kernel, each in a child's private mount namespace."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.facets import devices, mounts
+from pytest_isolate.facets import devices, mounts, overlay_changes
 from pytest_isolate.facets import namespaces as ns
 from tests import forked
 
@@ -70,11 +70,11 @@ def test_overlay_changes_are_listed(tmp_path):
         (m / "srv" / "deep" / "f").write_text("f\n")
         (m / "tmp" / "junk").write_text("junk\n")
         (m / "lib" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0" * 10)
-        changes, used = mounts.scan_upper(work / "upper", ["/tmp"], lower)
+        changes, used = overlay_changes.scan_upper(work / "upper", ["/tmp"], lower)
         return {
             "changes": changes,
             "used": used,
-            "size": mounts.upper_size(work / "upper"),
+            "size": overlay_changes.upper_size(work / "upper"),
             "host_a": (lower / "etc" / "a.conf").read_text(),
         }
 
