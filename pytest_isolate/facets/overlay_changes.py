@@ -203,15 +203,6 @@ def scan_root(
     return changes, total
 
 
-def list_changes(
-    upper: str | os.PathLike[str],
-    ignore: Iterable[str | os.PathLike[str]] = (),
-    lower: str | os.PathLike[str] | None = "/",
-) -> list[str]:
-    """What the test created/modified/deleted outside ``ignore`` (see ``scan_upper``)."""
-    return scan_upper(upper, ignore, lower)[0]
-
-
 def upper_size(upper: str | os.PathLike[str]) -> int:
     """Bytes the test's writes occupy in the upper layer (copy-ups count whole)."""
     return scan_upper(upper, ("/",), None)[1]
