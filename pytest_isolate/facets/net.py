@@ -1,4 +1,4 @@
-"""Network facet: loopback, the run's private switch, per-test veths, taps for UML guests.
+"""Network facet: the run's private switch, per-test veths, taps for UML guests.
 
 Safety contract (house rule): every address handed out lies in ``SUBNET``; the switch is a
 bridge in a namespace of its own with no uplink; nothing here adds a route, so a test
@@ -6,19 +6,11 @@ namespace has only the connected route of ``SUBNET`` and traffic can reach only 
 namespaces this run created. All set-up is rtnetlink with messages encoded by pyroute2,
 never the ``ip`` command.
 
-Speed: ``pyroute2.IPRoute`` spins up an asyncio loop per instance; its first use in a
-freshly forked child costs ~4-5 ms (copy-on-write faults over a large code path), too
-much for work done per test. The per-test paths (``loopback_up``, ``attach_ip``)
-therefore send pyroute2-encoded messages over a plain ``AF_NETLINK`` socket
-(``_Rtnl``); the rare paths (switch, taps, sweep) use ``IPRoute`` as usual.
-
-pyroute2 is imported on first use, not with this module: importing it costs ~100 ms
-and adds ~9.5 MB to the heap, which every jail/zone sandbox would otherwise inherit
-(twice: init and runner) and pay for in each fork and exit. A sandbox with loopback
-only needs one fixed 32-byte message, ``_LO_UP``, spelled out here and pinned to
-pyroute2's encoding of the same request by a test. ``warm_ip()`` imports pyroute2
-and encodes the ``attach_ip`` messages in the fork server, before a network="ip"
-sandbox forks: never for the first time inside a test child.
+Speed: the per-test path, ``attach_ip``, sends requests pre-encoded by pyroute2 over a
+plain netlink socket (``facets.netlink`` says why, and why pyroute2 is imported on first
+use, never with either module); ``warm_ip()`` imports pyroute2 and encodes them in the
+fork server, before a network="ip" sandbox forks: never for the first time inside a
+test child. The rare paths (switch, taps, sweep) use ``IPRoute`` as usual.
 
 Privileges. As root in the initial user namespace the switch netns is bind-mounted at
 ``/run/netns/pytest-isolate-<run_id>`` (found by name by ``sweep``). Unprivileged, a
@@ -53,14 +45,24 @@ import functools
 import ipaddress
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+
+from pytest_isolate.facets.netlink import (
+    RTM_DELLINK,
+    RTM_GETLINK,
+    _addr_tpl,
+    _ifname_tpl,
+    _index_of,
+    _port_tpl,
+    _Rtnl,
+    _Template,
+    _u32,
+    _veth_tpl,
+)
 
 __all__ = [
     "BRIDGE",
@@ -74,7 +76,6 @@ __all__ = [
     "enter_switch_userns",
     "held_switch_path",
     "ip_available",
-    "loopback_up",
     "peer_name",
     "sweep",
     "switch_name",
@@ -100,19 +101,6 @@ CLONE_NEWUSER = 0x10000000
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1)
-IFF_UP = 0x1
-NETLINK_ROUTE = 0
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-# <linux/netlink.h>, <linux/rtnetlink.h>: kernel ABI, the values pyroute2 uses too.
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-RTM_NEWLINK = 16
-RTM_DELLINK = 17
-RTM_GETLINK = 18
-RTM_NEWADDR = 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -129,204 +117,6 @@ def _setns(fd: int, nstype: int) -> None:
 
 def _unshare(flags: int) -> None:
     _ok(_libc.unshare(flags), "unshare")
-
-
-# --------------------------------------------------------------------------- netlink
-
-
-class _Rtnl:
-    """A blocking rtnetlink socket: pyroute2 encodes, the kernel answers with an ack.
-
-    Bound to the netns that was current for the calling thread when it was opened (a
-    netlink socket keeps that netns for life), which is what lets us operate on the
-    switch after a brief ``setns`` there and back.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
-        )
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> _Rtnl:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send_raw(self, data: bytes, seq: int, what: str) -> list[bytes]:
-        """Send one encoded request, return the raw replies that precede its ack."""
-        self.sock.sendto(data, (0, 0))
-        replies: list[bytes] = []
-        while True:
-            buf = self.sock.recv(65536)
-            off = 0
-            while off + 16 <= len(buf):
-                length, mtype, _flags, mseq = struct.unpack_from("=IHHI", buf, off)
-                if length < 16:
-                    raise OSError(errno.EPROTO, "malformed netlink reply")
-                if mseq == seq:
-                    if mtype == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", buf, off + 16)
-                        if code:
-                            raise OSError(-code, f"{what}: {os.strerror(-code)}")
-                        return replies
-                    if mtype == NLMSG_DONE:
-                        return replies
-                    replies.append(buf[off : off + length])
-                off += (length + 3) & ~3
-
-
-class _Template:
-    """A message encoded once by pyroute2 (in the fork server), filled per use by patching.
-
-    Encoding a nested message with pyroute2 costs ~0.14 ms warm but ~0.9 ms in a freshly
-    forked child (copy-on-write faults all over its code path); patching a few bytes
-    costs microseconds. Each hole is a sentinel value, unique in the encoded bytes, whose
-    offset is found once; ``fill`` writes same-width values there.
-    """
-
-    def __init__(self, msg: Any, mtype: int, flags: int, **holes: bytes) -> None:
-        msg["header"]["type"] = mtype
-        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
-        msg.encode()
-        self.data = bytes(msg.data)
-        self.holes: dict[str, tuple[int, int]] = {}
-        for name, sentinel in holes.items():
-            if self.data.count(sentinel) != 1:
-                raise AssertionError(f"sentinel for {name} not unique in the encoded message")
-            self.holes[name] = (self.data.index(sentinel), len(sentinel))
-
-    def fill(self, seq: int, **values: bytes) -> bytes:
-        buf = bytearray(self.data)
-        struct.pack_into("=I", buf, 8, seq)  # nlmsghdr.nlmsg_seq
-        for name, value in values.items():
-            off, width = self.holes[name]
-            if len(value) != width:
-                raise ValueError(f"{name}: {len(value)} bytes for a {width}-byte hole")
-            buf[off : off + width] = value
-        return bytes(buf)
-
-
-def _u32(v: int) -> bytes:
-    return struct.pack("=I", v)
-
-
-_PEER_HOLE = b"pi\x01\x02\x03\x04\x05\x06\x07\x08"  # the width of peer_name()
-_FD_HOLE = _u32(0x7EADBEEF)
-_INDEX_HOLE = _u32(0x7DDDDDD1)
-_MASTER_HOLE = _u32(0x7DDDDDD2)
-_LOCAL_HOLE = bytes([255, 1, 2, 3])
-_ADDRESS_HOLE = bytes([255, 4, 5, 6])
-
-
-def _ifname_tpl(mtype: int, name: bytes) -> _Template:
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
-    msg = ifinfmsg()
-    msg["attrs"] = [("IFLA_IFNAME", name.decode("latin-1"))]
-    return _Template(msg, mtype, 0, name=name)
-
-
-def _veth_tpl(ifname: str) -> _Template:
-    """Create ``ifname`` up, its peer (named by the hole) straight in netns fd (hole)."""
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
-    peer = {
-        "attrs": [("IFLA_IFNAME", _PEER_HOLE.decode("latin-1")), ("IFLA_NET_NS_FD", 0x7EADBEEF)]
-    }
-    msg = ifinfmsg()
-    msg["flags"] = IFF_UP
-    msg["change"] = IFF_UP
-    msg["attrs"] = [
-        ("IFLA_IFNAME", ifname),
-        (
-            "IFLA_LINKINFO",
-            {
-                "attrs": [
-                    ("IFLA_INFO_KIND", "veth"),
-                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
-                ]
-            },
-        ),
-    ]
-    return _Template(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, peer=_PEER_HOLE, fd=_FD_HOLE)
-
-
-def _addr_tpl() -> _Template:
-    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-
-    msg = ifaddrmsg()
-    msg["family"] = socket.AF_INET
-    msg["prefixlen"] = 32
-    msg["index"] = 0x7DDDDDD1
-    msg["attrs"] = [("IFA_LOCAL", "255.1.2.3"), ("IFA_ADDRESS", "255.4.5.6")]
-    return _Template(
-        msg,
-        RTM_NEWADDR,
-        NLM_F_CREATE | NLM_F_EXCL,
-        index=_INDEX_HOLE,
-        local=_LOCAL_HOLE,
-        address=_ADDRESS_HOLE,
-    )
-
-
-def _port_tpl() -> _Template:
-    """Enslave the (named) peer to the bridge (index in the hole) and bring it up."""
-    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
-    msg = ifinfmsg()
-    msg["flags"] = IFF_UP
-    msg["change"] = IFF_UP
-    msg["attrs"] = [("IFLA_IFNAME", _PEER_HOLE.decode("latin-1")), ("IFLA_MASTER", 0x7DDDDDD2)]
-    return _Template(msg, RTM_NEWLINK, 0, peer=_PEER_HOLE, master=_MASTER_HOLE)
-
-
-#: RTM_NEWLINK for ifindex 1 (the loopback device is always 1 in a netns): flags and
-#: change IFF_UP, seq 1; nlmsghdr then ifinfomsg, no attributes. The same bytes as
-#: pyroute2's ``ifinfmsg`` with those fields (tests/facets/test_net.py holds them equal).
-_LO_UP = struct.pack("=IHHII", 32, RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + struct.pack(
-    "=BxHiII", socket.AF_UNSPEC, 0, 1, IFF_UP, IFF_UP
-)
-
-
-@dataclass(frozen=True)
-class _IpMessages:
-    veth: dict[str, _Template]
-    addr: _Template
-    port: _Template
-    get_bridge: bytes
-    get_eth0: bytes
-
-
-@functools.cache
-def _ip_messages() -> _IpMessages:
-    """Encoded once per process; see _Template for why."""
-    return _IpMessages(
-        veth={"eth0": _veth_tpl("eth0")},
-        addr=_addr_tpl(),
-        port=_port_tpl(),
-        get_bridge=_ifname_tpl(RTM_GETLINK, BRIDGE.encode()).fill(1),
-        get_eth0=_ifname_tpl(RTM_GETLINK, b"eth0").fill(2),
-    )
-
-
-def warm_ip() -> None:
-    """In the fork server, before forking a network="ip" sandbox (see the module doc)."""
-    _ip_messages()
-
-
-def _index_of(replies: list[bytes]) -> int:
-    (reply,) = replies
-    return struct.unpack_from("=i", reply, 16 + 4)[0]  # ifinfomsg.ifi_index
-
-
-def loopback_up() -> None:
-    """Bring ``lo`` up in the calling thread's netns (a fresh netns starts with it down)."""
-    with _Rtnl() as nl:
-        nl.send_raw(_LO_UP, 1, "bring lo up")
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -741,6 +531,32 @@ def sweep(run_id: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- per test
+
+
+@dataclass(frozen=True)
+class _IpMessages:
+    veth: dict[str, _Template]
+    addr: _Template
+    port: _Template
+    get_bridge: bytes
+    get_eth0: bytes
+
+
+@functools.cache
+def _ip_messages() -> _IpMessages:
+    """``attach_ip``'s messages, encoded once per process; see ``netlink._Template`` for why."""
+    return _IpMessages(
+        veth={"eth0": _veth_tpl("eth0")},
+        addr=_addr_tpl(),
+        port=_port_tpl(),
+        get_bridge=_ifname_tpl(RTM_GETLINK, BRIDGE.encode()).fill(1),
+        get_eth0=_ifname_tpl(RTM_GETLINK, b"eth0").fill(2),
+    )
+
+
+def warm_ip() -> None:
+    """In the fork server, before forking a network="ip" sandbox (see the module doc)."""
+    _ip_messages()
 
 
 def _disable_ipv6(ifname: str) -> None:

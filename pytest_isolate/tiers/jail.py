@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 # module first imported in a test's child costs ~1.5 ms there, every test (net imports
 # pyroute2: ~110 ms).
 from pytest_isolate import child, wire
-from pytest_isolate.facets import caps, devices, mounts, net, overlay_changes  # noqa: F401 - devices: see above
+from pytest_isolate.facets import caps, devices, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.base import Box, Tier, WorkerContext, fork_child, kill_tree, rusage_dict
 from pytest_isolate.tiers.chroot import TMP_DIRS, _in_initial_userns, lower_for, overlay_available
@@ -308,7 +308,7 @@ class JailTier(Tier):
         ignore = list(TMP_DIRS)
         _add_hosts_entry(plan.merged, box.hostname, scratch, lower)
         ns.sethostname(box.hostname)
-        net.loopback_up()
+        netlink.loopback_up()
         if switch is not None:
             address, prefixlen = net.address_for(self.ctx.extra.get("worker_index", 0), box.index)
             net.attach_ip(switch, address, prefixlen)

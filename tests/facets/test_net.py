@@ -22,7 +22,7 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pytest_isolate.facets import net
+from pytest_isolate.facets import net, netlink
 from pytest_isolate.tiers.base import descendants, kill_tree
 
 CLONE_NEWNET = 0x40000000
@@ -240,13 +240,13 @@ def test_loopback_message_is_pyroute2s_encoding() -> None:
 
     msg = ifinfmsg()
     msg["index"] = 1
-    msg["flags"] = net.IFF_UP
-    msg["change"] = net.IFF_UP
+    msg["flags"] = netlink.IFF_UP
+    msg["change"] = netlink.IFF_UP
     msg["header"]["type"] = RTM_NEWLINK
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
     msg["header"]["sequence_number"] = 1
     msg.encode()
-    assert net._LO_UP == bytes(msg.data)
+    assert netlink._LO_UP == bytes(msg.data)
 
 
 def test_importing_the_facet_leaves_pyroute2_out() -> None:
@@ -265,7 +265,7 @@ def test_loopback_up_in_fresh_netns() -> None:
         with pytest.raises(OSError) as down:
             socket.create_connection(("127.0.0.1", 9), timeout=1)
         assert down.value.errno == errno.ENETUNREACH
-        net.loopback_up()
+        netlink.loopback_up()
         for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             with socket.socket(family) as srv:
                 srv.bind((host, 0))
@@ -304,7 +304,7 @@ def test_two_test_netns_talk_over_the_switch(switch: net.Switch) -> None:
 
     def server(ch: _Child) -> None:
         _unshare(CLONE_NEWNET)
-        net.loopback_up()
+        netlink.loopback_up()
         net.attach_ip(switch.path, a, _PREFIX)
         with socket.socket() as srv:
             srv.settimeout(10)
@@ -319,7 +319,7 @@ def test_two_test_netns_talk_over_the_switch(switch: net.Switch) -> None:
 
     def client(_: _Child) -> None:
         _unshare(CLONE_NEWNET)
-        net.loopback_up()
+        netlink.loopback_up()
         net.attach_ip(switch.path, b, _PREFIX)
         with socket.create_connection((a, 7000), timeout=10) as c:
             c.sendall(b"hello over br0")
@@ -369,11 +369,11 @@ def test_attached_veth_has_its_ipv4_address_and_no_ipv6(switch: net.Switch) -> N
 
     def body(_: _Child) -> None:
         _unshare(CLONE_NEWNET)
-        net.loopback_up()
+        netlink.loopback_up()
         net.attach_ip(switch.path, a, _PREFIX)
         with IPRoute() as ipr:
             (idx,) = ipr.link_lookup(ifname="eth0")
-            assert ipr.get_links(idx)[0]["flags"] & net.IFF_UP
+            assert ipr.get_links(idx)[0]["flags"] & netlink.IFF_UP
             got = sorted((x["family"], x.get("address")) for x in ipr.get_addr(index=idx))
         assert got == [(socket.AF_INET, a)]
         # lo keeps ::1: only the veth is the tier's business
@@ -417,7 +417,7 @@ def test_test_netns_has_no_route_out(switch: net.Switch) -> None:
 
     def body(_: _Child) -> None:
         _unshare(CLONE_NEWNET)
-        net.loopback_up()
+        netlink.loopback_up()
         net.attach_ip(switch.path, a, _PREFIX)
         with IPRoute() as ipr:
             for family in (socket.AF_INET, socket.AF_INET6):
@@ -580,7 +580,7 @@ def test_unprivileged_switch_lives_in_a_user_namespace_tests_must_join(run_id: s
             def server(ch: _Child) -> None:
                 assert net.enter_switch_userns(swfd) is True
                 _unshare(CLONE_NEWNET)
-                net.loopback_up()
+                netlink.loopback_up()
                 net.attach_ip(swfd, a, _PREFIX)
                 with socket.socket() as srv:
                     srv.settimeout(10)

@@ -653,7 +653,7 @@ def test_network_ip_reaches_a_peer_on_the_switch(basetemp: Path) -> None:
     """network="ip": the guest's second NIC joins the run's switch; a test in the guest
     gets an address from the run's subnet and talks to a namespace plugged into the
     same switch (and only that: no route anywhere else)."""
-    from pytest_isolate.facets import net
+    from pytest_isolate.facets import net, netlink
 
     run_id = "umlt" + os.urandom(3).hex()
     switch = net.Switch.create(run_id)
@@ -665,7 +665,7 @@ def test_network_ip_reaches_a_peer_on_the_switch(basetemp: Path) -> None:
         try:
             os.close(r)
             net._unshare(net.CLONE_NEWNET)
-            net.loopback_up()
+            netlink.loopback_up()
             net.attach_ip(switch.path, peer_addr, plen)
             s = socket.socket()
             s.bind((peer_addr, 7777))

@@ -246,7 +246,7 @@ def test_gateway_as_nobody_carries_8mb_both_ways(nobody: Nobody) -> None:
 NETWORK_IP = """
 import json, os, socket, sys
 import execnet
-from pytest_isolate.facets import net
+from pytest_isolate.facets import net, netlink
 from pytest_isolate.tiers import uml, uml_gateway
 
 kernel, workdir, driver, pkg_root = sys.argv[1:5]
@@ -259,7 +259,7 @@ if peer == 0:  # a peer on the switch, as the jail tier attaches one: echo a lin
         os.close(r)
         net.enter_switch_userns(switch.path)
         net._unshare(net.CLONE_NEWNET)
-        net.loopback_up()
+        netlink.loopback_up()
         net.attach_ip(switch.path, peer_addr, plen)
         s = socket.socket()
         s.bind((peer_addr, 7777))
