@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 # Everything the init and the runner use is imported here, in the warm fork server: a
-# module first imported in a test's child costs ~1.5 ms there, every test (net imports
-# pyroute2: ~110 ms).
+# module first imported in a test's child costs ~1.5 ms there, every test. (pyroute2,
+# ~100 ms, is imported by ``net.warm_ip`` in the server, and only for network="ip".)
 from pytest_isolate import child, wire
 from pytest_isolate.facets import caps, devices, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
