@@ -197,6 +197,16 @@ def clone_fork(flags: int) -> int:
     return pid
 
 
+def in_initial_userns() -> bool:
+    """Is this process in the host's own user namespace (the identity uid map)? Its root
+    can then mount, make devices and join /run/netns; root of a user namespace cannot."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def ns_id(kind: str, pid: int | str = "self") -> str:
     """The namespace identity (``net:[4026531840]``) of ``pid``, to compare two processes."""
     return os.readlink(f"/proc/{pid}/ns/{kind}")

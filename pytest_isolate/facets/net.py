@@ -51,6 +51,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pytest_isolate.facets import caps
+from pytest_isolate.facets.namespaces import in_initial_userns
 from pytest_isolate.facets.netlink import (
     RTM_DELLINK,
     RTM_GETLINK,
@@ -188,29 +190,9 @@ def enter_switch_userns(switch: str | int) -> bool:
         os.close(ufd)
 
 
-def _in_initial_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
-
-
-def _has_caps(*bits: int) -> bool:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                eff = int(line.split()[1], 16)
-                return all(eff >> b & 1 for b in bits)
-    return False
-
-
-_CAP_NET_ADMIN, _CAP_SYS_ADMIN = 12, 21
-
-
 def _privileged() -> bool:
     """Can we mount a netns under /run/netns and setns into it (root in the initial userns)?"""
-    return _in_initial_userns() and _has_caps(_CAP_NET_ADMIN, _CAP_SYS_ADMIN)
+    return in_initial_userns() and caps.has_cap(caps.CAP_NET_ADMIN) and caps.has_cap(caps.CAP_SYS_ADMIN)
 
 
 # --------------------------------------------------------------------------- addresses

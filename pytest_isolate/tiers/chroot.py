@@ -20,19 +20,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from pytest_isolate.facets import mounts, overlay_changes
+from pytest_isolate.facets.namespaces import in_initial_userns
 from pytest_isolate.tiers.base import Box, Tier, fork_child
 
 #: Paths inside the sandbox whose changes are the test's own business, not a change to
 #: the system (tempfile.mkdtemp and friends).
 TMP_DIRS = ("/tmp", "/var/tmp")
-
-
-def _in_initial_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
 
 
 def overlay_available() -> str | None:
@@ -62,7 +55,7 @@ class ChrootTier(Tier):
 
     @classmethod
     def availability(cls) -> str | None:
-        if os.geteuid() != 0 or not _in_initial_userns():
+        if os.geteuid() != 0 or not in_initial_userns():
             return (
                 "the chroot tier needs root (it mounts an overlay in the host mount namespace); "
                 "run pytest as root, or use tier 'jail', which works unprivileged in a user namespace"

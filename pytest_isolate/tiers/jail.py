@@ -49,7 +49,7 @@ from pytest_isolate import child, wire
 from pytest_isolate.facets import caps, devices, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.base import Box, Tier, WorkerContext, fork_child, kill_tree, rusage_dict
-from pytest_isolate.tiers.chroot import TMP_DIRS, _in_initial_userns, lower_for, overlay_available
+from pytest_isolate.tiers.chroot import TMP_DIRS, lower_for, overlay_available
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -69,7 +69,7 @@ def _set_pdeathsig(sig: int = signal.SIGKILL) -> None:
 
 
 def _privileged() -> bool:
-    return os.geteuid() == 0 and _in_initial_userns()
+    return os.geteuid() == 0 and ns.in_initial_userns()
 
 
 _unshare_probe: dict[int, str | None] = {}
