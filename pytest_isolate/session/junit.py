@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_isolate.child import Forwarder
+from pytest_isolate.session import node
 
 
 def stand_in(config: pytest.Config, forwarder: Forwarder) -> None:
@@ -39,11 +40,11 @@ def _controller_junit_family(config: pytest.Config) -> str | None:
     The server re-parsed the controller's command line and ini, so it sees the same
     ``--junitxml`` and ``junit_family``; junitxml itself makes no LogXML here because
     the server has ``workerinput``. The controller had one unless it is itself an xdist
-    worker, whose ``workerid`` it passed on (an in-process controller passes "master").
+    worker (``node.under_xdist``).
     """
     if not getattr(config.option, "xmlpath", None):
         return None
-    if (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master":
+    if node.under_xdist(config):
         return None
     family = str(config.getini("junit_family"))
     return "xunit1" if family == "legacy" else family  # as LogXML normalises it

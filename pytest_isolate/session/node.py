@@ -127,6 +127,12 @@ def server_output(config: pytest.Config) -> dict[str, Any]:
     return _plain(dict(getattr(config, "workeroutput", None) or {}))
 
 
+def under_xdist(config: pytest.Config) -> bool:
+    """Is the controller of this server itself an xdist worker? It passed that worker's
+    ``workerid`` on; an in-process controller passes "master" (``workerinput``)."""
+    return (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master"
+
+
 #: What makes a session an xdist worker, to plugins and tests alike.
 _WORKER_ATTRS = ("workerinput", "workeroutput")
 
@@ -142,7 +148,7 @@ def hide_worker(config: pytest.Config) -> dict[str, Any]:
     database suffix, "skip this on xdist workers". In-process those see no worker, so a
     sandbox must not show one either. Under a real xdist worker they do see one (its
     own), and nothing is hidden."""
-    if (getattr(config, "workerinput", None) or {}).get("workerid", "master") != "master":
+    if under_xdist(config):
         return {}
     return {name: config.__dict__.pop(name) for name in _WORKER_ATTRS if name in config.__dict__}
 
