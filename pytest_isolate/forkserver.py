@@ -564,9 +564,16 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def main() -> None:
-    cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
+def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
+    """The fork server's life; its pipes are in argv when spawned, given when forked
+    from the zygote (``zygote._server``)."""
+    from pytest_isolate import zygote
+
+    zygote.disabled = True
+    if cmd_fd is None or evt_fd is None:
+        cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
     init = wire.recv(cmd_fd)
+    sys.argv[:] = init.get("argv") or sys.argv
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
     # Orphans of a test reparent to us, so nothing a test started can outlive it.

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate import answer, report
+# zygote now, with the plugin: it keeps the warnings state from before pytest's configuration.
+from pytest_isolate import answer, report, zygote
 from pytest_isolate.session import adapters
 from pytest_isolate.spec import (
     TIERS,
@@ -131,6 +132,23 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     from pytest_isolate import hookspec
 
     pluginmanager.add_hookspecs(hookspec)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Fork the zygote host workers are forked from (``zygote.py``) while pytest is
+    imported and nothing of the run is configured, when the run's own tier will want a
+    host worker. Only the command line and ini file say so this early; a run that
+    isolates by markers only starts its workers fresh."""
+    ns = early_config.known_args_namespace
+    if zygote.disabled or getattr(ns, "collectonly", False) or getattr(ns, "numprocesses", None):
+        return
+    try:
+        tier = getattr(ns, "isolate_tier", None) or early_config.getini("isolate")
+    except ValueError:
+        return
+    if tier in HOST_TIERS and zygote.start():
+        early_config.add_cleanup(zygote.stop)
 
 
 def _option(config: pytest.Config, name: str) -> Any:

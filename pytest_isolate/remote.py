@@ -34,23 +34,7 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
     from pytest_isolate import wire
 
     _subreaper()
-    cmd_r, cmd_w = os.pipe()
-    evt_r, evt_w = os.pipe()
-    here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
-    path = [here, *init["sys_path"]]
-    flags = list(init.get("python_flags", ()))
-    boot = f"import sys; sys.path[:0] = {path!r}; {_site_state(flags)}from pytest_isolate.forkserver import main; main()"
-    proc = subprocess.Popen(
-        [sys.executable, *flags, "-c", boot, str(cmd_r), str(evt_w)],
-        pass_fds=(cmd_r, evt_w),
-        stdin=subprocess.DEVNULL,
-        cwd=init["dir"],
-        # Out of the terminal's process group: Ctrl-C goes to the controller, which
-        # then shuts workers down in order instead of racing them.
-        start_new_session=True,
-    )
-    os.close(cmd_r)
-    os.close(evt_w)
+    proc, cmd_w, evt_r = _forked_server() or _spawn_server(init)
     wire.send(cmd_w, init)
     # Before "ready" (the server still collects): a controller that must stop a worker
     # it started early knows which process to end.
@@ -112,6 +96,56 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
                 channel.send(("exit", code, output))
             except OSError:
                 pass
+
+
+def _forked_server() -> tuple[_Child, int, int] | None:
+    """The server this gateway forked before execnet started, if it was forked from the
+    zygote (``zygote._gateway``); it waits for ``init`` like a spawned one."""
+    zygote = sys.modules.get("pytest_isolate.zygote")
+    pre = getattr(zygote, "server", None)
+    if pre is None:
+        return None
+    pid, cmd_w, evt_r = pre
+    return _Child(pid), cmd_w, evt_r
+
+
+def _spawn_server(init):  # type: ignore[no-untyped-def]
+    from pytest_isolate import wire
+
+    cmd_r, cmd_w = os.pipe()
+    evt_r, evt_w = os.pipe()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(wire.__file__)))
+    path = [here, *init["sys_path"]]
+    flags = list(init.get("python_flags", ()))
+    boot = f"import sys; sys.path[:0] = {path!r}; {_site_state(flags)}from pytest_isolate.forkserver import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, *flags, "-c", boot, str(cmd_r), str(evt_w)],
+        pass_fds=(cmd_r, evt_w),
+        stdin=subprocess.DEVNULL,
+        cwd=init["dir"],
+        # Out of the terminal's process group: Ctrl-C goes to the controller, which
+        # then shuts workers down in order instead of racing them.
+        start_new_session=True,
+    )
+    os.close(cmd_r)
+    os.close(evt_w)
+    return proc, cmd_w, evt_r
+
+
+class _Child:
+    """``Popen``'s pid and wait for a server this process forked."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self) -> int:
+        while True:
+            try:
+                return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return -9
 
 
 def _open_captures(pid: int, ready: bytes) -> list[int]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import execnet
 import pytest
 
-from pytest_isolate import remote, wire
+from pytest_isolate import remote, wire, zygote
 from pytest_isolate.session import node
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import kill_tree
@@ -115,6 +115,16 @@ class Worker:
             switch=self.ctl.switch_path() if spec.network == "ip" else None,
         )
 
+    def _makegateway(self, spec: IsolationSpec) -> execnet.Gateway:
+        """Forked from the zygote when there is one (a host worker without a fresh
+        interpreter's start-up), else spawned."""
+        if not self.uml:
+            z = zygote.current()
+            gw = z.gateway(self.ctl.group) if z is not None else None
+            if gw is not None:
+                return gw
+        return self.ctl.group.makegateway(self._gateway_spec(spec))
+
     def _launch(self, spec: IsolationSpec) -> None:
         """Start the gateway and send the server its set-up; ``ready`` waits for it."""
         cfg = self.ctl.config
@@ -122,7 +132,7 @@ class Worker:
         if not self.uml:
             self._listener = _listen(self.workdir / "ctl.sock")
             extra["direct"] = self._listener.getsockname()
-        self.gw = self.ctl.group.makegateway(self._gateway_spec(spec))
+        self.gw = self._makegateway(spec)
         self.ch = self.gw.remote_exec(remote)
         # The server is this session's worker, as an xdist worker is its controller's:
         # the controller's plugins fill its input (``session/node.py``).
@@ -131,6 +141,9 @@ class Worker:
             "args": [*cfg.invocation_params.args, *self.ctl.carry.server_args()],
             "carry": self.ctl.carry.server_init(),
             "dir": str(cfg.invocation_params.dir),
+            # A test reads pytest's argv in the sandbox too (a spawned server's would be
+            # its own "-c" and pipe numbers).
+            "argv": list(sys.argv),
             # The package's own location first: an editable install is found by an
             # import hook that sys.path does not show (and -S skips it anyway).
             "sys_path": _remote_sys_path(),

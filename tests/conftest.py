@@ -84,15 +84,48 @@ def _cwd(pid: int) -> str:
         return ""
 
 
+def comm(pid: int) -> str:
+    return _read(f"/proc/{pid}/comm").decode(errors="replace").strip()
+
+
+def ppid(pid: int) -> int:
+    stat = _read(f"/proc/{pid}/stat")
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+#: ``/proc/<pid>/comm`` of the zygote and of a gateway forked from it (their command
+#: line is the controller's); a server forked by such a gateway is its child.
+WORKER_NAMES = ("isolate-zygote", "isolate-gateway")
+
+
+def is_fork_server(pid: int) -> bool:
+    """Spawned (its argv names the module) or forked from the zygote (its parent is a
+    gateway forked from it)."""
+    return "pytest_isolate.forkserver" in cmdline(pid) or (
+        comm(ppid(pid)) == "isolate-gateway" and comm(pid) not in WORKER_NAMES
+    )
+
+
+def _under(pid: int, root: Path) -> bool:
+    prefix = str(root)
+    return _cwd(pid) == prefix or _cwd(pid).startswith(prefix + "/")
+
+
 def fork_servers_under(root: Path) -> list[tuple[int, str]]:
     """Fork servers started from a directory under ``root`` (our pytester dirs): the
     server's cwd is the invocation dir of the run that started it."""
-    prefix = str(root)
+    me = os.getpid()
     return [
-        (pid, cl)
-        for pid, cl in procs_with("pytest_isolate.forkserver")
-        if _cwd(pid) == prefix or _cwd(pid).startswith(prefix + "/")
+        (pid, cmdline(pid)) for pid in all_pids() if pid != me and is_fork_server(pid) and _under(pid, root)
     ]
+
+
+def workers_under(root: Path) -> list[tuple[int, str]]:
+    """Zygotes and forked gateways of runs started from a directory under ``root``."""
+    return [(pid, comm(pid)) for pid in all_pids() if comm(pid) in WORKER_NAMES and _under(pid, root)]
 
 
 def run_dirs() -> set[str]:
@@ -141,6 +174,7 @@ class LeakSnapshot:
 
     def _current(self) -> list[str]:
         problems = [f"fork server left running: pid {p} {c}" for p, c in fork_servers_under(self.root)]
+        problems += [f"{c} left running: pid {p}" for p, c in workers_under(self.root)]
         new_dirs = run_dirs() - self.dirs
         new_mounts = isolate_mounts() - self.mounts
         if new_dirs or new_mounts:

@@ -32,12 +32,25 @@ def cmdline(pid: int | str) -> str:
         return ""
 
 
+def comm(pid: int | str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def fork_servers() -> list[int]:
-    """The controller's descendants that run the fork server (not its test children)."""
+    """The controller's descendants that run the fork server (not its test children):
+    spawned (its argv names the module) or forked by a gateway of the zygote."""
     todo, found = [os.getpid()], []
     while todo:
-        for c in children(todo.pop()):
-            (found if "pytest_isolate.forkserver" in cmdline(c) else todo).append(c)
+        parent = todo.pop()
+        for c in children(parent):
+            server = "pytest_isolate.forkserver" in cmdline(c) or (
+                comm(parent) == "isolate-gateway" and comm(c) != "isolate-gateway"
+            )
+            (found if server else todo).append(c)
     return found
 
 

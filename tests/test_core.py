@@ -684,14 +684,21 @@ EARLY_CONFTEST = """
     import time
 
 
+    def _is_server(pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"pytest_isolate.forkserver" in f.read():
+                return True  # spawned
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            parent = f.read().rsplit(b")", 1)[1].split()[1].decode()
+        with open(f"/proc/{parent}/comm") as f:
+            return f.read().strip() == "isolate-gateway"  # forked from the zygote
+
+
     def _server_running():
         me = os.getcwd()
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"pytest_isolate.forkserver" not in f.read():
-                        continue
-                if os.readlink(f"/proc/{pid}/cwd") == me:
+                if _is_server(pid) and os.readlink(f"/proc/{pid}/cwd") == me:
                     return True
             except OSError:
                 pass

@@ -1,0 +1,175 @@
+"""Host workers forked from the zygote: what the sandbox's session sees is what a fresh
+worker's saw (environment, argv, warnings, output), and where a fresh interpreter would
+start differently, the worker is a fresh one."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.plugins.conftest import TIERS, Runner, outcomes
+
+CONFTEST = """
+    import os
+    import sys
+
+    def _children(pid):
+        out = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+
+    def _read(pid, name):
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().replace(b"\\0", b" ").decode().strip()
+
+    def worker_kind():
+        \"\"\""forked": the controller's zygote has a gateway child, which has the
+        server; "spawned": a descendant was started as ``-c ... forkserver``.\"\"\"
+        todo, spawned = [os.getpid()], False
+        while todo:
+            for c in _children(todo.pop()):
+                spawned = spawned or "pytest_isolate.forkserver" in _read(c, "cmdline")
+                todo.append(c)
+        zygotes = [c for c in _children(os.getpid()) if _read(c, "comm") == "isolate-zygote"]
+        gateways = [g for z in zygotes for g in _children(z) if _read(g, "comm") == "isolate-gateway"]
+        servers = [s for g in gateways for s in _children(g)]
+        assert not (spawned and servers), (spawned, servers)
+        return "spawned" if spawned else "forked" if servers else "none"
+
+    CONTROLLER = []
+
+    def pytest_configure(config):
+        if not hasattr(config, "workerinput"):  # the controller
+            CONTROLLER.append(True)
+            os.environ["SET_BY_CONFTEST"] = "configured"
+            os.environ.pop("GONE_BY_CONFIGURE", None)
+            os.environ["CONTROLLER_ARGV"] = repr(sys.argv)
+
+    def pytest_runtest_logfinish(nodeid):
+        if CONTROLLER and nodeid.endswith("::test_kind") and os.environ.get("PYTEST_ISOLATE_TIER"):
+            sys.__stderr__.write(f"KIND {worker_kind()}\\n")
+"""
+
+
+def _suite(pytester: pytest.Pytester, conftest: str = CONFTEST) -> None:
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(
+        test_kind="""
+        import os
+        import sys
+        import warnings
+
+        import pytest
+
+        def test_kind():
+            pass
+
+        def test_environment_is_the_configured_one():
+            assert os.environ["SET_BY_CONFTEST"] == "configured"
+            assert "GONE_BY_CONFIGURE" not in os.environ
+
+        def test_argv_is_pytests():
+            assert repr(sys.argv) == os.environ["CONTROLLER_ARGV"]
+
+        def test_output_is_captured_per_test(capsys):
+            print("to stdout")
+            sys.stderr.write("to stderr\\n")
+            out, err = capsys.readouterr()
+            assert (out, err) == ("to stdout\\n", "to stderr\\n")
+
+        def test_warning_is_reported():
+            warnings.warn(UserWarning("from the test"))
+
+        def test_error_filter_from_the_command_line():
+            with pytest.raises(DeprecationWarning):
+                warnings.warn(DeprecationWarning("an error here, as -W says"))
+        """
+    )
+
+
+def _kind(result: pytest.RunResult) -> str:
+    # Under -s a sandbox's uncaptured output reaches the terminal through stderr.
+    kinds = {line.split()[-1] for line in result.outlines + result.errlines if line.startswith("KIND ")}
+    assert len(kinds) == 1, result.stdout.str()
+    return kinds.pop()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_host_workers_are_forked_and_the_session_is_the_same(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    _suite(pytester)
+    monkeypatch.setenv("GONE_BY_CONFIGURE", "1")
+    args = ("-W", "error::DeprecationWarning", "-rA", "-s")
+    monkeypatch.delenv("PYTEST_ISOLATE_TIER", raising=False)
+    inproc = run(None, *args)
+    monkeypatch.setenv("PYTEST_ISOLATE_TIER", tier)
+    isolated = run(tier, *args)
+    assert _kind(isolated) == "forked"
+    assert outcomes(isolated) == outcomes(inproc)
+    assert isolated.parseoutcomes() == inproc.parseoutcomes() == {"passed": 6, "warnings": 1}
+    isolated.stdout.fnmatch_lines(["*UserWarning: from the test*"])
+
+
+def test_turned_off_the_workers_start_fresh_and_the_session_is_the_same(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _suite(pytester)
+    monkeypatch.setenv("GONE_BY_CONFIGURE", "1")
+    monkeypatch.setenv("PYTEST_ISOLATE_ZYGOTE", "0")
+    monkeypatch.setenv("PYTEST_ISOLATE_TIER", "process")
+    result = run("process", "-W", "error::DeprecationWarning", "-s")
+    assert _kind(result) == "spawned"
+    assert result.parseoutcomes() == {"passed": 6, "warnings": 1}
+
+
+def test_an_interpreter_variable_set_after_the_fork_means_a_fresh_worker(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conftest sets PYTHONWARNINGS: a forked server would not have read it as an
+    interpreter does at start, so the worker is spawned, and it did."""
+    setting = 'os.environ["SET_BY_CONFTEST"] = "configured"'
+    _suite(pytester, CONFTEST.replace(setting, f'{setting}; os.environ["PYTHONWARNINGS"] = "ignore::ResourceWarning"'))
+    pytester.makepyfile(
+        test_warnoptions="""
+        import sys
+
+        def test_started_with_the_variable():
+            assert "ignore::ResourceWarning" in sys.warnoptions
+        """
+    )
+    monkeypatch.setenv("PYTEST_ISOLATE_TIER", "process")
+    result = run("process", "-W", "error::DeprecationWarning", "-s")
+    assert _kind(result) == "spawned"
+    assert result.parseoutcomes() == {"passed": 7, "warnings": 1}
+
+
+def test_no_zygote_unless_the_run_isolates(pytester: pytest.Pytester, run: Runner) -> None:
+    """Forked only when the command line or ini asks for a host tier; it is the
+    controller's child while the run lasts, and gone after (the leak check). (The
+    controller's other child at that point is its canary helper.)"""
+    pytester.makeconftest(
+        """
+        import os
+
+        def pytest_sessionstart(session):
+            if hasattr(session.config, "workerinput"):
+                return
+            kids = []
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as f:
+                    kids += f.read().split()
+            names = []
+            for pid in kids:
+                with open(f"/proc/{pid}/comm") as f:
+                    names.append(f.read().strip())
+            print("ZYGOTES", names.count("isolate-zygote"))
+        """
+    )
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    run(None, "-s").stdout.fnmatch_lines(["ZYGOTES 0"])
+    run("process", "-s").stdout.fnmatch_lines(["ZYGOTES 1"])
+    pytester.makeini("[pytest]\nisolate = jail\n")
+    run(None, "-s").stdout.fnmatch_lines(["ZYGOTES 1"])
+    run("none", "-s").stdout.fnmatch_lines(["ZYGOTES 0"])
