@@ -566,10 +566,10 @@ def _zombie(pid: int) -> bool:
 
 def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
     """The fork server's life; its pipes are in argv when spawned, given when forked
-    from the zygote (``zygote._server``)."""
-    from pytest_isolate import zygote
+    from the stem (``stem._server``)."""
+    from pytest_isolate import stem
 
-    zygote.disabled = True
+    stem.disabled = True
     if cmd_fd is None or evt_fd is None:
         cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
     init = wire.recv(cmd_fd)

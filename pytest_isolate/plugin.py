@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-# zygote now, with the plugin: it keeps the warnings state from before pytest's configuration.
-from pytest_isolate import answer, report, zygote
+# stem at import, with the plugin: it keeps the warnings state from before pytest's
+# configuration.
+from pytest_isolate import answer, report, stem
 from pytest_isolate.session import adapters
 from pytest_isolate.spec import (
     TIERS,
@@ -136,19 +137,19 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Fork the zygote host workers are forked from (``zygote.py``) while pytest is
+    """Fork the stem host workers are forked from (``stem.py``) while pytest is
     imported and nothing of the run is configured, when the run's own tier will want a
     host worker. Only the command line and ini file say so this early; a run that
     isolates by markers only starts its workers fresh."""
     ns = early_config.known_args_namespace
-    if zygote.disabled or getattr(ns, "collectonly", False) or getattr(ns, "numprocesses", None):
+    if stem.disabled or getattr(ns, "collectonly", False) or getattr(ns, "numprocesses", None):
         return
     try:
         tier = getattr(ns, "isolate_tier", None) or early_config.getini("isolate")
     except ValueError:
         return
-    if tier in HOST_TIERS and zygote.start():
-        early_config.add_cleanup(zygote.stop)
+    if tier in HOST_TIERS and stem.start():
+        early_config.add_cleanup(stem.stop)
 
 
 def _option(config: pytest.Config, name: str) -> Any:

@@ -100,9 +100,9 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
 
 def _forked_server() -> tuple[_Child, int, int] | None:
     """The server this gateway forked before execnet started, if it was forked from the
-    zygote (``zygote._gateway``); it waits for ``init`` like a spawned one."""
-    zygote = sys.modules.get("pytest_isolate.zygote")
-    pre = getattr(zygote, "server", None)
+    stem (``stem._gateway``); it waits for ``init`` like a spawned one."""
+    stem = sys.modules.get("pytest_isolate.stem")
+    pre = getattr(stem, "server", None)
     if pre is None:
         return None
     pid, cmd_w, evt_r = pre

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import execnet
 import pytest
 
-from pytest_isolate import remote, wire, zygote
+from pytest_isolate import remote, stem, wire
 from pytest_isolate.session import node
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import kill_tree
@@ -116,10 +116,10 @@ class Worker:
         )
 
     def _makegateway(self, spec: IsolationSpec) -> execnet.Gateway:
-        """Forked from the zygote when there is one (a host worker without a fresh
+        """Forked from the stem when there is one (a host worker without a fresh
         interpreter's start-up), else spawned."""
         if not self.uml:
-            z = zygote.current()
+            z = stem.current()
             gw = z.gateway(self.ctl.group) if z is not None else None
             if gw is not None:
                 return gw

@@ -96,13 +96,13 @@ def ppid(pid: int) -> int:
         return 0
 
 
-#: ``/proc/<pid>/comm`` of the zygote and of a gateway forked from it (their command
+#: ``/proc/<pid>/comm`` of the stem and of a gateway forked from it (their command
 #: line is the controller's); a server forked by such a gateway is its child.
-WORKER_NAMES = ("isolate-zygote", "isolate-gateway")
+WORKER_NAMES = ("isolate-stem", "isolate-gateway")
 
 
 def is_fork_server(pid: int) -> bool:
-    """Spawned (its argv names the module) or forked from the zygote (its parent is a
+    """Spawned (its argv names the module) or forked from the stem (its parent is a
     gateway forked from it)."""
     return "pytest_isolate.forkserver" in cmdline(pid) or (
         comm(ppid(pid)) == "isolate-gateway" and comm(pid) not in WORKER_NAMES
@@ -124,7 +124,7 @@ def fork_servers_under(root: Path) -> list[tuple[int, str]]:
 
 
 def workers_under(root: Path) -> list[tuple[int, str]]:
-    """Zygotes and forked gateways of runs started from a directory under ``root``."""
+    """Stems and forked gateways of runs started from a directory under ``root``."""
     return [(pid, comm(pid)) for pid in all_pids() if comm(pid) in WORKER_NAMES and _under(pid, root)]
 
 

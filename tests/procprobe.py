@@ -42,7 +42,7 @@ def comm(pid: int | str) -> str:
 
 def fork_servers() -> list[int]:
     """The controller's descendants that run the fork server (not its test children):
-    spawned (its argv names the module) or forked by a gateway of the zygote."""
+    spawned (its argv names the module) or forked by a gateway of the stem."""
     todo, found = [os.getpid()], []
     while todo:
         parent = todo.pop()

@@ -691,7 +691,7 @@ EARLY_CONFTEST = """
         with open(f"/proc/{pid}/stat", "rb") as f:
             parent = f.read().rsplit(b")", 1)[1].split()[1].decode()
         with open(f"/proc/{parent}/comm") as f:
-            return f.read().strip() == "isolate-gateway"  # forked from the zygote
+            return f.read().strip() == "isolate-gateway"  # forked from the stem
 
 
     def _server_running():

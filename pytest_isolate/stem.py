@@ -1,10 +1,11 @@
-"""The zygote: a copy of the controller, taken before it is configured, that host
-workers are forked from.
+"""The stem: a copy of the controller, taken before it is configured, that host
+workers are forked from (as stem cells, before they specialise; not the ``process``
+tier's zygotes, which the spawner forks per test inside a worker).
 
 Why: a host worker used to be two fresh interpreters in a row, an execnet gateway
 (~45 ms to its first answer) and then the fork server it starts (~100 ms of interpreter
 start and ``import pytest``), and both sat between the session's start and its first
-test. The zygote is forked once, in ``pytest_load_initial_conftests``: pytest is
+test. The stem is forked once, in ``pytest_load_initial_conftests``: pytest is
 imported there, and nothing of this run is configured yet (no conftest, no plugin's
 ``pytest_configure``). A worker is forked from it: the gateway first, which forks its
 fork server before it starts execnet's threads, and then serves execnet as a fresh
@@ -13,12 +14,12 @@ just does not pay for the interpreter again.
 
 What a fresh interpreter would not have had is undone in each child: the controller's
 pytest capture on ``sys.stdout``/``sys.stderr``, its ``warnings.catch_warnings``, its
-assertion-rewriting hook, and the signal dispositions of the zygote. The environment,
+assertion-rewriting hook, and the signal dispositions of the stem. The environment,
 working directory and stderr are the controller's at the moment the worker is asked
 for, as a spawned gateway's would be. When the interpreter itself would start
 differently (an interpreter variable such as ``PYTHONPATH`` changed since the fork), or
-the controller is not a plain single-threaded untraced process, there is no zygote and
-workers start fresh. ``PYTEST_ISOLATE_ZYGOTE=0`` turns it off.
+the controller is not a plain single-threaded untraced process, there is no stem and
+workers start fresh. ``PYTEST_ISOLATE_STEM=0`` turns it off.
 
 Every process forked here ends in ``os._exit``: its stack is the controller's, and
 returning would run the controller's pytest a second time.
@@ -44,17 +45,17 @@ _START_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 #: The ``warnings`` module as it was before pytest's ``catch_warnings`` of the
 #: configuration phase (this module is imported with the plugin, before that).
 _WARNINGS = (list(warnings.filters), warnings.showwarning, getattr(warnings, "_showwarnmsg_impl", None))
-#: Set in the fork server, fresh or forked: a server never starts a zygote.
+#: Set in the fork server, fresh or forked: a server never starts a stem.
 disabled = False
-#: In a gateway forked from the zygote: (pid, command fd, event fd) of the fork server
+#: In a gateway forked from the stem: (pid, command fd, event fd) of the fork server
 #: it forked before execnet started; ``remote.serve`` takes it instead of spawning one.
 server: tuple[int, int, int] | None = None
 
-_current: Zygote | None = None
-#: ``/proc/<pid>/comm`` of the zygote and its gateways, for ``ps`` and leak checks: their
+_current: Stem | None = None
+#: ``/proc/<pid>/comm`` of the stem and its gateways, for ``ps`` and leak checks: their
 #: command line is the controller's. The server keeps the controller's name, as its
 #: test children should.
-ZYGOTE_NAME = b"isolate-zygote"
+STEM_NAME = b"isolate-stem"
 GATEWAY_NAME = b"isolate-gateway"
 
 
@@ -62,8 +63,8 @@ def usable() -> str | None:
     """Why this process cannot be forked from safely, or None."""
     if disabled:
         return "this is a fork server"
-    if os.environ.get("PYTEST_ISOLATE_ZYGOTE", "1") == "0":
-        return "PYTEST_ISOLATE_ZYGOTE=0"
+    if os.environ.get("PYTEST_ISOLATE_STEM", "1") == "0":
+        return "PYTEST_ISOLATE_STEM=0"
     if not (sys.platform.startswith("linux") and hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")):
         return "no pidfd_open or send_fds"
     try:
@@ -80,16 +81,16 @@ def usable() -> str | None:
 
 
 def start() -> bool:
-    """Fork the zygote, once per process; where ``usable`` says no there is none.
+    """Fork the stem, once per process; where ``usable`` says no there is none.
     True: this call started it (and the caller stops it)."""
     global _current
     if _current is not None or usable() is not None:
         return False
-    _current = Zygote()
+    _current = Stem()
     return True
 
 
-def current() -> Zygote | None:
+def current() -> Stem | None:
     return _current
 
 
@@ -100,8 +101,8 @@ def stop() -> None:
         z.close()
 
 
-class Zygote:
-    """The controller's end: asks the zygote for gateways, and stops it."""
+class Stem:
+    """The controller's end: asks the stem for gateways, and stops it."""
 
     def __init__(self) -> None:
         self.env = dict(os.environ)
@@ -113,11 +114,11 @@ class Zygote:
             with contextlib.suppress(Exception):
                 stream.flush()  # type: ignore[union-attr]  # else the children write it again
         pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the zygote, which never returns
+        if pid == 0:  # pragma: no cover - runs in the stem, which never returns
             code = 1
             try:
                 ours.close()
-                _zygote(theirs, parent, comm)
+                _stem(theirs, parent, comm)
                 code = 0
             finally:
                 os._exit(code)
@@ -126,7 +127,7 @@ class Zygote:
         self.sock = ours
 
     def gateway(self, group: Any) -> Any:
-        """A gateway forked from the zygote, registered in ``group``; None: spawn one."""
+        """A gateway forked from the stem, registered in ``group``; None: spawn one."""
         env = dict(os.environ)
         if any(
             env.get(k) != self.env.get(k)
@@ -170,7 +171,7 @@ class Zygote:
         return gw
 
     def close(self) -> None:
-        """EOF ends the zygote; reap it (its gateways are reaped by it, or by init)."""
+        """EOF ends the stem; reap it (its gateways are reaped by it, or by init)."""
         with contextlib.suppress(OSError):
             self.sock.close()
         for _ in range(100):
@@ -187,7 +188,7 @@ class Zygote:
 
 class _Forked:
     """What execnet and ``Worker.close`` ask of a gateway's ``Popen``, for a process that
-    is the zygote's child: its pid, and a pidfd to wait on and kill through."""
+    is the stem's child: its pid, and a pidfd to wait on and kill through."""
 
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
@@ -206,7 +207,7 @@ class _Forked:
                 import subprocess
 
                 raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            self.returncode = 0  # the zygote reaps it: the status is not ours to read
+            self.returncode = 0  # the stem reaps it: the status is not ours to read
             os.close(self.pidfd)
         return self.returncode
 
@@ -240,7 +241,7 @@ def _ForkedIO(outfile: Any, infile: Any, execmodel: Any, popen: _Forked) -> Any:
     return _forked_io_class()(outfile, infile, execmodel, popen)
 
 
-# --- below: runs in the zygote and the processes it forks ---------------------------
+# --- below: runs in the stem and the processes it forks ---------------------------
 
 
 def _set_name(name: bytes) -> None:
@@ -249,11 +250,11 @@ def _set_name(name: bytes) -> None:
     ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
 
 
-def _zygote(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no cover - a child
+def _stem(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no cover - a child
     import ctypes
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    _set_name(ZYGOTE_NAME)
+    _set_name(STEM_NAME)
     if os.getppid() != parent:
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle

@@ -1,4 +1,4 @@
-"""Host workers forked from the zygote: what the sandbox's session sees is what a fresh
+"""Host workers forked from the stem: what the sandbox's session sees is what a fresh
 worker's saw (environment, argv, warnings, output), and where a fresh interpreter would
 start differently, the worker is a fresh one."""
 
@@ -24,15 +24,15 @@ CONFTEST = """
             return f.read().replace(b"\\0", b" ").decode().strip()
 
     def worker_kind():
-        \"\"\""forked": the controller's zygote has a gateway child, which has the
+        \"\"\""forked": the controller's stem has a gateway child, which has the
         server; "spawned": a descendant was started as ``-c ... forkserver``.\"\"\"
         todo, spawned = [os.getpid()], False
         while todo:
             for c in _children(todo.pop()):
                 spawned = spawned or "pytest_isolate.forkserver" in _read(c, "cmdline")
                 todo.append(c)
-        zygotes = [c for c in _children(os.getpid()) if _read(c, "comm") == "isolate-zygote"]
-        gateways = [g for z in zygotes for g in _children(z) if _read(g, "comm") == "isolate-gateway"]
+        stems = [c for c in _children(os.getpid()) if _read(c, "comm") == "isolate-stem"]
+        gateways = [g for z in stems for g in _children(z) if _read(g, "comm") == "isolate-gateway"]
         servers = [s for g in gateways for s in _children(g)]
         assert not (spawned and servers), (spawned, servers)
         return "spawned" if spawned else "forked" if servers else "none"
@@ -117,7 +117,7 @@ def test_turned_off_the_workers_start_fresh_and_the_session_is_the_same(
 ) -> None:
     _suite(pytester)
     monkeypatch.setenv("GONE_BY_CONFIGURE", "1")
-    monkeypatch.setenv("PYTEST_ISOLATE_ZYGOTE", "0")
+    monkeypatch.setenv("PYTEST_ISOLATE_STEM", "0")
     monkeypatch.setenv("PYTEST_ISOLATE_TIER", "process")
     result = run("process", "-W", "error::DeprecationWarning", "-s")
     assert _kind(result) == "spawned"
@@ -145,7 +145,7 @@ def test_an_interpreter_variable_set_after_the_fork_means_a_fresh_worker(
     assert result.parseoutcomes() == {"passed": 7, "warnings": 1}
 
 
-def test_no_zygote_unless_the_run_isolates(pytester: pytest.Pytester, run: Runner) -> None:
+def test_no_stem_unless_the_run_isolates(pytester: pytest.Pytester, run: Runner) -> None:
     """Forked only when the command line or ini asks for a host tier; it is the
     controller's child while the run lasts, and gone after (the leak check). (The
     controller's other child at that point is its canary helper.)"""
@@ -164,12 +164,12 @@ def test_no_zygote_unless_the_run_isolates(pytester: pytest.Pytester, run: Runne
             for pid in kids:
                 with open(f"/proc/{pid}/comm") as f:
                     names.append(f.read().strip())
-            print("ZYGOTES", names.count("isolate-zygote"))
+            print("STEMS", names.count("isolate-stem"))
         """
     )
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
-    run(None, "-s").stdout.fnmatch_lines(["ZYGOTES 0"])
-    run("process", "-s").stdout.fnmatch_lines(["ZYGOTES 1"])
+    run(None, "-s").stdout.fnmatch_lines(["STEMS 0"])
+    run("process", "-s").stdout.fnmatch_lines(["STEMS 1"])
     pytester.makeini("[pytest]\nisolate = jail\n")
-    run(None, "-s").stdout.fnmatch_lines(["ZYGOTES 1"])
-    run("none", "-s").stdout.fnmatch_lines(["ZYGOTES 0"])
+    run(None, "-s").stdout.fnmatch_lines(["STEMS 1"])
+    run("none", "-s").stdout.fnmatch_lines(["STEMS 0"])
