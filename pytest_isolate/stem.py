@@ -105,7 +105,7 @@ class Stem:
     """The controller's end: asks the stem for gateways, and stops it."""
 
     def __init__(self) -> None:
-        self.env = dict(os.environ)
+        self.env = _c_environ()
         with open("/proc/self/comm", "rb") as f:
             comm = f.read().rstrip(b"\n")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -128,7 +128,7 @@ class Stem:
 
     def gateway(self, group: Any) -> Any:
         """A gateway forked from the stem, registered in ``group``; None: spawn one."""
-        env = dict(os.environ)
+        env = _c_environ()
         if any(
             env.get(k) != self.env.get(k)
             for k in set(env) | set(self.env)
@@ -237,6 +237,22 @@ def _forked_io_class() -> type:
     return ForkedIO
 
 
+def _c_environ() -> dict[str, str]:
+    """The process's environment as a child it spawned would get it: the C ``environ``,
+    which ``os.environ`` writes through to but does not read back (readline, imported
+    by pytest's capture, sets ``LINES`` and ``COLUMNS`` there)."""
+    import ctypes
+
+    env = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    out: dict[str, str] = {}
+    i = 0
+    while (entry := env[i]) is not None:
+        key, _, value = entry.partition(b"=")
+        out[os.fsdecode(key)] = os.fsdecode(value)
+        i += 1
+    return out
+
+
 def _ForkedIO(outfile: Any, infile: Any, execmodel: Any, popen: _Forked) -> Any:  # noqa: N802 - a class, made late
     return _forked_io_class()(outfile, infile, execmodel, popen)
 
@@ -266,12 +282,11 @@ def _stem(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no 
                 pass
 
     signal.signal(signal.SIGCHLD, reap)
-    # While the controller configures and collects: what every gateway and server it
-    # forks would import first (execnet's worker side, the fork server's modules).
+    # While the controller configures and collects: what every gateway imports first.
+    # Not the fork server's modules: some read the environment at import (the audit
+    # hook's canaries), and it is the controller's only once a worker is asked for.
     with contextlib.suppress(Exception):
         import execnet.gateway_base  # noqa: F401
-
-        from pytest_isolate import forkserver  # noqa: F401
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
@@ -314,7 +329,10 @@ def _as_fresh(env: dict[str, str], cwd: str) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import ctypes
+
     os.environ.clear()
+    ctypes.CDLL(None).clearenv()  # what os.environ did not know of (the stem's LINES, ...)
     os.environ.update(env)
     os.chdir(cwd)
     # The controller's capture replaced these: a fresh process writes to its fds.

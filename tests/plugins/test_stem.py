@@ -44,6 +44,7 @@ CONFTEST = """
             CONTROLLER.append(True)
             os.environ["SET_BY_CONFTEST"] = "configured"
             os.environ.pop("GONE_BY_CONFIGURE", None)
+            os.putenv("ONLY_IN_C", "seen")  # as C libraries set variables (readline: LINES)
             os.environ["CONTROLLER_ARGV"] = repr(sys.argv)
 
     def pytest_runtest_logfinish(nodeid):
@@ -68,6 +69,9 @@ def _suite(pytester: pytest.Pytester, conftest: str = CONFTEST) -> None:
         def test_environment_is_the_configured_one():
             assert os.environ["SET_BY_CONFTEST"] == "configured"
             assert "GONE_BY_CONFIGURE" not in os.environ
+            if os.environ.get("PYTEST_ISOLATE_TIER"):
+                # A worker's environment is what a process the controller spawned gets.
+                assert os.environ.get("ONLY_IN_C") == "seen"
 
         def test_argv_is_pytests():
             assert repr(sys.argv) == os.environ["CONTROLLER_ARGV"]
