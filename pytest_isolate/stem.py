@@ -275,6 +275,17 @@ def _stem(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no 
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A spawned worker inherited stdin, stdout and stderr only: the controller's other
+    # files (pytest's capture files, a pipe someone waits on for EOF) are not ours to
+    # keep. Safe for the Python objects that own them: they are reachable from the
+    # controller's frames below this one, which never return, so never closed again;
+    # what is garbage already is finalized first, while its numbers are still its own.
+    import gc
+
+    gc.collect()
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
 
     def reap(*_: Any) -> None:
         with contextlib.suppress(ChildProcessError):
