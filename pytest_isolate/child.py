@@ -53,6 +53,10 @@ class Forwarder:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.fd = -1
+        #: The controller's stdout (host workers, from the direct link): a test's
+        #: uncaptured stdout goes there, its stderr to the server's stderr (``term_fd``),
+        #: as in-process. -1: both to ``term_fd`` (a UML guest has no host fd).
+        self.term_out = -1
         #: Registered beside the forwarder (a plugin of its own: its hooks are wrappers).
         self.terminal = TerminalRelay(config)
         #: What plugins measure per test and the controller needs (``session.carry``).
@@ -362,7 +366,7 @@ def run_items(
         # while it waits, off the test's critical path.
         # Uncaptured output (-s, or anything outside pytest's capture) goes where the
         # user's terminal is, as it would in-process.
-        os.dup2(term_fd, 1)
+        os.dup2(forwarder.term_out if forwarder.term_out >= 0 else term_fd, 1)
         os.dup2(term_fd, 2)
         # The server ignores SIGINT (the controller handles Ctrl-C); tests get Python's
         # usual handler back.

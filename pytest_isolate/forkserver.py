@@ -192,6 +192,10 @@ class ForkServer:
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.connect(path)
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        if fds:
+            self.forwarder.term_out = fds[0]  # see ``Forwarder.term_out``
+            os.set_inheritable(fds[0], False)
         fd = sock.detach()
         os.set_inheritable(fd, False)
         self.private_fds.append(fd)

@@ -73,6 +73,8 @@ class Worker:
         self._reader = wire.Reader()
         self._inbox: list[Any] = []
         self._listener: socket.socket | None = None
+        #: The controller's stdout, for the server once it connects (``_accept``).
+        self._term_out = -1
         #: Frames to send first once the server is up (``Controller.collected``).
         self._queued: list[dict[str, Any]] = []
         self._ready = False
@@ -132,6 +134,8 @@ class Worker:
         if not self.uml:
             self._listener = _listen(self.workdir / "ctl.sock")
             extra["direct"] = self._listener.getsockname()
+            # Now: capture is off while a worker starts (see ``plugin.pytest_sessionstart``).
+            self._term_out = os.dup(1)
         self.gw = self._makegateway(spec)
         self.ch = self.gw.remote_exec(remote)
         # The server is this session's worker, as an xdist worker is its controller's:
@@ -220,6 +224,14 @@ class Worker:
                 if not os.path.exists(f"/proc/{self.server_pid}"):
                     self.receive(5)  # raises with the server's exit and log
         conn.setblocking(True)
+        # First on the link, before any frame: the controller's stdout, where a test's
+        # uncaptured prints (-s) go in-process; a server has only stderr of its own.
+        out, self._term_out = self._term_out, -1
+        if out >= 0:
+            try:
+                socket.send_fds(conn, [b"o"], [out])
+            finally:
+                os.close(out)
         return conn
 
     def send(self, cmd: dict[str, Any]) -> None:
@@ -318,6 +330,9 @@ class Worker:
                 os.unlink(self._listener.getsockname())
             self._listener.close()
             self._listener = None
+        if self._term_out >= 0:
+            os.close(self._term_out)
+            self._term_out = -1
         if fast and self.server_pid and not self.uml:
             with contextlib.suppress(OSError):
                 kill_tree(self.server_pid)

@@ -207,6 +207,32 @@ def test_builtin_plugins_off_and_sys_capture(pytester: pytest.Pytester, run: Run
     iso.stdout.fnmatch_lines(["*Captured stdout call*", "seen in the failure"])
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_uncaptured_output_goes_to_stdout_and_stderr_as_in_process(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """Under ``-s`` a test's prints reach pytest's stdout, what it writes to stderr
+    pytest's stderr, whether the test runs in-process or in a sandbox (and so does a
+    subprocess it starts)."""
+    pytester.makepyfile(
+        test_streams="""
+            import subprocess
+            import sys
+
+            def test_writes():
+                print("OUT-FROM-TEST", flush=True)
+                sys.stderr.write("ERR-FROM-TEST\\n")
+                subprocess.run(["sh", "-c", "echo OUT-FROM-CHILD; echo ERR-FROM-CHILD >&2"], check=True)
+        """
+    )
+    for result in (run(None, "-s"), run(tier, "-s")):
+        assert result.parseoutcomes() == {"passed": 1}, result.stdout.str()
+        out, err = result.stdout.str(), result.stderr.str()
+        assert "OUT-FROM-TEST" in out and "OUT-FROM-CHILD" in out, (out, err)
+        assert "ERR-FROM-TEST" in err and "ERR-FROM-CHILD" in err, (out, err)
+        assert "OUT-FROM" not in err and "ERR-FROM" not in out, (out, err)
+
+
 @pytest.mark.parametrize("tier", ["process", "zone"])
 def test_subtest_labels_as_in_process(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
     """unittest's ``subTest`` and pytest's ``subtests``: the same labels on both sides
