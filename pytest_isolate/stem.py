@@ -162,6 +162,10 @@ class Stem:
         io = _ForkedIO(os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"), group.execmodel, _Forked(int(msg), fds[0]))
         try:
             gw = gateway_bootstrap.bootstrap(io, spec)
+        except Exception:  # noqa: BLE001 - the forked gateway is gone: spawn one instead
+            io.kill()
+            io.wait()
+            return None
         except BaseException:
             io.kill()
             io.wait()
