@@ -177,3 +177,29 @@ def test_no_stem_unless_the_run_isolates(pytester: pytest.Pytester, run: Runner)
     pytester.makeini("[pytest]\nisolate = jail\n")
     run(None, "-s").stdout.fnmatch_lines(["STEMS 1"])
     run("none", "-s").stdout.fnmatch_lines(["STEMS 0"])
+
+
+def test_a_dead_stem_means_fresh_workers(pytester: pytest.Pytester, run: Runner) -> None:
+    """Something killed the stem before the worker was asked for: the worker is spawned,
+    the run is as without it, and nothing is left (the leak check)."""
+    pytester.makeconftest(
+        """
+        import os
+        import signal
+
+        def pytest_configure(config):
+            if hasattr(config, "workerinput"):
+                return
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as f:
+                    for pid in f.read().split():
+                        with open(f"/proc/{pid}/comm") as c:
+                            if c.read().strip() == "isolate-stem":
+                                os.kill(int(pid), signal.SIGKILL)
+                                print("KILLED THE STEM")
+        """
+    )
+    pytester.makepyfile(test_one="def test_one():\n    pass\n\ndef test_two():\n    assert False\n")
+    result = run("process", "-s")
+    result.stdout.fnmatch_lines(["KILLED THE STEM", "*1 failed, 1 passed*"])
+    assert "INTERNALERROR" not in result.stdout.str()
