@@ -27,7 +27,7 @@ import pytest
 from pytest_isolate import wire
 from pytest_isolate.ahead import Ahead, _collect_and_freeze, _hostname
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
-from pytest_isolate.observe import usage
+from pytest_isolate.observe import audit, usage
 from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
 from pytest_isolate.session import adapters, junit, node
 from pytest_isolate.session.carry import SandboxCarry
@@ -599,6 +599,9 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
     for fd in (cmd_fd, evt_fd, term_fd):
         os.set_inheritable(fd, False)
 
+    # Imported before the run's environment was final when forked from the stem: the
+    # audit hook reads the run's tripwires from it.
+    audit.refresh_environment()
     from _pytest.config import _prepareconfig
 
     config = _prepareconfig(list(init["args"]), None)

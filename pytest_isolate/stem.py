@@ -297,11 +297,13 @@ def _stem(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no 
                 pass
 
     signal.signal(signal.SIGCHLD, reap)
-    # While the controller configures and collects: what every gateway imports first.
-    # Not the fork server's modules: some read the environment at import (the audit
-    # hook's canaries), and it is the controller's only once a worker is asked for.
+    # While the controller configures and collects: what every gateway and fork server
+    # imports first (the server re-reads what it took from the environment at import,
+    # ``audit.refresh_environment``: the run's is the controller's once it asks).
     with contextlib.suppress(Exception):
         import execnet.gateway_base  # noqa: F401
+
+        from pytest_isolate import forkserver  # noqa: F401
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)

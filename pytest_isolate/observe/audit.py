@@ -275,16 +275,22 @@ class _State:
         self.over = False
 
 
-def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]]:
+def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None], Callable[[], None]]:
     """Make the hook, its handlers and wrappers once, where this module is imported (the
-    warm fork server): a forked test process then only fills in its state and installs
-    them. Building them there costs ~0.5 ms per test in copy-on-write faults alone."""
+    warm fork server, or the stem it is forked from): a forked test process then only
+    fills in its state and installs them. Building them there costs ~0.5 ms per test in
+    copy-on-write faults alone."""
     st = _State()
     st.fd, st.pipe = -1, None
-    # The environment is the fork server's, the same for every test: read it once here.
-    canary = (os.environ.get("PYTEST_ISOLATE_CANARY_DIR"), os.environ.get("PYTEST_ISOLATE_CANARY_FILE"))
-    st.canary = tuple(c for c in canary if c)
-    st.ports, st.abstract = _host_services()
+
+    def from_environment() -> None:
+        """The run's tripwires, from the environment: the fork server's, the same for
+        every test, read once it is the run's (``refresh_environment``)."""
+        canary = (os.environ.get("PYTEST_ISOLATE_CANARY_DIR"), os.environ.get("PYTEST_ISOLATE_CANARY_FILE"))
+        st.canary = tuple(c for c in canary if c)
+        st.ports, st.abstract = _host_services()
+
+    from_environment()
 
     def shares(kind: str) -> bool | None:
         """Is this process in the host's ``kind`` namespace *now*? (Asked when needed, not
@@ -821,7 +827,7 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
     def resume() -> None:
         st.busy = False
 
-    return install, resume
+    return install, resume, from_environment
 
 
 _PROBED_CHR = {(1, 1), (1, 2), (1, 4)}  # /dev/mem, /dev/kmem, /dev/port
@@ -1027,7 +1033,7 @@ def _inodes_owned(inodes: set[str], own: Callable[[int], bool]) -> bool:
     return False
 
 
-_install, _resume = _build()
+_install, _resume, refresh_environment = _build()
 
 
 def arm(result_fd: int, writable: list[str], rootdir: str | None = None, paused: bool = False) -> None:
