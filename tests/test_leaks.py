@@ -718,7 +718,8 @@ def test_run_inside_a_sandbox_leaves_the_outer_run_alone(
         rc = _wait_exit(proc, path, timeout=60)
     out = _read(str(path / "out.txt"))
     inner_out = "\n".join(_read(str(p)) for p in sorted(path.rglob("inner-*.txt")))
-    assert gone == [], inner_out
+    # The outer run's own output too: how its test ended says what took the object.
+    assert gone == [], f"{inner_out}\n--- the outer run ---\n{out[-6000:]}"
     assert rc == 0, out + inner_out
     assert "1 passed" in out, out
     # Not even inside the sandbox: an inner run that took the outer run for dead swept
