@@ -14,9 +14,11 @@ just does not pay for the interpreter again.
 
 What a fresh interpreter would not have had is undone in each child: the controller's
 pytest capture on ``sys.stdout``/``sys.stderr``, its ``warnings.catch_warnings``, its
-assertion-rewriting hook, and the signal dispositions of the stem. The environment,
-working directory and stderr are the controller's at the moment the worker is asked
-for, as a spawned gateway's would be. When the interpreter itself would start
+assertion-rewriting hook, the signal dispositions of the stem, and the controller's
+other open files (the stem closes them). The environment (the C ``environ``), working
+directory and stderr are the controller's at the moment the worker is asked for, as a
+spawned gateway's would be. The stem imports the gateway's and the server's modules
+while the controller configures. When the interpreter itself would start
 differently (an interpreter variable such as ``PYTHONPATH`` changed since the fork), or
 the controller is not a plain single-threaded untraced process, there is no stem and
 workers start fresh. ``PYTEST_ISOLATE_STEM=0`` turns it off.
@@ -159,7 +161,7 @@ class Stem:
         spec = XSpec("popen")
         group.allocate_id(spec)
         spec.execmodel = group.remote_execmodel.backend
-        io = _ForkedIO(os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"), group.execmodel, _Forked(int(msg), fds[0]))
+        io = _forked_io(os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb"), group.execmodel, _Forked(int(msg), fds[0]))
         try:
             gw = gateway_bootstrap.bootstrap(io, spec)
         except Exception:  # noqa: BLE001 - the forked gateway is gone: spawn one instead
@@ -220,7 +222,9 @@ class _Forked:
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
 
-def _forked_io_class() -> type:
+def _forked_io(outfile: Any, infile: Any, execmodel: Any, popen: _Forked) -> Any:
+    """execnet's pipe IO, waiting on and killing the gateway as ``_Forked`` does (its
+    base class is imported here: a controller without a stem needs no execnet yet)."""
     from execnet.gateway_base import Popen2IO
 
     class ForkedIO(Popen2IO):
@@ -238,7 +242,7 @@ def _forked_io_class() -> type:
             with contextlib.suppress(OSError):
                 self.popen.kill()
 
-    return ForkedIO
+    return ForkedIO(outfile, infile, execmodel, popen)
 
 
 def _c_environ() -> dict[str, str]:
@@ -255,10 +259,6 @@ def _c_environ() -> dict[str, str]:
         out[os.fsdecode(key)] = os.fsdecode(value)
         i += 1
     return out
-
-
-def _ForkedIO(outfile: Any, infile: Any, execmodel: Any, popen: _Forked) -> Any:  # noqa: N802 - a class, made late
-    return _forked_io_class()(outfile, infile, execmodel, popen)
 
 
 # --- below: runs in the stem and the processes it forks ---------------------------
@@ -373,10 +373,9 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    # (A subreaper, as the server's parent must be, once ``remote.serve`` runs: before
+    # the server has its set-up, so before it can fork anything.)
     _as_fresh(req["env"], req["cwd"])
-    import ctypes
-
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER, as remote.serve does
     cmd_r, cmd_w = os.pipe()
     evt_r, evt_w = os.pipe()
     pid = os.fork()
