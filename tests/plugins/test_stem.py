@@ -14,14 +14,20 @@ CONFTEST = """
 
     def _children(pid):
         out = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
+        try:  # a test's child may end while we look
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
         return out
 
     def _read(pid, name):
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read().replace(b"\\0", b" ").decode().strip()
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                return f.read().replace(b"\\0", b" ").decode().strip()
+        except OSError:
+            return ""
 
     def worker_kind():
         \"\"\""forked": the controller's stem has a gateway child, which has the
