@@ -135,6 +135,7 @@ class Controller:
         self.workers: dict[tuple[Any, ...], Worker] = {}
         self._switch: Any = None
         self.canaries: Any = None
+        self._armed = False
         # First: from here on a cancel (SIGTERM, SIGHUP) unwinds through ``shutdown``.
         self.cancel = CancelSignals()
         self.cancel.install()
@@ -165,12 +166,23 @@ class Controller:
             "isolate_uml_kernel"
         ) or None
         self.needs_switch = False
+
+    def arm(self) -> None:
+        """Plant the run's tripwires, once: before the first worker is spawned, or once a
+        forked one was asked for (its server configures meanwhile, ~15 ms that would
+        otherwise wait for them). Before any test either way."""
+        if self._armed:
+            return
+        self._armed = True
         from pytest_isolate.observe.canaries import Canaries
 
-        self.canaries: Canaries | None = Canaries(self.rundir, self.run_id, settle=False)
-        # Sandboxes inherit the environment of the workers: tests can find the
-        # tripwires (the escape matrix targets them on purpose).
+        self.canaries = Canaries(self.rundir, self.run_id, settle=False)
+        # Sandboxes have the environment of the workers: tests can find the tripwires
+        # (the escape matrix targets them on purpose).
         os.environ.update(self.canaries.env)
+
+    def canary_env(self) -> dict[str, str]:
+        return dict(self.canaries.env) if self.canaries is not None else {}
 
     def canary_escapes(self, tier: str) -> list[dict[str, Any]]:
         """Tripwire contacts since the last test, as escape records of this test."""

@@ -568,15 +568,19 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
+def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, Any] | None = None) -> None:
     """The fork server's life; its pipes are in argv when spawned, given when forked
-    from the stem (``stem._server``)."""
+    from the stem (``stem._server``).
+
+    A forked server is given ``start`` (command line, directory, paths) with its fork
+    and configures before the rest of its set-up comes (``Worker._launch``); a spawned
+    one reads all of it first."""
     from pytest_isolate import stem
 
     stem.disabled = True
     if cmd_fd is None or evt_fd is None:
         cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
-    init = wire.recv(cmd_fd)
+    init = start if start is not None else wire.recv(cmd_fd)
     sys.argv[:] = init.get("argv") or sys.argv
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
@@ -589,7 +593,7 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller handles Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     term_fd = os.dup(2)
-    log = os.open(Path(init["ctx"]["workdir"]) / "server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = os.open(init["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -599,12 +603,16 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None) -> None:
     for fd in (cmd_fd, evt_fd, term_fd):
         os.set_inheritable(fd, False)
 
-    # Imported before the run's environment was final when forked from the stem: the
-    # audit hook reads the run's tripwires from it.
-    audit.refresh_environment()
     from _pytest.config import _prepareconfig
 
     config = _prepareconfig(list(init["args"]), None)
+    if start is not None:
+        init = wire.recv(cmd_fd)
+    # The tripwires' names: planted after a forked server's environment was taken.
+    os.environ.update(init.get("env") or {})
+    # Imported before the run's environment was final when forked from the stem: the
+    # audit hook reads the run's tripwires from it.
+    audit.refresh_environment()
     # Plugins are imported now (pytest rewrote them), not yet configured.
     adapters.in_server()
     opt = config.option

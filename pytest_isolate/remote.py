@@ -35,7 +35,10 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
 
     _subreaper()
     proc, cmd_w, evt_r = _forked_server() or _spawn_server(init)
-    wire.send(cmd_w, init)
+    try:
+        wire.send(cmd_w, init)
+    except OSError:
+        pass  # a forked server configures before this comes, and may have died doing it: see below
     # Before "ready" (the server still collects): a controller that must stop a worker
     # it started early knows which process to end.
     channel.send(("server", proc.pid))

@@ -128,8 +128,10 @@ class Stem:
         self.pid = pid
         self.sock = ours
 
-    def gateway(self, group: Any) -> Any:
-        """A gateway forked from the stem, registered in ``group``; None: spawn one."""
+    def gateway(self, group: Any, start: dict[str, Any] | None = None) -> Any:
+        """A gateway forked from the stem, registered in ``group``; None: spawn one.
+        ``start``: what its fork server configures with before its set-up comes
+        (``forkserver.main``)."""
         env = _c_environ()
         if any(
             env.get(k) != self.env.get(k)
@@ -144,7 +146,7 @@ class Stem:
         from_r, from_w = os.pipe()
         err = os.dup(2)
         try:
-            req = json.dumps({"env": env, "cwd": os.getcwd()}).encode()
+            req = json.dumps({"env": env, "cwd": os.getcwd(), "start": start}).encode()
             socket.send_fds(self.sock, [req], [to_r, from_w, err])
             msg, fds, _, _ = socket.recv_fds(self.sock, 1024, 1)
         except OSError:
@@ -385,7 +387,7 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
             os.close(cmd_w)
             os.close(evt_r)
             _set_name(comm)
-            code = _server(cmd_r, evt_w)
+            code = _server(cmd_r, evt_w, req.get("start"))
         finally:
             os._exit(code)
     os.close(cmd_r)
@@ -399,7 +401,7 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
 
 
-def _server(cmd_fd: int, evt_fd: int) -> int:  # pragma: no cover - a child
+def _server(cmd_fd: int, evt_fd: int, start: dict[str, Any] | None) -> int:  # pragma: no cover - a child
     """The fork server, as ``remote.serve`` would have started it: its own session,
     no stdin or stdout; it ends as an interpreter ends (exit functions, flushed output)."""
     os.setsid()
@@ -411,7 +413,7 @@ def _server(cmd_fd: int, evt_fd: int) -> int:  # pragma: no cover - a child
     try:
         from pytest_isolate import forkserver
 
-        forkserver.main(cmd_fd, evt_fd)
+        forkserver.main(cmd_fd, evt_fd, start)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):

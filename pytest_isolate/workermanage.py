@@ -117,14 +117,19 @@ class Worker:
             switch=self.ctl.switch_path() if spec.network == "ip" else None,
         )
 
-    def _makegateway(self, spec: IsolationSpec) -> execnet.Gateway:
+    def _makegateway(self, spec: IsolationSpec, start: dict[str, Any]) -> execnet.Gateway:
         """Forked from the stem when there is one (a host worker without a fresh
-        interpreter's start-up), else spawned."""
+        interpreter's start-up), else spawned.
+
+        A forked server is given ``start`` at once and configures while this process
+        plants the run's tripwires (``Controller.arm``); it gets the rest of its set-up
+        when they exist. A spawned one inherits them: they are planted first."""
         if not self.uml:
             z = stem.current()
-            gw = z.gateway(self.ctl.group) if z is not None else None
+            gw = z.gateway(self.ctl.group, start) if z is not None else None
             if gw is not None:
                 return gw
+        self.ctl.arm()
         return self.ctl.group.makegateway(self._gateway_spec(spec))
 
     def _launch(self, spec: IsolationSpec) -> None:
@@ -136,14 +141,9 @@ class Worker:
             extra["direct"] = self._listener.getsockname()
             # Now: capture is off while a worker starts (see ``plugin.pytest_sessionstart``).
             self._term_out = os.dup(1)
-        self.gw = self._makegateway(spec)
-        self.ch = self.gw.remote_exec(remote)
-        # The server is this session's worker, as an xdist worker is its controller's:
-        # the controller's plugins fill its input (``session/node.py``).
-        self.node, workerinput = node.workerinput(cfg, self.gw, self.ctl.run_id)
-        self.ch.send({
+        # What the server needs to configure (``forkserver.main``); the rest follows.
+        start = {
             "args": [*cfg.invocation_params.args, *self.ctl.carry.server_args()],
-            "carry": self.ctl.carry.server_init(),
             "dir": str(cfg.invocation_params.dir),
             # A test reads pytest's argv in the sandbox too (a spawned server's would be
             # its own "-c" and pipe numbers).
@@ -151,6 +151,19 @@ class Worker:
             # The package's own location first: an editable install is found by an
             # import hook that sys.path does not show (and -S skips it anyway).
             "sys_path": _remote_sys_path(),
+            "log": str(self.workdir / "server.log"),
+        }
+        self.gw = self._makegateway(spec, start)
+        self.ctl.arm()
+        self.ch = self.gw.remote_exec(remote)
+        # The server is this session's worker, as an xdist worker is its controller's:
+        # the controller's plugins fill its input (``session/node.py``).
+        self.node, workerinput = node.workerinput(cfg, self.gw, self.ctl.run_id)
+        self.ch.send({
+            **start,
+            "carry": self.ctl.carry.server_init(),
+            # The tripwires' names (a forked server's environment predates them).
+            "env": self.ctl.canary_env(),
             # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
             "python_flags": ["-S"] if self.uml else [],
             "workerinput": workerinput,
