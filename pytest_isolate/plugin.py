@@ -149,7 +149,12 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
     except ValueError:
         return
     if tier in HOST_TIERS and stem.start():
+        early_config.stash[_STEM_KEY] = True
         early_config.add_cleanup(stem.stop)
+
+
+#: Set in the config that started the stem (a run inside a test of this one does not).
+_STEM_KEY = pytest.StashKey[bool]()
 
 
 def _option(config: pytest.Config, name: str) -> Any:
@@ -426,6 +431,8 @@ class IsolatePlugin:
         return self.ctl
 
     def pytest_sessionfinish(self, exitstatus: int) -> None:
+        if self.config.stash.get(_STEM_KEY, False):
+            stem.release()  # no worker is asked for once the session ends
         if self.ctl is not None:
             self.ctl.shutdown(fast=exitstatus == pytest.ExitCode.INTERRUPTED)
             self.ctl = None

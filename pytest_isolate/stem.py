@@ -96,6 +96,12 @@ def current() -> Stem | None:
     return _current
 
 
+def release() -> None:
+    """The session is ending: no worker will be asked for; see ``Stem.release``."""
+    if _current is not None:
+        _current.release()
+
+
 def stop() -> None:
     global _current
     z, _current = _current, None
@@ -178,19 +184,29 @@ class Stem:
         group._register(gw)
         return gw
 
-    def close(self) -> None:
-        """EOF ends the stem; reap it (its gateways are reaped by it, or by init)."""
+    def release(self) -> None:
+        """No more gateways: EOF ends the stem, which then exits while the session ends."""
         with contextlib.suppress(OSError):
             self.sock.close()
-        for _ in range(100):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(self.pid, os.WNOHANG)[0]:
-                    return
-                select.select([], [], [], 0.01)
-                continue
-            return
-        with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """End the stem and reap it (its gateways are reaped by it, or by init). Waited
+        for on a pidfd: its exit takes a few ms, and polling would round that up."""
+        self.release()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            pidfd = -1  # reaped already
+        if pidfd >= 0:
+            try:
+                select.select([pidfd], [], [], 1.0)
+            finally:
+                os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                return
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
 
 
