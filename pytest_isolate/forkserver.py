@@ -580,7 +580,10 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
     stem.disabled = True
     if cmd_fd is None or evt_fd is None:
         cmd_fd, evt_fd = int(sys.argv[1]), int(sys.argv[2])
-    init = start if start is not None else wire.recv(cmd_fd)
+    try:
+        init = start if start is not None else wire.recv(cmd_fd)
+    except EOFError:
+        return  # the gateway ended before the set-up came (``Stem.drop``): nothing to serve
     sys.argv[:] = init.get("argv") or sys.argv
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
@@ -607,7 +610,10 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
 
     config = _prepareconfig(list(init["args"]), None)
     if start is not None:
-        init = wire.recv(cmd_fd)
+        try:
+            init = wire.recv(cmd_fd)
+        except EOFError:
+            return
     # The tripwires' names: planted after a forked server's environment was taken.
     os.environ.update(init.get("env") or {})
     # Imported before the run's environment was final when forked from the stem: the

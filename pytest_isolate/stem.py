@@ -134,10 +134,11 @@ class Stem:
         self.pid = pid
         self.sock = ours
 
-    def gateway(self, group: Any, start: dict[str, Any] | None = None) -> Any:
-        """A gateway forked from the stem, registered in ``group``; None: spawn one.
-        ``start``: what its fork server configures with before its set-up comes
-        (``forkserver.main``)."""
+    def ask(self, start: dict[str, Any] | None = None) -> tuple[int, int] | None:
+        """Ask for a gateway without waiting (``take`` gets it, ``drop`` does not): the
+        caller works while the stem forks it, and may still be importing. ``start``:
+        what its fork server configures with before its set-up comes
+        (``forkserver.main``). None: spawn one."""
         env = _c_environ()
         if any(
             env.get(k) != self.env.get(k)
@@ -145,16 +146,12 @@ class Stem:
             if k.startswith(_START_PREFIXES)
         ):
             return None
-        from execnet import gateway_bootstrap
-        from execnet.xspec import XSpec
-
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         err = os.dup(2)
         try:
             req = json.dumps({"env": env, "cwd": os.getcwd(), "start": start}).encode()
             socket.send_fds(self.sock, [req], [to_r, from_w, err])
-            msg, fds, _, _ = socket.recv_fds(self.sock, 1024, 1)
         except OSError:
             for fd in (to_w, from_r):
                 os.close(fd)
@@ -162,6 +159,31 @@ class Stem:
         finally:
             for fd in (to_r, from_w, err):
                 os.close(fd)
+        return to_w, from_r
+
+    def drop(self, asked: tuple[int, int]) -> None:
+        """A gateway asked for and not taken (the caller was interrupted): end it."""
+        with contextlib.suppress(OSError):
+            _, fds, _, _ = socket.recv_fds(self.sock, 1024, 1)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+        for fd in asked:
+            os.close(fd)
+
+    def take(self, asked: tuple[int, int], group: Any) -> Any:
+        """The gateway ``ask`` asked for, registered in ``group``; None: spawn one."""
+        from execnet import gateway_bootstrap
+        from execnet.xspec import XSpec
+
+        to_w, from_r = asked
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.sock, 1024, 1)
+        except OSError:
+            for fd in (to_w, from_r):
+                os.close(fd)
+            return None
         if not msg or not fds:
             for fd in (to_w, from_r, *fds):
                 os.close(fd)

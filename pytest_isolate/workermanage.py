@@ -124,12 +124,18 @@ class Worker:
         A forked server is given ``start`` at once and configures while this process
         plants the run's tripwires (``Controller.arm``); it gets the rest of its set-up
         when they exist. A spawned one inherits them: they are planted first."""
-        if not self.uml:
-            z = stem.current()
-            gw = z.gateway(self.ctl.group, start) if z is not None else None
+        z = stem.current() if not self.uml else None
+        asked = z.ask(start) if z is not None else None
+        try:
+            self.ctl.arm()  # while the stem forks (or still imports, early in a short run)
+        except BaseException:
+            if z is not None and asked is not None:
+                z.drop(asked)
+            raise
+        if z is not None and asked is not None:
+            gw = z.take(asked, self.ctl.group)
             if gw is not None:
                 return gw
-        self.ctl.arm()
         return self.ctl.group.makegateway(self._gateway_spec(spec))
 
     def _launch(self, spec: IsolationSpec) -> None:

@@ -4,6 +4,8 @@ start differently, the worker is a fresh one."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.plugins.conftest import TIERS, Runner, outcomes
@@ -209,3 +211,55 @@ def test_a_dead_stem_means_fresh_workers(pytester: pytest.Pytester, run: Runner)
     result = run("process", "-s")
     result.stdout.fnmatch_lines(["KILLED THE STEM", "*1 failed, 1 passed*"])
     assert "INTERNALERROR" not in result.stdout.str()
+
+
+ASK_AND_DROP = """
+import os
+import sys
+import time
+
+import pytest  # noqa: F401 - the stem is forked where pytest is imported
+
+from pytest_isolate import stem
+
+
+def children(pid):
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+assert stem.start()
+z = stem.current()
+log = sys.argv[1]
+asked = z.ask({"args": ["--co"], "dir": os.getcwd(), "argv": sys.argv, "sys_path": sys.path, "log": log})
+end = time.monotonic() + 10
+tree = []
+while time.monotonic() < end:  # the gateway, then the server it forks
+    gateways = children(z.pid)
+    tree = gateways + [s for g in gateways for s in children(g)]
+    if len(tree) == 2:
+        break
+    time.sleep(0.01)
+print("ASKED", len(tree), flush=True)
+z.drop(asked)
+end = time.monotonic() + 10
+while time.monotonic() < end and any(os.path.exists(f"/proc/{p}") for p in tree):
+    time.sleep(0.01)
+print("LEFT", [p for p in tree if os.path.exists(f"/proc/{p}")], children(z.pid), flush=True)
+stem.stop()
+"""
+
+
+def test_a_gateway_asked_for_and_dropped_leaves_nothing(pytester: pytest.Pytester) -> None:
+    """The controller asks the stem for a gateway and plants its tripwires while it is
+    forked (``Worker._makegateway``); interrupted in between, it drops the gateway: the
+    gateway and the server it forked end, quietly."""
+    script = pytester.makepyfile(ask_and_drop=ASK_AND_DROP)
+    log = pytester.path / "server.log"
+    result = pytester.run(sys.executable, str(script), str(log), timeout=60)
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["ASKED 2", "LEFT [[][]] []"])
+    assert result.stderr.str().strip() == ""
