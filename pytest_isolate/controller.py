@@ -133,6 +133,8 @@ class Controller:
         self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
+        #: Workers asked to end their sessions before this one ends (``finishing``).
+        self.stopping: list[Worker] = []
         self._switch: Any = None
         self.canaries: Any = None
         self._armed = False
@@ -333,6 +335,18 @@ class Controller:
             except WorkerDied:
                 self.drop(key)
 
+    def finishing(self) -> None:
+        """The session's last test is over: the workers end their sessions (plugins
+        save coverage data, ...) while this one logs it. The session end collects
+        what they leave (``pytest_testnodedown``); a test that still comes gets a new
+        worker."""
+        if self.pending is not None:
+            return
+        for key in list(self.workers):
+            w = self.workers.pop(key)
+            w.stop()
+            self.stopping.append(w)
+
     def drop(self, key: tuple[Any, ...], fast: bool = False, error: str | None = None) -> None:
         w = self.workers.pop(key, None)
         if w is not None:
@@ -349,6 +363,8 @@ class Controller:
         self.pending = None
         for key in list(self.workers):
             self.drop(key, fast)
+        while self.stopping:
+            self.stopping.pop(0).close(fast)
         carry = getattr(self, "carry", None)
         if carry is not None:
             with contextlib.suppress(Exception):

@@ -347,6 +347,8 @@ class IsolatePlugin:
         spec = item.stash.get(SPEC_KEY, None)
         bad = item.stash.get(SPEC_ERROR_KEY, None)
         if (spec is None or not spec.isolated) and bad is None:
+            if nextitem is None and self.ctl is not None:
+                self.ctl.finishing()  # the last test runs in-process
             return None
         ihook = item.ihook
         attempt = 0
@@ -386,6 +388,8 @@ class IsolatePlugin:
             except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
                 done = self.controller().abort(item.nodeid, spec, exc)
             again = bool(done.get("next_attempt"))
+            if nextitem is None and not again:
+                self.controller().finishing()
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
             if nextitem is not None and not contacts and not again and answer.clean(done):

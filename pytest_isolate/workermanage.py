@@ -81,6 +81,8 @@ class Worker:
         self.node: node.SandboxNode | None = None
         #: Why the worker ended, for ``pytest_testnodedown`` (None: stopped by us).
         self.error: str | None = None
+        #: "shutdown" was sent ahead of ``close`` (``stop``).
+        self._stopping = False
         try:
             self._launch(spec)
         except BaseException:
@@ -338,6 +340,13 @@ class Worker:
         """The answer to the last ``run`` sent."""
         return self.receive_link(timeout) if self.link is not None else self.receive(timeout)
 
+    def stop(self) -> None:
+        """Ask the server to end its session now; ``close`` collects what it leaves."""
+        if self._ready and self.ch is not None and not self._stopping:
+            with contextlib.suppress(Exception):
+                self.send({"t": "shutdown"})
+            self._stopping = True
+
     def close(self, fast: bool = False) -> None:
         """Stop the worker and everything below it: politely, or at once (``fast``, on
         Ctrl-C, when a test may still be running and the user is waiting)."""
@@ -357,8 +366,9 @@ class Worker:
                 kill_tree(self.server_pid)
         workeroutput: dict[str, Any] | None = None
         if self.ch is not None:
-            with contextlib.suppress(Exception):
-                self.send({"t": "shutdown"})
+            if not self._stopping:
+                with contextlib.suppress(Exception):
+                    self.send({"t": "shutdown"})
             if not fast and self._ready:
                 workeroutput = self._workeroutput()
         if self.link is not None:

@@ -263,3 +263,61 @@ def test_a_gateway_asked_for_and_dropped_leaves_nothing(pytester: pytest.Pyteste
     assert result.ret == 0, result.stderr.str()
     result.stdout.fnmatch_lines(["ASKED 2", "LEFT [[][]] []"])
     assert result.stderr.str().strip() == ""
+
+
+def test_a_test_after_the_last_one_gets_a_new_worker(pytester: pytest.Pytester, run: Runner) -> None:
+    """The workers end their sessions as soon as the last test (``nextitem`` None) is
+    over (``Controller.finishing``). A runner that says so of every test (here: a
+    conftest's own loop) gets a worker per test, with the outcomes of in-process pytest
+    and the workers' session data in ``pytest_testnodedown`` each time."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        DOWN = []
+
+        def pytest_runtestloop(session):
+            for item in session.items:
+                item.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
+            return True
+
+        @pytest.hookimpl(optionalhook=True)
+        def pytest_testnodedown(node, error):
+            DOWN.append(node.workeroutput.get("tests"))
+
+        def pytest_sessionfinish(session):
+            if hasattr(session.config, "workerinput"):  # a worker's session
+                session.config.workeroutput["tests"] = len(session.items)
+
+        def pytest_unconfigure(config):
+            if not hasattr(config, "workerinput"):
+                print("NODES DOWN", DOWN)
+        """
+    )
+    pytester.makepyfile(
+        test_loop="""
+        import pytest
+
+        def test_a():
+            pass
+
+        def test_b():
+            assert False
+
+        @pytest.mark.skip
+        def test_c():
+            pass
+
+        def test_d():
+            pass
+        """
+    )
+    base = run(None, "-s")
+    assert outcomes(base) == {
+        "test_loop.py::test_a": ["PASSED"], "test_loop.py::test_b": ["FAILED"],
+        "test_loop.py::test_c": ["SKIPPED"], "test_loop.py::test_d": ["PASSED"],
+    }
+    result = run("process", "-s")
+    assert outcomes(result) == outcomes(base)
+    result.stdout.fnmatch_lines(["NODES DOWN [[]4, 4, 4, 4[]]"])
+    assert "INTERNALERROR" not in result.stdout.str()
