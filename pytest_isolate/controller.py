@@ -361,6 +361,14 @@ class Controller:
 
     def _shutdown(self, fast: bool) -> None:
         self.pending = None
+        # First: no test is watched any more, and the tripwires' removal (~2 ms) then
+        # overlaps the workers' ends.
+        if self.canaries is not None:
+            with contextlib.suppress(Exception):
+                self.canaries.close()
+            for key in self.canaries.env:
+                os.environ.pop(key, None)
+            self.canaries = None
         for key in list(self.workers):
             self.drop(key, fast)
         while self.stopping:
@@ -379,12 +387,6 @@ class Controller:
             # not yet recorded in ``_switch``; one still held by a user stays.
             with contextlib.suppress(Exception):
                 sweep_stale_switches(self.switch_id())
-        if self.canaries is not None:
-            with contextlib.suppress(Exception):
-                self.canaries.close()
-            for key in self.canaries.env:
-                os.environ.pop(key, None)
-            self.canaries = None
         sweep(self.run_id, self.rundir, loaded_only=True)
 
 
