@@ -143,19 +143,9 @@ class Ahead:
             self.start_spawner()  # the last one died; no test's fd is open now
         if self.want_zygote and self.waiting is None:
             try:
-                self.make_zygote(after=nodeid)
+                self.make_zygote()
             except SpawnerGone:
                 pass  # made afresh, or the test forks its own, next time
-
-    def _warm(self, nodeid: str) -> None:
-        """Compute what the next test's child would compute and throw away: its
-        ``location`` (a cached property: reportinfo, relative path; ~0.5 ms) is then
-        inherited by the fork. The controller runs items in collection order, so the
-        item after the last one run is the likely next; a miss only costs the same again."""
-        nxt = self.following.get(nodeid)
-        if nxt is not None:
-            with contextlib.suppress(Exception):
-                nxt.location  # noqa: B018 - for the cache
 
     def new_slot(self) -> _Slot:
         """Per-test plumbing: message pipe, stack-dump file, a scratch dir's name.
@@ -169,17 +159,16 @@ class Ahead:
         stack_fd = os.memfd_create("isolate-stack")
         return _Slot(self.seq, self.workdir / f"t{self.seq}", r, w, stack_fd)
 
-    def make_zygote(self, after: str | None = None) -> None:
+    def make_zygote(self) -> None:
         """Pre-fork the next `process`-tier child, while the current test runs: fork and
         the child's set-up leave the per-test critical path. The spawner forks it, so
-        this server's pages stay its own (see ``spawner``). ``after``: the test in
-        progress; the zygote is prepared for the one collected after it."""
+        this server's pages stay its own (see ``spawner``)."""
         slot = self.new_slot()
         go_r, go_w = os.pipe()
         try:
             if self.spawner is None:
                 raise SpawnerGone("no spawner (it died, or no test of this run asked for the process tier)")
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after)
+            self.spawner.spawn(slot.w, slot.stack_fd, go_r)
         except BaseException:
             for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
                 os.close(fd)
@@ -212,7 +201,7 @@ class Ahead:
             (spec := item.stash.get(SPEC_KEY, None)) is not None and spec.tier in SPAWNER_TIERS
             for item in self.items.values()
         ):
-            self.spawner = Spawner(self._zygote, self._warm, self.private_fds)
+            self.spawner = Spawner(self._zygote, self.private_fds)
             self.private_fds.append(self.spawner.sock.fileno())
             self.spawner_wanted = True
 
@@ -320,7 +309,7 @@ class Ahead:
         self.busy = (*busy, go_w)  # go_w: see ForkServer.run_test
         try:
             tier.prepare(box)
-            pid = self._spawned_ahead(tier, box, slot, go_r, after=nodeid)
+            pid = self._spawned_ahead(tier, box, slot, go_r)
             if pid is None:
                 _collect_and_freeze()
                 pid = tier.spawn(box, run)
@@ -338,7 +327,7 @@ class Ahead:
         slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, f"ahead:{nxt.nodeid}", tier, box
         self.waiting = slot
 
-    def _spawned_ahead(self, tier: Tier, box: Box, slot: _Slot, go_r: int, after: str) -> int | None:
+    def _spawned_ahead(self, tier: Tier, box: Box, slot: _Slot, go_r: int) -> int | None:
         """A sandbox built ahead whose child the spawner can fork (`chroot`: the root is
         mounted here, the child only enters it): asked of the spawner, 0 (its pid is
         read when first needed, ``named``). None: fork it here (the tier needs it, or
@@ -348,7 +337,7 @@ class Ahead:
         if where is None or self.spawner is None:
             return None
         try:
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, after, *where)
+            self.spawner.spawn(slot.w, slot.stack_fd, go_r, *where)
         except SpawnerGone:
             self._spawner_gone()
             return None

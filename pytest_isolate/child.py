@@ -404,6 +404,9 @@ def run_items(
         while True:
             item = items[job["nodeid"]]
             session = item.session
+            loc = job.get("location")
+            if loc and "location" not in item.__dict__:  # pytest's cached property: the controller's
+                item.__dict__["location"] = (loc[0], loc[1], loc[2])
             nxt = items.get(job["next"]) if job.get("next") else None
             forwarder.attempts = Reruns.applies(item)
             forwarder.started = None

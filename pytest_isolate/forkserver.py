@@ -266,6 +266,7 @@ class ForkServer:
             "spec": cmd["spec"],
             "next": cmd.get("next") if group else None,
             "attempt": cmd.get("attempt", 0),
+            "location": cmd.get("location"),
         }
         ahead = self.ahead
         waiting = ahead.take(nodeid, spec, group)
@@ -309,7 +310,7 @@ class ForkServer:
                 wire.send(waiting.go, job)
                 if ahead.want_zygote:
                     with contextlib.suppress(SpawnerGone):  # next time: forked here
-                        ahead.make_zygote(after=nodeid)
+                        ahead.make_zygote()
                 if waiting.group.startswith("ahead:"):
                     ahead.build_ahead(nodeid, spec, busy=(r, stack_fd, waiting.go))
             else:

@@ -382,7 +382,7 @@ class IsolatePlugin:
             if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
                 nextid = nextitem.nodeid
             try:
-                done = self.controller().run(item.nodeid, spec, group, nextid, attempt)
+                done = self.controller().run(item.nodeid, spec, group, nextid, attempt, item.location)
             except (KeyboardInterrupt, pytest.exit.Exception):
                 raise
             except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
@@ -414,7 +414,7 @@ class IsolatePlugin:
             return
         if self.availability(spec.tier) or getattr(self.config.option, "dist", None) == "worksteal":
             return
-        self.controller().prefetch(nextitem.nodeid, spec)
+        self.controller().prefetch(nextitem.nodeid, spec, nextitem.location)
 
     def _write_terminal(self, text: str | None) -> None:
         """What the sandbox wrote to its terminal writer (``--setup-show``, live logs, a

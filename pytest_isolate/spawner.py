@@ -44,7 +44,6 @@ class Spawner:
     def __init__(
         self,
         zygote: Callable[[int, int, int, str, str], NoReturn],
-        warm: Callable[[str], None],
         close_in_child: list[int],
     ) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -56,7 +55,7 @@ class Spawner:
                 for fd in close_in_child:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-                _serve(theirs, zygote, warm)
+                _serve(theirs, zygote)
             finally:
                 os._exit(70)
         theirs.close()
@@ -69,15 +68,12 @@ class Spawner:
         self.children: set[int] = set()
         self.named: list[int] = []  # pids the spawner sent, oldest first, not yet taken
 
-    def spawn(
-        self, result_w: int, stack_fd: int, go_r: int, warm: str | None, root: str = "", cwd: str = ""
-    ) -> None:
+    def spawn(self, result_w: int, stack_fd: int, go_r: int, root: str = "", cwd: str = "") -> None:
         """Ask for a new zygote holding these three fds; ``next_pid()`` answers which it is.
         Not waited for here: the fork takes ~1 ms, during which the server may have a
-        test's end to notice. ``warm``: the test in progress; the zygote will most
-        likely run the one after it, whose cached attributes the spawner computes
-        first. ``root``/``cwd``: the root the zygote chroots into (`chroot`), if any."""
-        fields = "\0".join(("z", warm or "", root, cwd))
+        test's end to notice. ``root``/``cwd``: the root the zygote chroots into
+        (`chroot`), if any."""
+        fields = "\0".join(("z", root, cwd))
         try:
             socket.send_fds(self.sock, [fields.encode()], [result_w, stack_fd, go_r])
         except OSError as exc:
@@ -141,9 +137,7 @@ class Spawner:
             os.waitpid(self.pid, 0)
 
 
-def _serve(
-    sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoReturn], warm: Callable[[str], None]
-) -> NoReturn:
+def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoReturn]) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     kids: dict[int, int] = {}  # pidfd -> pid
     while True:
@@ -171,10 +165,7 @@ def _serve(
                     os.waitpid(pid, 0)
                 os.close(fd)
             os._exit(0)
-        _, nodeid, root, cwd = msg.decode().split("\0")
-        if nodeid:
-            with contextlib.suppress(Exception):
-                warm(nodeid)
+        _, root, cwd = msg.decode().split("\0")
         gc.collect()  # what became garbage since the last fork: frozen, it would stay
         gc.freeze()
         pid = os.fork()
