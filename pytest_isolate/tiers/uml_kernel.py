@@ -147,8 +147,15 @@ def boot_probe(kernel: str) -> str | None:
 @functools.lru_cache(maxsize=8)
 def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
     import subprocess
+    from pathlib import Path
+
+    from pytest_isolate.leftovers import _write_owner
 
     with tempfile.TemporaryDirectory(prefix="pytest-isolate-umlprobe-") as tmp:
+        # Owned like a run dir: if this process is killed mid-probe, the next run's
+        # ``sweep_stale`` removes the dir (UML's memory file is in it) and ends the probe
+        # guest, whose working directory it is.
+        _write_owner(Path(tmp))
         init = os.path.join(tmp, "init")
         with open(init, "w") as f:
             f.write(_PROBE_INIT)
@@ -161,7 +168,7 @@ def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
         ]
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "TMPDIR": tmp}, start_new_session=True,
+            env={**os.environ, "TMPDIR": tmp}, start_new_session=True, cwd=tmp,
         )
         try:
             out, _ = proc.communicate(timeout=60)

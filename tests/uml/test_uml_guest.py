@@ -127,6 +127,8 @@ def test_availability_and_kernel() -> None:
 def test_boot_probe_names_a_kernel_that_cannot_run_a_guest(tmp_path: Path) -> None:
     """availability() boots a probe guest: the kernel in use passes; a binary that is no
     UML kernel (exits at once, prints nothing) gets one line naming it and its exit."""
+    probes = Path(tempfile.gettempdir()).glob
+    before = set(probes("pytest-isolate-umlprobe-*"))  # another run's may be under way
     assert uml_kernel.boot_probe(uml_kernel.find_kernel()) is None
     fake = tmp_path / "linux.uml"
     fake.write_text("#!/bin/sh\nexit 3\n")
@@ -134,7 +136,62 @@ def test_boot_probe_names_a_kernel_that_cannot_run_a_guest(tmp_path: Path) -> No
     why = uml_kernel.boot_probe(str(fake))
     assert why is not None and why.startswith(f"uml: kernel {fake} did not boot a test guest (exit 3)"), why
     assert "\n" not in why
-    assert not list(Path(tempfile.gettempdir()).glob("pytest-isolate-umlprobe-*"))  # its dir is gone
+    assert not set(probes("pytest-isolate-umlprobe-*")) - before  # its dirs are gone
+
+
+PROBE = """
+import sys
+
+from pytest_isolate.tiers import uml_kernel
+
+uml_kernel.boot_probe(sys.argv[1])
+"""
+
+
+def test_a_probe_whose_controller_was_killed_is_swept_by_the_next_run(tmp_path: Path) -> None:
+    """The probe's dir (UML's memory file goes there) has an owner record, as a run dir
+    has: when the process probing is SIGKILLed, the next run's ``sweep_stale`` removes the
+    dir and ends the probe guest, which works in it. The guest here is a stand-in that
+    never ends on its own (a kernel that hangs at boot)."""
+    from pytest_isolate.leftovers import sweep_stale
+
+    fake = tmp_path / "linux.uml"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(0o755)
+    before = set(Path(tempfile.gettempdir()).glob("pytest-isolate-umlprobe-*"))
+    prober = subprocess.Popen([sys.executable, "-c", PROBE, str(fake)], env={**os.environ, "PYTHONPATH": PKG_ROOT})
+    guest: int | None = None
+    new: set[Path] = set()
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and guest is None:
+            time.sleep(0.05)
+            new = set(Path(tempfile.gettempdir()).glob("pytest-isolate-umlprobe-*")) - before
+            guests = [int(p) for p in os.listdir("/proc")
+                      if p.isdigit() and int(p) != prober.pid and str(fake) in cmdline(int(p))]
+            if new and guests and (next(iter(new)) / "owner").exists():
+                guest = guests[0]
+        assert guest is not None and new, "the probe did not start its guest"
+        prober.kill()
+        prober.wait()
+        assert os.path.exists(f"/proc/{guest}"), "the guest must outlive the prober for this test"
+        removed = sweep_stale()
+        (probe_dir,) = new
+        assert str(probe_dir) in removed
+        assert not probe_dir.exists()
+        end = time.monotonic() + 10
+        while time.monotonic() < end and os.path.exists(f"/proc/{guest}"):
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{guest}"), "the probe guest outlived the sweep"
+    finally:  # whatever failed above, nothing of it stays
+        prober.kill()
+        prober.wait()
+        for p in os.listdir("/proc"):
+            if p.isdigit() and str(fake) in cmdline(int(p)):
+                with contextlib.suppress(OSError):
+                    os.kill(int(p), signal.SIGKILL)
+        for d in new or ():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_kernel_features_are_read_from_the_binary() -> None:
