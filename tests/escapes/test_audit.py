@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.observe import audit
+from pytest_isolate.observe import audit, hostview
 
 HERE = os.path.basename(__file__)
 
@@ -449,6 +449,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
         sys.addaudithook(lambda *a: None)
         sys.addaudithook = lambda *a: None  # type: ignore[assignment]
         audit.arm = lambda *a: None  # type: ignore[assignment]
+        hostview._has_cap = lambda *a: True  # type: ignore[assignment]  # what the hook asks the host
         os.chroot = lambda *a: None  # type: ignore[assignment]
         # still watching:
         with contextlib.suppress(OSError):
@@ -460,6 +461,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
         "another audit hook was added",
         "replaced sys.addaudithook",
         "replaced pytest_isolate.observe.audit.arm",
+        "replaced pytest_isolate.observe.hostview._has_cap",
         "replaced os.chroot",
     ], msgs
     assert "mount" in techniques(msgs)
