@@ -344,6 +344,23 @@ def _stem(sock: socket.socket, parent: int, comm: bytes) -> None:  # pragma: no 
         import execnet.gateway_base  # noqa: F401
 
         from pytest_isolate import forkserver  # noqa: F401
+    try:
+        _serve(sock, comm)
+    finally:
+        # Released at the session's end (``release``) while gateways still run: they end
+        # with their workers, and are reaped here, not left to init as zombies.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+
+
+def _serve(sock: socket.socket, comm: bytes) -> None:  # pragma: no cover - a child
+    """Fork a gateway per request until the controller hangs up."""
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)

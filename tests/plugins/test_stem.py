@@ -4,6 +4,7 @@ start differently, the worker is a fresh one."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -215,6 +216,7 @@ def test_a_dead_stem_means_fresh_workers(pytester: pytest.Pytester, run: Runner)
 
 ASK_AND_DROP = """
 import os
+import os
 import sys
 import time
 
@@ -321,3 +323,28 @@ def test_a_test_after_the_last_one_gets_a_new_worker(pytester: pytest.Pytester, 
     assert outcomes(result) == outcomes(base)
     result.stdout.fnmatch_lines(["NODES DOWN [[]4, 4, 4, 4[]]"])
     assert "INTERNALERROR" not in result.stdout.str()
+
+
+def _orphaned_workers() -> set[int]:
+    """Stems and gateways of ended runs that init inherited (zombies until it reaps)."""
+    out = set()
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                comm, rest = f.read().rsplit(b")", 1)
+        except (OSError, ValueError):
+            continue
+        if comm.split(b"(", 1)[-1] in (b"isolate-gateway", b"isolate-stem") and rest.split()[1] == b"1":
+            out.add(int(p))
+    return out
+
+
+def test_a_run_leaves_its_gateways_to_nobody(pytester: pytest.Pytester, run: Runner) -> None:
+    """The stem is told to exit when the session ends, before the workers' gateways
+    have: it reaps them before it exits, so none is left for init to reap (a container
+    whose init reaps nothing would keep every run's gateways as zombies)."""
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    before = _orphaned_workers()
+    result = run("process")
+    assert result.ret == 0
+    assert _orphaned_workers() - before == set()
