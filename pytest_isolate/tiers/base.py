@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,18 +139,64 @@ def fork_child(body: Callable[[], NoReturn]) -> int:
 
 
 def describe_procs(pids: Iterable[int]) -> list[dict[str, Any]]:
-    """``{"pid", "cmdline"}`` of each live process, for the report's ``leftovers``
-    (a process already gone, or a kernel thread, has no command line and is left out)."""
+    """``{"pid", "cmdline"}`` of each live process, for the report's ``leftovers`` (a
+    process already gone, or a zombie, is left out).
+
+    A process caught inside ``execve`` has no command line yet: the new image's
+    arguments are set up after its parent may already go on (``subprocess.Popen`` returns
+    once the exec has begun), and on a busy host that takes milliseconds. Skipped, such a
+    process was neither reported nor killed with its test, and was found at the next
+    test's end and blamed on it. Its arguments are waited for (up to 0.2 s), else it is
+    named by its ``comm``."""
     out = []
     for p in pids:
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
+        cmdline = _cmdline(p)
+        if cmdline == "":
+            cmdline = exec_cmdline(p)
         if cmdline:
             out.append({"pid": p, "cmdline": cmdline})
     return out
+
+
+def exec_cmdline(pid: int, wait: float = 0.2) -> str:
+    """The command line of a live process that showed none: one inside ``execve``
+    (see ``describe_procs``), once its arguments are there, else ``[comm]``; "" for a
+    zombie or a process that is gone."""
+    end = time.monotonic() + wait
+    while _state(pid) not in ("Z", "X", ""):
+        cmdline = _cmdline(pid)
+        if cmdline:
+            return cmdline
+        if time.monotonic() >= end:
+            return f"[{_comm(pid)}]"
+        time.sleep(0.002)
+    return ""
+
+
+def _cmdline(pid: int) -> str | None:
+    """``/proc/<pid>/cmdline`` as text; None: gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _state(pid: int) -> str:
+    """The state letter of ``/proc/<pid>/stat`` ("" when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 def children(pid: int) -> list[int]:

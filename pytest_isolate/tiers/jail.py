@@ -48,7 +48,15 @@ from typing import Any, NoReturn
 from pytest_isolate import child, wire
 from pytest_isolate.facets import caps, devices, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
-from pytest_isolate.tiers.base import Box, Tier, WorkerContext, fork_child, kill_tree, rusage_dict
+from pytest_isolate.tiers.base import (
+    Box,
+    Tier,
+    WorkerContext,
+    exec_cmdline,
+    fork_child,
+    kill_tree,
+    rusage_dict,
+)
 from pytest_isolate.tiers.chroot import TMP_DIRS, lower_for, overlay_available
 
 PR_SET_PDEATHSIG = 1
@@ -117,7 +125,9 @@ def list_procs(exclude: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-            cmdline = " ".join(argv) or "[" + st[st.index(b"(") + 1 : st.rindex(b")")].decode(errors="replace") + "]"
+            cmdline = " ".join(argv) or exec_cmdline(int(name))  # none yet: inside execve
+            if not cmdline:
+                continue  # died meanwhile
         except (OSError, ValueError):
             continue
         out.append({"pid": int(name), "cmdline": cmdline[:500]})
