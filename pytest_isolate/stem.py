@@ -452,7 +452,8 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     for fd in (cmd_w, evt_r):
         os.set_inheritable(fd, False)
     # What ``python -c "import sys;exec(eval(sys.stdin.readline()))"`` does for execnet.
-    line = os.fdopen(os.dup(0), "r", closefd=True).readline()
+    with os.fdopen(os.dup(0), "r", closefd=True) as stdin:  # closed: no ResourceWarning
+        line = stdin.readline()
     exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
 
 

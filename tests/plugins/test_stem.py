@@ -348,3 +348,15 @@ def test_a_run_leaves_its_gateways_to_nobody(pytester: pytest.Pytester, run: Run
     result = run("process")
     assert result.ret == 0
     assert _orphaned_workers() - before == set()
+
+
+def test_a_gateway_warns_of_nothing_where_warnings_are_errors(pytester: pytest.Pytester, run: Runner) -> None:
+    """A project that turns warnings into errors (``filterwarnings = error``): the forked
+    gateway, which starts with the controller's filters, must leave no file unclosed
+    (it printed "Exception ignored ... ResourceWarning: unclosed file" on every run)."""
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = run("process")
+    assert result.ret == 0
+    out = result.stdout.str() + result.stderr.str()
+    assert "Exception ignored" not in out and "ResourceWarning" not in out, out
