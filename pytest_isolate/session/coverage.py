@@ -66,6 +66,14 @@ class Collector:
         self.cov = _current()
         self.data: Any = None
         self.arcs: bool | None = None
+        if self.active:
+            # This process measures only what runs in it, the sandboxes the rest: its own
+            # data may hold none of the source ("No data was collected", "Module ... was
+            # previously imported, but not measured"), which says nothing of the run. As
+            # pytest-cov's xdist controller does (``DistMaster.start``).
+            for flag in ("_warn_no_data", "_warn_unimported_source", "_warn_preimported_source"):
+                if hasattr(self.cov, flag):
+                    setattr(self.cov, flag, False)
 
     @property
     def active(self) -> bool:

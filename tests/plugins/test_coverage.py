@@ -112,3 +112,45 @@ def test_same_coverage_in_a_uml_guest(pytester: pytest.Pytester, run: Runner) ->
     assert iso["missing_lines"] == base["missing_lines"] == [6, 10]
     assert iso["summary"] == base["summary"]
     assert "tests per tier: uml 3" in out
+
+
+PREIMPORTED = {
+    # Loaded with -p, before pytest-cov starts coverage (as pytest imports iniconfig).
+    "early.py": """
+        def double(x):
+            return 2 * x
+    """,
+    "tests/test_early.py": """
+        import early
+
+        def test_double():
+            assert early.double(2) == 4
+    """,
+    "pyproject.toml": """
+        [tool.pytest.ini_options]
+        testpaths = ["tests"]
+    """,
+}
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_no_coverage_warnings_of_the_controllers_own(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """Every test runs in a sandbox, so the controller's own coverage measures none of
+    the package it imported before coverage started: coverage.py would warn that it was
+    "previously imported, but not measured" and that no data was collected, where
+    in-process pytest (and pytest-xdist) warn of nothing. The same percentage, no warning."""
+    import textwrap
+
+    for name, text in PREIMPORTED.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+    args = ("-p", "early", "--cov=early", "--cov-report=term", "--cov-report=json:cov.json")
+    base = run(None, *args, plugins=("pytest_cov",))
+    base_total = json.loads((pytester.path / "cov.json").read_text())["totals"]
+    iso = run(tier, *args, plugins=("pytest_cov",))
+    iso_total = json.loads((pytester.path / "cov.json").read_text())["totals"]
+    assert base.ret == iso.ret == 0, iso.stdout.str()
+    assert iso_total == base_total
+    assert "CoverageWarning" not in base.stdout.str() + base.stderr.str()
+    assert "CoverageWarning" not in iso.stdout.str() + iso.stderr.str(), iso.stdout.str() + iso.stderr.str()
