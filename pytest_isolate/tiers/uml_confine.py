@@ -282,6 +282,17 @@ def create_veth(name: str, peer: str) -> None:
 # --------------------------------------------------------------------------- the view
 
 
+class _MountAttr(ctypes.Structure):
+    """``struct mount_attr`` of ``mount_setattr(2)``."""
+
+    _fields_ = [
+        ("set", ctypes.c_uint64),
+        ("clr", ctypes.c_uint64),
+        ("prop", ctypes.c_uint64),
+        ("userns", ctypes.c_uint64),
+    ]
+
+
 def _make_readonly_recursive() -> None:
     """Every mount of this (private) mount namespace read-only.
 
@@ -289,17 +300,9 @@ def _make_readonly_recursive() -> None:
     each mount point, repeating the flags a user namespace may not clear.
     """
 
-    class MountAttr(ctypes.Structure):
-        _fields_ = [
-            ("set", ctypes.c_uint64),
-            ("clr", ctypes.c_uint64),
-            ("prop", ctypes.c_uint64),
-            ("userns", ctypes.c_uint64),
-        ]
-
     # nodev too: a device node anywhere on the host (a chroot's /dev, say) must not
     # be openable through hostfs; our own /dev is mounted afterwards.
-    attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV, 0, 0, 0)
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV, 0, 0, 0)
     r = _libc.syscall(
         SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
     )
@@ -370,14 +373,6 @@ def _bind_writable(path: str, as_uid: int | None) -> str | None:
     st = os.stat(path)
     if as_uid is not None and st.st_uid != as_uid:
 
-        class MountAttr(ctypes.Structure):
-            _fields_ = [
-                ("set", ctypes.c_uint64),
-                ("clr", ctypes.c_uint64),
-                ("prop", ctypes.c_uint64),
-                ("userns", ctypes.c_uint64),
-            ]
-
         try:
             ufd = _idmap_userns(st.st_uid, st.st_gid, as_uid)
             try:
@@ -391,7 +386,7 @@ def _bind_writable(path: str, as_uid: int | None) -> str | None:
                     f"open_tree {path}",
                 )
                 try:
-                    attr = MountAttr(MOUNT_ATTR_IDMAP, MOUNT_ATTR_RDONLY, 0, ufd)
+                    attr = _MountAttr(MOUNT_ATTR_IDMAP, MOUNT_ATTR_RDONLY, 0, ufd)
                     _chk(
                         _libc.syscall(
                             SYS_MOUNT_SETATTR,
