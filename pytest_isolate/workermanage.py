@@ -161,8 +161,7 @@ class Worker:
             "sys_path": _remote_sys_path(),
             "log": str(self.workdir / "server.log"),
         }
-        self.gw = self._makegateway(spec, start)
-        self.ctl.arm()
+        self.gw = self._makegateway(spec, start)  # the tripwires are planted by now
         self.ch = self.gw.remote_exec(remote)
         # The server is this session's worker, as an xdist worker is its controller's:
         # the controller's plugins fill its input (``session/node.py``).
