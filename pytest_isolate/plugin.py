@@ -251,6 +251,7 @@ class IsolatePlugin:
         self.server = is_server(config)
         self.ctl: Any = None
         self._availability: dict[str, str | None] = {}
+        self._last_in_process: str | None = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector):  # type: ignore[no-untyped-def]
@@ -347,8 +348,8 @@ class IsolatePlugin:
         spec = item.stash.get(SPEC_KEY, None)
         bad = item.stash.get(SPEC_ERROR_KEY, None)
         if (spec is None or not spec.isolated) and bad is None:
-            if nextitem is None and self.ctl is not None:
-                self.ctl.finishing()  # the last test runs in-process
+            if nextitem is None:
+                self._last_in_process = item.nodeid  # workers end once it has run
             return None
         ihook = item.ihook
         attempt = 0
@@ -359,6 +360,14 @@ class IsolatePlugin:
             if not again or attempt >= adapters.Reruns.LIMIT:
                 return True
             attempt += 1
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """The session's last test ran in-process: the workers end their sessions now,
+        not while it runs (it may look at them, and it shares the CPU with nobody)."""
+        if nodeid == self._last_in_process and self.ctl is not None:
+            self._last_in_process = None
+            self.ctl.finishing()
 
     def _attempt(
         self, item: pytest.Item, nextitem: pytest.Item | None, spec: IsolationSpec | None, bad: str | None,
