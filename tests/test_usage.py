@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import select
 import signal
 import statistics
@@ -93,11 +95,50 @@ def test_readings_are_documented_for_every_tier():
 # -- 200 MB three ways ----------------------------------------------------------------------
 
 
+#: A small parent for the 200 MiB child: a child's ``ru_maxrss`` starts at its parent's
+#: RSS when it was forked (the kernel keeps the forked copy's high-water mark across
+#: ``execve``, vfork or not), and pytest's own RSS after a few hundred tests (352 MiB in
+#: one CI run) would be what the test reads. It says the child's PID, then its status
+#: and rusage once the child is gone. The child waits for a line on stdin, allocates,
+#: then waits for stdin's end.
+SMALL_PARENT = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+print(pid, flush=True)
+_, status, ru = os.wait4(pid, 0)
+print(json.dumps([status, list(ru)]), flush=True)
+"""
+ALLOC_AFTER_GO = "import sys\nsys.stdin.readline()\nb = b'x' * (200 << 20)\nsys.stdin.read()"
+
+
+def _small_parent() -> tuple[subprocess.Popen, int]:
+    p = subprocess.Popen(
+        [PY, "-c", SMALL_PARENT, ALLOC_AFTER_GO], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    return p, int(_ready(p))
+
+
+def _waited(p: subprocess.Popen) -> tuple[int, resource.struct_rusage]:
+    """The child's wait status and rusage, once stdin's end has let it go."""
+    p.stdin.close()
+    status, ru = json.loads(p.stdout.readline())
+    p.wait(10)
+    p.stdout.close()
+    return status, resource.struct_rusage(ru)
+
+
 def test_rusage_reads_200mb():
-    pid = os.fork()
-    if pid == 0:
-        os.execv(PY, [PY, "-c", "b = b'x' * (200 << 20)"])
-    _, status, ru = os.wait4(pid, 0)
+    p, _ = _small_parent()
+    try:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        status, ru = _waited(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert _near_200(rusage_dict(ru)["max_rss"]), rusage_dict(ru)["max_rss"] / MiB
 
@@ -119,23 +160,20 @@ def test_sampler_reads_200mb():
 def test_all_sources_agree_on_200mb_in_a_real_cgroup():
     """The zone's view: sampler while it runs, rusage and cgroup after; merge picks the cgroup."""
     cg = TestCgroup(cgroup_host.detect(), RUN_ID, "agree", Limits())
+    p = None
     try:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(w)
-            os.dup2(r, 0)
-            cg.attach()
-            os.execv(PY, [PY, "-c", "import sys\nb = b'x' * (200 << 20)\nsys.stdin.read()"])
-        os.close(r)
+        p, pid = _small_parent()
+        cg.attach(pid)
+        p.stdin.write("go\n")
+        p.stdin.flush()
         s = TreeSampler()
         t0 = time.monotonic()
         while time.monotonic() - t0 < 1.5:
             s.sample(pid)
             time.sleep(0.02)
-        os.close(w)
-        _, status, ru = os.wait4(pid, 0)
+        status, ru = _waited(p)
         wall = time.monotonic() - t0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         readings = {
             "rusage": rusage_dict(ru)["max_rss"],
             "sampler": s.result()["peak_memory"],
@@ -148,6 +186,9 @@ def test_all_sources_agree_on_200mb_in_a_real_cgroup():
         assert merged["peak_memory"] == readings["cgroup"]
         assert merged["fds_peak"] >= 3 and merged["oom_kills"] == 0
     finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
         cg.remove()
 
 
