@@ -872,3 +872,35 @@ def test_a_daemon_is_its_own_tests_leftover_under_load(pytester: pytest.Pytester
     for n in range(30):
         rec = recs[f"test_many_daemons.py::test_daemon[{n}]"]
         assert any(tok + "-daemon" in p["cmdline"] for p in rec["leftovers"]), (n, rec["leftovers"])
+
+
+SLOW_EXEC = """
+    import os
+    import sys
+    import time
+
+    def test_daemon():
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(1)  # the test ends before this fork gets to its exec
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "{token}"])
+            os._exit(0)
+        os.wait()
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "zone"])
+def test_a_daemon_caught_before_its_exec_is_placed_where_its_test_began(
+    pytester: pytest.Pytester, h: Any, tier: str
+) -> None:
+    """A daemon still a fork of the test's process when the test ends (a busy host; here
+    a sleep) has the test's command line, which no spawn's matches: its escape is still
+    placed where the test forked (in one CI run the warning had no place at all)."""
+    tok = token()
+    pytester.makepyfile(test_slow=SLOW_EXEC.replace("{token}", tok))
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", "--isolate-on-escape=warn", timeout=60)
+    result.assert_outcomes(passed=1, warnings=1)
+    verdict = "escaped" if tier == "process" else "blocked"
+    result.stdout.fnmatch_lines([f"*IsolationWarning: {tier}: {verdict} escape daemon at test_slow.py:6: pid *"])
+    assert h.wait_gone(tok, timeout=2.0) == []

@@ -556,7 +556,7 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
         if st.spawns < 16:
             st.spawns += 1
             _send(st, {"t": "audit", "technique": "spawn", "detail": " ".join(argv)[:300] or kind,
-                       "where": _where(3)})
+                       "kind": kind, "where": _where(3)})
 
     def on_dlsym(args: tuple[Any, ...]) -> None:
         name = args[1]

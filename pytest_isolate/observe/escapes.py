@@ -147,9 +147,16 @@ def verdicts(
         where = None
         for s in spawns:
             d = str(s.get("detail", ""))
+            if s.get("kind") == "fork":
+                continue  # no command to match ("fork" was found in a path)
             if d and (d in cmdline or cmdline.startswith(d.split(" ")[0])):
                 where = s.get("where")
                 break
+        else:
+            # None ran it: a fork not yet through its exec (its command line is still the
+            # test's own), caught by a busy host's scheduler; it began where the test
+            # first forked or spawned.
+            where = spawns[0].get("where") if spawns else None
         escaped = tier in ("process", "chroot")
         how = "outlived its test; killed by the fork server" if escaped else "killed with the sandbox's PID namespace"
         recs.append(_record("daemon", "escaped" if escaped else "blocked",

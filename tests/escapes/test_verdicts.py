@@ -66,6 +66,21 @@ def test_daemons(tier: str, verdict: str) -> None:
     assert "pid 42" in r["evidence"]
 
 
+def test_a_daemon_caught_before_its_exec_is_placed_where_the_test_forked() -> None:
+    """A busy host can end a test while its daemon is still a fork of the test's process
+    (not yet through ``execve``): no spawn's command matches it, and it began at the
+    test's first fork."""
+    msgs = [audit("spawn", "fork", where="t.py:4", kind="fork"), audit("spawn", "fork", where="t.py:6", kind="fork"),
+            audit("spawn", "sleep 60", where="t.py:7", kind="exec")]
+    (r,) = verdicts("zone", msgs, [], [{"pid": 3, "cmdline": "python -m pytest -q"}], [])
+    assert (r["technique"], r["where"]) == ("daemon", "t.py:4")
+    # A fork's "detail" is the word "fork": a path that holds it is no match.
+    left = [{"pid": 3, "cmdline": "python -m pytest --basetemp=/tmp/test_fork0"}]
+    assert verdicts("zone", [msgs[2], msgs[1]], [], left, [])[0]["where"] == "t.py:7"
+    (r,) = verdicts("zone", [], [], [{"pid": 3, "cmdline": "python -m pytest -q"}], [])
+    assert r["where"] is None  # no spawn seen: nowhere to point
+
+
 def test_contacts_are_escapes_and_merge_with_audit() -> None:
     contacts = [{"technique": "signal", "evidence": "SIGUSR1 to the host canary", "layer": "canary"}]
     msgs = [audit("signal", "kill(7, 10)", host=False)]
