@@ -9,6 +9,7 @@ into pytest's hooks.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from typing import Any
 
@@ -290,13 +291,45 @@ class IsolatePlugin:
             spec = resolve([{}, cli, ini])
         except SpecError:
             return  # said per test, at collection
+        if spec.tier == "uml":
+            from pytest_isolate import tiers
+
+            tiers.start_uml_probe(cfg)  # boots while this process collects
+            return
         if spec.tier not in HOST_TIERS or self.availability(spec.tier):
             return
-        # The gateway (so the server, so each test's uncaptured output) inherits this
-        # process's stderr as it is now: the terminal, never a capture file.
-        capman = cfg.pluginmanager.get_plugin("capturemanager")
-        disabled = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
-        with disabled, contextlib.suppress(Exception):  # if it cannot start, the first test says why
+        with self._uncaptured(), contextlib.suppress(Exception):  # if it cannot start, the first test says why
+            self.controller().launch(spec)
+
+    def _uncaptured(self) -> contextlib.AbstractContextManager[Any]:
+        """The gateway (so the server, so each test's uncaptured output) inherits this
+        process's stderr as it is while a worker starts: the terminal, never a capture file."""
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> None:
+        """When the first test is a uml test, its guest starts booting now, beside the
+        probe guest that the tier's availability waits for (``tiers.start_uml_probe``),
+        not after it: ~1 s less before the first result. Should the probe then find the
+        kernel unusable, the test says so as before (this guest did not boot either)."""
+        cfg = self.config
+        if self.server or not session.items or cfg.option.collectonly or cfg.pluginmanager.has_plugin("dsession"):
+            return
+        if session.testsfailed and not cfg.option.continue_on_collection_errors:
+            return  # pytest stops before the first test
+        item = session.items[0]
+        spec = item.stash.get(SPEC_KEY, None)
+        if spec is None or not spec.isolated or spec.tier != "uml" or item.stash.get(SPEC_ERROR_KEY, None) is not None:
+            return
+        if "uml" in self._availability:
+            return  # known already: the first test starts its guest as any would
+        from pytest_isolate import tiers
+
+        tiers.start_uml_probe(cfg)
+        if tiers.availability("uml", cfg, quick=True):
+            return
+        with self._uncaptured(), contextlib.suppress(Exception):
             self.controller().launch(spec)
 
     @pytest.hookimpl(trylast=True)
@@ -456,6 +489,8 @@ class IsolatePlugin:
             with contextlib.suppress(Exception):
                 self.ctl.shutdown(fast=True)
             self.ctl = None
+        if "pytest_isolate.tiers.uml_kernel" in sys.modules:
+            sys.modules["pytest_isolate.tiers.uml_kernel"].stop_probes()
 
 
 def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:

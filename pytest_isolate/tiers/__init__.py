@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 
-def availability(tier: str, config: pytest.Config | None = None) -> str | None:
+def availability(tier: str, config: pytest.Config | None = None, quick: bool = False) -> str | None:
     """None when ``tier`` can run here, else one line: what is missing and how to fix it.
 
     Imports the tier lazily so a host without, say, a UML kernel never loads that code.
+    ``quick``: leave out what takes time (uml: the probe guest's boot, ~1 s).
     """
     from pytest_isolate.tiers.base import Unavailable
 
@@ -24,10 +25,7 @@ def availability(tier: str, config: pytest.Config | None = None) -> str | None:
         elif tier == "uml":
             from pytest_isolate.tiers import uml_kernel
 
-            kernel = None
-            if config is not None:
-                kernel = config.getoption("isolate_uml_kernel", None) or config.getini("isolate_uml_kernel") or None
-            return uml_kernel.availability(uml_kernel.find_kernel(kernel))
+            return uml_kernel.availability(uml_kernel.find_kernel(_uml_kernel(config)), boot=not quick)
         else:
             return f"unknown tier {tier!r}"
         return cls.availability()
@@ -35,3 +33,21 @@ def availability(tier: str, config: pytest.Config | None = None) -> str | None:
         return f"{tier}: {exc}" if not str(exc).startswith(tier) else str(exc)
     except ImportError as exc:
         return f"{tier}: not available in this installation ({exc})"
+
+
+def start_uml_probe(config: pytest.Config | None) -> None:
+    """Begin the probe guest's boot that ``availability("uml")`` waits for, on a thread
+    (``uml_kernel.start_probe``); nothing when no kernel is found (availability says so)."""
+    from pytest_isolate.tiers import uml_kernel
+    from pytest_isolate.tiers.base import Unavailable
+
+    try:
+        uml_kernel.start_probe(uml_kernel.find_kernel(_uml_kernel(config)))
+    except (Unavailable, OSError):
+        pass
+
+
+def _uml_kernel(config: pytest.Config | None) -> str | None:
+    if config is None:
+        return None
+    return config.getoption("isolate_uml_kernel", None) or config.getini("isolate_uml_kernel") or None

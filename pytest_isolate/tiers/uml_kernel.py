@@ -11,12 +11,16 @@ all on the host; each answer is cached per kernel binary.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
+from typing import Any
 
 from pytest_isolate.facets import caps
 from pytest_isolate.facets.namespaces import in_initial_userns
@@ -138,19 +142,71 @@ def boot_probe(kernel: str) -> str | None:
     Why a boot and not only the config: Debian 12's and 13's UML kernels (6.1, 6.12)
     panic at their first user-space instruction on CPUs whose XSAVE area (AVX-512,
     AMX) is larger than they handle, and nothing short of running one shows it.
-    ~1 s, once per kernel per run.
+    ~1 s, once per kernel per run; a probe ``start_probe`` began is waited for.
     """
+    key, fut, mine = _probe_future(kernel)
+    if mine:
+        _run_probe(fut, key)
+    return fut.result()
+
+
+def start_probe(kernel: str) -> None:
+    """Boot the probe guest on a thread of its own: the run's first guest boots beside
+    it (~1 s of the wait before the first uml result), and ``boot_probe`` then only
+    waits for what is left of it. ``stop_probes`` ends one still running."""
+    key, fut, mine = _probe_future(kernel)
+    if mine:
+        threading.Thread(target=_run_probe, args=(fut, key), name="isolate-uml-probe", daemon=True).start()
+
+
+def stop_probes() -> None:
+    """At the run's end (an interrupted run's too): a probe guest still booting is
+    ended, and its dir removed, before the interpreter exits under its thread."""
+    with _probe_lock:
+        stopped = dict(_probe_procs)
+    for proc in stopped:
+        with contextlib.suppress(OSError):
+            proc.terminate()  # SIGTERM: UML shuts down with its helpers
+    for key in stopped.values():
+        with contextlib.suppress(Exception):
+            _probes[key].result(timeout=15)
+        with _probe_lock:
+            _probes.pop(key, None)  # cut short: it says nothing of the kernel
+
+
+#: (kernel, mtime, size) -> the probe's answer, once it has one; one probe per binary.
+_probes: dict[tuple[str, int, int], concurrent.futures.Future[str | None]] = {}
+#: A probe guest still running -> its key.
+_probe_procs: dict[Any, tuple[str, int, int]] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe_future(kernel: str) -> tuple[tuple[str, int, int], concurrent.futures.Future[str | None], bool]:
+    """The probe's key and future for this binary, and whether the caller must run it."""
     st = os.stat(kernel)
-    return _boot_probe_cached(kernel, st.st_mtime_ns, st.st_size)
+    key = (kernel, st.st_mtime_ns, st.st_size)
+    with _probe_lock:
+        fut = _probes.get(key)
+        if fut is not None:
+            return key, fut, False
+        fut = _probes[key] = concurrent.futures.Future()
+        return key, fut, True
 
 
-@functools.lru_cache(maxsize=8)
-def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
+def _run_probe(fut: concurrent.futures.Future[str | None], key: tuple[str, int, int]) -> None:
+    try:
+        fut.set_result(_boot_probe(key))
+    except BaseException as exc:  # noqa: BLE001 - the waiter raises it
+        fut.set_exception(exc)
+
+
+def _boot_probe(key: tuple[str, int, int]) -> str | None:
     import subprocess
     from pathlib import Path
 
     from pytest_isolate.leftovers import _write_owner
 
+    kernel = key[0]
     with tempfile.TemporaryDirectory(prefix="pytest-isolate-umlprobe-") as tmp:
         # Owned like a run dir: if this process is killed mid-probe, the next run's
         # ``sweep_stale`` removes the dir (UML's memory file is in it) and ends the probe
@@ -170,15 +226,21 @@ def _boot_probe_cached(kernel: str, _mtime: int, _size: int) -> str | None:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**os.environ, "TMPDIR": tmp}, start_new_session=True, cwd=tmp,
         )
+        with _probe_lock:
+            _probe_procs[proc] = key
         try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.terminate()  # SIGTERM: UML shuts down with its helpers (SIGKILL leaks them)
             try:
-                out, _ = proc.communicate(timeout=10)
+                out, _ = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
+                proc.terminate()  # SIGTERM: UML shuts down with its helpers (SIGKILL leaks them)
+                try:
+                    out, _ = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    out, _ = proc.communicate()
+        finally:
+            with _probe_lock:
+                _probe_procs.pop(proc, None)
     text = out.decode(errors="replace")
     if "isolate-probe-ok" in text:
         return None
@@ -305,11 +367,12 @@ def choose_channel(kernel: str, requested: str | None = None) -> str:
     )
 
 
-def availability(kernel: str | None = None) -> str | None:
+def availability(kernel: str | None = None, boot: bool = True) -> str | None:
     """None when a guest can boot here, else one line: what is missing and how to fix it.
 
-    Cheap probes only (no boot): the kernel, its hostfs/tuntap support, a channel
-    (``choose_channel``), namespaces, and a tmpfs-capable TMPDIR is not needed (the
+    The kernel, its hostfs/tuntap support, a probe guest's boot (``boot_probe``; left
+    out with ``boot=False``, the checks that cost nothing), a channel
+    (``choose_channel``), namespaces; a tmpfs-capable TMPDIR is not needed (the
     launcher mounts its own).
     """
     try:
@@ -328,7 +391,7 @@ def availability(kernel: str | None = None) -> str | None:
                 f"uml: kernel {k} lacks CONFIG_UML_NET_TUNTAP and CONFIG_UML_NET_VECTOR (a tap "
                 "transport, the gateway's channel); use a kernel built with one (--isolate-uml-kernel)"
             )
-    why = boot_probe(k)
+    why = boot_probe(k) if boot else None
     if why:
         return why
     try:

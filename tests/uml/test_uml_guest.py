@@ -194,6 +194,61 @@ def test_a_probe_whose_controller_was_killed_is_swept_by_the_next_run(tmp_path: 
             shutil.rmtree(d, ignore_errors=True)
 
 
+INTERRUPTED = """
+import pytest
+
+@pytest.mark.isolate("uml")
+def test_in_uml():
+    pass
+"""
+
+
+def test_ctrl_c_while_the_probe_boots_leaves_no_guest(tmp_path: Path) -> None:
+    """The probe guest boots on a thread beside the run's first guest (it starts with
+    the session); Ctrl-C while it boots ends it and removes its dir. Before, the probe
+    ran in the main thread, and a KeyboardInterrupt left its guest (a session of its
+    own, which Ctrl-C does not reach) running. The kernel is a stand-in that hangs."""
+    fake = tmp_path / "linux.uml"
+    fake.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(120)\n")
+    fake.chmod(0o755)
+    (tmp_path / "test_interrupted.py").write_text(INTERRUPTED)
+
+    def fakes() -> list[int]:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and str(fake) in cmdline(int(p))]
+
+    probes = Path(tempfile.gettempdir()).glob
+    before = set(probes("pytest-isolate-umlprobe-*"))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--isolate=uml",
+         f"--isolate-uml-kernel={fake}", "test_interrupted.py"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not (set(probes("pytest-isolate-umlprobe-*")) - before and fakes()):
+            time.sleep(0.05)
+        assert fakes(), "the probe did not start its guest"
+        time.sleep(0.5)
+        run.send_signal(signal.SIGINT)
+        out, _ = run.communicate(timeout=30)
+        assert run.returncode == pytest.ExitCode.INTERRUPTED, out
+        assert "KeyboardInterrupt" in out
+        end = time.monotonic() + 5
+        while time.monotonic() < end and fakes():
+            time.sleep(0.05)
+        assert fakes() == [], "a guest outlived the interrupted run"
+        assert not set(probes("pytest-isolate-umlprobe-*")) - before
+    finally:  # whatever failed above, nothing of it stays
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for pid in fakes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for d in set(probes("pytest-isolate-umlprobe-*")) - before:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def test_kernel_features_are_read_from_the_binary() -> None:
     """The NIC driver and seccomp mode the tier picks are what the kernel offers."""
     kernel = uml_kernel.find_kernel()
