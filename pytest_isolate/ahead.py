@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from pytest_isolate import frozen
 from pytest_isolate.child import Forwarder, run_items
 from pytest_isolate.outcome import CGROUP_TIERS
 from pytest_isolate.spawner import Spawner, SpawnerGone
@@ -72,7 +73,7 @@ def _collect_and_freeze() -> None:
     frozen already, so the collection walks only what was made since the last freeze.
     """
     gc.collect()
-    gc.freeze()
+    frozen.freeze()
 
 
 class Ahead:

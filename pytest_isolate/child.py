@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pytest_isolate import wire
+from pytest_isolate import frozen, wire
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import audit
 from pytest_isolate.session.adapters import NextAttempt, Reruns
@@ -382,6 +382,10 @@ def run_items(
         wire.guard(result_fd)
         wire.send(result_fd, {"t": "channel", "fd": result_fd})
         _set_comm(RUNNER_COMM)
+        # The server's frozen heap is the test's as it would be in-process: its
+        # gc.collect() frees cycles through what existed before the fork (anyio's
+        # "does not leak the event loop" test), at the cost of walking it then.
+        frozen.thaw()
         factory = getattr(config, "_tmp_path_factory", None)  # none under -p no:tmpdir
         basetemp = str(factory.getbasetemp() if factory is not None else config.option.basetemp)
         # A pre-forked child arms the audit layer while it waits, deaf until its job has

@@ -13,7 +13,6 @@ controllers ``facets/switch.py``; the sweep of this run's and dead runs' host ob
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import secrets
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import execnet
 import pytest
 
+from pytest_isolate import frozen
 from pytest_isolate.facets.switch import SharedSwitch, sweep_stale_switches
 from pytest_isolate.leftovers import _write_owner, sweep, sweep_stale
 from pytest_isolate.session.carry import Carry
@@ -128,7 +128,7 @@ class Controller:
         # Made at the first isolated test, after collection: what exists now lives until
         # the session ends, and every full collection would walk it again (a tenth of
         # this process's time per isolated test, where each result is a few dicts).
-        gc.freeze()
+        frozen.freeze()
         self.run_id = secrets.token_hex(4)
         self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
         self.group = execnet.Group()
@@ -235,7 +235,7 @@ class Controller:
 
     def collected(self, needs_switch: bool) -> None:
         """Collection is over: what the first test needs that was not known at launch."""
-        gc.freeze()  # see __init__: the collected items are here to stay now
+        frozen.freeze()  # see __init__: the collected items are here to stay now
         if self.canaries is not None:
             self.canaries.contacts()  # the controller's own collection is nobody's escape
         if needs_switch and not self.needs_switch:

@@ -30,6 +30,8 @@ import socket
 from collections.abc import Callable
 from typing import NoReturn
 
+from pytest_isolate import frozen
+
 #: Fields of ``resource.struct_rusage``, in order: statuses cross the socket as text.
 _RUSAGE_FIELDS = 16
 
@@ -47,7 +49,7 @@ class Spawner:
         close_in_child: list[int],
     ) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        gc.freeze()
+        frozen.freeze()
         pid = os.fork()
         if pid == 0:
             try:
@@ -167,7 +169,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoRe
             os._exit(0)
         _, root, cwd = msg.decode().split("\0")
         gc.collect()  # what became garbage since the last fork: frozen, it would stay
-        gc.freeze()
+        frozen.freeze()
         pid = os.fork()
         if pid == 0:
             sock.close()
