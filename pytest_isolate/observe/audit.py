@@ -236,6 +236,17 @@ def _fspath(p: Any) -> str | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    """Is there a process ``pid`` here (a zombie counts: it still takes a signal)?"""
+    try:
+        _os.stat(f"/proc/{pid}")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _ppid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -458,6 +469,8 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
             detail = f"kill(-1, {sig}): every process it may signal"
         elif pid == 0 or (pid < 0 and (-pid == _os.getpgrp() or own(-pid))) or (pid > 0 and own(pid)):
             return
+        elif pid > 0 and not _alive(pid):
+            return  # ESRCH: reaches nothing (a pool killing a worker that was reaped already)
         else:
             detail = f"kill({pid}, {sig})"
         report("signal", detail, host=shares("pid"))
