@@ -43,6 +43,7 @@ from pytest_isolate.tiers.base import (
     descendants,
     describe_procs,
     kill_tree,
+    still_running,
 )
 
 #: Seconds a timed-out test is given to dump its stack before its tree is killed.
@@ -545,7 +546,7 @@ class ForkServer:
         return found
 
     def _kill(self, pids: list[int]) -> list[dict[str, Any]]:
-        found = describe_procs(pids)
+        found = describe_procs(still_running(pids))
         for p in found:
             kill_tree(p["pid"])
         for p in found:

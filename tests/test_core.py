@@ -904,3 +904,25 @@ def test_a_daemon_caught_before_its_exec_is_placed_where_its_test_began(
     verdict = "escaped" if tier == "process" else "blocked"
     result.stdout.fnmatch_lines([f"*IsolationWarning: {tier}: {verdict} escape daemon at test_slow.py:6: pid *"])
     assert h.wait_gone(tok, timeout=2.0) == []
+
+
+EXITING = """
+    import subprocess
+    import sys
+
+    def test_leaves_a_process_on_its_way_out():
+        # As execnet's gw.exit(): the process is told to go, and not waited for.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.03)", "{token}"])
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_a_process_that_ends_just_after_its_test_is_no_daemon(pytester: pytest.Pytester, h: Any, tier: str) -> None:
+    """Killed and reported at once, a process already on its way out was a daemon escape
+    (20 of execnet's passing tests failed at ``process``); it is given a moment first."""
+    tok = token()
+    pytester.makepyfile(test_exiting=EXITING.replace("{token}", tok))
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", "--isolate-on-escape=fail", timeout=60)
+    result.assert_outcomes(passed=1)
+    assert "escape daemon" not in result.stdout.str() and "isolation escapes" not in result.stdout.str()
+    assert h.wait_gone(tok, timeout=2.0) == []

@@ -34,6 +34,7 @@ from pytest_isolate.observe.hostview import (  # bound here: the hook's globals 
     CAP_SYS_ADMIN,
     HOST_NS,
     HOST_ROOT,
+    IN_GUEST,
     _ctty,
     _has_cap,
     _host_services,
@@ -469,8 +470,11 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
             detail = f"kill(-1, {sig}): every process it may signal"
         elif pid == 0 or (pid < 0 and (-pid == _os.getpgrp() or own(-pid))) or (pid > 0 and own(pid)):
             return
-        elif pid > 0 and not _alive(pid):
-            return  # ESRCH: reaches nothing (a pool killing a worker that was reaped already)
+        elif pid > 0 and not IN_GUEST and shares("pid") and not _alive(pid):
+            # ESRCH on the host's own PID namespace: it reaches nothing (a pool killing a
+            # worker it reaped already). In a namespace of its own a missing pid may be
+            # a host process the namespace hid: that attempt is still reported, blocked.
+            return
         else:
             detail = f"kill({pid}, {sig})"
         report("signal", detail, host=shares("pid"))

@@ -45,6 +45,17 @@ def _ns_ids(kinds: Iterable[str] = ("mnt", "net", "pid", "ipc", "uts", "user", "
 
 HOST_ROOT = _root_id()
 HOST_NS = _ns_ids()
+#: Imported in a UML guest (``tiers/uml.py``'s ``GUEST_INFO``): its "host" namespaces
+#: are the guest kernel's, and the real host's processes are not in them.
+def _in_guest() -> bool:
+    try:
+        _os.stat("/run/isolate/guest.json")
+    except OSError:
+        return False
+    return True
+
+
+IN_GUEST = _in_guest()
 
 
 _PROBED_CHR = {(1, 1), (1, 2), (1, 4)}  # /dev/mem, /dev/kmem, /dev/port

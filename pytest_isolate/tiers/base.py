@@ -138,6 +138,27 @@ def fork_child(body: Callable[[], NoReturn]) -> int:
     return pid
 
 
+#: How long processes a test left are given to finish exiting on their own.
+EXIT_GRACE = 0.2
+
+
+def still_running(pids: Iterable[int], grace: float = EXIT_GRACE) -> list[int]:
+    """Those of ``pids`` still running after up to ``grace`` seconds.
+
+    A test may end with a process on its way out: execnet's ``gw.exit()`` sends its
+    gateway the word and returns, and the gateway is gone ~20 ms later. In-process that
+    is nothing; killed and reported at once, it was a daemon escape that failed 20 of
+    execnet's passing tests. A process that is still there after the grace (a daemon)
+    costs its test the wait."""
+    pids = list(pids)
+    end = time.monotonic() + grace
+    while True:
+        live = [p for p in pids if _state(p) not in ("Z", "X", "")]
+        if not live or time.monotonic() >= end:
+            return live
+        time.sleep(0.002)
+
+
 def describe_procs(pids: Iterable[int]) -> list[dict[str, Any]]:
     """``{"pid", "cmdline"}`` of each live process, for the report's ``leftovers`` (a
     process already gone, or a zombie, is left out).

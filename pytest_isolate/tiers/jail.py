@@ -56,6 +56,7 @@ from pytest_isolate.tiers.base import (
     fork_child,
     kill_tree,
     rusage_dict,
+    still_running,
 )
 from pytest_isolate.tiers.chroot import TMP_DIRS, lower_for, overlay_available
 
@@ -448,6 +449,8 @@ def _finish_namespace(box: Box, runner: int, status: int, ru: resource.struct_ru
     After a runner that ``ended`` (still exiting, see ``_wait_runner``) and left nothing,
     nothing is waited for: the scan of the root may start at once. Anything it left
     might still be the runner's child, so then everything is reaped first."""
+    # What is on its way out is given a moment first (``still_running``).
+    still_running(int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) not in (1, runner))
     try:
         os.kill(-1, signal.SIGSTOP)  # from PID 1: every other process of the namespace
     except ProcessLookupError:
