@@ -114,6 +114,51 @@ PROJECTS: tuple[Project, ...] = (
         env=(("WCWIDTH_PYTHON", "1"),),
     ),
     Project("cachetools", "8.0.2", (), "no pytest config at all: defaults"),
+    Project("h11", "0.16.0", (), "no pytest config; tests inside the package; a local HTTP server thread"),
+    Project(
+        "zipp", "4.1.2",
+        ("jaraco.itertools", "jaraco.functools", "more_itertools", "big-O", "pytest-ignore-flaky", "jaraco.test"),
+        "--doctest-modules, --import-mode importlib, consider_namespace_packages, filterwarnings (jaraco skeleton)",
+    ),
+    Project("six", "1.17.0", (), "one test module at the top level (test_six.py), moves/tkinter"),
+    Project(
+        "execnet", "2.1.2", ("pytest-timeout",),
+        "spawns popen gateways (subprocesses over pipes), threads, pytest-timeout (timeout=20)",
+        env=(("PYTHONWARNDEFAULTENCODING", "1"),),
+    ),
+    Project(
+        "anyio", "4.16.0",
+        ("trio", "blockbuster", "hypothesis", "psutil", "pytest-mock", "pytest-timeout", "trustme", "truststore",
+         "uvloop"),
+        "its own pytest plugin (-p anyio, anyio_mode=auto), asyncio/uvloop/trio backends, local sockets and "
+        "subprocesses, process pools, gc.get_referrers, --strict-config/markers, xfail_strict, "
+        "filterwarnings=error, pytest-timeout; -m 'not network' (Internet)",
+        ("-m", "not network"),
+    ),
+    Project(
+        "pyparsing", "3.3.3", ("railroad-diagrams", "jinja2", "matplotlib"),
+        "unittest classes, diagrams (jinja2, railroad), matplotlib cases; tox's paths",
+        ("tests", "examples/tiny/tests"),
+    ),
+    Project(
+        "humanize", "4.17.0", ("freezegun", "pytest-benchmark", "pytest-codspeed", "pytest-cov"),
+        "--doctest-modules over src and tests, filterwarnings=error, freezegun, gettext locales, "
+        "pytest-benchmark and pytest-codspeed installed",
+    ),
+    Project(
+        "tabulate", "0.10.0", (),
+        "tox's default env: --doctest-modules, --ignore benchmark; numpy/pandas tests skip",
+        ("--doctest-modules", "--ignore", "benchmark"),
+    ),
+    Project(
+        "soupsieve", "4.1.4", ("beautifulsoup4", "lxml", "html5lib"),
+        "~1,000 selector tests over three HTML parsers, threads",
+    ),
+    Project(
+        "decorator", "5.3.2", (),
+        "unittest + doctest in tests/test.py (not a test_*.py name: given as an argument)",
+        ("tests/test.py",),
+    ),
 )
 
 RECORDER = '''\
@@ -128,14 +173,17 @@ import os
 
 import pytest
 
-_path = os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % os.getpid())
 _fh = None
+_pid = None
 
 
 def _emit(rec):
-    global _fh
-    if _fh is None:
-        _fh = open(_path, "a", encoding="utf-8")
+    # The pid when the record is written, not when this module was imported: a worker
+    # forked from the controller (the plugin's stem) inherits the module as it was.
+    global _fh, _pid
+    if _fh is None or _pid != os.getpid():
+        _pid = os.getpid()
+        _fh = open(os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % _pid), "a", encoding="utf-8")
     _fh.write(json.dumps(rec) + "\\n")
     _fh.flush()
 
@@ -646,6 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     tiers = [t for t in ns.tiers.split(",") if t]
 
     work = ns.workdir or Path(tempfile.mkdtemp(prefix="isolate-fidelity-"))
+    configs = ("pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
+    above = [d / c for d in work.resolve().parents for c in configs if (d / c).is_file()]
+    if above:
+        # pytest looks up from a project without a config of its own and takes the first
+        # it finds as its rootdir and inifile: the runs would measure another config.
+        ap.error(f"--workdir {work}: {above[0]} is above it; pick a directory outside any project")
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     t_all = time.monotonic()
