@@ -12,6 +12,7 @@ built ahead) comes from ``ahead.py``.
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
 import select
 import shutil
@@ -149,6 +150,13 @@ class ForkServer:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
         self.ahead.collected(self.items, session.items)
+        # The collected files' sources, read once here, before any child is forked:
+        # in-process, a test's module is in linecache from the moment pytest computes the
+        # test's location; a child that cannot open a file any more (a test that lowered
+        # RLIMIT_NOFILE, or used up its descriptors) showed "???" instead of its code.
+        for path in dict.fromkeys(str(getattr(item, "path", "")) for item in session.items):
+            with contextlib.suppress(Exception):
+                linecache.getlines(path)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:

@@ -926,3 +926,36 @@ def test_a_process_that_ends_just_after_its_test_is_no_daemon(pytester: pytest.P
     result.assert_outcomes(passed=1)
     assert "escape daemon" not in result.stdout.str() and "isolation escapes" not in result.stdout.str()
     assert h.wait_gone(tok, timeout=2.0) == []
+
+
+NO_FDS = """
+    import os
+    import resource
+
+
+    def test_fails_first():
+        assert 0, "first"
+
+
+    def test_fails_with_no_descriptor_left():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+        while True:
+            try:
+                os.dup(0)
+            except OSError:
+                break
+        assert 0, "no-fds"
+"""
+
+
+@pytest.mark.parametrize("tier", ["none", "process", "chroot"])
+def test_a_traceback_shows_the_source_when_no_descriptor_is_left(pytester: pytest.Pytester, tier: str) -> None:
+    """In-process, a module's source is in linecache once one of its failures was shown;
+    a sandbox's child was fresh and had to open the file to show it, which a test that
+    used up its descriptors prevented: "???" instead of the code (a CI run of
+    tests/test_faults.py). The server reads the collected files before any fork."""
+    pytester.makepyfile(test_no_fds=NO_FDS)
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", "--isolate-on-escape=warn", "-p", "no:randomly")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*def test_fails_with_no_descriptor_left():*", "E       AssertionError: no-fds"])
+    assert "???" not in result.stdout.str()
