@@ -175,6 +175,9 @@ import pytest
 
 _fh = None
 _pid = None
+#: A forked process's inherited handle, kept referenced: collected, it would warn
+#: ("unclosed file"), an error under a suite's filterwarnings=error.
+_inherited = []
 
 
 def _emit(rec):
@@ -182,6 +185,8 @@ def _emit(rec):
     # forked from the controller (the plugin's stem) inherits the module as it was.
     global _fh, _pid
     if _fh is None or _pid != os.getpid():
+        if _fh is not None:
+            _inherited.append(_fh)
         _pid = os.getpid()
         _fh = open(os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % _pid), "a", encoding="utf-8")
     _fh.write(json.dumps(rec) + "\\n")
