@@ -45,9 +45,11 @@ def _ns_ids(kinds: Iterable[str] = ("mnt", "net", "pid", "ipc", "uts", "user", "
 
 HOST_ROOT = _root_id()
 HOST_NS = _ns_ids()
-#: Imported in a UML guest (``tiers/uml.py``'s ``GUEST_INFO``): its "host" namespaces
-#: are the guest kernel's, and the real host's processes are not in them.
+
+
 def _in_guest() -> bool:
+    """``tiers/uml.py``'s ``GUEST_INFO`` exists: not imported from there, which would
+    load the uml tier into every host server for one path."""
     try:
         _os.stat("/run/isolate/guest.json")
     except OSError:
@@ -55,6 +57,8 @@ def _in_guest() -> bool:
     return True
 
 
+#: Imported in a UML guest: its "host" namespaces are the guest kernel's, and the real
+#: host's processes are not in them.
 IN_GUEST = _in_guest()
 
 
