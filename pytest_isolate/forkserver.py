@@ -343,6 +343,9 @@ class ForkServer:
                     slot.pid, slot.go, slot.group, slot.tier, slot.box = pid, go_w, group, tier, box
                 if not group:
                     ahead.build_ahead(nodeid, spec, busy=(r, stack_fd))
+            # The last tests' clean-up (their roots' unmounting) while this one runs.
+            for t in self.tiers.values():
+                t.tidy()
             status, ru, timed_out = self._wait(box, tier, pid, r, msgs, spec.timeout, stack_fd, parent)
             if status == "kept":  # the child keeps fixtures up for the next item of its group
                 kept = True

@@ -10,6 +10,7 @@ process that runs the test is confined*. For each test the server calls, in orde
     tier.kill(box, pid)               # only on timeout / shutdown: kill the whole tree
     tier.finish(box, pid, status, ru) # host side, after pid is reaped: readings, cleanup
     tier.release(box)                 # only after a "released" frame: pid reaped at last
+    tier.tidy()                       # later, while another test runs: what no answer needs
 
 ``run`` never returns: it runs the test protocol and ``os._exit``s with 0. If the pid
 the server waits on is not the process that called ``run`` (e.g. a PID-namespace init
@@ -112,6 +113,12 @@ class Tier:
     def release(self, box: Box) -> None:
         """After ``finish``, once the last process of a sandbox whose init answered
         before exiting ("released", jail.py) is reaped: what needs them all gone."""
+
+    def tidy(self) -> None:
+        """Clean-up that ``finish`` left for later because no answer depends on it (a
+        root's unmounting and removal): the server calls this once the next test runs,
+        and before ``close``. Problems go to the server's log; nothing of a test's
+        answer waits for it."""
 
     def close(self) -> None:
         """Release per-worker resources at worker shutdown."""
