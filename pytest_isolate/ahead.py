@@ -16,12 +16,10 @@ import gc
 import os
 import re
 import select
-import shutil
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -51,7 +49,6 @@ def _hostname(nodeid: str) -> str:
 @dataclass
 class _Slot:
     seq: int
-    scratch: Path
     r: int
     w: int
     stack_fd: int
@@ -84,7 +81,6 @@ class Ahead:
         config: pytest.Config,
         forwarder: Forwarder,
         term_fd: int,
-        workdir: Path,
         private_fds: list[int],
         close_private: Callable[[], None],
         tier: Callable[[str], Tier],
@@ -92,7 +88,6 @@ class Ahead:
         self.config = config
         self.forwarder = forwarder
         self.term_fd = term_fd
-        self.workdir = workdir
         #: The server's own list of fds no test child may hold: the spawner's socket
         #: joins it while there is a spawner. ``close_private`` closes them in a child.
         self.private_fds = private_fds
@@ -149,16 +144,15 @@ class Ahead:
                 pass  # made afresh, or the test forks its own, next time
 
     def new_slot(self) -> _Slot:
-        """Per-test plumbing: message pipe, stack-dump file, a scratch dir's name.
+        """Per-test plumbing: message pipe, stack-dump file.
 
-        The dir is made only by tiers that use it (jail, zone): a mkdir, a file and
-        their removal cost ~0.5 ms a test on this disk's journal. The stack file is a
-        memfd for the same reason (and nothing of it is left if the server dies)."""
+        The stack file is a memfd: a file made and removed per test costs ~0.5 ms of
+        this disk's journal (and nothing of it is left if the server dies)."""
         self.seq += 1
         r, w = os.pipe()
         os.set_blocking(r, False)
         stack_fd = os.memfd_create("isolate-stack")
-        return _Slot(self.seq, self.workdir / f"t{self.seq}", r, w, stack_fd)
+        return _Slot(self.seq, r, w, stack_fd)
 
     def make_zygote(self) -> None:
         """Pre-fork the next `process`-tier child, while the current test runs: fork and
@@ -173,7 +167,6 @@ class Ahead:
         except BaseException:
             for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
                 os.close(fd)
-            shutil.rmtree(slot.scratch, ignore_errors=True)
             if self.spawner is not None:
                 self._spawner_gone()
             raise
@@ -240,7 +233,6 @@ class Ahead:
         for fd in (z.go, z.r, z.stack_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        shutil.rmtree(z.scratch, ignore_errors=True)
         self._spawner_gone()
 
     def _spawner_gone(self) -> None:
@@ -294,7 +286,7 @@ class Ahead:
         if nxt is None or nspec is None or nspec.tier != spec.tier or scope_group(nxt, nspec) is not None:
             return
         slot = self.new_slot()
-        box = Box(nxt.nodeid, nspec, slot.seq, slot.scratch, _hostname(nxt.nodeid), slot.w)
+        box = Box(nxt.nodeid, nspec, slot.seq, _hostname(nxt.nodeid), slot.w)
         tier = self.tier(nspec.tier)
         go_r, go_w = os.pipe()
         cgroup_memory = nspec.tier in CGROUP_TIERS
@@ -317,7 +309,6 @@ class Ahead:
         except Exception:  # noqa: BLE001 - a guess that failed: the test will be built in turn
             for fd in (go_r, go_w, slot.r, slot.w, slot.stack_fd):
                 os.close(fd)
-            shutil.rmtree(slot.scratch, ignore_errors=True)
             self.ahead_misses = AHEAD_MISSES
             return
         finally:
@@ -377,4 +368,3 @@ class Ahead:
                 z.tier.finish(z.box, z.pid, 0, None)
         for fd in (z.r, z.stack_fd):
             os.close(fd)
-        shutil.rmtree(z.scratch, ignore_errors=True)

@@ -15,7 +15,6 @@ import contextlib
 import linecache
 import os
 import select
-import shutil
 import signal
 import sys
 import time
@@ -106,7 +105,7 @@ class ForkServer:
         #: The child waiting for its next job (a zygote, a sandbox built ahead, a kept
         #: scope child) and the spawner that forks zygotes.
         self.ahead = Ahead(
-            config, self.forwarder, term_fd, self.ctx.workdir, self.private_fds, self._close_private, self.tier
+            config, self.forwarder, term_fd, self.private_fds, self._close_private, self.tier
         )
         #: The worker attributes hidden while tests run (``node.hide_worker``).
         self.worker_attrs: dict[str, Any] = {}
@@ -283,7 +282,7 @@ class ForkServer:
         slot = waiting or ahead.new_slot()
         r, stack_fd = slot.r, slot.stack_fd
         box = slot.box if waiting is not None and waiting.box is not None else Box(
-            nodeid, spec, slot.seq, slot.scratch, _hostname(nodeid), slot.w
+            nodeid, spec, slot.seq, _hostname(nodeid), slot.w
         )
         captures = self._capture_files()
         for f in captures:
@@ -360,7 +359,7 @@ class ForkServer:
                     self.exiting[pid] = None
                 status = 0
             elif status == "released":  # the init emptied its sandbox and is exiting with it
-                box.state["released"] = True
+                box.state["released"] = msgs[-1]  # what it found there (jail.py)
                 self.exiting[pid] = box
                 status = 0
         finally:
@@ -388,7 +387,6 @@ class ForkServer:
         result = done_message(self.config, item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)  # type: ignore[arg-type]
         if not kept:
             os.close(stack_fd)
-            shutil.rmtree(slot.scratch, ignore_errors=True)
         return result
 
     def _wait(

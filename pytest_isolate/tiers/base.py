@@ -17,9 +17,10 @@ the server waits on is not the process that called ``run`` (e.g. a PID-namespace
 sits between them), the tier must send ``{"t": "exit", "status": <raw wait status of
 the runner>, "rusage": rusage_dict(ru)}`` on ``box.result_fd`` once the runner is done,
 so crashes are reported with the runner's real signal/exit code. Such a tier may then
-send ``{"t": "released"}`` as its last frame: nothing of the test runs any more and
-everything ``finish`` reads is in place. The server answers at once (``finish`` runs
-while ``pid`` is still exiting) and reaps ``pid`` later, then calls ``release``.
+send ``{"t": "released", ...}`` as its last frame: nothing of the test runs any more
+and everything ``finish`` reads is in place (the server keeps the frame in
+``box.state["released"]``). The server answers at once (``finish`` runs while ``pid``
+is still exiting) and reaps ``pid`` later, then calls ``release``.
 
 Tiers compose facets (``pytest_isolate.facets``) in a fixed order, as nsjail does:
 cgroup join → namespaces → mounts/root → hostname → network → devices → rlimits →
@@ -65,7 +66,6 @@ class Box:
     nodeid: str
     spec: IsolationSpec
     index: int  # sequence number within the worker: unique names for host objects
-    scratch: Path  # per-test host dir; removed after finish()
     hostname: str  # UTS name for tiers with their own UTS namespace
     result_fd: int  # write end of the message pipe; inherited by the child
     usage: dict[str, Any] = field(default_factory=dict)  # readings (observe.usage shape)

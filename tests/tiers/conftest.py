@@ -90,7 +90,6 @@ class Harness:
             nodeid=f"tests/x.py::t{self.index}",
             spec=IsolationSpec(tier=cls.name, **spec),
             index=self.index,
-            scratch=self.ctx.workdir / f"scratch-{self.index}",
             hostname=f"isolate-{self.run_id}-{self.index}",
             result_fd=w,
         )
@@ -128,9 +127,11 @@ class Harness:
         finally:
             os.close(r)
             _, status, ru = os.wait4(pid, 0)
+            # As the fork server does: an init's last frame is its report (jail.py).
+            released = [m for m in messages if isinstance(m, dict) and m.get("t") == "released"]
+            if released:
+                box.state["released"] = released[-1]
             tier.finish(box, pid, status, ru)
-            if box.scratch.exists():
-                shutil.rmtree(box.scratch)
         return Outcome(box, pid, status, messages, time.perf_counter() - t0)
 
     @staticmethod

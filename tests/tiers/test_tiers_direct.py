@@ -378,7 +378,7 @@ def test_network_ip_between_two_jails(harness):
         from pytest_isolate.tiers.base import Box
 
         harness.index += 1
-        a = Box("a", IsolationSpec(tier="jail", network="ip"), harness.index, harness.ctx.workdir / "sa", "jail-a", w)
+        a = Box("a", IsolationSpec(tier="jail", network="ip"), harness.index, "jail-a", w)
         a_addr, _ = net.address_for(0, a.index)
 
         def serve():
@@ -417,9 +417,6 @@ def test_network_ip_between_two_jails(harness):
         os.close(r)
         _, st, ru = os.wait4(pid_a, 0)
         tier.finish(a, pid_a, st, ru)
-        import shutil
-
-        shutil.rmtree(a.scratch, ignore_errors=True)
         assert served == {"got": "ping", "peer": res["mine"]}
     finally:
         switch.close()

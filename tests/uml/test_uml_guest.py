@@ -472,7 +472,7 @@ tier = UmlTier(ctx)
 
 def run_one(idx, fn):
     r, w = os.pipe()
-    box = Box(f"t{idx}", IsolationSpec(tier="uml"), idx, Path(f"/tmp/s{idx}"), f"host-{idx}", w)
+    box = Box(f"t{idx}", IsolationSpec(tier="uml"), idx, f"host-{idx}", w)
     tier.prepare(box)
     def run():
         try:
@@ -821,7 +821,7 @@ ctx = WorkerContext(run_id="umltest", rundir=Path("/tmp"), workdir=Path("/tmp"),
                     basetemp=Path("/tmp"), invocation_dir=Path("/"), extra={"worker_index": 0})
 tier = UmlTier(ctx)
 r, w = os.pipe()
-box = Box("ip", IsolationSpec(tier="uml", network="ip"), 1, Path("/tmp/s"), "ip", w)
+box = Box("ip", IsolationSpec(tier="uml", network="ip"), 1, "ip", w)
 tier.prepare(box)
 def run():
     out = {}
