@@ -218,12 +218,19 @@ class JailTier(Tier):
             go_r, go_w = os.pipe()
         switch = self.ctx.switch_netns if box.spec.network == "ip" else None
 
-        def init_entry(unshare_flags: int, maps: bool) -> NoReturn:
-            if go_w >= 0:
+        waited = [go_w < 0]
+
+        def host_done() -> None:
+            """Wait (once per process tree) until the host side is done with the child it
+            forked: its cgroup (zone) holds it, so whatever it forks from here on."""
+            if not waited[0]:
+                waited[0] = True
                 os.close(go_w)
                 os.read(go_r, 1)  # released once the host side is done (or gone: EOF)
                 os.close(go_r)
-            self._init(box, run, unshare_flags, maps, switch)
+
+        def init_entry(unshare_flags: int, maps: bool) -> NoReturn:
+            self._init(box, run, unshare_flags, maps, switch, host_done)
 
         try:
             if self._privileged:
@@ -241,7 +248,9 @@ class JailTier(Tier):
                 if pid == 0:
                     _guarded(lambda: init_entry(0, True), box.result_fd)
             else:
-                pid = fork_child(lambda: _guarded(lambda: self._middle(box, switch, init_entry), box.result_fd))
+                pid = fork_child(
+                    lambda: _guarded(lambda: self._middle(box, switch, init_entry, host_done), box.result_fd)
+                )
             if go_w >= 0:
                 try:
                     self._after_fork(box, pid)
@@ -273,11 +282,16 @@ class JailTier(Tier):
 
     # -- in the child ---------------------------------------------------------------
 
-    def _middle(self, box: Box, switch: str, init_entry: Callable[[int, bool], NoReturn]) -> NoReturn:
-        """Unprivileged + network="ip": join the switch's user namespace, fork the init."""
+    def _middle(
+        self, box: Box, switch: str, init_entry: Callable[[int, bool], NoReturn], host_done: Callable[[], None]
+    ) -> NoReturn:
+        """Unprivileged + network="ip": join the switch's user namespace, fork the init.
+        The host side works on this process (zone: its cgroup), so the init is forked
+        only once that is done."""
         _set_pdeathsig()
         net.enter_switch_userns(switch)
         ns.unshare(ns.CLONE_NEWPID)
+        host_done()
         child = fork_child(
             lambda: _guarded(lambda: init_entry(ns.JAIL_FLAGS & ~ns.CLONE_NEWPID, False), box.result_fd)
         )
@@ -289,9 +303,14 @@ class JailTier(Tier):
         os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 70)
 
     def _init(
-        self, box: Box, run: Callable[[], NoReturn], unshare_flags: int, maps: bool, switch: str | None
+        self, box: Box, run: Callable[[], NoReturn], unshare_flags: int, maps: bool, switch: str | None,
+        host_done: Callable[[], None],
     ) -> NoReturn:
-        """PID 1 of the test's namespaces: build the root, fork the runner, reap, report."""
+        """PID 1 of the test's namespaces: build the root, fork the runner, reap, report.
+
+        The root is built while the host side still works on this process (zone: moves
+        it into its cgroup, ~2.4 ms of the kernel's waiting on cgroup v1); the runner is
+        forked only once it is done (``host_done``)."""
         _set_pdeathsig()
         if maps:
             ns.write_id_maps(self._uid, self._gid)
@@ -343,6 +362,7 @@ class JailTier(Tier):
             self._confine_runner(box)
             run()
 
+        host_done()
         rpid = fork_child(runner)
         os.close(end_w)
         status, ru, ended = _wait_runner(rpid, end_r)
