@@ -165,7 +165,11 @@ class ChrootTier(Tier):
     def tidy(self) -> None:
         finished, self._finished = self._finished, []
         for d in finished:
-            for why in self._remove(d):
+            try:
+                problems = self._remove(d)
+            except Exception as exc:  # noqa: BLE001 - never the running test's failure
+                problems = [f"chroot: could not unmount {d}: {exc} (removed at worker close)"]
+            for why in problems:
                 print(f"pytest-isolate: {why}", file=sys.stderr)  # the server's log
 
     def _cleanup(self, box: Box) -> None:
