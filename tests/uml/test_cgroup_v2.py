@@ -58,8 +58,7 @@ INNER_SUITE = """
         while True:
             blocks.append(b"\\1" * (8 << 20))  # every page written: really resident
 
-    @pytest.mark.isolate("zone", pids=16)
-    def test_fork_bomb():
+    def _fork_bomb():
         # bounded: fan-out 3, depth 4, at most 120 processes without the limit
         def spawn(depth):
             for _ in range(3):
@@ -73,6 +72,16 @@ INNER_SUITE = """
                     os.execv("/bin/sh", ["sh", "-c", "sleep 30; :"])
         spawn(1)
         time.sleep(1)
+
+    @pytest.mark.isolate("zone", pids=16)
+    def test_fork_bomb():
+        _fork_bomb()
+
+    # network="ip" rootless: a middle process joins the switch's user namespace and
+    # forks the init; the group must hold it before that fork, or the bomb is unbounded.
+    @pytest.mark.isolate("zone", pids=16, network="ip")
+    def test_fork_bomb_ip():
+        _fork_bomb()
 
     @pytest.mark.isolate("zone", cpu=0.2)
     def test_spin():
@@ -179,7 +188,7 @@ def _check(where: Path, rc: int, out: str) -> dict[str, Any]:
     assert (where / "r.json").exists(), out
     recs = {r["nodeid"].split("::")[1]: r for r in json.loads((where / "r.json").read_text())["tests"]}
     assert "cgroup v2 no-internal-process rule" not in out and "not delegated" not in out, out
-    assert rc == 1, out  # the two bombs fail, the rest passes
+    assert rc == 1, out  # the three bombs fail, the rest passes
     bomb = recs["test_bomb"]
     assert bomb["outcome"] == "failed" and bomb["usage"]["oom_kills"] >= 1, bomb
     assert bomb["usage"]["peak_memory"] <= 64 * MiB, bomb
@@ -190,6 +199,9 @@ def _check(where: Path, rc: int, out: str) -> dict[str, Any]:
     assert fb["outcome"] == "failed" and fb["usage"]["pids_max_hits"] >= 1, fb
     assert fb["usage"]["peak_pids"] <= 16, fb
     assert "zone: pids budget 16 reached: fork failed" in out, out
+    fb_ip = recs["test_fork_bomb_ip"]
+    assert fb_ip["outcome"] == "failed" and fb_ip["usage"]["pids_max_hits"] >= 1, fb_ip
+    assert fb_ip["usage"]["peak_pids"] <= 16, fb_ip
     spin = recs["test_spin"]
     share = (spin["usage"]["cpu_user"] + spin["usage"]["cpu_sys"]) / spin["usage"]["wall"]
     assert spin["outcome"] == "passed" and spin["usage"]["wall"] >= 1.5, spin
