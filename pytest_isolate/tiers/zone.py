@@ -4,8 +4,10 @@ capabilities, no_new_privs and a session of its own.
 On top of the jail (see jail.py for the process layout):
 
 - cgroup (facets.cgroups): created in ``prepare``; the host side moves the init into it
-  right after the fork, while the init waits on a pipe, so the init and everything it
-  starts are in the group before the test runs a single instruction. Limits come from
+  right after the fork (the middle process, unprivileged with ``network="ip"``), while
+  the init builds its root; the init forks the runner only once that is done (a pipe),
+  so everything the test starts is in the group before it runs a single instruction.
+  Limits come from
   the spec (memory, pids, cpu share, io bytes/s); ``finish`` records the group's
   readings, ``kill`` kills the whole group (nothing can double-fork out of it).
 - /dev: tmpfs with null, zero, full, random, urandom, tty, a private devpts, shm
