@@ -7,9 +7,9 @@ On top of the jail (see jail.py for the process layout):
   right after the fork (the middle process, unprivileged with ``network="ip"``), while
   the init builds its root; the init forks the runner only once that is done (a pipe),
   so everything the test starts is in the group before it runs a single instruction.
-  Limits come from
-  the spec (memory, pids, cpu share, io bytes/s); ``finish`` records the group's
-  readings, ``kill`` kills the whole group (nothing can double-fork out of it).
+  Limits come from the spec (memory, pids, cpu share, io bytes/s); ``finish`` records
+  the group's readings, ``kill`` kills the whole group (nothing can double-fork out of
+  it).
 - /dev: tmpfs with null, zero, full, random, urandom, tty, a private devpts, shm
   (facets.devices) instead of the host's (which would hand uid 0 the host's disks).
 - /proc: /proc/sys, sysrq-trigger, ... read-only, kcore, kmsg, keys, ... covered
