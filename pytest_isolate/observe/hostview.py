@@ -47,11 +47,15 @@ HOST_ROOT = _root_id()
 HOST_NS = _ns_ids()
 
 
+#: Written by a UML guest's init (``tiers/uml_init.py``): its presence says "in a guest".
+#: Here, not in ``tiers/uml.py`` (which imports it): the audit hook needs it, and
+#: importing the uml tier into every host server for one path would cost its start-up.
+GUEST_INFO = "/run/isolate/guest.json"
+
+
 def _in_guest() -> bool:
-    """``tiers/uml.py``'s ``GUEST_INFO`` exists: not imported from there, which would
-    load the uml tier into every host server for one path."""
     try:
-        _os.stat("/run/isolate/guest.json")
+        _os.stat(GUEST_INFO)
     except OSError:
         return False
     return True

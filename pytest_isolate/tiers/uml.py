@@ -58,6 +58,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pytest_isolate.observe.hostview import GUEST_INFO
 from pytest_isolate.tiers.base import (
     Box,
     Tier,
@@ -73,7 +74,6 @@ from pytest_isolate.tiers.uml_kernel import availability
 
 # --------------------------------------------------------------------------- guest side
 
-GUEST_INFO = "/run/isolate/guest.json"
 TESTS_DIR = "/run/isolate/t"
 TMP_DIRS = ("/tmp", "/var/tmp")
 SIOCGIFFLAGS = 0x8913
