@@ -279,10 +279,11 @@ class IsolatePlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """Start the host worker now when the run's own tier says one will be needed: it
-        imports pytest and collects on the other CPU while this process collects. As
-        early as the session exists: the first test waits for the worker (~0.3 s of
-        interpreter start, imports and collection), not the other way round."""
+        """Start the worker now when the run's own tier says one will be needed (a host
+        worker, or the run's UML guest): it imports pytest and collects on the other CPU
+        while this process collects. As early as the session exists: the first test
+        waits for the worker (~0.3 s of interpreter start, imports and collection on the
+        host; seconds in a guest), not the other way round."""
         cfg = self.config
         if self.server or cfg.option.collectonly or cfg.pluginmanager.has_plugin("dsession"):
             return  # a server, nothing will run, or pytest-xdist's controller (no tests here)
@@ -294,9 +295,13 @@ class IsolatePlugin:
         if spec.tier == "uml":
             from pytest_isolate import tiers
 
-            tiers.start_uml_probe(cfg)  # boots while this process collects
-            return
-        if spec.tier not in HOST_TIERS or self.availability(spec.tier):
+            # The probe guest and the run's own guest boot while this process collects,
+            # as a host worker does; should the probe then find the kernel unusable, the
+            # first test says so (this guest did not boot either).
+            tiers.start_uml_probe(cfg)
+            if tiers.availability("uml", cfg, quick=True):
+                return
+        elif spec.tier not in HOST_TIERS or self.availability(spec.tier):
             return
         with self._uncaptured(), contextlib.suppress(Exception):  # if it cannot start, the first test says why
             self.controller().launch(spec)
