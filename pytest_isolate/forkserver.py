@@ -581,7 +581,7 @@ def _zombie(pid: int) -> bool:
 
 def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, Any] | None = None) -> None:
     """The fork server's life; its pipes are in argv when spawned, given when forked
-    from the stem (``stem._server``).
+    from the stem (``stem.run_server``).
 
     A forked server is given ``start`` (command line, directory, paths) with its fork
     and configures before the rest of its set-up comes (``Worker._launch``); a spawned

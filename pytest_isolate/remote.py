@@ -103,7 +103,8 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
 
 def _forked_server() -> tuple[_Child, int, int] | None:
     """The server this gateway forked before execnet started, if it was forked from the
-    stem (``stem._gateway``); it waits for ``init`` like a spawned one."""
+    stem (``stem._gateway``) or is a UML guest's worker (``uml_init.fork_server``); it
+    waits for ``init`` like a spawned one."""
     stem = sys.modules.get("pytest_isolate.stem")
     pre = getattr(stem, "server", None)
     if pre is None:

@@ -43,7 +43,7 @@ from typing import Any
 
 #: Environment variables a starting interpreter reads: a change after the fork means a
 #: fresh worker would not start like the forked one.
-_START_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
+START_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 #: The ``warnings`` module as it was before pytest's ``catch_warnings`` of the
 #: configuration phase (this module is imported with the plugin, before that).
 _WARNINGS = (list(warnings.filters), warnings.showwarning, getattr(warnings, "_showwarnmsg_impl", None))
@@ -143,7 +143,7 @@ class Stem:
         if any(
             env.get(k) != self.env.get(k)
             for k in set(env) | set(self.env)
-            if k.startswith(_START_PREFIXES)
+            if k.startswith(START_PREFIXES)
         ):
             return None
         to_r, to_w = os.pipe()
@@ -442,7 +442,7 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
             os.close(cmd_w)
             os.close(evt_r)
             _set_name(comm)
-            code = _server(cmd_r, evt_w, req.get("start"))
+            code = run_server(cmd_r, evt_w, req.get("start"))
         finally:
             os._exit(code)
     os.close(cmd_r)
@@ -457,9 +457,10 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
 
 
-def _server(cmd_fd: int, evt_fd: int, start: dict[str, Any] | None) -> int:  # pragma: no cover - a child
+def run_server(cmd_fd: int, evt_fd: int, start: dict[str, Any] | None) -> int:  # pragma: no cover - a child
     """The fork server, as ``remote.serve`` would have started it: its own session,
-    no stdin or stdout; it ends as an interpreter ends (exit functions, flushed output)."""
+    no stdin or stdout; it ends as an interpreter ends (exit functions, flushed output).
+    Also what a UML guest's worker forks (``uml_init.fork_server``)."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

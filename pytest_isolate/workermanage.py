@@ -93,7 +93,7 @@ class Worker:
             # collects on the other CPU meanwhile; ``ready`` waits at the first test.
             self.ready()
 
-    def _gateway_spec(self, spec: IsolationSpec) -> str:
+    def _gateway_spec(self, spec: IsolationSpec, start: dict[str, Any]) -> str:
         if not self.uml:
             return f"popen//python={sys.executable}"
         from pytest_isolate.tiers import uml_gateway, uml_kernel
@@ -117,6 +117,7 @@ class Worker:
             basetemp=self.ctl.basetemp,
             writable=[self.workdir],  # server.log must reach the host for failure reports
             switch=self.ctl.switch_path() if spec.network == "ip" else None,
+            server_start=start,
         )
 
     def _makegateway(self, spec: IsolationSpec, start: dict[str, Any]) -> execnet.Gateway:
@@ -138,7 +139,7 @@ class Worker:
             gw = z.take(asked, self.ctl.group)
             if gw is not None:
                 return gw
-        return self.ctl.group.makegateway(self._gateway_spec(spec))
+        return self.ctl.group.makegateway(self._gateway_spec(spec, start))
 
     def _launch(self, spec: IsolationSpec) -> None:
         """Start the gateway and send the server its set-up; ``ready`` waits for it."""

@@ -26,7 +26,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pytest_isolate.stem import START_PREFIXES
 from pytest_isolate.tiers.base import Unavailable
 from pytest_isolate.tiers.uml_kernel import (
     INITCALL_BLACKLIST,
@@ -81,11 +83,19 @@ class UmlOptions:
 
 
 
+def _startup_names(env: dict[str, str]) -> list[str]:
+    """``STARTUP_ENV``, then whatever else of ``env`` an interpreter reads as it starts
+    (``PYTHONUNBUFFERED``, ``LD_PRELOAD``, ...): PID 1 must start as a fresh interpreter
+    in the worker's environment would, or the worker does not fork its server from it
+    (``uml_init.fork_server``)."""
+    return [*STARTUP_ENV, *sorted(k for k in env if k.startswith(START_PREFIXES) and k not in STARTUP_ENV)]
+
+
 def _kernel_env(env: dict[str, str]) -> list[str]:
     """``NAME=value`` words for the kernel command line: the kernel hands unknown
     ``name=value`` parameters to init as its environment."""
     out = []
-    for name in STARTUP_ENV:
+    for name in _startup_names(env):
         v = env.get(name)
         if v is None or '"' in v or "\n" in v:
             continue
@@ -119,6 +129,7 @@ def gateway_spec(
     debug: bool = False,
     mode: str = "auto",
     channel: str | None = None,
+    server_start: dict[str, Any] | None = None,
 ) -> str:
     """The execnet spec of one guest: ``popen//python=<launcher ...>``.
 
@@ -137,6 +148,9 @@ def gateway_spec(
     ``mode="userns"`` confines ``linux.uml`` the unprivileged way even when root.
     ``channel``: ``"tap"``, ``"veth"`` or ``None`` (``choose_channel``: the environment
     variable ``PYTEST_ISOLATE_UML_CHANNEL``, else a tap where ``/dev/net/tun`` opens).
+    ``server_start``: what a fork server configures with (``forkserver.main``'s
+    ``start``); given, the guest forks its server as soon as the channel is up, and it
+    imports and configures while execnet starts (``uml_init.worker_main``).
     """
     kernel = find_kernel(opts.kernel)
     if opts.network not in ("none", "ip"):
@@ -204,7 +218,7 @@ def gateway_spec(
         argv.append(nic.format(n=1, tap=switch_tap))
     if opts.cpus and ncpu > 1:
         argv.append(f"ncpus={opts.cpus}")
-    tail = [f"init={python}", "--", "-u", str(INIT), str(workdir / "guest.json")]
+    tail = [f"init={python}", "--", str(INIT), str(workdir / "guest.json")]
     if any(c.isspace() for c in "".join(tail)):
         raise Unavailable(
             f"uml: paths with spaces cannot go on the kernel command line: {' '.join(tail)}"
@@ -243,6 +257,8 @@ def gateway_spec(
             "workdir": str(workdir),
             "debug": debug,
             "connect_timeout": boot_timeout,
+            "server_start": server_start,
+            "startup_env": list(STARTUP_ENV),
         },
     }
     cfg_path = workdir / "launch.json"

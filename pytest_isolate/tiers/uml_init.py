@@ -68,6 +68,9 @@ HOSTROOT = ISOLATE_DIR + "/host"
 GUEST_INFO = ISOLATE_DIR + "/guest.json"
 
 T0 = time.monotonic()
+#: This interpreter's environment as the kernel gave it (the start-up variables of the
+#: host run, ``uml_gateway._kernel_env``): what a process forked from it started with.
+BOOT_ENV = dict(os.environ)
 
 
 def _chk(ret: int, what: str) -> int:
@@ -406,7 +409,52 @@ def worker_main(sock: socket.socket, cfg: dict, close: list[int]) -> None:
         os.chdir(cfg.get("cwd") or "/")
     except OSError:
         os.chdir("/")
+    if cfg.get("server_start"):
+        fork_server(cfg["server_start"], cfg.get("startup_env", []))
     os._exit(run_python_args(cfg["python_args"]))
+
+
+def _started_alike(env: dict[str, str], names: list[str], prefixes: tuple[str, ...]) -> bool:
+    """Whether a fresh interpreter in ``env`` would start as this one did: the same
+    start-up variables (``names``, and any that begin with ``prefixes``)."""
+    keys = {*names, *(k for k in (*BOOT_ENV, *env) if k.startswith(prefixes))}
+    return all(BOOT_ENV.get(k) == env.get(k) for k in keys)
+
+
+def fork_server(start: dict, names: list[str]) -> None:
+    """Fork the worker's fork server now, before execnet starts, as the host's stem does.
+
+    Spawned by ``remote.serve`` once execnet is up, the server is a second interpreter
+    start in the guest (~70 ms with ``-S``, 200 ms with ``site``) followed by
+    ``import pytest`` and the configuration (~0.6 and ~0.8 s here), all after execnet's
+    own bootstrap. Forked here, it skips the start, and imports and configures with
+    ``start`` (the controller's arguments, paths and log, from the launch config) while
+    execnet starts beside it; ``remote.serve`` finds it as a stem-forked gateway's
+    (``stem.server``) and sends it the rest of its set-up. Only when this interpreter
+    started as a fresh one would (same start-up variables); else it is spawned.
+    """
+    sys.path[:] = start["sys_path"]
+    try:
+        from pytest_isolate import stem
+    except Exception as e:  # noqa: BLE001 - remote.serve spawns it, and says what fails
+        log(f"fork server not forked: {type(e).__name__}: {e}")
+        return
+    if not _started_alike(dict(os.environ), names, stem.START_PREFIXES):
+        return
+    cmd_r, cmd_w = os.pipe()
+    evt_r, evt_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(cmd_w)
+            os.close(evt_r)
+            code = stem.run_server(cmd_r, evt_w, start)
+        finally:
+            os._exit(code)
+    os.close(cmd_r)
+    os.close(evt_w)
+    stem.server = (pid, cmd_w, evt_r)
 
 
 def poweroff() -> None:

@@ -47,6 +47,8 @@ DUMP_TEST = textwrap.dedent(
             "path": sys.path,
             "environ": dict(os.environ),
             "sub": [sub.returncode, sub.stdout.strip(), sub.stderr[-2000:]],
+            "flags": list(sys.flags),
+            "site": "site" in sys.modules,
         }
         out = tmp_path_factory.getbasetemp() / "info.json"
         out.write_text(json.dumps(info))
@@ -97,6 +99,11 @@ def test_guest_sees_the_host_workers_interpreter_and_environment(
     assert guest["prefix"] == host["prefix"] == sys.prefix
     assert guest["exec_prefix"] == host["exec_prefix"] == sys.exec_prefix
     assert guest["path"] == host["path"]
+    # Started as the host's worker was: with ``site``, and the same interpreter flags
+    # (the guest's fork server is forked from its PID 1, which the kernel started with
+    # the run's start-up environment).
+    assert guest["site"] and host["site"]
+    assert guest["flags"] == host["flags"]
     assert guest["environ"][PROBE[0]] == PROBE[1]
     # The whole environment, not just the probe: only the run's own canaries (a run id,
     # a port, a pid) differ from one run to the next.
