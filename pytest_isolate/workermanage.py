@@ -83,8 +83,11 @@ class Worker:
         self.error: str | None = None
         #: "shutdown" was sent ahead of ``close`` (``stop``).
         self._stopping = False
+        #: A guest booting before execnet runs over its launcher's pipes (``_boot_early``):
+        #: the launcher's IO, its spec, the server's ``start`` and ``extra``.
+        self._booting: tuple[Any, Any, dict[str, Any], dict[str, Any]] | None = None
         try:
-            self._launch(spec)
+            self._launch(spec, early)
         except BaseException:
             self.close(fast=True)
             raise
@@ -141,7 +144,7 @@ class Worker:
                 return gw
         return self.ctl.group.makegateway(self._gateway_spec(spec, start))
 
-    def _launch(self, spec: IsolationSpec) -> None:
+    def _launch(self, spec: IsolationSpec, early: bool = False) -> None:
         """Start the gateway and send the server its set-up; ``ready`` waits for it."""
         cfg = self.ctl.config
         extra: dict[str, Any] = {"worker_index": self.ctl.worker_index(self.index)}
@@ -162,7 +165,45 @@ class Worker:
             "sys_path": _remote_sys_path(),
             "log": str(self.workdir / "server.log"),
         }
+        if self.uml and early:
+            self._boot_early(spec, start, extra)
+            return
         self.gw = self._makegateway(spec, start)  # the tripwires are planted by now
+        self._begin(start, extra)
+
+    def _boot_early(self, spec: IsolationSpec, start: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Start a guest's launcher now and execnet over its pipes at the first test
+        (``ready``): the guest boots, and its server imports pytest and configures
+        (``uml_init.fork_server``), while this process collects, and nothing here
+        waits for the boot (~0.8 s to execnet's first answer). A run that ends before
+        its first test (a collection error, nothing selected) only stops the launcher."""
+        from execnet import gateway_io
+        from execnet.xspec import XSpec
+
+        self.ctl.arm()  # the tripwires' names go to the server with the rest of its set-up
+        xspec = XSpec(self._gateway_spec(spec, start))
+        group = self.ctl.group
+        group.allocate_id(xspec)
+        xspec.execmodel = group.remote_execmodel.backend
+        self._booting = (gateway_io.create_io(xspec, execmodel=group.execmodel), xspec, start, extra)
+
+    def _connect_booted(self) -> None:
+        """execnet over the pipes of the launcher ``_boot_early`` started."""
+        from execnet import gateway_bootstrap
+
+        assert self._booting is not None
+        io, xspec, start, extra = self._booting
+        gw = gateway_bootstrap.bootstrap(io, xspec)  # a failure: ``close`` stops the launcher
+        self._booting = None
+        gw.spec = xspec
+        self.ctl.group._register(gw)
+        self.gw = gw
+        self._begin(start, extra)
+
+    def _begin(self, start: dict[str, Any], extra: dict[str, Any]) -> None:
+        """The server's code and set-up, sent through the gateway."""
+        assert self.gw is not None
+        cfg = self.ctl.config
         self.ch = self.gw.remote_exec(remote)
         # The server is this session's worker, as an xdist worker is its controller's:
         # the controller's plugins fill its input (``session/node.py``).
@@ -191,6 +232,8 @@ class Worker:
         """Wait until the fork server has collected and connected (once)."""
         if self._ready:
             return
+        if self._booting is not None:
+            self._connect_booted()
         listener, self._listener = self._listener, None
         try:
             msg = self.receive(START_TIMEOUT)
@@ -381,6 +424,10 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - another plugin's hook: say it, go on
                 _say(self.ctl.config, f"isolate: pytest_testnodedown raised {type(exc).__name__}: {exc}")
         pid = None
+        if self._booting is not None:  # a launcher execnet never ran over
+            popen = self._booting[0].popen
+            pid = popen.pid
+            self._booting = None
         if self.gw is not None:
             popen = getattr(getattr(self.gw, "_io", None), "popen", None)
             pid = getattr(popen, "pid", None)

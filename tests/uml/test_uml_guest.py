@@ -249,6 +249,56 @@ def test_ctrl_c_while_the_probe_boots_leaves_no_guest(tmp_path: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+#: conftest of the runs below: which guest launchers the controller has started by the
+#: end of its collection (its own children), written where the test reads them.
+LAUNCHERS_SEEN = """
+import json, os
+
+def pytest_collection_finish(session):
+    me = str(os.getpid())
+    kids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == me and b"uml_launch.py" in cmd:
+            kids.append(int(p))
+    with open("launchers.json", "w") as f:
+        json.dump(kids, f)
+"""
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "ret", "line"),
+    [
+        ({"test_bad.py": "def test_bad(:\n"}, [], pytest.ExitCode.INTERRUPTED, "*Interrupted: 1 error during collection*"),
+        ({}, ["-k", "nomatch"], pytest.ExitCode.NO_TESTS_COLLECTED, "*1 deselected*"),
+    ],
+    ids=["collection-error", "nothing-selected"],
+)
+def test_a_run_that_ends_before_its_first_test_stops_its_booting_guest(
+    pytester: pytest.Pytester, files: dict[str, str], args: list[str], ret: int, line: str
+) -> None:
+    """The run's guest starts booting as the session starts, beside the controller's
+    collection, and nothing waits for it there; a run that never reaches a test stops
+    its launcher (and so the guest) and leaves nothing (the autouse leak check)."""
+    pytester.makeconftest(LAUNCHERS_SEEN)
+    pytester.makepyfile(test_ok="def test_ok():\n    pass\n", **{Path(k).stem: v for k, v in files.items()})
+    result = pytester.runpytest_subprocess("--isolate=uml", "-p", "no:randomly", *args, timeout=120)
+    assert result.ret == ret, "\n".join(result.outlines + result.errlines)
+    result.stdout.fnmatch_lines([line])
+    launchers = json.loads((pytester.path / "launchers.json").read_text())
+    assert launchers, "no guest was booting during the collection"
+    end = time.monotonic() + 10
+    while time.monotonic() < end and any(os.path.exists(f"/proc/{p}") for p in launchers):
+        time.sleep(0.05)
+    assert not [p for p in launchers if os.path.exists(f"/proc/{p}")], "a launcher outlived its run"
+
+
 def test_kernel_features_are_read_from_the_binary() -> None:
     """The NIC driver and seccomp mode the tier picks are what the kernel offers."""
     kernel = uml_kernel.find_kernel()
