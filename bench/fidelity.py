@@ -450,6 +450,16 @@ def stop_group(proc: subprocess.Popen[str]) -> None:
             continue
 
 
+def uml_kernel() -> str:
+    """The UML kernel pytest-isolate would boot when run from this repo."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from pytest_isolate.tiers.uml_kernel import find_kernel
+    finally:
+        sys.path.remove(str(REPO))
+    return find_kernel()
+
+
 def run_suite(
     proj: Project, py: Path, src: Path, tier: str | None, work: Path, timeout: float
 ) -> Run:
@@ -462,6 +472,10 @@ def run_suite(
     cmd = [str(py), "-m", "pytest", "-p", RECORDER_MODULE, *proj.args]
     if tier:
         cmd.append(f"--isolate={tier}")
+    if tier == "uml":
+        # The project's venv has no kernel beside its python: the one this repo's
+        # set-up found (scripts/uml-kernel.sh's, where the distribution's cannot boot here).
+        cmd.append(f"--isolate-uml-kernel={uml_kernel()}")
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "COV_"))
     }
