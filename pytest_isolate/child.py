@@ -16,7 +16,7 @@ import resource
 import signal
 import sys
 import traceback
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn
 
 import pytest
@@ -40,6 +40,9 @@ _FRAME_SLACK = 1 << 20
 _getpid = os.getpid
 _exit = os._exit
 _os_write = os.write
+#: What the tier asked this runner to do once its test passed, before its last frame
+#: (the uml tier: record the pages it wrote, ``facets.prefault``). Set in the child.
+at_end: list[Callable[[], None]] = []
 
 
 class Forwarder:
@@ -458,6 +461,9 @@ def run_items(
         with contextlib.suppress(BaseException):
             forwarder.carry.send(result_fd)
     if code == 0:
+        for fn in at_end:
+            with contextlib.suppress(BaseException):
+                fn()
         # Our own figures, so the server need not wait for the kernel to tear this
         # process down (~3 ms for a warm pytest heap) before answering.
         try:

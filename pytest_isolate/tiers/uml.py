@@ -58,6 +58,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pytest_isolate import child
+from pytest_isolate.facets import prefault
+from pytest_isolate.facets.prefault import Prefault
 from pytest_isolate.observe.hostview import GUEST_INFO
 from pytest_isolate.tiers.base import (
     Box,
@@ -221,6 +224,11 @@ class UmlTier(Tier):
             self._switch_index = socket.if_nametoindex(self.info["switch_if"])
         #: network kind ("none"/"ip") -> (netns fd, fingerprint when it was made)
         self._netns: dict[str, tuple[int, str]] = {}
+        #: The pages a child of this server writes (``facets.prefault``): learnt from
+        #: the first child whose test passes, through a memfd it fills at its end.
+        self._prefault: Prefault | None = None
+        self._learn_tries = prefault.LEARN_TRIES
+        self._learning = -1
 
     @classmethod
     def availability(cls) -> str | None:
@@ -361,10 +369,24 @@ class UmlTier(Tier):
         netns = self._test_netns(kind)
         box.state["uml_net"] = kind
         cwd = os.getcwd()
+        pf = self._prefault
+        learning = self._learning
+        learn = -1
+        if pf is None and learning < 0 and self._learn_tries > 0:
+            learn = self._learning = os.memfd_create("isolate-pages", os.MFD_CLOEXEC)
+            box.state["uml_learn"] = learn
 
         def body() -> NoReturn:
             if cg is not None:
                 cg.attach(0)
+            if pf is not None:
+                # Before anything else writes: each page would be a fault. In the test's
+                # cgroup, as the faults' copies were: its memory readings stay the same.
+                pf.apply()
+            if learning >= 0:
+                os.close(learning)  # another child is learning: not ours
+            if learn >= 0:
+                child.at_end.append(lambda: os.write(learn, prefault.encode(prefault.written_ranges())))
             os.setpgid(0, 0)
             namespaces.setns(netns, namespaces.CLONE_NEWNET)
             namespaces.unshare(
@@ -382,7 +404,14 @@ class UmlTier(Tier):
                 os.chdir("/")
             run()
 
-        return fork_child(body)
+        try:
+            return fork_child(body)
+        except BaseException:
+            if learn >= 0:  # no child will record: the next one
+                box.state.pop("uml_learn", None)
+                os.close(learn)
+                self._learning = -1
+            raise
 
     def kill(self, box: Box, pid: int) -> None:
         cg = box.state.get("uml_cg")
@@ -432,10 +461,33 @@ class UmlTier(Tier):
                     box.state["changes"] = changes
                     box.usage["disk_bytes"] = used
         finally:
+            self._learnt(box)
             self._cleanup(box)
             kind = box.state.pop("uml_net", None)
             if kind is not None:
                 self._check_netns(kind)
+
+    def _learnt(self, box: Box) -> None:
+        """The pages the learning child wrote, if its test passed; else the next learns."""
+        fd = box.state.pop("uml_learn", -1)
+        if fd < 0:
+            return
+        self._learning = -1
+        try:
+            data = os.pread(fd, 1 << 24, 0)
+        except OSError:
+            data = b""
+        finally:
+            os.close(fd)
+        if not data:
+            return  # its test did not pass: the next child records
+        self._learn_tries -= 1
+        why = prefault.unsupported()
+        if why:
+            self._learn_tries = 0
+            print(f"pytest-isolate: uml: pages not copied ahead: {why}", file=sys.stderr)
+            return
+        self._prefault = Prefault.of(prefault.decode(data))
 
     def _cleanup(self, box: Box) -> None:
         from pytest_isolate.facets import mounts

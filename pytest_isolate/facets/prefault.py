@@ -1,0 +1,154 @@
+"""prefault: copy the pages a forked child will write in one system call, not one fault
+per page.
+
+A test's child is a fork of the fork server: every page it writes is copied on its
+first write, one page fault each. On a host a fault costs ~3 µs and copying the same
+pages in bulk saves nothing (tried: docs/tiers.md). Inside a User-Mode Linux guest a
+fault is a round trip through the host (~60 µs a copy-on-write fault, measured in a
+guest), while ``madvise(MADV_POPULATE_WRITE)`` copies a range for ~5 µs a page: a
+trivial test's child wrote ~1,600 pages, most of its CPU. Which pages a child writes
+hardly depends on the test (pytest's protocol, our reports, the allocator's free
+lists), so one child of the guest records them (``written_ranges``, at its end) and the
+later ones copy them first thing (``Prefault.apply``).
+
+One call for all ranges: ``process_madvise`` on our own pidfd takes up to ``IOV_MAX``
+ranges at once (any advice on the caller itself: Linux 6.13); one ``madvise`` per range
+would cost a system call each (~50 µs in the guest) for ~850 ranges. Where the kernel
+refuses it, ``apply`` says so once and the tier stops asking.
+
+Only private writable anonymous memory and the heap: copying them changes no content,
+only when the copy is made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+#: x86_64; UML guests run x86_64 binaries.
+SYS_PROCESS_MADVISE = 440
+MADV_POPULATE_WRITE = 23
+IOV_MAX = 1024
+#: A recorded set larger than this (16 MiB: a test that allocated much) is not a
+#: child's usual writes (~1,600 pages for a trivial test), and copying it would cost
+#: more than the faults it saves: another child is asked (``LEARN_TRIES``).
+MAX_PAGES = 4096
+#: Children asked to record their pages before a server stops asking.
+LEARN_TRIES = 3
+PAGE = 4096
+
+_PRESENT = 1 << 63
+_EXCLUSIVE = 1 << 56  # mapped by this process only: written (copied) or new since the fork
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _anonymous_writable() -> list[tuple[int, int]]:
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            name = fields[5] if len(fields) > 5 else ""
+            if fields[1].startswith("rw") and fields[1][3] == "p" and name in ("", "[heap]"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def written_ranges() -> list[tuple[int, int]]:
+    """(start, length) of the pages this process maps alone: since a fork, the ones it
+    wrote or allocated."""
+    ranges: list[tuple[int, int]] = []
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for start, end in _anonymous_writable():
+            data = os.pread(fd, ((end - start) // PAGE) * 8, (start // PAGE) * 8)
+            run = -1
+            for i, entry in enumerate(struct.unpack(f"{len(data) // 8}Q", data)):
+                mine = entry & _PRESENT and entry & _EXCLUSIVE
+                if mine and run < 0:
+                    run = start + i * PAGE
+                elif not mine and run >= 0:
+                    ranges.append((run, start + i * PAGE - run))
+                    run = -1
+            if run >= 0:
+                ranges.append((run, end - run))
+    finally:
+        os.close(fd)
+    return ranges
+
+
+def encode(ranges: list[tuple[int, int]]) -> bytes:
+    return b"".join(struct.pack("QQ", a, n) for a, n in ranges)
+
+
+def decode(data: bytes) -> list[tuple[int, int]]:
+    return [struct.unpack_from("QQ", data, i) for i in range(0, len(data) - len(data) % 16, 16)]
+
+
+def unsupported() -> str | None:
+    """Why this kernel cannot copy pages ahead for us (one page, freshly mapped), or None."""
+    buf = ctypes.create_string_buffer(2 * PAGE)
+    addr = (ctypes.addressof(buf) + PAGE - 1) & ~(PAGE - 1)
+    one = (_Iovec * 1)(_Iovec(addr, PAGE))
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError as exc:
+        return f"pidfd_open: {exc.strerror}"
+    try:
+        if libc.syscall(SYS_PROCESS_MADVISE, pidfd, one, 1, MADV_POPULATE_WRITE, 0) < 0:
+            return f"process_madvise(MADV_POPULATE_WRITE): {os.strerror(ctypes.get_errno())} (needs Linux 6.13)"
+        return None
+    finally:
+        os.close(pidfd)
+
+
+class Prefault:
+    """The ranges one child wrote, ready for ``apply`` in the next ones (built in the
+    fork server before it forks them: a child only makes the calls)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.count = len(ranges)
+        self.pages = sum(n for _, n in ranges) // PAGE
+        self._iov = (_Iovec * len(ranges))(*(_Iovec(a, n) for a, n in ranges))
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    @classmethod
+    def of(cls, ranges: list[tuple[int, int]]) -> Prefault | None:
+        if not ranges or sum(n for _, n in ranges) // PAGE > MAX_PAGES:
+            return None
+        return cls(ranges)
+
+    def apply(self) -> int:
+        """Copy the pages now; 0, or the errno that stopped it. A range that is no
+        longer mapped (the server's heap changed) is skipped."""
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            done = 0
+            while done < self.count:
+                n = min(IOV_MAX, self.count - done)
+                got = self._libc.syscall(
+                    SYS_PROCESS_MADVISE, pidfd, ctypes.byref(self._iov, done * ctypes.sizeof(_Iovec)),
+                    n, MADV_POPULATE_WRITE, 0,
+                )
+                if got < 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.ENOMEM, errno.EFAULT):  # the first range is gone
+                        done += 1
+                        continue
+                    return err
+                # The ranges it got through in full; the next one stopped it.
+                while n and got >= self._iov[done].len:
+                    got -= self._iov[done].len
+                    done += 1
+                    n -= 1
+                if n:
+                    done += 1
+            return 0
+        finally:
+            os.close(pidfd)
