@@ -433,6 +433,18 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     # (A subreaper, as the server's parent must be, once ``remote.serve`` runs: before
     # the server has its set-up, so before it can fork anything.)
     _as_fresh(req["env"], req["cwd"])
+    server = fork_server(req.get("start"), comm)  # its pipes: not inherited (os.pipe)
+    _set_name(GATEWAY_NAME)
+    # What ``python -c "import sys;exec(eval(sys.stdin.readline()))"`` does for execnet.
+    with os.fdopen(os.dup(0), "r", closefd=True) as stdin:  # closed: no ResourceWarning
+        line = stdin.readline()
+    exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
+
+
+def fork_server(start: dict[str, Any] | None, comm: bytes = b"") -> tuple[int, int, int]:  # pragma: no cover
+    """Fork the fork server from this single-threaded gateway, before execnet starts:
+    (pid, command fd, event fd), what ``remote.serve`` takes as ``server``. Also what a
+    UML guest's worker does (``uml_init.fork_server``)."""
     cmd_r, cmd_w = os.pipe()
     evt_r, evt_w = os.pipe()
     pid = os.fork()
@@ -441,20 +453,14 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
         try:
             os.close(cmd_w)
             os.close(evt_r)
-            _set_name(comm)
-            code = run_server(cmd_r, evt_w, req.get("start"))
+            if comm:
+                _set_name(comm)
+            code = run_server(cmd_r, evt_w, start)
         finally:
             os._exit(code)
     os.close(cmd_r)
     os.close(evt_w)
-    _set_name(GATEWAY_NAME)
-    server = (pid, cmd_w, evt_r)
-    for fd in (cmd_w, evt_r):
-        os.set_inheritable(fd, False)
-    # What ``python -c "import sys;exec(eval(sys.stdin.readline()))"`` does for execnet.
-    with os.fdopen(os.dup(0), "r", closefd=True) as stdin:  # closed: no ResourceWarning
-        line = stdin.readline()
-    exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
+    return pid, cmd_w, evt_r
 
 
 def run_server(cmd_fd: int, evt_fd: int, start: dict[str, Any] | None) -> int:  # pragma: no cover - a child

@@ -439,22 +439,8 @@ def fork_server(start: dict, names: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - remote.serve spawns it, and says what fails
         log(f"fork server not forked: {type(e).__name__}: {e}")
         return
-    if not _started_alike(dict(os.environ), names, stem.START_PREFIXES):
-        return
-    cmd_r, cmd_w = os.pipe()
-    evt_r, evt_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(cmd_w)
-            os.close(evt_r)
-            code = stem.run_server(cmd_r, evt_w, start)
-        finally:
-            os._exit(code)
-    os.close(cmd_r)
-    os.close(evt_w)
-    stem.server = (pid, cmd_w, evt_r)
+    if _started_alike(dict(os.environ), names, stem.START_PREFIXES):
+        stem.server = stem.fork_server(start)
 
 
 def poweroff() -> None:

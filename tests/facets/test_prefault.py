@@ -7,42 +7,17 @@ copied, the thing ``Prefault.apply`` must do before the child writes anything.
 
 from __future__ import annotations
 
-import json
 import mmap
-import os
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from pytest_isolate.facets import prefault
 from pytest_isolate.facets.prefault import PAGE, Prefault
+from tests.forked import in_child
 
 PAGES = 64
-
-
-def _in_child(fn: Callable[[], Any]) -> Any:
-    """``fn``'s JSON result, run in a forked child."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            os.write(w, json.dumps(fn()).encode())
-        except BaseException as exc:  # noqa: BLE001 - said to the parent
-            os.write(w, json.dumps({"error": repr(exc)}).encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    out = json.loads(data)
-    assert os.waitstatus_to_exitcode(status) == 0, out
-    return out
 
 
 def _alone(addr: int, pages: int) -> list[bool]:
@@ -81,7 +56,7 @@ def test_written_ranges_are_the_pages_the_child_wrote(buffer: Any) -> None:
         inside = [(a, n) for a, n in ranges if addr <= a < addr + PAGES * PAGE]
         return [[(a - addr) // PAGE, n // PAGE] for a, n in inside]
 
-    assert _in_child(child) == [[3, 3], [40, 1]]
+    assert in_child(child) == [[3, 3], [40, 1]]
 
 
 def test_apply_copies_the_pages_before_they_are_written(buffer: Any) -> None:
@@ -101,7 +76,7 @@ def test_apply_copies_the_pages_before_they_are_written(buffer: Any) -> None:
             "content": [m[i * PAGE] for i in range(PAGES)],
         }
 
-    out = _in_child(child)
+    out = in_child(child)
     assert out["err"] == 0
     assert out["before"] == []  # shared with the parent until written
     assert out["after"] == [8, 9, 10, 11, 20]
@@ -124,7 +99,7 @@ def test_apply_skips_a_range_that_is_gone(buffer: Any) -> None:
     def child() -> Any:
         return {"err": pf.apply(), "after": [i for i, x in enumerate(_alone(addr, PAGES)) if x]}
 
-    assert _in_child(child) == {"err": 0, "after": [30, 31]}
+    assert in_child(child) == {"err": 0, "after": [30, 31]}
 
 
 def test_a_large_set_is_not_copied_ahead() -> None:
