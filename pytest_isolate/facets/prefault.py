@@ -5,7 +5,7 @@ A test's child is a fork of the fork server: every page it writes is copied on i
 first write, one page fault each. On a host a fault costs ~3 µs and copying the same
 pages in bulk saves nothing (tried: docs/tiers.md). Inside a User-Mode Linux guest a
 fault is a round trip through the host (~60 µs a copy-on-write fault, measured in a
-guest), while ``madvise(MADV_POPULATE_WRITE)`` copies a range for ~5 µs a page: a
+guest), while ``madvise(MADV_POPULATE_WRITE)`` copies a range for a few µs a page: a
 trivial test's child wrote ~1,600 pages, most of its CPU. Which pages a child writes
 hardly depends on the test (pytest's protocol, our reports, the allocator's free
 lists), so one child of the guest records them (``written_ranges``, at its end) and the
@@ -13,8 +13,9 @@ later ones copy them first thing (``Prefault.apply``).
 
 One call for all ranges: ``process_madvise`` on our own pidfd takes up to ``IOV_MAX``
 ranges at once (any advice on the caller itself: Linux 6.13); one ``madvise`` per range
-would cost a system call each (~50 µs in the guest) for ~850 ranges. Where the kernel
-refuses it, ``apply`` says so once and the tier stops asking.
+would cost a system call each (~50 µs in the guest) for ~850 ranges. A kernel that
+refuses it (before 6.13) is found once, in the server (``unsupported``), and nothing
+is copied ahead there.
 
 Only private writable anonymous memory and the heap: copying them changes no content,
 only when the copy is made.
