@@ -39,6 +39,7 @@ import socket
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 #: Environment variables a starting interpreter reads: a change after the fork means a
@@ -433,7 +434,7 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     # (A subreaper, as the server's parent must be, once ``remote.serve`` runs: before
     # the server has its set-up, so before it can fork anything.)
     _as_fresh(req["env"], req["cwd"])
-    server = fork_server(req.get("start"), comm)  # its pipes: not inherited (os.pipe)
+    server = fork_server(req.get("start"), lambda: _set_name(comm))  # its pipes: not inherited
     _set_name(GATEWAY_NAME)
     # What ``python -c "import sys;exec(eval(sys.stdin.readline()))"`` does for execnet.
     with os.fdopen(os.dup(0), "r", closefd=True) as stdin:  # closed: no ResourceWarning
@@ -441,10 +442,13 @@ def _gateway(sock: socket.socket, req: dict[str, Any], fds: list[int], comm: byt
     exec(eval(line), {"__name__": "__main__"})  # noqa: S307 - execnet's own bootstrap
 
 
-def fork_server(start: dict[str, Any] | None, comm: bytes = b"") -> tuple[int, int, int]:  # pragma: no cover
+def fork_server(
+    start: dict[str, Any] | None, setup: Callable[[], None] | None = None
+) -> tuple[int, int, int]:  # pragma: no cover
     """Fork the fork server from this single-threaded gateway, before execnet starts:
-    (pid, command fd, event fd), what ``remote.serve`` takes as ``server``. Also what a
-    UML guest's worker does (``uml_init.fork_server``)."""
+    (pid, command fd, event fd), what ``remote.serve`` takes as ``server``. ``setup``
+    runs first in the server (its name). Also what a UML guest's worker does
+    (``uml_init.fork_server``)."""
     cmd_r, cmd_w = os.pipe()
     evt_r, evt_w = os.pipe()
     pid = os.fork()
@@ -453,8 +457,8 @@ def fork_server(start: dict[str, Any] | None, comm: bytes = b"") -> tuple[int, i
         try:
             os.close(cmd_w)
             os.close(evt_r)
-            if comm:
-                _set_name(comm)
+            if setup is not None:
+                setup()
             code = run_server(cmd_r, evt_w, start)
         finally:
             os._exit(code)

@@ -258,6 +258,9 @@ def gateway_spec(
             "debug": debug,
             "connect_timeout": boot_timeout,
             "server_start": server_start,
+            # What the guest's fork server shows as its command line: this process's,
+            # as a host worker's server does (``uml_init.set_cmdline``).
+            "cmdline": _own_cmdline(),
             "startup_env": list(STARTUP_ENV),
         },
     }
@@ -265,6 +268,14 @@ def gateway_spec(
     cfg_path.write_text(json.dumps(cfg))
     launcher = shlex.join([sys.executable, "-I", "-S", str(LAUNCHER), str(cfg_path)])
     return f"popen//python={launcher}"
+
+
+def _own_cmdline() -> list[str]:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
 
 
 def _is_elf(path: str) -> bool:

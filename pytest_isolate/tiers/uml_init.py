@@ -410,7 +410,7 @@ def worker_main(sock: socket.socket, cfg: dict, close: list[int]) -> None:
     except OSError:
         os.chdir("/")
     if cfg.get("server_start"):
-        fork_server(cfg["server_start"], cfg.get("startup_env", []))
+        fork_server(cfg["server_start"], cfg.get("startup_env", []), cfg.get("cmdline") or [])
     os._exit(run_python_args(cfg["python_args"]))
 
 
@@ -421,7 +421,7 @@ def _started_alike(env: dict[str, str], names: list[str], prefixes: tuple[str, .
     return all(BOOT_ENV.get(k) == env.get(k) for k in keys)
 
 
-def fork_server(start: dict, names: list[str]) -> None:
+def fork_server(start: dict, names: list[str], cmdline: list[str]) -> None:
     """Fork the worker's fork server now, before execnet starts, as the host's stem does.
 
     Spawned by ``remote.serve`` once execnet is up, the server is a second interpreter
@@ -440,7 +440,38 @@ def fork_server(start: dict, names: list[str]) -> None:
         log(f"fork server not forked: {type(e).__name__}: {e}")
         return
     if _started_alike(dict(os.environ), names, stem.START_PREFIXES):
-        stem.server = stem.fork_server(start)
+        stem.server = stem.fork_server(start, lambda: set_cmdline(cmdline))
+
+
+#: Command lines set by ``set_cmdline``: the kernel reads them from this memory.
+_CMDLINES: list[ctypes.Array] = []
+
+
+def set_cmdline(args: list[str]) -> None:
+    """Show ``args`` as this process's command line (``/proc/<pid>/cmdline``, ``ps``),
+    and so as its children's.
+
+    The fork server's and its test children's would otherwise be PID 1's
+    (``python uml_init.py <config> root=98:0 console=tty0``), which a test sees, and a
+    report shows for a process a test left running. On the host they are the
+    controller's (the stem is a fork of it): the launch config carries it here.
+    ``PR_SET_MM`` needs CAP_SYS_RESOURCE, which the guest's root has; where it fails the
+    command line stays as it was."""
+    if not args:
+        return
+    raw = b"\0".join(a.encode(errors="surrogateescape") for a in args) + b"\0"
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    start = ctypes.addressof(buf)
+    end = start + len(raw)
+    pr_set_mm, arg_start, arg_end = 35, 8, 9
+    # The kernel wants start <= end after each call: which goes first depends on where
+    # the new area lies against the old one.
+    for first, second in (((arg_start, start), (arg_end, end)), ((arg_end, end), (arg_start, start))):
+        if _libc.prctl(pr_set_mm, first[0], ctypes.c_ulong(first[1]), 0, 0) == 0:
+            if _libc.prctl(pr_set_mm, second[0], ctypes.c_ulong(second[1]), 0, 0) == 0:
+                _CMDLINES.append(buf)
+                return
+    log(f"command line not set: {os.strerror(ctypes.get_errno())}")
 
 
 def poweroff() -> None:

@@ -48,6 +48,7 @@ DUMP_TEST = textwrap.dedent(
             "environ": dict(os.environ),
             "sub": [sub.returncode, sub.stdout.strip(), sub.stderr[-2000:]],
             "flags": list(sys.flags),
+            "parent": open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().split(chr(0))[:2],
             "site": "site" in sys.modules,
         }
         out = tmp_path_factory.getbasetemp() / "info.json"
@@ -104,6 +105,9 @@ def test_guest_sees_the_host_workers_interpreter_and_environment(
     # the run's start-up environment).
     assert guest["site"] and host["site"]
     assert guest["flags"] == host["flags"]
+    # The test's parent shows the controller's command line, as on the host (not the
+    # guest's PID 1's, whose code a report would then name for a process left running).
+    assert guest["parent"] == host["parent"] == [sys.executable, "-mpytest"], (guest["parent"], host["parent"])
     assert guest["environ"][PROBE[0]] == PROBE[1]
     # The whole environment, not just the probe: only the run's own canaries (a run id,
     # a port, a pid) differ from one run to the next.
