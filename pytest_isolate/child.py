@@ -40,8 +40,9 @@ _FRAME_SLACK = 1 << 20
 _getpid = os.getpid
 _exit = os._exit
 _os_write = os.write
-#: What the tier asked this runner to do once its test passed, before its last frame
-#: (the uml tier: record the pages it wrote, ``facets.prefault``). Set in the child.
+#: What the tier asked this runner to do once its test ran to the end (passed or
+#: failed), before its last frame (the uml tier: record the pages it wrote,
+#: ``facets.prefault``). Set in the child.
 at_end: list[Callable[[], None]] = []
 
 

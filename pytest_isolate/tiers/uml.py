@@ -225,7 +225,7 @@ class UmlTier(Tier):
         #: network kind ("none"/"ip") -> (netns fd, fingerprint when it was made)
         self._netns: dict[str, tuple[int, str]] = {}
         #: The pages a child of this server writes (``facets.prefault``): learnt from
-        #: the first child whose test passes, through a memfd it fills at its end.
+        #: the first child that runs its test to the end, through a memfd it fills then.
         self._prefault: Prefault | None = None
         self._learn_tries = prefault.LEARN_TRIES
         self._learning = -1
@@ -468,7 +468,8 @@ class UmlTier(Tier):
                 self._check_netns(kind)
 
     def _learnt(self, box: Box) -> None:
-        """The pages the learning child wrote, if its test passed; else the next learns."""
+        """The pages the learning child wrote, if it ran its test to the end; else the
+        next child learns."""
         fd = box.state.pop("uml_learn", -1)
         if fd < 0:
             return
