@@ -534,6 +534,8 @@ class ForkServer:
         waiting = ahead.waiting.pid if ahead.waiting is not None else None
         # A released init's subtree is its own to end (it already killed the rest).
         keep = {spawner, waiting, *(p for p, box in self.exiting.items() if box is not None)}
+        for t in self.tiers.values():
+            keep |= t.own_pids()
         # The zygotes' subtrees first, then our own children: an orphan of an exiting
         # zygote moves from the first place to the second (we are its subreaper), so
         # read in that order it is seen in one or the other; read the other way round

@@ -103,6 +103,10 @@ class Tier:
         make its child (namespaces, an init between the server and the runner)."""
         return None
 
+    def own_pids(self) -> set[int]:
+        """Children of the server that are the tier's own, not a test's leftovers."""
+        return set()
+
     def kill(self, box: Box, pid: int) -> None:
         """Kill everything the test started, not only ``pid``."""
         kill_tree(pid)

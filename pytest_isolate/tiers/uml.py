@@ -229,12 +229,18 @@ class UmlTier(Tier):
         self._prefault: Prefault | None = None
         self._learn_tries = prefault.LEARN_TRIES
         self._learning = -1
+        #: The pages this server writes between two forks: copied after each fork.
+        self._own = prefault.ServerPages()
 
     @classmethod
     def availability(cls) -> str | None:
         return availability()
 
+    def own_pids(self) -> set[int]:
+        return {self._own.witness} if self._own.witness else set()
+
     def close(self) -> None:
+        self._own.close()
         for fd, _ in self._netns.values():
             os.close(fd)
         self._netns.clear()
@@ -404,14 +410,17 @@ class UmlTier(Tier):
                 os.chdir("/")
             run()
 
+        self._own.before_fork()
         try:
-            return fork_child(body)
+            pid = fork_child(body)
         except BaseException:
             if learn >= 0:  # no child will record: the next one
                 box.state.pop("uml_learn", None)
                 os.close(learn)
                 self._learning = -1
             raise
+        self._own.after_fork()
+        return pid
 
     def kill(self, box: Box, pid: int) -> None:
         cg = box.state.get("uml_cg")

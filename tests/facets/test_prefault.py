@@ -111,3 +111,81 @@ def test_a_large_set_is_not_copied_ahead() -> None:
 def test_ranges_round_trip() -> None:
     ranges = [(0x7F0000001000, 3 * PAGE), (0x55AA00000000, PAGE)]
     assert prefault.decode(prefault.encode(ranges)) == ranges
+
+
+def _server_after_test_child(buffer: Any, child_writes: list[int], server_writes: list[int]) -> Any:
+    """A fork server's cycle, in a throwaway process: fork a test's child (which writes
+    ``child_writes`` and exits), let ``ServerPages`` fork its witness, write
+    ``server_writes``, then the next fork's ``before_fork`` learns."""
+    import os
+    import signal
+    import time
+
+    m, addr = buffer
+
+    def server() -> Any:
+        sp = prefault.ServerPages()
+        sp.START = 1
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the test's child
+            for i in child_writes:
+                m[i * PAGE] = 3
+            os.write(done_w, b"x")
+            os._exit(0)
+        sp.after_fork()
+        witness = sp.witness
+        for _ in range(200):  # it stops itself once it has closed its fds
+            with open(f"/proc/{witness}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "T":
+                break
+            time.sleep(0.01)
+        fds = os.listdir(f"/proc/{witness}/fd")
+        os.read(done_r, 1)
+        os.waitpid(pid, 0)
+        for i in server_writes:
+            m[i * PAGE] = 4
+        sp.before_fork()
+        gone = not os.path.exists(f"/proc/{witness}")
+        learnt = [] if sp.pages is None else [
+            [(a - addr) // PAGE, n // PAGE] for a, n in sp.pages.ranges if addr <= a < addr + PAGES * PAGE
+        ]
+        # The next fork: the learnt pages are copied right after it, the rest shared.
+        nxt = os.fork()
+        if nxt == 0:
+            signal.pause()
+            os._exit(0)
+        sp.after_fork()
+        alone = [i for i, x in enumerate(_alone(addr, PAGES)) if x]
+        os.kill(nxt, signal.SIGKILL)
+        os.waitpid(nxt, 0)
+        return {"state": state, "fds": fds, "gone": gone, "learnt": learnt, "alone": alone,
+                "content": [m[i * PAGE] for i in range(PAGES)]}
+
+    return in_child(server)
+
+
+def test_server_pages_are_what_the_server_wrote_not_its_child(buffer: Any) -> None:
+    out = _server_after_test_child(buffer, child_writes=[10, 11, 50], server_writes=[3, 4, 20])
+    assert out["state"] == "T"  # the witness is stopped: no handler of the server runs in it
+    assert out["fds"] == []  # it holds no pipe of a test open
+    assert out["gone"]  # ended once read
+    assert out["learnt"] == [[3, 2], [20, 1]]  # the child's copies left it shared with the witness
+    assert out["alone"] == [3, 4, 20]  # copied right after the next fork, before any write
+    assert out["content"][:5] == [1, 1, 1, 4, 4] and out["content"][10] == 1  # nothing changed
+
+
+def test_server_pages_close_ends_the_witness(buffer: Any) -> None:
+    import os
+
+    def server() -> Any:
+        sp = prefault.ServerPages()
+        sp.START = 1
+        sp.after_fork()
+        witness = sp.witness
+        alive = os.path.exists(f"/proc/{witness}")
+        sp.close()
+        return {"alive": alive, "after": os.path.exists(f"/proc/{witness}"), "witness": sp.witness}
+
+    assert in_child(server) == {"alive": True, "after": False, "witness": 0}
