@@ -171,7 +171,7 @@ class ServerPages:
 
     The server calls ``before_fork`` and ``after_fork`` around each fork of a test's
     child. At the ``START``-th fork (the first ones are not typical: first collection,
-    lazy imports) it forks the witness; at the next one it reads what it maps alone,
+    lazy imports) it compacts its memory (``compact``) and forks the witness; at the next one it reads what it maps alone,
     ends the witness and keeps the set if it is small enough (``MAX_PAGES``), else it
     tries again (``LEARN_TRIES`` witnesses in all).
     """
@@ -202,9 +202,11 @@ class ServerPages:
         self._forks += 1
         if self._forks < self.START or self._tries <= 0:
             return
-        if self._forks == self.START and unsupported() is not None:
-            self._tries = 0  # the server's log says so once, for the children's copies
-            return
+        if self._forks == self.START:
+            if unsupported() is not None:
+                self._tries = 0  # the server's log says so once, for the children's copies
+                return
+            self.compact()
         try:
             pid = os.fork()
         except OSError:  # no process to spare (a pids limit): do without
@@ -218,6 +220,17 @@ class ServerPages:
             finally:
                 os._exit(0)
         self.witness = pid
+
+    @staticmethod
+    def compact() -> None:
+        """Copy every page of ours once, in address order, right after a fork (the child
+        keeps the old ones): a guest hands out fresh pages in physical order, so the
+        server's memory becomes a few hundred contiguous runs instead of thousands of
+        single pages (measured in a guest: 3,239 → 377 runs of 4,160 pages). UML maps a
+        guest process's pages into a host process run by run, so every later fork,
+        copy and exit of the server's pages costs less: a warm test 78 / 85 → 67 / 70 ms
+        in the server's timeline, the copies after each fork 20 → 5 ms. Once, ~20-40 ms."""
+        Prefault([(a, b - a) for a, b in _anonymous_writable()]).apply()
 
     def close(self) -> None:
         pid, self.witness = self.witness, 0

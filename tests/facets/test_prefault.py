@@ -189,3 +189,48 @@ def test_server_pages_close_ends_the_witness(buffer: Any) -> None:
         return {"alive": alive, "after": os.path.exists(f"/proc/{witness}"), "witness": sp.witness}
 
     assert in_child(server) == {"alive": True, "after": False, "witness": 0}
+
+
+def _frames(addr: int, pages: int) -> list[int]:
+    """Per page: its physical frame (root reads them from pagemap)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((addr // PAGE) * 8)
+        return [e & ((1 << 55) - 1) for e in struct.unpack(f"{pages}Q", f.read(pages * 8))]
+
+
+def test_server_pages_copies_all_its_pages_once_when_it_learns(buffer: Any) -> None:
+    """The compaction: at the learning fork every page of the server is copied (new
+    frames, same content), the test's child keeps the old ones; not at later forks."""
+    import os
+    import signal
+
+    m, addr = buffer
+
+    def server() -> Any:
+        sp = prefault.ServerPages()
+        sp.START = 2
+        kids = []
+
+        def fork_and(step: Any) -> list[int]:
+            pid = os.fork()
+            if pid == 0:
+                signal.pause()
+                os._exit(0)
+            kids.append(pid)
+            before = _frames(addr, PAGES)
+            step()
+            after = _frames(addr, PAGES)
+            return [i for i in range(PAGES) if before[i] != after[i]]
+
+        first = fork_and(sp.after_fork)  # fork 1: nothing yet
+        learning = fork_and(sp.after_fork)  # fork 2 = START: compacts, forks the witness
+        sp.close()
+        for pid in kids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return {"first": first, "learning": learning, "content": [m[i * PAGE] for i in range(PAGES)]}
+
+    out = in_child(server)
+    assert out["first"] == []
+    assert out["learning"] == list(range(PAGES))
+    assert out["content"] == [1] * PAGES
