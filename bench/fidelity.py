@@ -170,6 +170,7 @@ started, so anything a sandbox or a nested pytest writes is ignored.
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -219,18 +220,21 @@ def pytest_collectreport(report):
 
 
 def _key(report):
-    """A subtest (pytest 9 ``subtests``, unittest ``subTest``) is an entry of its own."""
+    """A subtest (pytest 9 ``subtests``, unittest ``subTest``) is an entry of its own.
+    Its label may hold an object's repr, whose address differs from run to run: the
+    address is masked (and ``parse_records`` numbers the labels that then repeat)."""
     describe = getattr(report, "_sub_test_description", None)
     if getattr(report, "context", None) is not None and callable(describe):
         try:
-            return "%s %s" % (report.nodeid, describe())
+            return "%s %s" % (report.nodeid, re.sub(r" at 0x[0-9a-fA-F]+", " at 0x?", describe())), True
         except Exception:
-            return report.nodeid + " [subtest]"
-    return report.nodeid
+            return report.nodeid + " [subtest]", True
+    return report.nodeid, False
 
 
 def pytest_runtest_logreport(report):
-    rec = {"kind": "report", "nodeid": _key(report), "when": report.when,
+    key, sub = _key(report)
+    rec = {"kind": "report", "nodeid": key, "sub": sub, "when": report.when,
            "outcome": report.outcome, "wasxfail": hasattr(report, "wasxfail")}
     if report.outcome != "passed":
         rec["first"], rec["detail"] = _text(report)
@@ -561,6 +565,7 @@ def parse_records(path: Path) -> Records:
     outcomes, firsts, details, cerrs = r.outcomes, r.firsts, r.details, r.collect_errors
     collected: list[str] = []
     phases: dict[str, dict[str, tuple[str, bool]]] = {}
+    sub_seen: dict[str, int] = {}
     if not path.exists():
         return r
     for line in path.read_text().splitlines():
@@ -582,6 +587,10 @@ def parse_records(path: Path) -> Records:
             r.run_id = rec["run_id"]
         elif kind == "report":
             nid = rec["nodeid"]
+            if rec.get("sub"):  # a masked subtest label seen before in this run: the next one
+                n = sub_seen[nid] = sub_seen.get(nid, 0) + 1
+                if n > 1:
+                    nid = f"{nid} #{n}"
             phases.setdefault(nid, {})[rec["when"]] = (rec["outcome"], rec["wasxfail"])
             if rec["outcome"] == "failed" or (rec["outcome"] == "skipped" and nid not in firsts):
                 firsts[nid] = rec.get("first", "")
