@@ -182,6 +182,7 @@ class ServerPages:
     def __init__(self) -> None:
         self.pages: Prefault | None = None
         self.witness = 0
+        self._pidfd = -1
         self._forks = 0
         self._tries = LEARN_TRIES
 
@@ -220,6 +221,8 @@ class ServerPages:
             finally:
                 os._exit(0)
         self.witness = pid
+        # Ended through a pidfd: a test may kill it, and the sweep reap it, meanwhile.
+        self._pidfd = os.pidfd_open(pid)
 
     @staticmethod
     def compact() -> None:
@@ -234,8 +237,11 @@ class ServerPages:
 
     def close(self) -> None:
         pid, self.witness = self.witness, 0
-        if pid:
+        fd, self._pidfd = self._pidfd, -1
+        if fd >= 0:
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        if pid:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
