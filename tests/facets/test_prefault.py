@@ -234,3 +234,22 @@ def test_server_pages_copies_all_its_pages_once_when_it_learns(buffer: Any) -> N
     assert out["first"] == []
     assert out["learning"] == list(range(PAGES))
     assert out["content"] == [1] * PAGES
+
+
+def test_server_pages_survive_a_witness_a_test_killed() -> None:
+    """A test may kill any process it sees, and the server's sweep reap it: the next
+    fork then learns without it (or not at all) and ends nothing else."""
+    import os
+    import signal
+
+    def server() -> Any:
+        sp = prefault.ServerPages()
+        sp.START = 1
+        sp.after_fork()
+        witness = sp.witness
+        os.kill(witness, signal.SIGKILL)
+        os.waitpid(witness, 0)  # reaped by someone else first
+        sp.before_fork()
+        return {"witness": sp.witness, "tries_left": sp._tries}
+
+    assert in_child(server) == {"witness": 0, "tries_left": prefault.LEARN_TRIES - 1}
