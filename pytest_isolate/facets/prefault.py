@@ -224,7 +224,10 @@ class ServerPages:
                 os._exit(0)
         self.witness = pid
         # Ended through a pidfd: a test may kill it, and the sweep reap it, meanwhile.
-        self._pidfd = os.pidfd_open(pid)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.close()  # never left without a way to end it
 
     @staticmethod
     def compact() -> None:
@@ -245,6 +248,9 @@ class ServerPages:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             os.close(fd)
+        elif pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if pid:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
