@@ -171,9 +171,9 @@ class ServerPages:
 
     The server calls ``before_fork`` and ``after_fork`` around each fork of a test's
     child. At the ``START``-th fork (the first ones are not typical: first collection,
-    lazy imports) it compacts its memory (``compact``) and forks the witness; at the next one it reads what it maps alone,
-    ends the witness and keeps the set if it is small enough (``MAX_PAGES``), else it
-    tries again (``LEARN_TRIES`` witnesses in all).
+    lazy imports) it compacts its memory (``compact``) and forks the witness; at the
+    next one it reads what it maps alone, ends the witness and keeps the set if it is
+    small enough (``MAX_PAGES``), else it tries again (``LEARN_TRIES`` witnesses in all).
     """
 
     #: Forks before the first witness.
@@ -226,8 +226,9 @@ class ServerPages:
         # Ended through a pidfd: a test may kill it, and the sweep reap it, meanwhile.
         try:
             self._pidfd = os.pidfd_open(pid)
-        except OSError:
-            self.close()  # never left without a way to end it
+        except OSError:  # never left without a way to end it
+            self.close()
+            self._tries -= 1
 
     @staticmethod
     def compact() -> None:
