@@ -159,6 +159,13 @@ PROJECTS: tuple[Project, ...] = (
         "unittest + doctest in tests/test.py (not a test_*.py name: given as an argument)",
         ("tests/test.py",),
     ),
+    Project(
+        "blinker", "1.9.0", ("pytest-asyncio==0.24.0",),
+        "filterwarnings=error, asyncio_mode=auto (its pinned pytest-asyncio; a newer one warns at "
+        "configure, an error there), weak references collected mid-test",
+    ),
+    Project("itsdangerous", "2.2.0", ("freezegun",), "filterwarnings=error, freezegun's clock"),
+    Project("sqlparse", "0.6.1", (), "conftest fixtures, a CLI run in a subprocess, DoS-prevention limits"),
 )
 
 RECORDER = '''\
