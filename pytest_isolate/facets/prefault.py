@@ -36,6 +36,7 @@ import errno
 import os
 import signal
 import struct
+import threading
 
 #: x86_64; UML guests run x86_64 binaries.
 SYS_PROCESS_MADVISE = 440
@@ -255,3 +256,61 @@ class ServerPages:
         if pid:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+class StartWarmer:
+    """While the guest's fork server imports pytest and the run's plugins, copy in the
+    memory its allocator maps, in bulk, before it is touched page by page.
+
+    A fresh page costs ~78 µs in a guest (a fault through the host), and the server's
+    imports, configuration and collection touch ~6,800 of them: Python's allocator maps
+    1 MiB arenas and fills them a page at a time. A thread reads ``/proc/self/maps``
+    every ``INTERVAL`` and fills what is new with one ``madvise(MADV_POPULATE_WRITE)``
+    a mapping (measured in a guest: import, configuration and collection 1.66 / 1.59 /
+    1.73 → 1.43 / 1.34 / 1.57 s; ~10 MB more resident, the arenas' unused rest). It
+    stops, and is joined, before the process's first ``fork()`` (an at-fork hook), so no
+    child is forked beside a thread, and none inherits it; it stops by itself once
+    nothing new came for ``IDLE`` rounds.
+    """
+
+    INTERVAL = 0.02
+    IDLE = 25
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._done: dict[int, int] = {}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="isolate-warmer", daemon=True)
+        os.register_at_fork(before=self.stop)
+        # A small stack: its own mapping is anonymous too, and would be filled (8 MiB).
+        size = threading.stack_size(1 << 18)
+        try:
+            self._thread.start()
+        finally:
+            threading.stack_size(size)
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _run(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        idle = 0
+        while not self._stop.is_set() and idle < self.IDLE:
+            try:
+                spans = _anonymous_writable()
+            except OSError:
+                return
+            new = False
+            for start, end in spans:
+                have = self._done.get(start, start)
+                if have < end:
+                    libc.madvise(ctypes.c_void_p(have), ctypes.c_size_t(end - have), MADV_POPULATE_WRITE)
+                    self._done[start] = end
+                    new = True
+            idle = 0 if new else idle + 1
+            self._stop.wait(self.INTERVAL)

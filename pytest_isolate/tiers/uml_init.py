@@ -440,7 +440,19 @@ def fork_server(start: dict, names: list[str], cmdline: list[str]) -> None:
         log(f"fork server not forked: {type(e).__name__}: {e}")
         return
     if _started_alike(dict(os.environ), names, stem.START_PREFIXES):
-        stem.server = stem.fork_server(start, lambda: set_cmdline(cmdline))
+        stem.server = stem.fork_server(start, lambda: _server_setup(cmdline))
+
+
+def _server_setup(cmdline: list[str]) -> None:
+    """First thing in the forked server: its name, and its memory filled in bulk while it
+    imports and configures (``prefault.StartWarmer``; stopped before its first fork)."""
+    set_cmdline(cmdline)
+    try:
+        from pytest_isolate.facets.prefault import StartWarmer
+
+        StartWarmer().start()
+    except Exception as e:  # noqa: BLE001 - only a speed-up
+        log(f"start warmer not started: {type(e).__name__}: {e}")
 
 
 #: Command lines set by ``set_cmdline``: the kernel reads them from this memory.

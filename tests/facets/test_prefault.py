@@ -253,3 +253,61 @@ def test_server_pages_survive_a_witness_a_test_killed() -> None:
         return {"witness": sp.witness, "tries_left": sp._tries}
 
     assert in_child(server) == {"witness": 0, "tries_left": prefault.LEARN_TRIES - 1}
+
+
+def _present(addr: int, pages: int) -> int:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((addr // PAGE) * 8)
+        return sum(1 for e in struct.unpack(f"{pages}Q", f.read(pages * 8)) if e >> 63 & 1)
+
+
+def test_start_warmer_fills_new_memory_and_stops_before_a_fork() -> None:
+    """A mapping made while the warmer runs is filled without being touched; the first
+    fork() stops the thread first, so the child is single-threaded."""
+    import ctypes
+    import os
+    import threading
+    import time
+
+    def server() -> Any:
+        w = prefault.StartWarmer()
+        w.start()
+        m = mmap.mmap(-1, 256 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        ref = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(ref)
+        for _ in range(200):  # a few of its rounds
+            if _present(addr, 256) == 256:
+                break
+            time.sleep(0.01)
+        filled = _present(addr, 256)
+        threads_before = threading.active_count()
+        r, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(wfd, str(threading.active_count()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        in_child = int(os.read(r, 16))
+        del ref
+        m.close()
+        return {"filled": filled, "threads_before": threads_before, "in_child": in_child,
+                "after": threading.active_count()}
+
+    assert in_child(server) == {"filled": 256, "threads_before": 2, "in_child": 1, "after": 1}
+
+
+def test_start_warmer_stops_by_itself_when_nothing_new_comes() -> None:
+    import threading
+    import time
+
+    def server() -> Any:
+        w = prefault.StartWarmer()
+        w.INTERVAL = 0.001
+        w.start()
+        for _ in range(500):
+            if threading.active_count() == 1:
+                break
+            time.sleep(0.01)
+        return threading.active_count()
+
+    assert in_child(server) == 1
