@@ -166,6 +166,37 @@ PROJECTS: tuple[Project, ...] = (
     ),
     Project("itsdangerous", "2.2.0", ("freezegun",), "filterwarnings=error, freezegun's clock"),
     Project("sqlparse", "0.6.1", (), "conftest fixtures, a CLI run in a subprocess, DoS-prevention limits"),
+    Project(
+        "structlog",
+        "26.1.0",
+        ("pytest-asyncio", "pytest-randomly", "simplejson", "time-machine"),
+        "pytest-randomly (shuffled order, reseeded random), time-machine (C-level clock "
+        "patching), pytest-asyncio auto mode, --import-mode=importlib, xfail_strict",
+    ),
+    Project(
+        "platformdirs",
+        "4.14.5",
+        ("appdirs==1.4.4", "covdefaults", "pytest-cov", "pytest-mock"),
+        "pytest-mock (mocker), environment and home-directory patching, covdefaults",
+    ),
+    Project(
+        "arrow",
+        "1.4.0",
+        ("dateparser==1.*", "pytest-cov", "pytest-mock", "pytz==2025.2", "simplejson==3.*"),
+        "tox.ini addopts: --cov with --cov-fail-under=99 (the coverage of every test's "
+        "child must be combined, or the run fails), --junitxml, -v; pytest-mock, time zones",
+    ),
+    Project(
+        "cattrs",
+        "26.2.1",
+        (
+            "hypothesis", "pytest-benchmark", "immutables", "ujson", "orjson", "msgpack", "pyyaml",
+            "tomlkit", "cbor2", "pymongo", "msgspec", "tomli-w",
+        ),
+        "hypothesis-heavy, pytest-benchmark options in addopts, its preconf extras "
+        "(orjson, msgspec, ...); tests/ only (bench/ is its benchmark suite)",
+        ("tests",),
+    ),
 )
 
 RECORDER = '''\

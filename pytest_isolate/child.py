@@ -345,6 +345,48 @@ def _usage_now() -> dict[str, float]:
     }
 
 
+def match_depth(expected: int | None) -> None:
+    """Give the test the recursion budget it has in-process.
+
+    The caller (``run_items``) calls the test's protocol from deeper in the stack than
+    pytest does in-process: below it lie the fork server's loop, the tier's fork and the
+    stem (~25 frames more at `process`, ~30 at `jail`). A test that recurses until
+    ``RecursionError`` (structlog's ``test_recursive`` counts the frames it got) or sets
+    a low limit (``sys.setrecursionlimit(100)`` raises at a depth of more than 100) would
+    see less room than in-process. So the limit is raised by the difference, and
+    ``sys.getrecursionlimit``/``setrecursionlimit`` speak in the in-process numbers.
+    ``expected``: the controller's depth at the same point (``plugin._caller_depth``).
+    Threads the test starts begin at depth 0 and get that much more room."""
+    global _depth_delta
+    if expected is None or _depth_delta:
+        return
+    f = sys._getframe(1)
+    here = 0
+    while f is not None:
+        here += 1
+        f = f.f_back
+    delta = here - expected
+    if delta <= 0:
+        return
+    real_get, real_set = sys.getrecursionlimit, sys.setrecursionlimit
+    real_set(real_get() + delta)
+    _depth_delta = delta
+
+    def getrecursionlimit() -> int:
+        return real_get() - delta
+
+    def setrecursionlimit(limit: int, /) -> None:
+        real_set(limit + delta if isinstance(limit, int) and limit > 0 else limit)
+
+    for fake, real in ((getrecursionlimit, real_get), (setrecursionlimit, real_set)):
+        fake.__doc__, fake.__qualname__ = real.__doc__, real.__qualname__
+    sys.getrecursionlimit, sys.setrecursionlimit = getrecursionlimit, setrecursionlimit
+
+
+#: Frames this child adds below the test in-process (``match_depth``), once applied.
+_depth_delta = 0
+
+
 def run_items(
     config: pytest.Config,
     forwarder: Forwarder,
@@ -409,6 +451,7 @@ def run_items(
             audit.resume()
         else:
             audit.arm(result_fd, [basetemp], str(config.rootpath))
+        match_depth(job.get("depth"))
         while True:
             item = items[job["nodeid"]]
             session = item.session

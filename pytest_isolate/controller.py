@@ -130,6 +130,8 @@ class Controller:
         # this process's time per isolated test, where each result is a few dicts).
         frozen.freeze()
         self.run_id = secrets.token_hex(4)
+        #: How deep pytest calls a test's protocol in this process (``child.match_depth``).
+        self.depth: int | None = None
         self.rundir = Path(f"/tmp/pytest-isolate-{self.run_id}")
         self.group = execnet.Group()
         self.workers: dict[tuple[Any, ...], Worker] = {}
@@ -283,6 +285,8 @@ class Controller:
         cmd = {"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid, "attempt": attempt}
         if location is not None:
             cmd["location"] = list(location)
+        if self.depth is not None:
+            cmd["depth"] = self.depth
         w.send(cmd)
         self.pending = (nodeid, key)
         return None

@@ -275,6 +275,7 @@ class ForkServer:
             "next": cmd.get("next") if group else None,
             "attempt": cmd.get("attempt", 0),
             "location": cmd.get("location"),
+            "depth": cmd.get("depth"),
         }
         ahead = self.ahead
         waiting = ahead.take(nodeid, spec, group)

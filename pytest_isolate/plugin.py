@@ -9,10 +9,13 @@ into pytest's hooks.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import types
 import warnings
 from typing import Any
 
+import pluggy
 import pytest
 
 # stem at import, with the plugin: it keeps the warnings state from before pytest's
@@ -253,6 +256,8 @@ class IsolatePlugin:
         self.ctl: Any = None
         self._availability: dict[str, str | None] = {}
         self._last_in_process: str | None = None
+        #: How deep pytest called the current test's protocol (``_caller_depth``).
+        self._depth: int | None = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector):  # type: ignore[no-untyped-def]
@@ -389,6 +394,7 @@ class IsolatePlugin:
             if nextitem is None:
                 self._last_in_process = item.nodeid  # workers end once it has run
             return None
+        self._depth = _caller_depth(sys._getframe())
         ihook = item.ihook
         attempt = 0
         while True:
@@ -428,6 +434,7 @@ class IsolatePlugin:
             nextid = None
             if group and nextitem is not None and scope_group(nextitem, nextitem.stash.get(SPEC_KEY, None)) == group:
                 nextid = nextitem.nodeid
+            self.controller().depth = self._depth
             try:
                 done = self.controller().run(item.nodeid, spec, group, nextid, attempt, item.location)
             except (KeyboardInterrupt, pytest.exit.Exception):
@@ -504,3 +511,20 @@ def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:
         return None
     where = item.nodeid.split("::", 1)[0] if spec.scope == "module" else "session"
     return f"{spec.scope}:{where}:{sorted(spec.to_dict().items())}"
+
+
+_PLUGGY_DIR = os.path.dirname(pluggy.__file__)
+
+
+def _caller_depth(hookimpl: types.FrameType) -> int:
+    """How many frames deep the code that called a hook is (pytest's runtestloop, or
+    xdist's worker loop): where in-process pytest would run the test's protocol. A
+    sandbox's child starts deeper (``child.match_depth``)."""
+    f = hookimpl.f_back
+    while f is not None and f.f_code.co_filename.startswith(_PLUGGY_DIR):
+        f = f.f_back
+    n = 0
+    while f is not None:
+        n += 1
+        f = f.f_back
+    return n
