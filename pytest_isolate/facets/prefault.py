@@ -54,6 +54,22 @@ _PRESENT = 1 << 63
 _EXCLUSIVE = 1 << 56  # mapped by this process only: written (copied) or new since the fork
 
 
+#: What copying ahead must leave available: a guest's RAM is its tests' too.
+HEADROOM = 64 << 20
+
+
+def room_for(nbytes: int) -> bool:
+    """Would ``nbytes`` more of memory leave ``HEADROOM`` available (``MemAvailable``)?"""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024 - nbytes >= HEADROOM
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
@@ -239,9 +255,15 @@ class ServerPages:
         single pages (measured in a guest: 3,239 → 377 runs of 4,160 pages). UML maps a
         guest process's pages into a host process run by run, so every later fork,
         copy and exit of the server's pages costs less: a warm test 78 / 85 → 67 / 70 ms
-        in the server's timeline, the copies after each fork 20 → 5 ms. Once, ~20-40 ms."""
+        in the server's timeline, the copies after each fork 20 → 5 ms. Once, ~20-40 ms.
+
+        Until the child forked with it exits, the server's memory is held twice: done
+        only when that leaves ``HEADROOM`` (arrow's suite with ``--cov``, a ~100 MB
+        server in a 256 MB guest, was OOM-killed at every guest's first test without)."""
         with contextlib.suppress(OSError):  # only an optimisation
-            Prefault([(a, b - a) for a, b in _anonymous_writable()]).apply()
+            spans = [(a, b - a) for a, b in _anonymous_writable()]
+            if room_for(sum(n for _, n in spans)):
+                Prefault(spans).apply()
 
     def close(self) -> None:
         pid, self.witness = self.witness, 0
@@ -309,7 +331,10 @@ class StartWarmer:
             for start, end in spans:
                 have = self._done.get(start, start)
                 if have < end:
-                    libc.madvise(ctypes.c_void_p(have), ctypes.c_size_t(end - have), MADV_POPULATE_WRITE)
+                    # What is mapped is not always used (a library's reserve): filled only
+                    # while the machine has room to spare.
+                    if room_for(end - have):
+                        libc.madvise(ctypes.c_void_p(have), ctypes.c_size_t(end - have), MADV_POPULATE_WRITE)
                     self._done[start] = end
                     new = True
             idle = 0 if new else idle + 1

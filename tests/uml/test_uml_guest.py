@@ -963,3 +963,21 @@ def test_plugin_runs_tests_in_a_guest(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "3 passed" in p.stdout
+
+
+BIG_SERVER_CONFTEST = """
+# ~110 MB the fork server holds (written, so resident): arrow's suite under --cov made a
+# server this size, and copying it whole at the learning fork filled the 256 MB guest.
+KEEP = [b"x" * (1 << 20) for _ in range(110)]
+"""
+
+
+def test_a_big_fork_server_is_not_copied_into_an_oom(pytester: pytest.Pytester) -> None:
+    """The guest's fork server copies its pages once to put them in order
+    (``prefault.ServerPages.compact``) only when the guest can hold them twice: before,
+    every guest's server was OOM-killed by its first tests (the worker died)."""
+    pytester.makeconftest(BIG_SERVER_CONFTEST)
+    pytester.makepyfile(**{f"test_big{i}": "def test_a():\n    pass\n\n\ndef test_b():\n    pass\n" for i in range(4)})
+    result = pytester.runpytest_subprocess("--isolate=uml", "-p", "no:randomly", "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(passed=8)
+    assert "Out of memory" not in result.stdout.str()
