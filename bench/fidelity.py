@@ -223,6 +223,25 @@ PROJECTS: tuple[Project, ...] = (
         "golden files (snippets, example files) collected by its conftest as its own "
         "pytest.Item subclass, pytest-randomly",
     ),
+    Project("marshmallow", "4.4.0", ("simplejson",), "plain pytest, ~1,300 parametrized tests"),
+    Project(
+        "mako", "1.4.3",
+        ("beaker", "markupsafe", "pygments", "babel", "dogpile.cache", "lingua>=4.16", "junitparser"),
+        "addopts -p warnings, --tb native; python_files test/*test_*.py, python_classes *Test; "
+        "templates compiled to a module cache",
+    ),
+    Project(
+        "freezegun", "1.5.5", ("pytest-cov", "python-dateutil>=2.7"),
+        "tox's command: --cov; the clock patched module by module, including pytest's own",
+        ("--cov",),
+    ),
+    Project(
+        "pytest-asyncio", "1.5.0", ("coverage>=6.2", "hypothesis>=5.7.1"),
+        "a plugin's own suite: pytester, event loops per scope, testpaths docs and tests, "
+        "junit_family xunit2",
+    ),
+    Project("wrapt", "2.5.2", ("setuptools",), "a C extension built from the sdist; no pytest config"),
+    Project("tomlkit", "0.15.3", ("PyYAML",), "toml-test fixtures read from files, no pytest config"),
 )
 
 RECORDER = '''\
