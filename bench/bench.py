@@ -60,6 +60,7 @@ BASELINES = "baselines"
 #: double registration when our entry point is installed *and* loaded with -p.
 OURS = "pytest_isolate.plugin"
 XDIST = "xdist.plugin"
+COV = "pytest_cov.plugin"
 FORKED = "pytest_forked"
 PYPI_ISOLATE = "pytest_isolate.plugin"  # same module name as ours, other venv
 
@@ -159,6 +160,12 @@ CONFIGS: tuple[Config, ...] = (
     Config("zone-n2-2x", SELF, ("--isolate=zone", "-n", "2"), ref="in-process-2x", plugins=(OURS, XDIST), factor=2,
            targets=(Target("speedup", None, against="zone-n1-2x", label="-n 2 vs -n 1"),)),
     Config("uml", SELF, ("--isolate=uml",), ref="in-process", plugins=(OURS,), default=False),
+    # What --cov costs an isolated test beyond what it costs in-process: each test's child
+    # restarts the server's measurer and sends its lines back (session/coverage.py).
+    Config("in-process-cov", SELF, ("--cov=.", "--cov-report="), plugins=(COV,), default=False),
+    Config("process-cov", SELF, ("--isolate=process", "--cov=.", "--cov-report="), ref="in-process-cov",
+           plugins=(OURS, COV), default=False,
+           targets=(Target("over_ms", None, against="process", label="--cov's cost isolated"),)),
     Config("in-process-pytest8", BASELINES),
     Config("pytest-forked", BASELINES, ("--forked",), ref="in-process-pytest8", plugins=(FORKED,)),
     Config("pytest-isolate-pypi", BASELINES, ("--isolate",), ref="in-process-pytest8", plugins=(PYPI_ISOLATE,)),

@@ -171,12 +171,16 @@ class Measurer:
         self.cov._warn_preimported_source = False
         self.context = bool(init.get("context"))
         # Once here, so a child's start only restarts the tracer (inorout, plugins and
-        # source matching are worked out now and inherited).
+        # source matching are worked out now and inherited). What the server ran between
+        # the two is dropped from the data, not with ``erase()``: that also forgets the
+        # start-up work, and every child redid it (~30 ms a test, half of it coverage's
+        # ``short_stack()`` of the collector's origin).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.cov.start()
             self.cov.stop()
-            self.cov.erase()
+            self.cov.get_data().erase()
+        _decide_ahead(self.cov)
         self.running = False
 
     def begin(self) -> None:
@@ -219,6 +223,43 @@ class Measurer:
             if files:
                 contexts[context] = files
         return {"arcs": arcs, "contexts": contexts} if contexts else None
+
+
+class _ModuleFrame:
+    """What coverage reads of a frame to decide on its file: the module's globals."""
+
+    def __init__(self, f_globals: dict[str, Any]) -> None:
+        self.f_globals = f_globals
+
+
+def _decide_ahead(cov: Any) -> None:
+    """Decide once, in the server, whether to trace each file the session has imported.
+
+    The tracer asks coverage about each file the first time a frame of it runs and keeps
+    the answer for the process (``should_trace_cache``): in-process the first test pays
+    for the files it touches, later tests find them decided. Every child starts from the
+    server's cache, so each test paid again, ~0.1 ms a file and ~70 files for a trivial
+    test (pytest's own, the plugins', the test module). The answers are coverage's own
+    (``_should_trace`` with the module's globals as the frame's, which is all it reads of
+    a frame); a file a plugin traces or names at run time is left to the tracer. Private
+    names of coverage.py: any that is missing or fails leaves the cache as it was.
+    """
+    cache = getattr(getattr(cov, "_collector", None), "should_trace_cache", None)
+    decide = getattr(cov, "_should_trace", None)
+    if not isinstance(cache, dict) or not callable(decide):
+        return
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or not path.endswith(".py") or path in cache:
+            continue
+        try:
+            disposition = decide(path, _ModuleFrame(vars(module)))
+        except Exception:
+            return
+        if getattr(disposition, "file_tracer", None) is None and not getattr(
+            disposition, "has_dynamic_filename", False
+        ):
+            cache[path] = disposition
 
 
 class CovStandIn:

@@ -154,3 +154,67 @@ def test_no_coverage_warnings_of_the_controllers_own(pytester: pytest.Pytester, 
     assert iso_total == base_total
     assert "CoverageWarning" not in base.stdout.str() + base.stderr.str()
     assert "CoverageWarning" not in iso.stdout.str() + iso.stderr.str(), iso.stdout.str() + iso.stderr.str()
+
+
+DECIDED = {
+    # All imported at collection, so the fork server decides on them ahead of the tests
+    # (session/coverage.py, _decide_ahead); each decision must be coverage's own.
+    "pkg/__init__.py": "",
+    "pkg/calc.py": """
+        def half(x):
+            if x % 2:
+                return None
+            return x // 2
+    """,
+    "pkg/vendored.py": """
+        def skipped(x):
+            return x
+    """,
+    "other/helper.py": """
+        def outside(x):
+            return x + 1
+    """,
+    "tests/test_pkg.py": """
+        import helper
+        from pkg import calc, vendored
+
+        def test_half():
+            assert calc.half(4) == 2
+
+        def test_others():
+            assert vendored.skipped(1) == 1
+            assert helper.outside(1) == 2
+    """,
+    "pyproject.toml": """
+        [tool.pytest.ini_options]
+        pythonpath = [".", "other"]
+        testpaths = ["tests"]
+
+        [tool.coverage.run]
+        source_pkgs = ["pkg"]
+        omit = ["*/vendored.py"]
+    """,
+}
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_files_decided_ahead_as_in_process(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """``source_pkgs`` and ``omit`` decide which files a sandbox traces as they do
+    in-process: the package's module measured line by line, the omitted one and the
+    module outside the package not at all."""
+    import textwrap
+
+    for name, text in DECIDED.items():
+        path = pytester.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+    args = ("--cov", "--cov-report=json:cov.json")
+    base = run(None, *args, plugins=("pytest_cov",))
+    base_files = json.loads((pytester.path / "cov.json").read_text())["files"]
+    iso = run(tier, *args, plugins=("pytest_cov",))
+    iso_files = json.loads((pytester.path / "cov.json").read_text())["files"]
+    assert base.ret == iso.ret == 0, iso.stdout.str()
+    assert sorted(base_files) == sorted(iso_files) == ["pkg/__init__.py", "pkg/calc.py"]
+    assert base_files["pkg/calc.py"]["missing_lines"] == [3]
+    assert iso_files["pkg/calc.py"]["missing_lines"] == [3]
+    assert iso_files["pkg/calc.py"]["summary"] == base_files["pkg/calc.py"]["summary"]
