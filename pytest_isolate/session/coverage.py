@@ -242,7 +242,7 @@ def _decide_ahead(cov: Any) -> None:
     test (pytest's own, the plugins', the test module). The answers are coverage's own
     (``_should_trace`` with the module's globals as the frame's, which is all it reads of
     a frame); a file a plugin traces or names at run time is left to the tracer. Private
-    names of coverage.py: any that is missing or fails leaves the cache as it was.
+    names of coverage.py: where one is missing or fails, the rest is left to the tracer.
     """
     cache = getattr(getattr(cov, "_collector", None), "should_trace_cache", None)
     decide = getattr(cov, "_should_trace", None)
