@@ -31,6 +31,7 @@ import random
 import re
 import socket
 import sys
+import types
 import warnings
 from typing import Any
 
@@ -225,13 +226,6 @@ class Measurer:
         return {"arcs": arcs, "contexts": contexts} if contexts else None
 
 
-class _ModuleFrame:
-    """What coverage reads of a frame to decide on its file: the module's globals."""
-
-    def __init__(self, f_globals: dict[str, Any]) -> None:
-        self.f_globals = f_globals
-
-
 def _decide_ahead(cov: Any) -> None:
     """Decide once, in the server, whether to trace each file the session has imported.
 
@@ -253,7 +247,7 @@ def _decide_ahead(cov: Any) -> None:
         if not isinstance(path, str) or not path.endswith(".py") or path in cache:
             continue
         try:
-            disposition = decide(path, _ModuleFrame(vars(module)))
+            disposition = decide(path, types.SimpleNamespace(f_globals=vars(module)))
         except Exception:
             return
         if getattr(disposition, "file_tracer", None) is None and not getattr(
