@@ -10,8 +10,9 @@ projects as they ship in their sdists and runs each one as its own config says:
 2. a throwaway venv per project under ``--workdir`` with the project, its test
    dependencies and a wheel of this repo's working tree (built once, from a copy, so
    edits other people make to the tree while the harness runs do not mix into a run),
-3. ``python -m pytest`` in the extracted sdist in-process (no ``--isolate``: what a user
-   gets with the plugin installed) and once per tier with ``--isolate=TIER``,
+3. ``python -m pytest`` in-process (no ``--isolate``: what a user gets with the plugin
+   installed) and once per tier with ``--isolate=TIER``, each run in a fresh copy of the
+   extracted sdist (``fresh_tree``) and a network namespace of its own (``offline``),
 4. per-test outcomes from a tiny ``-p`` plugin the harness writes into the venv: the
    comparison is by nodeid, not by counts, because equal counts can hide swapped
    outcomes.

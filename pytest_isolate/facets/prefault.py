@@ -259,7 +259,7 @@ class ServerPages:
 
         Until the child forked with it exits, the server's memory is held twice: done
         only when that leaves ``HEADROOM`` (arrow's suite with ``--cov``, a ~100 MB
-        server in a 256 MB guest, was OOM-killed at every guest's first test without)."""
+        server in a 256 MB guest, was OOM-killed in every guest's first tests without)."""
         with contextlib.suppress(OSError):  # only an optimisation
             spans = [(a, b - a) for a, b in _anonymous_writable()]
             if room_for(sum(n for _, n in spans)):
