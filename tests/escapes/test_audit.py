@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.observe import audit, hostview
+from pytest_isolate.observe import audit, calls, hostview
 
 HERE = os.path.basename(__file__)
 
@@ -454,6 +454,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
         sys.addaudithook = lambda *a: None  # type: ignore[assignment]
         audit.arm = lambda *a: None  # type: ignore[assignment]
         hostview._has_cap = lambda *a: True  # type: ignore[assignment]  # what the hook asks the host
+        calls._where = lambda *a: None  # type: ignore[assignment]  # how it names the caller
         os.chroot = lambda *a: None  # type: ignore[assignment]
         # still watching:
         with contextlib.suppress(OSError):
@@ -466,6 +467,7 @@ def test_tampering_is_reported_and_changes_nothing(tmp_path: Path) -> None:
         "replaced sys.addaudithook",
         "replaced pytest_isolate.observe.audit.arm",
         "replaced pytest_isolate.observe.hostview._has_cap",
+        "replaced pytest_isolate.observe.calls._where",
         "replaced os.chroot",
     ], msgs
     assert "mount" in techniques(msgs)
