@@ -24,6 +24,7 @@ import pytest
 from pytest_isolate import frozen, wire
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import audit
+from pytest_isolate.session import adapters
 from pytest_isolate.session.adapters import NextAttempt, Reruns
 from pytest_isolate.spec import IsolationSpec
 
@@ -459,6 +460,8 @@ def run_items(
             if loc and "location" not in item.__dict__:  # pytest's cached property: the controller's
                 item.__dict__["location"] = (loc[0], loc[1], loc[2])
             nxt = items.get(job["next"]) if job.get("next") else None
+            if job.get("dependency"):
+                adapters.apply(adapters.dependency_module(config), items, job["dependency"])
             forwarder.attempts = Reruns.applies(item)
             forwarder.started = None
             if forwarder.attempts:

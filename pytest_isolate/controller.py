@@ -26,6 +26,7 @@ import pytest
 from pytest_isolate import frozen
 from pytest_isolate.facets.switch import SharedSwitch, sweep_stale_switches
 from pytest_isolate.leftovers import _write_owner, sweep, sweep_stale
+from pytest_isolate.session import adapters
 from pytest_isolate.session.carry import Carry
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.workermanage import Worker, WorkerDied
@@ -287,6 +288,11 @@ class Controller:
             cmd["location"] = list(location)
         if self.depth is not None:
             cmd["depth"] = self.depth
+        dependency = self.config.pluginmanager.get_plugin(adapters.Dependencies.NAME)
+        if dependency is not None:
+            earlier = dependency.for_job(nodeid)
+            if earlier:
+                cmd["dependency"] = earlier
         w.send(cmd)
         self.pending = (nodeid, key)
         return None

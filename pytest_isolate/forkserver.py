@@ -276,6 +276,7 @@ class ForkServer:
             "attempt": cmd.get("attempt", 0),
             "location": cmd.get("location"),
             "depth": cmd.get("depth"),
+            "dependency": cmd.get("dependency"),
         }
         ahead = self.ahead
         waiting = ahead.take(nodeid, spec, group)

@@ -447,7 +447,7 @@ class IsolatePlugin:
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
             if nextitem is not None and not contacts and not again and answer.clean(done):
-                self._prefetch(nextitem)
+                self._prefetch(item, nextitem)
             reports, record = answer.unpack(self.config, item, spec, done, self.unavailable)
             self.controller().carry.merge(done.get("carry"))
             record["escapes"] += contacts
@@ -459,12 +459,17 @@ class IsolatePlugin:
         self._write_terminal(terminal.get(None))
         return again
 
-    def _prefetch(self, nextitem: pytest.Item) -> None:
+    def _prefetch(self, item: pytest.Item, nextitem: pytest.Item) -> None:
         """Send the next test ahead when it is a plain per-test sandbox (see
         ``Controller.prefetch``). pytest-xdist's work stealing may take a queued item
-        away from this worker, so there the next item is never sent early."""
+        away from this worker, so there the next item is never sent early; nor after a
+        test whose outcome pytest-dependency records (not logged yet, so not in the next
+        job's ``adapters.Dependencies`` record)."""
         spec = nextitem.stash.get(SPEC_KEY, None)
         if spec is None or not spec.isolated or spec.tier == "uml" or scope_group(nextitem, spec):
+            return
+        dependency = self.config.pluginmanager.get_plugin(adapters.Dependencies.NAME)
+        if dependency is not None and dependency.relevant(item):
             return
         if self.availability(spec.tier) or getattr(self.config.option, "dist", None) == "worksteal":
             return

@@ -29,7 +29,7 @@ import pytest
 #: test is about. Never the cache provider: --lf/--ff need it.
 OPTIONAL_PLUGINS = (
     "hypothesispytest", "benchmark", "randomly", "asyncio", "rerunfailures", "timeout", "syrupy",
-    "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov",
+    "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov", "dependency",
 )
 FAST_ADDOPTS = " ".join(f"-p no:{name}" for name in OPTIONAL_PLUGINS)
 #: How long objects of a finished run may take to disappear before it counts as a leak.

@@ -43,6 +43,9 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     pm = config.pluginmanager
     if pm.has_plugin("timeout"):
         pm.register(Timeout(isolated), "isolate-adapter-timeout")
+    dependency = dependency_module(config)
+    if dependency is not None:
+        pm.register(Dependencies(dependency, isolated), Dependencies.NAME)
 
 
 def in_server() -> None:
@@ -130,3 +133,98 @@ class Reruns:
         if restore is not None:
             restore(item)
         item.session._setupstate.teardown_exact(None)  # type: ignore[attr-defined]
+
+
+class Dependencies:
+    """pytest-dependency: a sandbox knows how the tests before it ended.
+
+    pytest-dependency records each marked test's outcome on the collection nodes of the
+    process the test ran in (``node.dependencyManager``, from its
+    ``pytest_runtest_makereport`` wrapper) and skips a test whose ``depends`` did not
+    pass there. Each sandbox starts from the collected session, where nothing has run:
+    every dependent test would be skipped. So the controller records the outcomes it
+    logs (the sandboxes' and its own in-process tests'), applies those of isolated tests
+    to its own nodes (for in-process tests that come later), and sends them with each
+    job that may ask; the child applies them before its test, as pytest-dependency would
+    have. Plain ``[nodeid, when, outcome]`` triples: nothing the sandbox sends is
+    trusted for them, only what the controller logged.
+    """
+
+    NAME = "isolate-adapter-dependency"
+    #: Beyond this many recorded tests, only tests with ``depends`` on their marker get
+    #: the record (a runtime ``depends(request, ...)`` in an unmarked test then sees
+    #: none): sending all of it with every job would cost a suite of thousands
+    #: quadratic time.
+    SEND_ALL_UP_TO = 1000
+
+    def __init__(self, module: Any, isolated: Isolated) -> None:
+        self.module = module
+        self.isolated = isolated
+        self.items: dict[str, pytest.Item] = {}
+        #: nodeid -> {when: outcome}, in the order tests were logged.
+        self.outcomes: dict[str, dict[str, str]] = {}
+
+    def relevant(self, item: pytest.Item) -> bool:
+        """Does pytest-dependency record this test's outcome?"""
+        return item.get_closest_marker("dependency") is not None or bool(getattr(self.module, "_automark", False))
+
+    def asks(self, item: pytest.Item) -> bool:
+        """May this test look at earlier outcomes?"""
+        if len(self.outcomes) <= self.SEND_ALL_UP_TO:
+            return True
+        marker = item.get_closest_marker("dependency")
+        return marker is not None and bool(marker.kwargs.get("depends"))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = {item.nodeid: item for item in session.items}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        item = self.items.get(report.nodeid)
+        if item is None or report.when not in ("setup", "call", "teardown") or not self.relevant(item):
+            return
+        self.outcomes.setdefault(report.nodeid, {})[report.when] = report.outcome
+        if self.isolated(item):  # in-process, pytest-dependency recorded it itself
+            apply(self.module, {report.nodeid: item}, [[report.nodeid, report.when, report.outcome]])
+
+    def for_job(self, nodeid: str) -> list[list[str]] | None:
+        item = self.items.get(nodeid)
+        if not self.outcomes or item is None or not self.asks(item):
+            return None
+        return [[n, when, outcome] for n, ends in self.outcomes.items() for when, outcome in ends.items()]
+
+
+def apply(module: Any, items: dict[str, pytest.Item], outcomes: Any) -> None:
+    """Record ``outcomes`` (``[nodeid, when, outcome]``) on ``items``' nodes as
+    pytest-dependency's own report hook does. Malformed entries and another version's
+    classes are skipped: the test then sees what it would have without us."""
+    manager = getattr(module, "DependencyManager", None)
+    scopes = getattr(manager, "ScopeCls", None)
+    if manager is None or not isinstance(scopes, dict) or not isinstance(outcomes, list):
+        return
+    import types
+
+    for entry in outcomes:
+        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(x, str) for x in entry)):
+            continue
+        item = items.get(entry[0])
+        if item is None:
+            continue
+        marker = item.get_closest_marker("dependency")
+        name = marker.kwargs.get("name") if marker is not None else None
+        rep = types.SimpleNamespace(when=entry[1], outcome=entry[2])
+        try:
+            for scope in scopes:
+                node_manager = manager.getManager(item, scope=scope)
+                if node_manager:
+                    node_manager.addResult(item, name, rep)
+        except Exception:  # noqa: BLE001 - another version's internals
+            return
+
+
+def dependency_module(config: pytest.Config) -> Any:
+    """pytest-dependency's module, when this session runs it."""
+    import sys
+
+    mod = sys.modules.get("pytest_dependency")
+    return mod if mod is not None and config.pluginmanager.is_registered(mod) else None

@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import OPTIONAL_PLUGINS
+
 MiB = 1 << 20
 CG = Path("/sys/fs/cgroup")
 LEAF = "pytest-isolate.leaf"
@@ -100,14 +102,7 @@ INNER_SUITE = """
         pass
 """
 #: Plugins of this venv that the inner run does not need (import time in a slow guest).
-NO_PLUGINS = " ".join(
-    f"-p no:{p}"
-    for p in (
-        "hypothesispytest", "benchmark", "randomly", "asyncio", "rerunfailures", "timeout",
-        "syrupy", "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov",
-        "cacheprovider",
-    )
-)
+NO_PLUGINS = " ".join(f"-p no:{p}" for p in (*OPTIONAL_PLUGINS, "cacheprovider"))
 #: One CPU: the kernel scripts/uml-kernel.sh installs is built without SMP. Allowed:
 #: writing /sys/fs/cgroup and the guest's /opt is what these tests are for (the escape
 #: detectors report it as blocked), and ``memory`` because the uml tier reads the
