@@ -243,6 +243,12 @@ PROJECTS: tuple[Project, ...] = (
     ),
     Project("wrapt", "2.5.2", ("setuptools",), "a C extension built from the sdist; no pytest config"),
     Project("tomlkit", "0.15.3", ("PyYAML",), "toml-test fixtures read from files, no pytest config"),
+    Project(
+        "django-model-utils", "5.0.0", ("Django~=5.1.0", "pytest-django", "time-machine"),
+        "pytest-django (DJANGO_SETTINGS_MODULE in setup.cfg, the test database made by a session "
+        "fixture, transactions per test), SQLite (its CI's SQLITE=1)",
+        env=(("SQLITE", "1"),),
+    ),
 )
 
 RECORDER = '''\

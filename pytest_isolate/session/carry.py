@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.session import allure, bdd, benchmark, coverage, flaky, syrupy
+from pytest_isolate.session import allure, bdd, benchmark, coverage, flaky, hypothesis_db, syrupy
 
 #: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
 #: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
-KINDS: tuple[Any, ...] = (syrupy, benchmark, flaky, bdd, allure)
+KINDS: tuple[Any, ...] = (syrupy, benchmark, flaky, bdd, allure, hypothesis_db)
 
 
 class Carry:
