@@ -45,8 +45,13 @@ class WorkerDied(Exception):
 
 
 def _remote_sys_path() -> list[str]:
+    """The controller's ``sys.path``, in its order: a sandbox imports what the test
+    would import in-process (the user's ``tests`` package from the working directory,
+    not one of the same name elsewhere). The package's own location goes last, for a
+    process that cannot find it otherwise (an editable install is found by an import
+    hook that ``sys.path`` does not show, and ``-S`` skips it anyway)."""
     pkg_parent = str(Path(wire.__file__).resolve().parent.parent)
-    return [pkg_parent, *(p for p in sys.path if p != pkg_parent)]
+    return [*sys.path, pkg_parent] if pkg_parent not in sys.path else list(sys.path)
 
 
 class Worker:
@@ -160,8 +165,6 @@ class Worker:
             # A test reads pytest's argv in the sandbox too (a spawned server's would be
             # its own "-c" and pipe numbers).
             "argv": list(sys.argv),
-            # The package's own location first: an editable install is found by an
-            # import hook that sys.path does not show (and -S skips it anyway).
             "sys_path": _remote_sys_path(),
             "log": str(self.workdir / "server.log"),
         }

@@ -265,3 +265,37 @@ def test_subtest_labels_as_in_process(pytester: pytest.Pytester, run: Runner, ti
     assert labels(base), base.stdout.str()
     assert labels(iso) == labels(base), iso.stdout.str()
     assert any("n=2, flag=True" in line for line in labels(iso))
+
+
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_import_path_order_as_in_process(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """The sandbox's ``sys.path`` is the controller's, in its order. pytest-django
+    imports ``DJANGO_SETTINGS_MODULE = tests.settings`` at start-up from the working
+    directory (``python -m pytest`` puts it first); the server used to put the plugin's
+    own location first, where this repo (installed editable) has a ``tests`` package of
+    its own, and every sandbox failed to start ("No module named 'tests.settings'")."""
+    pytester.makepyfile(
+        **{
+            "tests/__init__.py": "",
+            "tests/settings.py": "NAME = 'the project'\n",
+            "localplug.py": """
+                import importlib
+                import os
+
+                def pytest_configure(config):
+                    # As pytest-django imports its settings module: by name, at start-up.
+                    settings = importlib.import_module(os.environ["SETTINGS_MODULE"])
+                    config.settings_name = settings.NAME
+            """,
+            "tests/test_x.py": """
+                def test_settings(pytestconfig):
+                    assert pytestconfig.settings_name == "the project"
+            """,
+        }
+    )
+    pytester.makeini("[pytest]\naddopts = -p localplug\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SETTINGS_MODULE", "tests.settings")
+        base = run(None)
+        iso = run(tier)
+    assert outcomes(iso) == outcomes(base) == {"tests/test_x.py::test_settings": ["PASSED"]}, iso.stdout.str()
