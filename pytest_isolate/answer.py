@@ -105,6 +105,11 @@ def unpack(
         return reports, new_record(item, spec, reports, {"worker_error": done["error"]})
     reports = [_subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(d)), d)
                for d in done["reports"]]
+    for when in done.get("pdbshown") or ():
+        # Its failure was shown in the sandbox's debugger: the summary leaves it out.
+        for rep in reports:
+            if rep.when == when:
+                rep._pdbshown = True  # type: ignore[attr-defined]
     for w in done.get("warnings", ()):
         _replay_warning(config, w)
     _replay_xml(config, item.nodeid, done.get("xml", ()))
@@ -113,15 +118,18 @@ def unpack(
 
 def finish(
     config: pytest.Config, item: pytest.Item, spec: IsolationSpec, reports: list[pytest.TestReport],
-    record: dict[str, Any],
+    record: dict[str, Any], stopped: bool = False,
 ) -> list[pytest.TestReport]:
     """The reports to log: the policy's verdict applied, a closing teardown report for a
-    test that died before its own, the record attached to the last."""
+    test that died before its own, the record attached to the last. A test that stopped
+    the session (``stopped``) logs only what it logged, as in-process: maybe nothing."""
     config.hook.pytest_isolate_result(config=config, item=item, record=record)
     apply_policy(config, item, spec, reports, record)
     record["outcome"] = outcome_of(reports)  # the policy may have failed it
-    reports = closed(reports)
-    attach(reports[-1], record)
+    if not stopped:
+        reports = closed(reports)
+    if reports:
+        attach(reports[-1], record)
     return reports
 
 
@@ -220,10 +228,23 @@ def _warning(text: str, item: pytest.Item) -> Any:
     return warnings.WarningMessage(IsolationWarning(text), IsolationWarning, str(path), (lineno or 0) + 1)
 
 
+def stop_session(stop: Any) -> None:
+    """A sandboxed test stopped its session (``pytest.exit``, pdb's "quit", Ctrl-C):
+    stop this one the same way, after its reports, as pytest does in-process (the
+    "!!! Exit: ... !!!" line, the exit code asked for)."""
+    if not isinstance(stop, dict):
+        return
+    msg = stop.get("msg") if isinstance(stop.get("msg"), str) else ""
+    if stop.get("kind") == "interrupt":
+        raise KeyboardInterrupt(msg)
+    code = stop.get("returncode")
+    raise pytest.exit.Exception(msg, returncode=code if isinstance(code, int) and not isinstance(code, bool) else None)
+
+
 def clean(done: dict[str, Any]) -> bool:
     """Nothing in this result can fail the test or stop the session (the policy fails
     only on escapes and overuse), so the next test may start before it is logged."""
-    if "error" in done or "unavailable" in done:
+    if "error" in done or "unavailable" in done or "stop" in done:
         return False
     record = done.get("record") or {}
     if record.get("escapes") or record.get("overuse") or record.get("faults"):

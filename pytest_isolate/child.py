@@ -62,6 +62,9 @@ class Forwarder:
         #: uncaptured stdout goes there, its stderr to the server's stderr (``term_fd``),
         #: as in-process. -1: both to ``term_fd`` (a UML guest has no host fd).
         self.term_out = -1
+        #: The controller's stdin when it is the same terminal (``workermanage``): a
+        #: test's debugger reads it, as in-process. -1: stdin stays ``/dev/null``.
+        self.term_in = -1
         #: Registered beside the forwarder (a plugin of its own: its hooks are wrappers).
         self.terminal = TerminalRelay(config)
         #: What plugins measure per test and the controller needs (``session.carry``).
@@ -138,8 +141,15 @@ class _RelayFile(io.TextIOBase):
         self.relay = relay
         self.term_fd = term_fd
         self.pending: list[str] = []
+        #: Straight to this process's stdout (the user's terminal) instead: while a
+        #: debugger has the terminal (``TerminalRelay.pytest_exception_interact``).
+        self.direct = False
 
     def write(self, s: str) -> int:
+        if self.direct:
+            with contextlib.suppress(OSError):
+                _os_write(1, s.encode(errors="replace"))
+            return len(s)
         self.pending.append(s)
         return len(s)
 
@@ -209,6 +219,25 @@ class TerminalRelay:
             return
         self.fd = fd
         self.sink, tr._tw = tr._tw, self.writer
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_exception_interact(self, node: Any, call: Any, report: Any) -> Any:
+        """``--pdb`` on a failure: the debugger takes the user's terminal in this
+        process, so what pytest writes before it (the failure, "entering PDB") goes
+        there at once, in the order it has in-process, not with the report later."""
+        file = self.file
+        if file is None or not self.config.getvalue("usepdb"):
+            return (yield)
+        self.send()
+        file.direct = True
+        try:
+            return (yield)
+        finally:
+            file.direct = False
+            # Shown in the debugger: pytest's summary leaves it out (``_pdbshown``).
+            if hasattr(report, "_pdbshown") and self.fd >= 0:
+                with contextlib.suppress(OSError):
+                    wire.send(self.fd, {"t": "pdbshown", "when": str(report.when)})
 
     def send(self) -> None:
         if self.file is None or not self.file.pending or self.fd < 0:
@@ -346,6 +375,31 @@ def _usage_now() -> dict[str, float]:
     }
 
 
+def _repoint_capture(config: pytest.Config) -> None:
+    """pytest's fd capture, suspended between tests, keeps a copy of what fds 0, 1 and 2
+    were when it started: the server's (``/dev/null``, its log). Whenever capture is
+    suspended in the test's own process (a debugger, ``capsys.disabled()``, between
+    phases) the fds go back to those copies. Here they become this child's 0, 1 and 2
+    (the user's terminal, as in-process)."""
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    for name in ("in_", "out", "err"):
+        cap = getattr(capturing, name, None)
+        target, saved = getattr(cap, "targetfd", None), getattr(cap, "targetfd_save", None)
+        if isinstance(target, int) and isinstance(saved, int) and target in (0, 1, 2):
+            with contextlib.suppress(OSError):
+                os.dup2(target, saved)
+
+
+def _stop_frame(exc: BaseException) -> dict[str, Any]:
+    """What the controller needs to stop its session as this one would have."""
+    if isinstance(exc, KeyboardInterrupt):
+        return {"t": "stop", "kind": "interrupt", "msg": str(exc)}
+    code = getattr(exc, "returncode", None)
+    return {"t": "stop", "kind": "exit", "msg": str(getattr(exc, "msg", exc)),
+            "returncode": code if isinstance(code, int) and not isinstance(code, bool) else None}
+
+
 def match_depth(expected: int | None) -> None:
     """Give the test the recursion budget it has in-process.
 
@@ -415,6 +469,9 @@ def run_items(
         # user's terminal is, as it would in-process.
         os.dup2(forwarder.term_out if forwarder.term_out >= 0 else term_fd, 1)
         os.dup2(term_fd, 2)
+        if forwarder.term_in >= 0:
+            os.dup2(forwarder.term_in, 0)
+        _repoint_capture(config)
         # The server ignores SIGINT (the controller handles Ctrl-C); tests get Python's
         # usual handler back.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -471,6 +528,14 @@ def run_items(
             except NextAttempt:
                 Reruns.end(item)
                 wire.send(result_fd, {"t": "next_attempt"})
+                break
+            except (pytest.exit.Exception, KeyboardInterrupt) as exc:
+                # pytest.exit() in a test or fixture (or pdb's "quit"), Ctrl-C: in-process
+                # the session stops here. The controller stops it after this test's
+                # reports; what is set up is torn down here, as at that session's end.
+                with contextlib.suppress(BaseException):
+                    session._setupstate.teardown_exact(None)  # type: ignore[attr-defined]
+                wire.send(result_fd, _stop_frame(exc))
                 break
             forwarder.check_runner()
             if nxt is None or go_fd < 0:

@@ -200,10 +200,13 @@ class ForkServer:
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.connect(path)
-        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        for fd in fds:
+            os.set_inheritable(fd, False)
         if fds:
             self.forwarder.term_out = fds[0]  # see ``Forwarder.term_out``
-            os.set_inheritable(fds[0], False)
+        if len(fds) > 1:
+            self.forwarder.term_in = fds[1]  # see ``Forwarder.term_in``
         fd = sock.detach()
         os.set_inheritable(fd, False)
         self.private_fds.append(fd)
@@ -637,7 +640,6 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
     # Plugins are imported now (pytest rewrote them), not yet configured.
     adapters.in_server()
     opt = config.option
-    opt.usepdb = False
     opt.basetemp = init["ctx"]["basetemp"]
     for name, value in (("numprocesses", None), ("dist", "no"), ("looponfail", False), ("tx", None)):
         if hasattr(opt, name):

@@ -72,6 +72,7 @@ def done_message(
     xml = [m for m in msgs if m.get("t") == "xml"]
     carry = [m for m in msgs if m.get("t") == "carry"]
     internal = [m["error"] for m in msgs if m.get("t") == "internal"]
+    stop = next((m for m in msgs if m.get("t") == "stop"), None)
     faults = _faults(box, msgs, stack_fd)
     for m in msgs:
         if m.get("t") == "exit":  # an init between us and the runner told the truth
@@ -104,7 +105,8 @@ def done_message(
         exit_info = {"exit_code": os.WEXITSTATUS(status)}
     finished = any(rep.get("when") == "teardown" for rep in reports)
     crash = None
-    if timed_out or not finished or internal:
+    # A test that stopped the session (pytest.exit, Ctrl-C) logs what it logged before.
+    if timed_out or (not finished and stop is None) or internal:
         killed_after = readings["wall"] if timed_out else None
         crash = _crash_report(
             config, item, box, reports, exit_info, killed_after, stack_fd, captures, internal, faults
@@ -137,6 +139,11 @@ def done_message(
     if faults:
         record["faults"] = faults
     done = {"t": "done", "nodeid": item.nodeid, "reports": reports, "warnings": warnings, "record": record}
+    if stop is not None:
+        done["stop"] = {k: stop.get(k) for k in ("kind", "msg", "returncode")}
+    shown = [m["when"] for m in msgs if m.get("t") == "pdbshown"]
+    if shown:
+        done["pdbshown"] = shown
     if xml:
         done["xml"] = xml
     if carry:
@@ -253,6 +260,8 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "xml": {"kind": str, "name": str, "value": str},
     "carry": {"name": str},
     "internal": {"error": str},
+    "stop": {"kind": str, "msg": str},
+    "pdbshown": {"when": str},
     "end": {"rusage": dict},
     "item_done": {"rusage": dict},
     "exit": {"status": int},
@@ -280,6 +289,9 @@ def _frame_ok(m: Any) -> bool:
     if m["t"] in ("end", "item_done", "exit"):
         ru = m.get("rusage") or {}
         return isinstance(ru, dict) and all(isinstance(v, int | float) for v in ru.values())
+    if m["t"] == "stop":
+        code = m.get("returncode")
+        return m["kind"] in ("exit", "interrupt") and (code is None or (isinstance(code, int) and not isinstance(code, bool)))
     if m["t"] == "leftover":
         return all(isinstance(p, dict) and isinstance(p.get("pid"), int) for p in m["procs"])
     return True

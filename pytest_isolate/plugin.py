@@ -421,6 +421,7 @@ class IsolatePlugin:
         asked for another attempt (pytest-rerunfailures, ``adapters.Reruns``)."""
         terminal: dict[int | None, str] = {}
         again = False
+        stop = None
         reason = self.availability(spec.tier) if spec is not None and bad is None else None
         if bad is not None or spec is None:
             reports = answer.synthetic(item, "failed", f"{item.nodeid}: {bad}")
@@ -442,6 +443,7 @@ class IsolatePlugin:
             except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
                 done = self.controller().abort(item.nodeid, spec, exc)
             again = bool(done.get("next_attempt"))
+            stop = done.get("stop")
             if nextitem is None and not again:
                 self.controller().finishing()
             # Tripwires are read before anything else can run: a contact is this test's.
@@ -452,11 +454,13 @@ class IsolatePlugin:
             self.controller().carry.merge(done.get("carry"))
             record["escapes"] += contacts
             terminal = answer.terminal_text(done, reports)
-        reports = answer.finish(self.config, item, spec, reports, record)
+        reports = answer.finish(self.config, item, spec, reports, record, stopped=stop is not None)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
             item.ihook.pytest_runtest_logreport(report=rep)
         self._write_terminal(terminal.get(None))
+        if stop is not None:
+            answer.stop_session(stop)
         return again
 
     def _prefetch(self, item: pytest.Item, nextitem: pytest.Item) -> None:

@@ -54,6 +54,25 @@ def _remote_sys_path() -> list[str]:
     return [*sys.path, pkg_parent] if pkg_parent not in sys.path else list(sys.path)
 
 
+def _terminal_in(out: int, config: pytest.Config) -> list[int]:
+    """The controller's stdin, for a test's debugger (``--pdb``, ``breakpoint()``), when
+    it is the terminal the sandbox's stdout already is: a terminal gives a sandbox no
+    more than the one it has (``TIOCSTI`` works on either fd), and no other file of the
+    user's is handed in. Otherwise the sandbox's stdin stays ``/dev/null``, and a
+    debugger there reads end-of-file and quits, as one would in-process on a
+    non-terminal stdin."""
+    # pytest's capture keeps stdin on /dev/null while it runs; the real one is its copy.
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    saved = getattr(getattr(getattr(capman, "_global_capturing", None), "in_", None), "targetfd_save", None)
+    stdin = saved if isinstance(saved, int) else 0
+    try:
+        if not (os.isatty(stdin) and os.isatty(out)) or os.fstat(stdin).st_rdev != os.fstat(out).st_rdev:
+            return []
+        return [os.dup(stdin)]
+    except OSError:
+        return []
+
+
 class Worker:
     """One execnet gateway with its fork server."""
 
@@ -295,10 +314,12 @@ class Worker:
         # uncaptured prints (-s) go in-process; a server has only stderr of its own.
         out, self._term_out = self._term_out, -1
         if out >= 0:
+            fds = [out, *_terminal_in(out, self.ctl.config)]
             try:
-                socket.send_fds(conn, [b"o"], [out])
+                socket.send_fds(conn, [b"o"], fds)
             finally:
-                os.close(out)
+                for fd in fds:
+                    os.close(fd)
         return conn
 
     def send(self, cmd: dict[str, Any]) -> None:
