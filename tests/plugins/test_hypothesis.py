@@ -28,6 +28,9 @@ def calls(res: pytest.RunResult) -> int:
 @pytest.mark.parametrize("tier", TIERS)
 def test_failure_found_isolated_is_replayed(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
     pytester.makepyfile(test_h=SUITE)
+    # hypothesis's "ci" profile (loaded when $CI is set, as in this suite's CI) keeps no
+    # database: the suite asks for the one a developer's run has.
+    pytester.makeconftest("from hypothesis import settings\n\nsettings.load_profile('default')\n")
     first = run(tier, "-s", plugins=("hypothesispytest",))
     first.assert_outcomes(failed=1)
     assert calls(first) > 3, first.stdout.str()  # a search, then the shrinking to 1000
