@@ -112,6 +112,11 @@ class Recorder:
             self.added[key].remove(value)
         self.removed.setdefault(key, set()).add(value)
 
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        if src != dest:
+            self.delete(src, value)
+            self.save(dest, value)
+
     def record(self, name: str, *args: bytes) -> None:
         if len(self.ops) < _MAX_OPS:
             self.ops.append([name, *(_b64(a) for a in args)])
@@ -127,12 +132,23 @@ class Recorder:
             if value not in seen:
                 yield value
 
+    def prepare(self) -> None:
+        """Find the default database and route its writes here, if hypothesis is
+        imported: in the server once its session has collected (every child inherits
+        it), or in a child whose test module is the first to import hypothesis."""
+        if self.path is None:
+            self.path = _default_path()
+            if self.path is not None:
+                _install(self)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self) -> None:
+        self.prepare()
+
     # -- the carried kind's sandbox side --
     def begin(self) -> None:
         self.ops, self.added, self.removed = [], {}, {}
-        self.path = _default_path()
-        if self.path is not None:
-            _install(self)
+        self.prepare()
 
     def collect(self) -> dict[str, Any] | None:
         if not self.ops or self.path is None:
@@ -148,41 +164,30 @@ def _install(recorder: Recorder) -> None:
         return
     real = {name: getattr(cls, name) for name in ("save", "delete", "move", "fetch")}
 
-    def save(self: Any, key: bytes, value: bytes) -> None:
-        if not recorder.ours(self):
-            return real["save"](self, key, value)
-        recorder.save(key, value)
-        recorder.record("save", key, value)
-        return None
+    def routed(name: str) -> Any:
+        def write(self: Any, *args: bytes) -> None:
+            if not recorder.ours(self):
+                return real[name](self, *args)
+            getattr(recorder, name)(*args)
+            recorder.record(name, *args)
+            return None
 
-    def delete(self: Any, key: bytes, value: bytes) -> None:
-        if not recorder.ours(self):
-            return real["delete"](self, key, value)
-        recorder.delete(key, value)
-        recorder.record("delete", key, value)
-        return None
-
-    def move(self: Any, src: bytes, dest: bytes, value: bytes) -> None:
-        if not recorder.ours(self):
-            return real["move"](self, src, dest, value)
-        if src != dest:
-            recorder.delete(src, value)
-            recorder.save(dest, value)
-        recorder.record("move", src, dest, value)
-        return None
+        return write
 
     def fetch(self: Any, key: bytes) -> Any:
         if not recorder.ours(self):
             return real["fetch"](self, key)
         return recorder.fetch(iter(real["fetch"](self, key)), key)
 
-    for name, fn in (("save", save), ("delete", delete), ("move", move), ("fetch", fetch)):
+    for name, fn in (*((n, routed(n)) for n in ("save", "delete", "move")), ("fetch", fetch)):
         fn.__name__ = fn.__qualname__ = name
         setattr(cls, name, fn)
     cls._isolate_recorder = recorder
 
 
 def sandbox(config: pytest.Config, init: dict[str, Any]) -> Recorder:
-    """The sandbox side, made in the fork server: it acts only once a test's child
-    finds hypothesis imported."""
-    return Recorder()
+    """The sandbox side, made in the fork server (a plugin of its session too, to
+    prepare once it has collected)."""
+    recorder = Recorder()
+    config.pluginmanager.register(recorder, "isolate-carry-hypothesis")
+    return recorder
