@@ -102,6 +102,12 @@ class Forwarder:
         if self.fd < 0:
             return
         self.check_runner()
+        if self.terminal.writer is not None:
+            # What the terminal reporter's logging, muted here, would have done in this
+            # process first: ask about the report's status. Implementations may change the
+            # report there, from what only this process knows (pytest 9 fails a passed
+            # test that had failed subtests, counted here).
+            self.config.hook.pytest_report_teststatus(report=report, config=self.config)
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         frame = wire.encode({"t": "report", "data": data})
         if len(frame) > wire.MAX_MESSAGE - _FRAME_SLACK:

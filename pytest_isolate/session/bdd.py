@@ -66,7 +66,13 @@ class SandboxHooks:
     @pytest.hookimpl(wrapper=True)
     def pytest_report_to_serializable(self, config: pytest.Config, report: Any) -> Any:
         data = yield
-        context = self.reporting.test_report_context_registry.get(report) if isinstance(data, dict) else None
+        try:
+            # A report that compares by value (pytest 9's ``SubtestReport``, a
+            # dataclass) is not hashable, so it cannot be a key: pytest-bdd filed nothing
+            # under it. A lookup must not fail the test whose subtest is being logged.
+            context = self.reporting.test_report_context_registry.get(report) if isinstance(data, dict) else None
+        except TypeError:
+            context = None
         if context is not None:
             data[KEY] = {"scenario": context.scenario, "name": context.name}
         return data

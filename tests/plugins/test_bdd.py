@@ -78,3 +78,4 @@ def test_bdd_same_outcomes_and_cucumber_json(pytester: pytest.Pytester, run: Run
     assert expected, "in-process pytest-bdd wrote no scenario"
     assert cucumber(str(pytester.path / "iso.json")) == expected
     assert '"status": "failed"' in json.dumps(expected)
+
