@@ -46,6 +46,9 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     dependency = dependency_module(config)
     if dependency is not None:
         pm.register(Dependencies(dependency, isolated), Dependencies.NAME)
+    from pytest_isolate.session import inline_snapshot
+
+    inline_snapshot.register(config, isolated)
 
 
 def in_server() -> None:

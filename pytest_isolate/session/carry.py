@@ -16,11 +16,20 @@ from typing import Any
 import pytest
 
 from pytest_isolate import wire
-from pytest_isolate.session import allure, bdd, benchmark, coverage, flaky, hypothesis_db, syrupy
+from pytest_isolate.session import (
+    allure,
+    bdd,
+    benchmark,
+    coverage,
+    flaky,
+    hypothesis_db,
+    inline_snapshot,
+    syrupy,
+)
 
 #: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
 #: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
-KINDS: tuple[Any, ...] = (syrupy, benchmark, flaky, bdd, allure, hypothesis_db)
+KINDS: tuple[Any, ...] = (syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot)
 
 
 class Carry:

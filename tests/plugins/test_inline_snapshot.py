@@ -1,0 +1,106 @@
+"""inline-snapshot: the same outcomes isolated; what it cannot do there is said, not skipped.
+
+Its snapshots live in the process the test ran in (frames, live values) and are
+reported and applied at the session's end: isolated, its report lacked them and
+``--inline-snapshot=fix`` changed nothing without a word.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.plugins.conftest import Runner, outcomes
+
+SUITE = """
+    import pytest
+    from inline_snapshot import snapshot
+
+
+    def test_new():
+        assert 1 + 1 == snapshot()
+
+
+    def test_ok():
+        assert "abc".upper() == snapshot("ABC")
+
+
+    def test_wrong():
+        assert [1, 2, 3] == snapshot([1, 2])
+
+
+    def test_none():
+        pass
+
+
+    @pytest.mark.isolate("process")
+    def test_marked():
+        assert 2 * 3 == snapshot(6)
+"""
+
+PLUGINS = ("inline_snapshot",)
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_same_outcomes_and_a_summary_of_what_was_left_out(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    source = pytester.makepyfile(test_snap=SUITE)
+    before = source.read_text()
+    base = run(None, "--inline-snapshot=report", plugins=PLUGINS)
+    iso = run(tier, "--inline-snapshot=report", plugins=PLUGINS)
+    assert outcomes(iso) == outcomes(base), iso.stdout.str()
+    assert outcomes(iso)["test_snap.py::test_wrong"] == ["FAILED", "ERROR"]
+    assert outcomes(iso)["test_snap.py::test_new"] == ["PASSED", "ERROR"]
+    # In-process the report shows the diffs; isolated it cannot, and says so.
+    base.stdout.fnmatch_lines(["*Create snapshots*", "*Fix snapshots*"])
+    iso.stdout.fnmatch_lines(
+        [
+            "*- inline-snapshot, isolated tests -*",
+            "4 snapshots in 4 isolated tests were checked in their sandboxes; *",
+            "It would change some of them (create 1, fix 1): run those tests in-process*",
+        ]
+    )
+    assert source.read_text() == before
+
+
+def test_in_process_tests_are_not_counted(pytester: pytest.Pytester, run: Runner) -> None:
+    """Only the marked test runs isolated: the summary counts it alone, and the rest of
+    inline-snapshot's report is its own, as in-process."""
+    pytester.makepyfile(test_snap=SUITE)
+    result = run(None, "--inline-snapshot=report", plugins=PLUGINS)
+    result.stdout.fnmatch_lines(
+        ["*Create snapshots*", "1 snapshot in 1 isolated test were checked*"]
+    )
+    assert "It would change" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_writing_flags_are_refused_for_isolated_tests(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    source = pytester.makepyfile(test_snap=SUITE)
+    before = source.read_text()
+    result = run(tier, "--inline-snapshot=create,fix", plugins=PLUGINS)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: --inline-snapshot=create,fix: inline-snapshot can only change the snapshots of tests that run"
+            " in-process, and test_snap.py::test_new and 4 more would run isolated; run them with --isolate=none*"
+        ]
+    )
+    assert "passed" not in result.stdout.str()
+    assert source.read_text() == before
+
+
+def test_in_process_tests_are_fixed_once_nothing_is_isolated(
+    pytester: pytest.Pytester, run: Runner
+) -> None:
+    """With the marked test deselected, nothing runs isolated: inline-snapshot creates
+    and fixes as it does without this plugin."""
+    source = pytester.makepyfile(test_snap=SUITE)
+    refused = run(None, "--inline-snapshot=create,fix", plugins=PLUGINS)
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines(["*test_snap.py::test_marked would run isolated*"])
+    result = run(None, "--inline-snapshot=create,fix", "-k", "not marked", plugins=PLUGINS)
+    text = source.read_text()
+    assert "snapshot(2)" in text and "snapshot([1, 2, 3])" in text, result.stdout.str()
