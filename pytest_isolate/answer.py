@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.session import extras
 from pytest_isolate.spec import IsolationSpec
 
 
@@ -103,7 +104,7 @@ def unpack(
     if "error" in done:
         reports = synthetic(item, "failed", done["error"])
         return reports, new_record(item, spec, reports, {"worker_error": done["error"]})
-    reports = [_subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(d)), d)
+    reports = [_subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(extras.unpack(d))), d)
                for d in done["reports"]]
     for when in done.get("pdbshown") or ():
         # Its failure was shown in the sandbox's debugger: the summary leaves it out.

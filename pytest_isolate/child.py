@@ -24,7 +24,7 @@ import pytest
 from pytest_isolate import frozen, wire
 from pytest_isolate.facets import rlimits
 from pytest_isolate.observe import audit
-from pytest_isolate.session import adapters
+from pytest_isolate.session import adapters, extras
 from pytest_isolate.session.adapters import NextAttempt, Reruns
 from pytest_isolate.spec import IsolationSpec
 
@@ -108,7 +108,7 @@ class Forwarder:
             # report there, from what only this process knows (pytest 9 fails a passed
             # test that had failed subtests, counted here).
             self.config.hook.pytest_report_teststatus(report=report, config=self.config)
-        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        data = extras.pack(self.config.hook.pytest_report_to_serializable(config=self.config, report=report))
         frame = wire.encode({"t": "report", "data": data})
         if len(frame) > wire.MAX_MESSAGE - _FRAME_SLACK:
             frame = wire.encode(_fitted({"t": "report", "data": data}))
