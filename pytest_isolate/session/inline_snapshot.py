@@ -14,9 +14,10 @@ the test alike). What this adds:
 - flags given on the command line that change files are refused, with the tests that
   would run isolated, before any test runs: they would change nothing for those tests,
   and ``trim`` would take external snapshots only isolated tests use for unused;
-- each sandbox tells how many snapshots its test met and what inline-snapshot would
-  change for them (counts per category), and the controller says so in the summary,
-  with how to see or apply the changes.
+- each sandbox tells how many of the snapshots its test met inline-snapshot would
+  change (counts per category), and the controller says so in the summary, with how to
+  see or apply the changes (nothing when nothing would change: in-process its report
+  then shows nothing either).
 
 Default flags (``create,review`` in a terminal, ``report`` elsewhere) are not refused:
 they change nothing without the user's answer, and the summary says what was left out.
@@ -71,8 +72,8 @@ class Guard:
     def __init__(self, config: pytest.Config, isolated: Callable[[pytest.Item], bool]) -> None:
         self.config = config
         self.isolated = isolated
-        self.snapshots = 0
-        self.tests = 0
+        self.snapshots = 0  # that would change
+        self.tests = 0  # with such snapshots
         self.changes: dict[str, int] = {}
 
     @pytest.hookimpl(trylast=True)
@@ -93,7 +94,7 @@ class Guard:
     def add(self, data: Any) -> None:
         if not isinstance(data, dict):
             return
-        count = data.get("snapshots")
+        count = data.get("changed")
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             return
         self.tests += 1
@@ -112,15 +113,12 @@ class Guard:
         tr.write_sep("-", "inline-snapshot, isolated tests")
         s = "s" if self.snapshots != 1 else ""
         t = "s" if self.tests != 1 else ""
+        what = ", ".join(f"{k} {v}" for k, v in sorted(self.changes.items()))
         tr.write_line(
-            f"{self.snapshots} snapshot{s} in {self.tests} isolated test{t} were checked in their sandboxes; "
-            "inline-snapshot's report does not show them and it changes none of them."
+            f"inline-snapshot would change {self.snapshots} snapshot{s} of {self.tests} isolated test{t} "
+            f"({what}). Its report leaves them out, and it changes no snapshot of an isolated test: "
+            "run those tests in-process to see or apply the changes."
         )
-        if self.changes:
-            what = ", ".join(f"{k} {v}" for k, v in sorted(self.changes.items()))
-            tr.write_line(
-                f"It would change some of them ({what}): run those tests in-process to see or apply it."
-            )
 
 
 class Collector(PluginCollector):
@@ -154,15 +152,17 @@ class Recorder:
         if not new:
             return None
         changes: dict[str, int] = {}
+        changed = 0
         for snap in new:
             try:
-                for change in snap._changes():
-                    flag = getattr(change, "flag", None)
-                    if flag in CATEGORIES:
-                        changes[flag] = changes.get(flag, 0) + 1
+                flags = [getattr(c, "flag", None) for c in snap._changes()]
             except Exception:  # noqa: BLE001 - inline-snapshot reports its own errors in-process
                 continue
-        return {"snapshots": len(new), "changes": changes}
+            flags = [f for f in flags if f in CATEGORIES]
+            changed += bool(flags)
+            for flag in flags:
+                changes[flag] = changes.get(flag, 0) + 1
+        return {"snapshots": len(new), "changed": changed, "changes": changes}
 
 
 def register(config: pytest.Config, isolated: Callable[[pytest.Item], bool]) -> None:

@@ -56,22 +56,24 @@ def test_same_outcomes_and_a_summary_of_what_was_left_out(
     iso.stdout.fnmatch_lines(
         [
             "*- inline-snapshot, isolated tests -*",
-            "4 snapshots in 4 isolated tests were checked in their sandboxes; *",
-            "It would change some of them (create 1, fix 1): run those tests in-process*",
+            "inline-snapshot would change 2 snapshots of 2 isolated tests (create 1, fix 1). Its report leaves"
+            " them out, and it changes no snapshot of an isolated test: run those tests in-process to see or"
+            " apply the changes.",
         ]
     )
     assert source.read_text() == before
 
 
-def test_in_process_tests_are_not_counted(pytester: pytest.Pytester, run: Runner) -> None:
-    """Only the marked test runs isolated: the summary counts it alone, and the rest of
-    inline-snapshot's report is its own, as in-process."""
-    pytester.makepyfile(test_snap=SUITE)
+def test_only_what_would_change_is_summed_up(pytester: pytest.Pytester, run: Runner) -> None:
+    """Only the marked test runs isolated, and its snapshot holds: nothing to say (the
+    report of the tests run in-process is inline-snapshot's own, as ever)."""
+    source = pytester.makepyfile(test_snap=SUITE)
     result = run(None, "--inline-snapshot=report", plugins=PLUGINS)
-    result.stdout.fnmatch_lines(
-        ["*Create snapshots*", "1 snapshot in 1 isolated test were checked*"]
-    )
-    assert "It would change" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*Create snapshots*"])
+    assert "isolated test" not in result.stdout.str()
+    source.write_text(source.read_text().replace("snapshot(6)", "snapshot(7)"))
+    result = run(None, "--inline-snapshot=report", plugins=PLUGINS)
+    result.stdout.fnmatch_lines(["inline-snapshot would change 1 snapshot of 1 isolated test (fix 1).*"])
 
 
 @pytest.mark.parametrize("tier", ["process", "jail"])
