@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn
 
 import pytest
+from _pytest import faulthandler as _pytest_faulthandler
 
 from pytest_isolate import frozen, wire
 from pytest_isolate.facets import rlimits
@@ -386,7 +387,14 @@ def _repoint_capture(config: pytest.Config) -> None:
     were when it started: the server's (``/dev/null``, its log). Whenever capture is
     suspended in the test's own process (a debugger, ``capsys.disabled()``, between
     phases) the fds go back to those copies. Here they become this child's 0, 1 and 2
-    (the user's terminal, as in-process)."""
+    (the user's terminal, as in-process). So does the copy of stderr pytest's
+    faulthandler took at configuration, where ``faulthandler_timeout`` dumps a slow
+    test's stacks."""
+    key = getattr(_pytest_faulthandler, "fault_handler_stderr_fd_key", None)
+    fd = config.stash.get(key, None) if key is not None else None
+    if isinstance(fd, int) and fd > 2:
+        with contextlib.suppress(OSError):
+            os.dup2(2, fd)
     capman = config.pluginmanager.get_plugin("capturemanager")
     capturing = getattr(capman, "_global_capturing", None)
     for name in ("in_", "out", "err"):

@@ -395,6 +395,13 @@ class IsolatePlugin:
                 self._last_in_process = item.nodeid  # workers end once it has run
             return None
         self._depth = _caller_depth(sys._getframe())
+        if item.config.getini("faulthandler_timeout"):
+            # pytest's faulthandler armed its timer around this hook: here it would dump
+            # this process's threads (ours, waiting) instead of the test's, which the
+            # sandbox's own timer dumps to the terminal.
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
         ihook = item.ihook
         attempt = 0
         while True:
