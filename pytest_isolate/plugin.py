@@ -455,6 +455,7 @@ class IsolatePlugin:
                 self.controller().finishing()
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
+            self.controller().carry.merge(done.get("carry"), early=True)
             if nextitem is not None and not contacts and not again and answer.clean(done):
                 self._prefetch(item, nextitem)
             reports, record = answer.unpack(self.config, item, spec, done, self.unavailable)

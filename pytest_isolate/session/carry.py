@@ -24,12 +24,15 @@ from pytest_isolate.session import (
     flaky,
     hypothesis_db,
     inline_snapshot,
+    pytest_cache,
     syrupy,
 )
 
 #: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
 #: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
-KINDS: tuple[Any, ...] = (syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot)
+KINDS: tuple[Any, ...] = (
+    syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot, pytest_cache,
+)
 
 
 class Carry:
@@ -51,11 +54,13 @@ class Carry:
                 out[name] = init
         return out
 
-    def merge(self, frames: Any) -> None:
+    def merge(self, frames: Any, early: bool = False) -> None:
+        """``early``: only the kinds a later test may read (``Collector.early``), merged
+        before the next test is sent ahead; otherwise the others, after."""
         for frame in frames or ():
             name = frame.get("name") if isinstance(frame, dict) else None
             kind = self.kinds.get(name) if isinstance(name, str) else None
-            if kind is not None:
+            if kind is not None and getattr(kind, "early", False) is early:
                 kind.merge(frame.get("data"))
 
     def finish(self) -> None:

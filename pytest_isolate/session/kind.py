@@ -15,6 +15,9 @@ import pytest
 class PluginCollector:
     """Base of a kind's controller side; ``loaded`` says whether the plugin is active."""
 
+    #: What it merges, a later test may read: merged before the next test is sent.
+    early = False
+
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
 
