@@ -63,6 +63,7 @@ class Project:
     why: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    extras: tuple[str, ...] = ()  # the project's own extras its suite needs
 
 
 # Pinned so the table can be reproduced. Test dependencies come from each project's
@@ -248,6 +249,25 @@ PROJECTS: tuple[Project, ...] = (
         "pytest-django (DJANGO_SETTINGS_MODULE in setup.cfg, the test database made by a session "
         "fixture, transactions per test), SQLite (its CI's SQLITE=1)",
         env=(("SQLITE", "1"),),
+    ),
+    Project(
+        "fastapi", "0.165.0",
+        (
+            "opentelemetry-instrumentation-fastapi>=0.65b0", "logfire>=5.1.0", "sentry-sdk>=2.70.0",
+            "opentelemetry-sdk>=1.44.0", "opentelemetry-exporter-otlp-proto-http>=1.44.0",
+            "httpx>=0.23.0,<1.0.0", "httpx2>=2.0.0", "python-slugify>=8.0.4", "ruff>=0.14.14,<0.17.0",
+            "anyio[trio]>=4.1.0,<5.0.0", "coverage[toml]>=7.13,<8.0", "dirty-equals>=0.9.0",
+            "flask>=3.0.0,<4.0.0", "inline-snapshot>=0.21.1", "mypy>=1.14.1", "pwdlib[argon2]>=0.2.1",
+            "pyjwt>=2.9.0", "pytest>=9.0.0,<9.2", "pytest-codspeed>=4.3.0", "pyyaml>=5.3.1,<7.0.0",
+            "sqlmodel>=0.0.31", "strawberry-graphql>=0.200.0,<1.0.0", "ty>=0.0.25", "typer>=0.26.1",
+            "a2wsgi>=1.9.0,<=2.0.0", "pytest-xdist[psutil]>=3.0.2", "pytest-cov>=4.0.0",
+            "pytest-sugar>=1.0.0", "pytest-timeout>=2.4.0",
+        ),
+        "inline-snapshot in ~300 test modules, dirty-equals, pytest-timeout (20 s in its config), "
+        "filterwarnings=error, --strict-config/--strict-markers, strict_xfail; ~5,300 tests, "
+        "TestClient apps imported from docs_src per module; its dependency group 'tests' and "
+        "the 'all' extra",
+        extras=("all",),
     ),
 )
 
@@ -506,7 +526,8 @@ def make_venv(proj: Project, src: Path, wheel: Path, work: Path) -> tuple[Path, 
         shutil.rmtree(venv)
     sh([sys.executable, "-m", "venv", str(venv)])
     py = venv / "bin" / "python"
-    sh([str(py), "-m", "pip", "install", "-q", str(src), *proj.test_deps, str(wheel)])
+    target = f"{src}[{','.join(proj.extras)}]" if proj.extras else str(src)
+    sh([str(py), "-m", "pip", "install", "-q", target, *proj.test_deps, str(wheel)])
     site = sh([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
     Path(site, f"{RECORDER_MODULE}.py").write_text(RECORDER)
     freeze = sh([str(py), "-m", "pip", "freeze"]).splitlines()
