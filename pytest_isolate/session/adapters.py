@@ -63,6 +63,9 @@ def in_server() -> None:
     """
     import sys
 
+    from pytest_isolate.session import retry
+
+    retry.in_server()
     rr = sys.modules.get("pytest_rerunfailures")  # loaded by the session, if at all
     if rr is None:
         return

@@ -25,13 +25,14 @@ from pytest_isolate.session import (
     hypothesis_db,
     inline_snapshot,
     pytest_cache,
+    retry,
     syrupy,
 )
 
 #: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
 #: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
 KINDS: tuple[Any, ...] = (
-    syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot, pytest_cache,
+    syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot, pytest_cache, retry,
 )
 
 

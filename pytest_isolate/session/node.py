@@ -100,6 +100,9 @@ def _shims(config: pytest.Config, data: dict[str, Any]) -> None:
     seed = getattr(config.option, "randomly_seed", None)
     if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
         data.setdefault("randomly_seed", seed)
+    from pytest_isolate.session import retry
+
+    retry.shim(config, data)
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
