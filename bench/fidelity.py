@@ -269,6 +269,13 @@ PROJECTS: tuple[Project, ...] = (
         "the 'all' extra",
         extras=("all",),
     ),
+    Project(
+        "alembic", "1.20.1",
+        ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
+        "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "
+        "fixtures, per-backend test classes, xdist node hooks that name a follower database), "
+        "SQLite; --maxfail, -p no:warnings, -p no:logging in addopts",
+    ),
 )
 
 RECORDER = '''\
