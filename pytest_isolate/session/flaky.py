@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector
+from pytest_isolate.session.kind import PluginCollector, StreamRecorder
 
 NAME = "flaky"
 #: At most this much report text per sandbox (a test rerun many times with long errors).
@@ -44,23 +44,6 @@ class Collector(PluginCollector):
             stream.write(data[:_MAX])
 
 
-class Recorder:
-    """Sandbox side: what the child's tests added to the stream."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.start = 0
-
-    def begin(self) -> None:
-        stream = _stream(self.config)
-        self.start = len(stream.getvalue()) if stream is not None else 0
-
-    def collect(self) -> str | None:
-        stream = _stream(self.config)
-        text = stream.getvalue()[self.start :] if stream is not None else ""
-        return text or None
-
-
-def sandbox(config: pytest.Config, init: dict[str, Any]) -> Recorder | None:
-    """The sandbox side, made in the fork server."""
-    return Recorder(config) if _stream(config) is not None else None
+def sandbox(config: pytest.Config, init: dict[str, Any]) -> StreamRecorder | None:
+    """The sandbox side, made in the fork server: what the child's tests added to the stream."""
+    return StreamRecorder(config, _stream) if _stream(config) is not None else None

@@ -1,4 +1,5 @@
-"""The controller side shared by carried kinds that only need the plugin loaded.
+"""What carried kinds share: the controller side of those that only need the plugin
+loaded, and the sandbox side of those that write a text report to a stream.
 
 A plugin whose per-test state is carried back (``carry.py``) needs nothing from the
 server's start but to be told that the controller wants its state, and nothing at the
@@ -7,6 +8,7 @@ end: its own ``pytest_sessionfinish`` in the controller acts on what was merged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,3 +37,22 @@ class PluginCollector:
 
     def finish(self) -> None:
         """The plugin's own ``pytest_sessionfinish`` acts on what was merged."""
+
+
+class StreamRecorder:
+    """Sandbox side of a plugin that writes a text report to a stream of its own (flaky,
+    pytest-retry): what the child's tests added to it."""
+
+    def __init__(self, config: pytest.Config, stream: Callable[[pytest.Config], Any]) -> None:
+        self.config = config
+        self.stream = stream
+        self.start = 0
+
+    def begin(self) -> None:
+        stream = self.stream(self.config)
+        self.start = len(stream.getvalue()) if stream is not None else 0
+
+    def collect(self) -> str | None:
+        stream = self.stream(self.config)
+        text = stream.getvalue()[self.start :] if stream is not None else ""
+        return text or None

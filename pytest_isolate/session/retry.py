@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector
+from pytest_isolate.session.kind import PluginCollector, StreamRecorder
 
 NAME = "retry"
 #: At most this much report text per sandbox.
@@ -98,23 +98,7 @@ class Collector(PluginCollector):
                 pass
 
 
-class Recorder:
-    """Sandbox side: what the child's tests added to the offline report."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.start = 0
-
-    def begin(self) -> None:
-        stream = _stream(self.config)
-        self.start = len(stream.getvalue()) if stream is not None else 0
-
-    def collect(self) -> str | None:
-        stream = _stream(self.config)
-        text = stream.getvalue()[self.start :] if stream is not None else ""
-        return text or None
-
-
-def sandbox(config: pytest.Config, init: dict[str, Any]) -> Recorder | None:
-    """The sandbox side, made in the fork server."""
-    return Recorder(config) if _plugin(config) is not None else None
+def sandbox(config: pytest.Config, init: dict[str, Any]) -> StreamRecorder | None:
+    """The sandbox side, made in the fork server: what the child's tests added to the
+    offline report (its reporter is made when pytest-retry is configured, later)."""
+    return StreamRecorder(config, _stream) if _plugin(config) is not None else None
