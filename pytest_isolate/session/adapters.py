@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.session import inline_snapshot, retry
+
 Isolated = Callable[[pytest.Item], bool]
 
 
@@ -46,8 +48,6 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     dependency = dependency_module(config)
     if dependency is not None:
         pm.register(Dependencies(dependency, isolated), Dependencies.NAME)
-    from pytest_isolate.session import inline_snapshot
-
     inline_snapshot.register(config, isolated)
 
 
@@ -62,8 +62,6 @@ def in_server() -> None:
     takes part in).
     """
     import sys
-
-    from pytest_isolate.session import retry
 
     retry.in_server()
     rr = sys.modules.get("pytest_rerunfailures")  # loaded by the session, if at all

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.session import retry
+
 #: Plugins (by registered name) whose cross-process state ``session.carry`` handles.
 CARRIED = ("_cov",)
 #: Set in the fork server's config: this session is a sandbox's, not the user's
@@ -100,8 +102,6 @@ def _shims(config: pytest.Config, data: dict[str, Any]) -> None:
     seed = getattr(config.option, "randomly_seed", None)
     if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
         data.setdefault("randomly_seed", seed)
-    from pytest_isolate.session import retry
-
     retry.shim(config, data)
 
 
