@@ -1,0 +1,153 @@
+"""pytest-memray's results, written inside sandboxes, reach the controller's report.
+
+pytest-memray tracks each test's allocations in the test's process and writes them to a
+result file (and a small JSON of the test's peak) in a directory its controller made,
+which the controller reads for its "MEMRAY REPORT": that is how it works under
+pytest-xdist. Isolated, the limits (``limit_memory``, ``limit_leaks``) are checked in
+the sandbox as in-process, but from `chroot` up the files landed in the sandbox's own
+``/tmp``, thrown away with it: the report was empty. So the sandbox sends the files its
+test wrote there, the controller writes the ones it does not have yet into the same
+directory and files each result as its own tests' are, in test order.
+
+The sandbox is untrusted: file names are checked (one plain name, no path), files are
+created only where none exists (never through a link), a result may only name a file
+carried with it, and memray's reader then parses the file as memray's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_isolate.session.kind import PluginCollector
+
+NAME = "memray"
+#: Bytes of result files one sandbox may send (a test's aggregated allocations are
+#: kilobytes; with native traces more).
+_MAX = 32 << 20
+
+
+def _manager(config: pytest.Config) -> Any:
+    """pytest-memray's plugin object, when it measures in this session (``--memray``)."""
+    manager = config.pluginmanager.get_plugin("memray_manager")
+    if manager is None or not isinstance(getattr(manager, "result_path", None), Path):
+        return None
+    value_or_ini = getattr(sys.modules.get("pytest_memray.utils"), "value_or_ini", None)
+    try:
+        on = value_or_ini(config, "memray") if value_or_ini is not None else config.getoption("memray", False)
+    except (ValueError, KeyError, AttributeError):
+        return None
+    return manager if on else None
+
+
+def _plain_name(name: Any) -> bool:
+    """One file name, no path: it cannot lead out of the directory it is joined to."""
+    return (
+        isinstance(name, str) and 0 < len(name) <= 255 and name == os.path.basename(name)
+        and not name.startswith(".") and "\0" not in name
+    )
+
+
+def _listing(path: Path) -> set[str]:
+    try:
+        return set(os.listdir(path))
+    except OSError:
+        return set()
+
+
+class Collector(PluginCollector):
+    """Controller side: the sandbox's result files written here, its results filed."""
+
+    def loaded(self) -> bool:
+        return self.config.pluginmanager.get_plugin("memray_manager") is not None
+
+    def merge(self, data: Any) -> None:
+        manager = _manager(self.config)
+        result = getattr(sys.modules.get("pytest_memray.plugin"), "Result", None)
+        if manager is None or result is None or not isinstance(data, dict):
+            return
+        files = data.get("files")
+        results = data.get("results")
+        if not isinstance(files, dict) or not isinstance(results, list):
+            return
+        written = {name for name, text in files.items() if self._write(manager.result_path, name, text)}
+        for entry in results:
+            if not isinstance(entry, dict):
+                continue
+            test_id, peak, name = entry.get("test_id"), entry.get("peak_memory"), entry.get("file")
+            if not (isinstance(test_id, str) and isinstance(peak, int) and _plain_name(name)):
+                continue
+            path = manager.result_path / name
+            if name in files and (name in written or path.is_file()):
+                manager.results[test_id] = result(test_id, peak, path)
+
+    @staticmethod
+    def _write(where: Path, name: Any, text: Any) -> bool:
+        if not _plain_name(name) or not isinstance(text, str):
+            return False
+        try:
+            raw = base64.b64decode(text, validate=True)
+            fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except (ValueError, OSError):
+            return False  # at `process` the sandbox wrote it already
+        try:
+            os.write(fd, raw)
+        finally:
+            os.close(fd)
+        return True
+
+
+class Recorder:
+    """Sandbox side: the result files and results of the child's tests."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.before: set[str] = set()
+        self.meta_before: set[str] = set()
+
+    def begin(self) -> None:
+        manager = _manager(self.config)
+        if manager is not None:
+            self.before = _listing(manager.result_path)
+            self.meta_before = _listing(manager.result_metadata_path)
+
+    def collect(self) -> dict[str, Any] | None:
+        manager = _manager(self.config)
+        if manager is None:
+            return None
+        results = []
+        for name in sorted(_listing(manager.result_metadata_path) - self.meta_before):
+            try:
+                raw = json.loads((manager.result_metadata_path / name).read_text())
+                results.append(
+                    {"test_id": raw["test_id"], "peak_memory": raw["peak_memory"],
+                     "file": Path(raw["result_file"]).name}
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        files: dict[str, str] = {}
+        size = 0
+        for entry in results:
+            name = entry["file"]
+            if name in files or name in self.before:
+                continue
+            try:
+                raw = (manager.result_path / name).read_bytes()
+            except OSError:
+                continue
+            size += len(raw)
+            if size > _MAX:
+                break
+            files[name] = base64.b64encode(raw).decode("ascii")
+        return {"files": files, "results": results} if results else None
+
+
+def sandbox(config: pytest.Config, init: dict[str, Any]) -> Recorder | None:
+    """The sandbox side, made in the fork server (pytest-memray is configured later)."""
+    return Recorder(config) if config.pluginmanager.has_plugin("memray") else None

@@ -1,0 +1,78 @@
+"""pytest-memray: the same limits and the same "MEMRAY REPORT" isolated as in-process.
+
+Its result files are written by the test's process into a directory the controller
+reads; from `chroot` up they were written into the sandbox's own ``/tmp`` and the
+report was empty.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.plugins.conftest import TIERS, Runner, outcomes
+
+SUITE = """
+    import pytest
+
+    @pytest.mark.limit_memory("1 MB")
+    def test_big():
+        data = bytearray(5 * 1024 * 1024)
+        assert len(data)
+
+    def test_medium():
+        data = bytearray(2 * 1024 * 1024)
+        assert len(data)
+
+    def test_small():
+        pass
+"""
+
+
+def report(result: pytest.RunResult) -> list[str]:
+    """The MEMRAY REPORT section, addresses aside."""
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if "MEMRAY REPORT" in line)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("====="))
+    return [re.sub(r"0x[0-9a-f]+|prefix [0-9a-f]+|/tmp/tmp\w+", "_", line) for line in lines[start:end]]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_limits_and_report_as_in_process(
+    pytester: pytest.Pytester, run: Runner, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each run makes its own result directory (an outer pytest-memray would share its).
+    monkeypatch.delenv("MEMRAY_RESULT_PATH", raising=False)
+    pytester.makepyfile(test_mem=SUITE)
+    base = run(None, "--memray", plugins=("memray",))
+    iso = run(tier, "--memray", plugins=("memray",))
+    assert outcomes(iso) == outcomes(base), iso.stdout.str()
+    assert iso.parseoutcomes() == base.parseoutcomes()
+    iso.stdout.fnmatch_lines(["test_mem.py::test_big MEMORY PROBLEMS*", "*1 failed, 2 passed*"])
+    assert report(iso) == report(base)
+    assert any("Allocation results for test_mem.py::test_big" in line for line in report(iso)), report(iso)
+
+
+def test_result_files_the_controller_refuses(tmp_path: Path) -> None:
+    """The sandbox is untrusted: a carried file is one plain name, created where none
+    exists, never through a link."""
+    import base64
+    import os
+
+    from pytest_isolate.session.memray import Collector, _plain_name
+
+    for bad in ("../x.bin", "a/b.bin", "/tmp/x.bin", ".hidden", "", "a\0b", "x" * 300, 5, None):
+        assert not _plain_name(bad), bad
+    assert _plain_name("3f2a.bin") and _plain_name("prefix-test_x.py-test_a[1].bin")
+    text = base64.b64encode(b"data").decode()
+    (tmp_path / "elsewhere").write_text("keep")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link.bin")
+    assert not Collector._write(tmp_path, "link.bin", text)
+    assert (tmp_path / "elsewhere").read_text() == "keep"
+    assert not Collector._write(tmp_path, "../up.bin", text)
+    assert not (tmp_path.parent / "up.bin").exists()
+    assert Collector._write(tmp_path, "new.bin", text)
+    assert (tmp_path / "new.bin").read_bytes() == b"data"
+    assert not Collector._write(tmp_path, "new.bin", text)  # exists: written by the sandbox at `process`
