@@ -79,7 +79,7 @@ class Guard:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         asked = _asked(self.config)
-        if not asked or _state(self.config) is None:
+        if not asked or self.config.option.collectonly or _state(self.config) is None:
             return
         isolated = [item for item in session.items if self.isolated(item)]
         if not isolated:

@@ -92,6 +92,8 @@ def test_writing_flags_are_refused_for_isolated_tests(
     )
     assert "passed" not in result.stdout.str()
     assert source.read_text() == before
+    # Nothing runs with --collect-only: nothing to refuse.
+    assert run(tier, "--inline-snapshot=create,fix", "--collect-only", plugins=PLUGINS).ret == 0
 
 
 def test_in_process_tests_are_fixed_once_nothing_is_isolated(
