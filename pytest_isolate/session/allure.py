@@ -119,7 +119,10 @@ class Collector(PluginCollector):
             name, content = entry
             if not _FILE.fullmatch(name) or not isinstance(content, str):
                 continue
-            body = base64.b64decode(content) if not name.endswith(".json") else content.encode()
+            try:
+                body = base64.b64decode(content, validate=True) if not name.endswith(".json") else content.encode()
+            except ValueError:  # not base64: a damaged or hostile frame, dropped
+                continue
             tmp = target / f"{name}.tmp"
             tmp.write_bytes(body)
             os.replace(tmp, target / name)

@@ -11,7 +11,7 @@ directory and files each result as its own tests' are, in test order.
 
 The sandbox is untrusted: file names are checked (one plain name, no path), files are
 created only where none exists (never through a link), a result may only name a file
-carried with it, and memray's reader then parses the file as memray's own.
+carried with it and is filed only when memray's own reader takes that file.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class Collector(PluginCollector):
 
     def merge(self, data: Any) -> None:
         manager = _manager(self.config)
-        result = getattr(sys.modules.get("pytest_memray.plugin"), "Result", None)
-        if manager is None or result is None or not isinstance(data, dict):
+        plugin = sys.modules.get("pytest_memray.plugin")
+        result, reader = getattr(plugin, "Result", None), getattr(plugin, "FileReader", None)
+        if manager is None or result is None or reader is None or not isinstance(data, dict):
             return
         files = data.get("files")
         results = data.get("results")
@@ -84,8 +85,17 @@ class Collector(PluginCollector):
             if not (isinstance(test_id, str) and isinstance(peak, int) and _plain_name(name)):
                 continue
             path = manager.result_path / name
-            if name in files and (name in written or path.is_file()):
+            if name in files and (name in written or path.is_file()) and self._readable(reader, path):
                 manager.results[test_id] = result(test_id, peak, path)
+
+    @staticmethod
+    def _readable(reader: Any, path: Path) -> bool:
+        """memray's own reader takes the file (a damaged one would fail the summary)."""
+        try:
+            reader(path).metadata  # noqa: B018 - reading the header is the check
+        except Exception:  # noqa: BLE001 - whatever memray raises for a file not its own
+            return False
+        return True
 
     @staticmethod
     def _write(where: Path, name: Any, text: Any) -> bool:
@@ -108,13 +118,11 @@ class Recorder:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.before: set[str] = set()
         self.meta_before: set[str] = set()
 
     def begin(self) -> None:
         manager = _manager(self.config)
         if manager is not None:
-            self.before = _listing(manager.result_path)
             self.meta_before = _listing(manager.result_metadata_path)
 
     def collect(self) -> dict[str, Any] | None:
@@ -135,7 +143,7 @@ class Recorder:
         size = 0
         for entry in results:
             name = entry["file"]
-            if name in files or name in self.before:
+            if name in files:
                 continue
             try:
                 raw = (manager.result_path / name).read_bytes()

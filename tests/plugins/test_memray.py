@@ -76,3 +76,15 @@ def test_result_files_the_controller_refuses(tmp_path: Path) -> None:
     assert Collector._write(tmp_path, "new.bin", text)
     assert (tmp_path / "new.bin").read_bytes() == b"data"
     assert not Collector._write(tmp_path, "new.bin", text)  # exists: written by the sandbox at `process`
+
+
+def test_a_result_whose_file_memray_cannot_read_is_not_filed(tmp_path: Path) -> None:
+    """A damaged or hostile file would make pytest-memray's summary fail in the controller."""
+    from memray import FileReader
+
+    from pytest_isolate.session.memray import Collector
+
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"not a memray capture")
+    assert not Collector._readable(FileReader, garbage)
+    assert not Collector._readable(FileReader, tmp_path / "missing.bin")
