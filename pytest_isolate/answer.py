@@ -61,6 +61,8 @@ def new_record(
         "overuse": list(raw.get("overuse") or []),
         "leftovers": list(raw.get("leftovers") or []),
         "changes": list(raw.get("changes") or []),
+        # What of them reached the host (``isolate(keep=...)``, ``facets.keep``).
+        "kept": [],
         "notes": list(raw.get("notes") or []),
         # What the test did to its result channel or to pytest's protocol (outcome.py
         # ``_faults``): each fails the test, whatever the policy.
@@ -183,7 +185,12 @@ def apply_policy(
             warnings.append(line)
     if failures:
         _fail(reports, failures)
-    for w in warnings:
+    warn(config, item, warnings)
+
+
+def warn(config: pytest.Config, item: pytest.Item, lines: list[str]) -> None:
+    """Each line an ``IsolationWarning`` of ``item`` in pytest's warnings summary."""
+    for w in lines:
         config.hook.pytest_warning_recorded.call_historic(
             kwargs=dict(
                 warning_message=_warning(w, item),

@@ -148,6 +148,8 @@ def done_message(
         done["xml"] = xml
     if carry:
         done["carry"] = carry
+    if box.state.get("kept"):
+        done["kept"] = box.state["kept"]
     if any(m.get("t") == "next_attempt" for m in msgs):
         done["next_attempt"] = True
     if any(terminal):

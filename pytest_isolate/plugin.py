@@ -9,6 +9,8 @@ into pytest's hooks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import os
 import sys
 import types
@@ -21,11 +23,13 @@ import pytest
 # stem at import, with the plugin: it keeps the warnings state from before pytest's
 # configuration.
 from pytest_isolate import answer, report, stem
+from pytest_isolate.facets import keep
 from pytest_isolate.session import adapters
 from pytest_isolate.spec import (
     TIERS,
     IsolationSpec,
     SpecError,
+    intern,
     marker_values,
     parse_values,
     resolve,
@@ -49,6 +53,8 @@ _KEY_HELP = {
     "default: a fresh child per test; 'test' for uml: a fresh guest per test",
     "rootfs": "directory to use as the read-only lower root instead of the host / (chroot/jail/zone)",
     "cpus": "CPUs of a UML guest",
+    "keep": "paths (relative to the rootdir; '*', '**' allowed) below which what a test writes from chroot up "
+    "is copied back to the host, e.g. 'tests/golden'; repeat or separate with commas",
 }
 
 
@@ -67,7 +73,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("isolate", f"default isolation tier ({', '.join(TIERS)})", default=None)
     for key, text in _KEY_HELP.items():
-        group.addoption(_flag(key), dest=f"isolate_{key}", default=None, metavar=key.upper(), help=text)
+        action = "append" if key == "keep" else "store"
+        group.addoption(_flag(key), dest=f"isolate_{key}", default=None, action=action, metavar=key.upper(), help=text)
         parser.addini(f"isolate_{key}", text, default=None)
     group.addoption(
         "--isolate-uml-kernel",
@@ -198,7 +205,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "isolate(tier=None, *, timeout=None, memory=None, cpu=None, cpu_time=None, pids=None, "
         "disk=None, fds=None, io=None, network=None, scope=None, rootfs=None, kernel=None, "
-        f"cpus=None, allow=None): run the test in an isolation tier ({', '.join(TIERS[1:])}) "
+        f"cpus=None, allow=None, keep=None): run the test in an isolation tier ({', '.join(TIERS[1:])}) "
         "with budgets; the closest marker wins key by key. See docs/reference.md.",
     )
     try:
@@ -245,7 +252,19 @@ def item_spec(item: pytest.Item) -> IsolationSpec:
         for k, v in marker_values(mark.args, mark.kwargs, "isolate marker").items():
             marker_layer.setdefault(k, v)
     cli, ini = item.config.stash[_LAYERS]
-    return resolve([marker_layer, cli, ini])
+    spec = resolve([marker_layer, cli, ini])
+    if spec.tier in ("none", "process"):
+        return spec  # its writes reach the host as they are
+    patterns = [*spec.keep, *adapters.kept_by_plugins(item)]
+    if not patterns:
+        return spec
+    kept = _resolved_keep(tuple(patterns), str(item.config.rootpath))
+    return spec if kept == spec.keep else intern(dataclasses.replace(spec, keep=kept))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved_keep(patterns: tuple[str, ...], rootdir: str) -> tuple[str, ...]:
+    return keep.resolve(patterns, rootdir)
 
 
 class IsolatePlugin:
@@ -352,6 +371,7 @@ class IsolatePlugin:
             except SpecError as exc:
                 item.stash[SPEC_ERROR_KEY] = str(exc)
             item.stash[MARKS_KEY] = _isolate_marks(item)
+        _keep_groups(items)
         specs = [item.stash.get(SPEC_KEY, None) for item in items]
         self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone", "uml") for s in specs)
         if self.ctl is not None:
@@ -456,11 +476,16 @@ class IsolatePlugin:
             # Tripwires are read before anything else can run: a contact is this test's.
             contacts = self.controller().canary_escapes(spec.tier)
             self.controller().carry.merge(done.get("carry"), early=True)
+            # Before the next test is sent: its sandbox, built from the host, sees them.
+            kept, kept_notes = keep.write_back(done.get("kept"), spec.keep)
             if nextitem is not None and not contacts and not again and answer.clean(done):
                 self._prefetch(item, nextitem)
             reports, record = answer.unpack(self.config, item, spec, done, self.unavailable)
             self.controller().carry.merge(done.get("carry"))
             record["escapes"] += contacts
+            record["kept"] = kept
+            record["notes"] += kept_notes
+            answer.warn(self.config, item, kept_notes)
             terminal = answer.terminal_text(done, reports)
         reports = answer.finish(self.config, item, spec, reports, record, stopped=stop is not None)
         for rep in reports:
@@ -527,7 +552,25 @@ def scope_group(item: pytest.Item, spec: IsolationSpec | None) -> str | None:
     if spec is None or spec.scope not in ("module", "session") or spec.tier == "uml" and spec.scope == "test":
         return None
     where = item.nodeid.split("::", 1)[0] if spec.scope == "module" else "session"
-    return f"{spec.scope}:{where}:{sorted(spec.to_dict().items())}"
+    # Not ``keep``: a shared sandbox keeps what any of its tests keeps (``_keep_groups``).
+    return f"{spec.scope}:{where}:{sorted((k, v) for k, v in spec.to_dict().items() if k != 'keep')}"
+
+
+def _keep_groups(items: list[pytest.Item]) -> None:
+    """Tests that share a sandbox (``scope``) share its kept paths too: the sandbox's
+    writes are read once, when it ends, for all of them."""
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        spec = item.stash.get(SPEC_KEY, None)
+        group = scope_group(item, spec)
+        if group is not None and spec is not None and spec.tier not in ("none", "process"):
+            groups.setdefault(group, []).append(item)
+    for members in groups.values():
+        specs = [m.stash[SPEC_KEY] for m in members]
+        union = tuple(dict.fromkeys(p for s in specs for p in s.keep))
+        for m, s in zip(members, specs, strict=True):
+            if s.keep != union:
+                m.stash[SPEC_KEY] = intern(dataclasses.replace(s, keep=union))
 
 
 _PLUGGY_DIR = os.path.dirname(pluggy.__file__)

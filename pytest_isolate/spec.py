@@ -127,6 +127,21 @@ def _names(value: Any, what: str) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+def _paths(value: Any, what: str) -> tuple[str, ...]:
+    """Paths or glob patterns (``keep``): a list, or one string split at commas and
+    line ends (an ini option's lines)."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = [p.strip() for v in value for p in re.split(r"[,\n]", v) if p.strip()]
+    if not isinstance(value, list) or not value or any("\0" in v for v in value):
+        raise SpecError(
+            f"{what}: expected a path or a list of paths (relative to the rootdir, '*' and '**' "
+            f"allowed), got {value!r}"
+        )
+    return tuple(value)
+
+
 #: Every key a marker, flag or ini option may set, with its parser. The order is the
 #: order shown in docs and errors.
 KEYS: dict[str, Any] = {
@@ -145,6 +160,7 @@ KEYS: dict[str, Any] = {
     "kernel": _str,
     "cpus": parse_count,
     "allow": _names,
+    "keep": _paths,
 }
 
 
@@ -167,6 +183,8 @@ class IsolationSpec:
     kernel: str | None = None
     cpus: int | None = None
     allow: tuple[str, ...] = field(default_factory=tuple)
+    #: Absolute once resolved (``plugin.item_spec``): where a test's writes reach the host.
+    keep: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def isolated(self) -> bool:
@@ -184,13 +202,15 @@ class IsolationSpec:
         if cached is None:
             cached = dataclasses.asdict(self)
             cached["allow"] = list(self.allow)
+            cached["keep"] = list(self.keep)
             object.__setattr__(self, "_dict", cached)
-        return {**cached, "allow": list(cached["allow"])}
+        return {**cached, "allow": list(cached["allow"]), "keep": list(cached["keep"])}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> IsolationSpec:
         d = dict(d)
         d["allow"] = tuple(d.get("allow") or ())
+        d["keep"] = tuple(d.get("keep") or ())
         return cls(**d)
 
 
@@ -231,9 +251,12 @@ def resolve(layers: Iterable[Mapping[str, Any]]) -> IsolationSpec:
     for layer in layers:
         for k, v in layer.items():
             merged.setdefault(k, v)
-    spec = IsolationSpec(**merged)
-    # One object per distinct spec: its ``to_dict`` is then made once for the run, not
-    # once per test (every test is sent with its spec).
+    return intern(IsolationSpec(**merged))
+
+
+def intern(spec: IsolationSpec) -> IsolationSpec:
+    """One object per distinct spec: its ``to_dict`` is then made once for the run,
+    not once per test (every test is sent with its spec)."""
     return _INTERNED.setdefault(spec, spec)
 
 

@@ -203,6 +203,14 @@ def scan_root(
     return changes, total
 
 
+def uppers(layout: RootLayout, upper: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(upper dir, where its layer sits in the root) of each overlay of a built root."""
+    up = os.fspath(upper)
+    if not layout.split:
+        return [(up, "/")]
+    return [(os.path.join(up, layer.key), layer.path) for layer in layout.layers if layer.kind == "overlay"]
+
+
 def upper_size(upper: str | os.PathLike[str]) -> int:
     """Bytes the test's writes occupy in the upper layer (copy-ups count whole)."""
     return scan_upper(upper, ("/",), None)[1]

@@ -51,6 +51,22 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     inline_snapshot.register(config, isolated)
 
 
+def kept_by_plugins(item: pytest.Item) -> list[str]:
+    """Where plugins that write a test's expected files into the source tree write them
+    by default, for tests that use them: kept (``facets.keep``) as in-process. A test
+    that chose another place (its own ``original_datadir``) names it with
+    ``isolate(keep=...)``, as do other plugins' users (pytest-snapshot's ``snapshots``)."""
+    path = getattr(item, "path", None)
+    names = getattr(item, "fixturenames", ())
+    if path is None or not names:
+        return []
+    pm = item.config.pluginmanager
+    out = []
+    if pm.has_plugin("regressions") and any(n.endswith("_regression") for n in names):
+        out.append(str(path.with_suffix("")))  # pytest-datadir's ``original_datadir``
+    return out
+
+
 def in_server() -> None:
     """In the fork server, once its plugins are loaded and before they are configured.
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from pytest_isolate.facets import mounts, overlay_changes
+from pytest_isolate.facets import keep, mounts, overlay_changes
 from pytest_isolate.facets.namespaces import in_initial_userns
 from pytest_isolate.tiers.base import Box, Tier, fork_child
 
@@ -159,6 +159,9 @@ class ChrootTier(Tier):
             changes, used = overlay_changes.scan_root(layout, d / "upper", lower_for(box), d / "root", TMP_DIRS)
             box.usage["disk_bytes"] = used
             box.state["changes"] = changes
+            if box.spec.keep:
+                uppers = overlay_changes.uppers(layout, d / "upper")
+                box.state["kept"] = keep.collect(uppers, box.spec.keep, lower_for(box))
         finally:
             self._finished.append(d)
 

@@ -49,7 +49,7 @@ from typing import Any, NoReturn
 # module first imported in a test's child costs ~1.5 ms there, every test. (pyroute2,
 # ~100 ms, is imported by ``net.warm_ip`` in the server, and only for network="ip".)
 from pytest_isolate import child, wire
-from pytest_isolate.facets import caps, devices, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
+from pytest_isolate.facets import caps, devices, keep, mounts, net, netlink, overlay_changes  # noqa: F401 - devices: see above
 from pytest_isolate.facets import namespaces as ns
 from pytest_isolate.tiers.base import (
     Box,
@@ -276,6 +276,8 @@ class JailTier(Tier):
         changes = frame.get("changes")
         if isinstance(changes, list):
             box.state["changes"] = changes[: overlay_changes.MAX_CHANGES + 1]
+        if isinstance(frame.get("kept"), list):
+            box.state["kept"] = frame["kept"]
         used = frame.get("disk_bytes")
         if isinstance(used, int) and not isinstance(used, bool):
             box.usage["disk_bytes"] = used
@@ -372,6 +374,9 @@ class JailTier(Tier):
             changes, _ = overlay_changes.scan_root(layout, f"/proc/self/fd/{upfd}", f"/proc/self/fd/{lowfd}", "/", ignore)
             vfs = os.fstatvfs(upfd)  # the test's tmpfs: uppers, and a split root's dirs
             released.update(changes=changes, disk_bytes=(vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize)
+            if box.spec.keep:
+                uppers = overlay_changes.uppers(layout, f"/proc/self/fd/{upfd}")
+                released["kept"] = keep.collect(uppers, box.spec.keep, f"/proc/self/fd/{lowfd}")
         except OSError:
             pass
         # The host side has all it needs: it answers now, while the kernel tears the

@@ -431,7 +431,7 @@ class UmlTier(Tier):
     def finish(
         self, box: Box, pid: int, status: int, rusage: resource.struct_rusage | None
     ) -> None:
-        from pytest_isolate.facets import overlay_changes
+        from pytest_isolate.facets import keep, overlay_changes
 
         try:
             # wait4's figures for the runner (rusage_dict shape), then the guest cgroup's,
@@ -469,6 +469,8 @@ class UmlTier(Tier):
                     )
                     box.state["changes"] = changes
                     box.usage["disk_bytes"] = used
+                    if box.spec.keep:
+                        box.state["kept"] = keep.collect([(str(d / "upper"), "/")], box.spec.keep, self.info["hostroot"])
         finally:
             self._learnt(box)
             self._cleanup(box)
