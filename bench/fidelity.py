@@ -270,6 +270,12 @@ PROJECTS: tuple[Project, ...] = (
         extras=("all",),
     ),
     Project(
+        "pytest-regressions", "2.11.0", ("matplotlib", "numpy", "pandas", "pillow", "pyarrow"),
+        "a plugin's own suite: its committed baselines read through pytest-datadir's copies, "
+        "pytester runs that write baselines, filterwarnings=error (tox.ini); its fixtures "
+        "turn on ``keep`` for each of its tests",
+    ),
+    Project(
         "alembic", "1.20.1",
         ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
         "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "
