@@ -23,6 +23,7 @@ Both halves live here, as a facet's host and sandbox sides do elsewhere:
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import stat
@@ -283,17 +284,18 @@ def _write(path: str, data: bytes) -> None:
             mode = None
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out, view):]
-            if mode is not None:
-                os.fchmod(out, mode & 0o777)  # as in-process: rewriting a file keeps its mode
-        finally:
-            os.close(out)
-        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+                if mode is not None:
+                    os.fchmod(out, mode & 0o777)  # as in-process: rewriting a file keeps its mode
+            finally:
+                os.close(out)
             os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:
-            os.unlink(tmp, dir_fd=fd)
+        except BaseException:  # Ctrl-C included: no temporary file left in your tree
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
             raise
     finally:
         os.close(fd)
