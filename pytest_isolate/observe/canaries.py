@@ -159,20 +159,51 @@ def _mountinfo(text: str | None = None) -> dict[str, tuple[str, str, str]]:
     return out
 
 
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_DUMP_REQUEST = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_TCPF_LISTEN = 1 << 10
+
+
+def _listening_ports() -> set[int]:
+    """TCP ports listened on (IPv4 and IPv6), asked of the kernel's sock_diag: it walks
+    the listening sockets only, where reading ``/proc/net/tcp`` walks the whole
+    connection table (~3.3 ms per family here, even with nothing in it), on the way to
+    every run's first test."""
+    ports: set[int] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            # nlmsghdr, then inet_diag_req_v2: family, protocol, ext, pad, states, and a
+            # zeroed 48-byte inet_diag_sockid (no filter).
+            req = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
+            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_DUMP_REQUEST, seq, 0) + req)
+            done = False
+            while not done:
+                data = nl.recv(65536)
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, off)
+                    if length < 16:
+                        raise OSError("sock_diag: malformed answer")
+                    if kind == 3:  # NLMSG_DONE
+                        done = True
+                        break
+                    if kind == 2:  # NLMSG_ERROR
+                        raise OSError(-struct.unpack_from("=i", data, off + 16)[0], "sock_diag")
+                    if kind == _SOCK_DIAG_BY_FAMILY and length >= 16 + 6:
+                        # inet_diag_msg: family, state, timer, retrans, then id.sport (big-endian)
+                        ports.add(struct.unpack_from("!H", data, off + 16 + 4)[0])
+                    off += (length + 3) & ~3
+    return ports
+
+
 def _host_services_env(max_names: int = 64) -> dict[str, str]:
     """The host's loopback TCP listeners and abstract unix names right now, for the
     sandboxes' audit hook (a sandbox with its own network namespace cannot see them)."""
-    ports: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/net/{name}") as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3 and parts[3] == "0A":
-                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-        except (OSError, StopIteration, ValueError):
-            continue
+    try:
+        ports = _listening_ports()
+    except OSError:
+        ports = _proc_listening_ports()
     names: list[str] = []
     try:
         with open("/proc/net/unix") as f:
@@ -186,6 +217,21 @@ def _host_services_env(max_names: int = 64) -> dict[str, str]:
         pass
     return {"PYTEST_ISOLATE_HOST_PORTS": ",".join(str(p) for p in sorted(ports)),
             "PYTEST_ISOLATE_HOST_ABSTRACT": "\n".join(names)}
+
+
+def _proc_listening_ports() -> set[int]:
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3 and parts[3] == "0A":
+                        ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return ports
 
 
 class Canaries:

@@ -217,3 +217,25 @@ def test_unsettled_canaries_are_armed_by_the_first_contacts(tmp_path: Path) -> N
         assert c.problems == []
     finally:
         c.close()
+
+
+def test_host_listeners_from_sock_diag_match_proc() -> None:
+    """The listening ports the sandboxes' audit hook is told about come from sock_diag
+    (fast); they are the ones ``/proc/net/tcp{,6}`` lists, beyond one netlink buffer."""
+    from pytest_isolate.observe import canaries
+
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for family, addr, n in ((socket.AF_INET, "127.0.0.1", 300), (socket.AF_INET6, "::1", 5)):
+            for _ in range(n):
+                s = stack.enter_context(socket.socket(family))
+                s.bind((addr, 0))
+                s.listen()
+                opened.append(s.getsockname()[1])
+        connected = stack.enter_context(socket.create_connection(("127.0.0.1", opened[0])))
+        ports = canaries._listening_ports()
+        assert set(opened) <= ports
+        assert connected.getsockname()[1] not in ports  # not a listener
+        assert ports == canaries._proc_listening_ports()
+        env = canaries._host_services_env()
+        assert {int(p) for p in env["PYTEST_ISOLATE_HOST_PORTS"].split(",")} >= set(opened)
