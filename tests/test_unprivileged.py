@@ -88,13 +88,14 @@ def _processes_under(root: Path) -> list[str]:
 
 
 def run_as_nobody(
-    venv: Path, name: str, files: dict[str, str], *args: str, h: Any, timeout: float = 120
+    venv: Path, name: str, files: dict[str, str], *args: str, h: Any, timeout: float = 120,
+    parent: Path | None = None,
 ) -> tuple[Path, pytest.RunResult]:
     """Run the venv's pytest as uid/gid 65534 in a new dir owned by that user.
 
-    The dir sits next to the venv, not under pytest's basetemp: /tmp/pytest-of-root is
-    mode 700, and every pytest session of root resets it to that."""
-    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=venv.parent))
+    The dir sits next to the venv (or in ``parent``), not under pytest's basetemp:
+    /tmp/pytest-of-root is mode 700, and every pytest session of root resets it to that."""
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent or venv.parent))
     h.write_files(path, files)
     _chown_tree(path)
     env = {
@@ -338,3 +339,39 @@ def test_client():
 def test_network_ip_jails_reach_each_other_unprivileged(nobody_venv: Path, h: Any) -> None:
     _, result = run_as_nobody(nobody_venv, "net", {"test_pair.py": NET_PAIR}, ESCAPE, "-n", "2", "-rA", h=h)
     result.assert_outcomes(passed=2)
+
+
+def test_kept_files_reach_the_users_tree_unprivileged(nobody_venv: Path, h: Any) -> None:
+    """``keep`` from a user-namespace jail: the file the test wrote below the kept path
+    lands in the user's tree, owned by the user; what is outside it does not."""
+    files = {
+        "test_keep.py": (
+            "import pathlib\n"
+            "HERE = pathlib.Path(__file__).parent\n"
+            "def test_write():\n"
+            "    (HERE / 'golden').mkdir(exist_ok=True)\n"
+            "    (HERE / 'golden' / 'out.txt').write_text('kept')\n"
+            "    (HERE / 'outside.txt').write_text('not kept')\n"
+        )
+    }
+    # The project in a directory the user owns, as a home directory is: in a user
+    # namespace the overlay cannot copy up a directory whose owner has no id there (the
+    # venv's root-owned parent), so nothing could be written below it (EOVERFLOW).
+    home = Path(tempfile.mkdtemp(prefix="isolate-home-", dir="/tmp"))
+    try:
+        os.chown(home, UID, GID)
+        path, result = run_as_nobody(
+            nobody_venv, "keep", files, ESCAPE, "-rA", "--isolate=jail", "--isolate-keep=golden", h=h, parent=home
+        )
+        _check_kept(path, result)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _check_kept(path: Path, result: pytest.RunResult) -> None:
+    assert result.ret == 0, "\n".join(result.outlines)
+    result.stdout.fnmatch_lines(["PASSED test_keep.py::test_write"])
+    kept = path / "golden" / "out.txt"
+    assert kept.read_text() == "kept"
+    assert (kept.stat().st_uid, kept.parent.stat().st_uid) == (UID, UID)
+    assert not (path / "outside.txt").exists()
