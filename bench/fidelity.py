@@ -276,6 +276,14 @@ PROJECTS: tuple[Project, ...] = (
         "turn on ``keep`` for each of its tests",
     ),
     Project(
+        "httpx", "0.28.1",
+        ("chardet==5.2.0", "trio", "trustme", "uvicorn", "cryptography"),
+        "a uvicorn server on 127.0.0.1:8000 started in a thread by a session-scoped fixture "
+        "(so once per sandbox isolated), trio and asyncio via anyio, TLS with trustme, "
+        "filterwarnings=error; its requirements.txt's extras",
+        extras=("brotli", "cli", "http2", "socks", "zstd"),
+    ),
+    Project(
         "alembic", "1.20.1",
         ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
         "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "
