@@ -284,6 +284,12 @@ PROJECTS: tuple[Project, ...] = (
         extras=("brotli", "cli", "http2", "socks", "zstd"),
     ),
     Project(
+        "pytest-xdist", "3.8.0", ("filelock", "psutil"),
+        "a plugin's own suite, the model of the node protocol: pytester runs with -n that "
+        "start execnet gateways of their own, inside each sandbox",
+        extras=("testing",),
+    ),
+    Project(
         "alembic", "1.20.1",
         ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
         "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "

@@ -14,10 +14,11 @@ Both halves live here, as a facet's host and sandbox sides do elsewhere:
   below the kept paths, never following a link the test made;
 - :func:`write_back` runs in the controller, which trusts nothing of it: each path is
   checked against the item's own patterns again, files Python or pytest would import or
-  read as configuration on the host (``conftest.py``, any ``.py``, ini files) are
-  refused, since a test could otherwise plant code the next run executes outside any
-  sandbox; each file is written through directory fds opened without following links,
-  to a temporary name renamed into place.
+  read as configuration on the host (``conftest.py``, any ``.py``, ini files), what lies
+  in a ``.git`` directory and files that are executable there are refused, since a test
+  could otherwise plant code that runs outside any sandbox later; new files are never
+  executable; each file is written through directory fds opened without following
+  links, to a temporary name renamed into place.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def refused(path: str) -> str | None:
         return "Python could import it on the host"
     if name in _CONFIG_NAMES:
         return "pytest reads it as configuration"
+    if "/.git/" in path + "/":
+        return "git runs or reads what is there"
     return None
 
 
@@ -282,6 +285,9 @@ def _write(path: str, data: bytes) -> None:
             mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
         except FileNotFoundError:
             mode = None
+        if mode is not None and mode & 0o111:
+            # Its new content would run as whoever runs it next (a script, a hook).
+            raise ValueError("an executable file on the host")
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=fd)
         try:
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import textwrap
 
 import pytest
@@ -155,6 +156,9 @@ def test_the_controller_checks_what_a_sandbox_claims(tmp_path: os.PathLike[str])
     root = os.path.realpath(tmp_path)
     os.mkdir(f"{root}/golden")
     os.symlink("/etc", f"{root}/golden/etc")
+    with open(f"{root}/golden/run.sh", "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(f"{root}/golden/run.sh", 0o755)
     data = base64.b64encode(b"x").decode()
     kept, notes = keep.write_back(
         [
@@ -164,6 +168,8 @@ def test_the_controller_checks_what_a_sandbox_claims(tmp_path: os.PathLike[str])
             {"path": f"{root}/golden/etc/owned.txt", "data": data},
             {"path": "relative/golden/x", "data": data},
             {"path": f"{root}/golden/bad.txt", "data": "not base64!"},
+            {"path": f"{root}/golden/run.sh", "data": data},
+            {"path": f"{root}/golden/.git/hooks/pre-commit", "data": data},
             "not a dict",
         ],
         keep.resolve(["golden"], root),
@@ -171,8 +177,13 @@ def test_the_controller_checks_what_a_sandbox_claims(tmp_path: os.PathLike[str])
     assert kept == [f"{root}/golden/ok.txt"]
     assert sorted(os.listdir(root)) == ["golden"]
     assert not os.path.exists("/etc/owned.txt")
-    assert sorted(os.listdir(f"{root}/golden")) == ["etc", "ok.txt"]
-    assert len(notes) == 4, notes
+    assert sorted(os.listdir(f"{root}/golden")) == ["etc", "ok.txt", "run.sh"]
+    with open(f"{root}/golden/run.sh") as f:
+        assert f.read() == "#!/bin/sh\n"
+    assert stat.S_IMODE(os.stat(f"{root}/golden/ok.txt").st_mode) & 0o111 == 0
+    assert len(notes) == 6, notes
+    assert any("run.sh not written back (an executable file on the host)" in n for n in notes), notes
+    assert any(".git/hooks/pre-commit not written back (git runs" in n for n in notes), notes
 
 
 def test_patterns() -> None:
