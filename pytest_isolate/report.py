@@ -47,6 +47,10 @@ class ReportPlugin:
             + f"; crashed {len(crashed)}; timed out {len(timed_out)}"
             + (f"; tier unavailable {len(unavailable)}" if unavailable else "")
         )
+        kept = sum(len(r.get("kept") or ()) for r in self.records)
+        if kept:
+            # Sandboxes wrote to the user's tree: say so, never silently.
+            tr.write_line(f"kept: {kept} change{'s' if kept != 1 else ''} copied back to your files (keep; the JSON report's \"kept\" lists them)")
         for r in crashed:
             how = r.get("signal") or (f"exit code {r['exit_code']}" if r.get("exit_code") is not None else "worker died")
             tr.write_line(f"CRASHED {r['nodeid']} [{r['tier']}]: {how}")
@@ -161,6 +165,7 @@ def write_json(path: Path, records: list[dict[str, Any]]) -> None:
             "timed_out": sum(1 for r in records if r["timed_out"]),
             "escapes": sum(len(r["escapes"]) for r in records),
             "overuse": sum(len(r["overuse"]) for r in records),
+            "kept": sum(len(r.get("kept") or ()) for r in records),
         },
         "tests": records,
     }

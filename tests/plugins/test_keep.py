@@ -105,8 +105,10 @@ def test_kept_paths_from_flag_ini_or_marker(pytester: pytest.Pytester, run: Runn
     }, result.stdout.str()
     assert tree(pytester.path / "golden") == {"sub/out.txt": "new\n"}
     assert not (pytester.path / "outside.txt").exists()
+    result.stdout.fnmatch_lines(["tests per tier: *", "kept: 2 changes copied back to your files (keep; *"])
     records = {t["nodeid"]: t for t in json.loads((pytester.path / "r.json").read_text())["tests"]}
     here = os.path.realpath(pytester.path)
+    assert json.loads((pytester.path / "r.json").read_text())["summary"]["kept"] == 2
     assert sorted(records["test_gold.py::test_write"]["kept"]) == sorted(
         [f"deleted {here}/golden/old.txt", f"{here}/golden/sub/out.txt"]
     )
