@@ -17,7 +17,6 @@ carried with it and is filed only when memray's own reader takes that file.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import sys
 from pathlib import Path
@@ -52,13 +51,6 @@ def _plain_name(name: Any) -> bool:
         isinstance(name, str) and 0 < len(name) <= 255 and name == os.path.basename(name)
         and not name.startswith(".") and "\0" not in name
     )
-
-
-def _listing(path: Path) -> set[str]:
-    try:
-        return set(os.listdir(path))
-    except OSError:
-        return set()
 
 
 class Collector(PluginCollector):
@@ -114,30 +106,35 @@ class Collector(PluginCollector):
 
 
 class Recorder:
-    """Sandbox side: the result files and results of the child's tests."""
+    """Sandbox side: the result files and results of the child's tests.
+
+    pytest-memray keeps each test's ``Result`` in its manager's ``results`` (it also
+    writes a metadata file per test, but that directory grows with the run: at
+    ``process`` it is the host's, and listing it cost O(tests) per test)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.meta_before: set[str] = set()
+        self.before: set[str] = set()
 
     def begin(self) -> None:
         manager = _manager(self.config)
-        if manager is not None:
-            self.meta_before = _listing(manager.result_metadata_path)
+        results = getattr(manager, "results", None)
+        self.before = set(results) if isinstance(results, dict) else set()
 
     def collect(self) -> dict[str, Any] | None:
         manager = _manager(self.config)
-        if manager is None:
+        found = getattr(manager, "results", None) if manager is not None else None
+        if not isinstance(found, dict):
             return None
         results = []
-        for name in sorted(_listing(manager.result_metadata_path) - self.meta_before):
+        for test_id, res in found.items():
+            if test_id in self.before:
+                continue
             try:
-                raw = json.loads((manager.result_metadata_path / name).read_text())
                 results.append(
-                    {"test_id": raw["test_id"], "peak_memory": raw["peak_memory"],
-                     "file": Path(raw["result_file"]).name}
+                    {"test_id": res.test_id, "peak_memory": res.peak_memory, "file": Path(res.result_file).name}
                 )
-            except (OSError, ValueError, KeyError, TypeError):
+            except (AttributeError, TypeError):
                 continue
         files: dict[str, str] = {}
         size = 0
