@@ -17,7 +17,9 @@ carried with it and is filed only when memray's own reader takes that file.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,17 +93,48 @@ class Collector(PluginCollector):
 
     @staticmethod
     def _write(where: Path, name: Any, text: Any) -> bool:
+        """Whether ``where/name`` now holds the carried bytes. A file of that name from an
+        earlier run (a fixed ``--memray-bin-path`` and prefix) is replaced, as pytest-memray
+        replaces it in-process; at `process` the sandbox wrote it here already."""
         if not _plain_name(name) or not isinstance(text, str):
             return False
         try:
             raw = base64.b64decode(text, validate=True)
-            fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except (ValueError, OSError):
-            return False  # at `process` the sandbox wrote it already
+        except ValueError:
+            return False
+        target = where / name
         try:
-            os.write(fd, raw)
-        finally:
-            os.close(fd)
+            st = os.lstat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return False
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode):
+                return False  # never through a link
+            if st.st_size == len(raw):
+                try:
+                    if target.read_bytes() == raw:
+                        return True
+                except OSError:
+                    return False
+        tmp = where / f".{name[:200]}.isolate-{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)  # replaces the name itself, never what it points to
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return True
 
 

@@ -75,7 +75,12 @@ def test_result_files_the_controller_refuses(tmp_path: Path) -> None:
     assert not (tmp_path.parent / "up.bin").exists()
     assert Collector._write(tmp_path, "new.bin", text)
     assert (tmp_path / "new.bin").read_bytes() == b"data"
-    assert not Collector._write(tmp_path, "new.bin", text)  # exists: written by the sandbox at `process`
+    inode = (tmp_path / "new.bin").stat().st_ino
+    assert Collector._write(tmp_path, "new.bin", text)  # written by the sandbox at `process`: left
+    assert (tmp_path / "new.bin").stat().st_ino == inode
+    assert Collector._write(tmp_path, "new.bin", base64.b64encode(b"other run").decode())  # a stale one: replaced
+    assert (tmp_path / "new.bin").read_bytes() == b"other run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link.bin", "new.bin"]
 
 
 def test_a_result_whose_file_memray_cannot_read_is_not_filed(tmp_path: Path) -> None:
@@ -88,3 +93,31 @@ def test_a_result_whose_file_memray_cannot_read_is_not_filed(tmp_path: Path) -> 
     garbage.write_bytes(b"not a memray capture")
     assert not Collector._readable(FileReader, garbage)
     assert not Collector._readable(FileReader, tmp_path / "missing.bin")
+
+
+def test_a_fixed_result_directory_reused_reports_this_run(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--memray-bin-path`` and ``--memray-bin-prefix`` give each test the same file
+    name run after run; pytest-memray replaces it in-process, and so does the controller
+    with what a sandbox carried (from `chroot` up), so the report is this run's."""
+    monkeypatch.delenv("MEMRAY_RESULT_PATH", raising=False)
+    pytester.makepyfile(
+        test_grow="""
+        import os
+
+        def test_alloc():
+            data = bytearray(int(os.environ["MIB"]) * 1024 * 1024)
+            assert len(data)
+        """
+    )
+    args = ("--memray", f"--memray-bin-path={pytester.path / 'bins'}", "--memray-bin-prefix=fixed")
+    seen = {}
+    for tier in (None, "jail"):
+        for mib in ("3", "7"):
+            monkeypatch.setenv("MIB", mib)
+            result = run(tier, *args, plugins=("memray",))
+            assert outcomes(result) == {"test_grow.py::test_alloc": ["PASSED"]}, result.stdout.str()
+            seen[tier, mib] = [line for line in report(result) if "Total memory allocated" in line]
+    assert seen["jail", "3"] == seen[None, "3"] and seen["jail", "7"] == seen[None, "7"], seen
+    assert seen[None, "3"] != seen[None, "7"]
