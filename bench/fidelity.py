@@ -290,6 +290,13 @@ PROJECTS: tuple[Project, ...] = (
         extras=("testing",),
     ),
     Project(
+        "markdown-it-py", "4.3.0", (),
+        "pytest-regressions' data_regression and file_regression over committed baselines "
+        "(so ``keep`` on for those tests), pytest-timeout, a test that builds the sdist; "
+        "its testing and linkify extras",
+        extras=("testing", "linkify"),
+    ),
+    Project(
         "alembic", "1.20.1",
         ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
         "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "
