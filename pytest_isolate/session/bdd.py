@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector
+from pytest_isolate.session.kind import PluginCollector, registered
 
 NAME = "bdd"
 #: The key the entry travels under in a serialized report (taken out again before
@@ -29,8 +29,7 @@ def _reporting(config: pytest.Config) -> Any:
     """pytest-bdd's reporting module, when pytest-bdd is a plugin of this session and
     keeps the registry."""
     module = sys.modules.get("pytest_bdd.reporting")
-    plugin = sys.modules.get("pytest_bdd.plugin")
-    if module is None or plugin is None or not config.pluginmanager.is_registered(plugin):
+    if module is None or registered(config, "pytest_bdd.plugin") is None:
         return None
     if not hasattr(module, "test_report_context_registry") or not hasattr(module, "ReportContext"):
         return None

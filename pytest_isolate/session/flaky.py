@@ -12,12 +12,11 @@ the same with ``workeroutput`` at the end of each worker's session.)
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector, StreamRecorder
+from pytest_isolate.session.kind import PluginCollector, StreamRecorder, registered
 
 NAME = "flaky"
 #: At most this much report text per sandbox (a test rerun many times with long errors).
@@ -26,9 +25,7 @@ _MAX = 1 << 20
 
 def _stream(config: pytest.Config) -> Any:
     """flaky's report stream, when flaky is a plugin of this session."""
-    module = sys.modules.get("flaky.flaky_pytest_plugin")
-    if module is None or not config.pluginmanager.is_registered(module):
-        return None
+    module = registered(config, "flaky.flaky_pytest_plugin")
     return getattr(getattr(module, "PLUGIN", None), "stream", None)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector
+from pytest_isolate.session.kind import PluginCollector, registered
 
 NAME = "inline_snapshot"
 PLUGIN = "isolate-inline-snapshot"
@@ -42,8 +42,7 @@ CATEGORIES = ("create", "fix", "fix-assert", "update", "trim")
 
 
 def _loaded(config: pytest.Config) -> bool:
-    plugin = sys.modules.get("inline_snapshot.pytest_plugin")
-    return plugin is not None and config.pluginmanager.is_registered(plugin)
+    return registered(config, "inline_snapshot.pytest_plugin") is not None
 
 
 def _state(config: pytest.Config) -> Any:

@@ -8,10 +8,20 @@ end: its own ``pytest_sessionfinish`` in the controller acts on what was merged.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+
+
+def registered(config: pytest.Config, module_name: str) -> Any:
+    """The module ``module_name`` when it is imported and is a plugin of this session
+    (installed is not enough: ``-p no:...``, or not loaded at all)."""
+    module = sys.modules.get(module_name)
+    if module is None or not config.pluginmanager.is_registered(module):
+        return None
+    return module
 
 
 class PluginCollector:

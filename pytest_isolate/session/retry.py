@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector, StreamRecorder
+from pytest_isolate.session.kind import PluginCollector, StreamRecorder, registered
 
 NAME = "retry"
 #: At most this much report text per sandbox.
@@ -32,10 +32,7 @@ _MAX = 1 << 20
 
 
 def _plugin(config: pytest.Config) -> Any:
-    module = sys.modules.get("pytest_retry.retry_plugin")
-    if module is None or not config.pluginmanager.is_registered(module):
-        return None
-    return module
+    return registered(config, "pytest_retry.retry_plugin")
 
 
 def _stream(config: pytest.Config) -> Any:
