@@ -297,6 +297,13 @@ PROJECTS: tuple[Project, ...] = (
         extras=("testing", "linkify"),
     ),
     Project(
+        "sphinx", "9.0.4",
+        ("pytest-xdist[psutil]>=3.4", "cython>=3.0", "defusedxml>=0.7.1", "setuptools>=70.0", "typing_extensions>=4.9"),
+        "its own pytest plugin (sphinx.testing.fixtures: an app per test built from test roots "
+        "copied into a session-wide temp dir, builds shared between tests through a cache), "
+        "local HTTP servers in threads (linkcheck), ~2,500 tests; its dependency group 'test'",
+    ),
+    Project(
         "alembic", "1.20.1",
         ("sqlalchemy>=2.0.0", "mako", "tzdata", "greenlet>=1", "pytest-xdist", "black==25.9.0", "zimports"),
         "SQLAlchemy's testing plugin (bootstrapped by its conftest: its own options, class-level "

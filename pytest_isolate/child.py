@@ -12,11 +12,14 @@ import ctypes
 import faulthandler
 import io
 import os
+import re
 import resource
 import signal
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -414,6 +417,19 @@ def _stop_frame(exc: BaseException) -> dict[str, Any]:
             "returncode": code if isinstance(code, int) and not isinstance(code, bool) else None}
 
 
+def _own_basetemp(factory: Any, nodeid: str) -> None:
+    """A sandbox is a session of its own, as an xdist worker is: its session-scoped
+    fixtures run again, so it gets a base temp dir of its own too (xdist gives each
+    worker one). With one shared by all sandboxes, what a session fixture built there
+    ("copy the sources unless they exist, then build") was found by the next
+    sandbox's fixture, half of the state it relied on gone with the last sandbox's
+    memory (sphinx's tests: an incremental build, no warnings, no doctrees)."""
+    if factory is None:
+        return
+    name = re.sub(r"[^\w.-]", "_", nodeid.rsplit("::", 1)[-1])[:30] or "test"
+    factory._basetemp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=factory.getbasetemp()))
+
+
 def match_depth(expected: int | None) -> None:
     """Give the test the recursion budget it has in-process.
 
@@ -512,6 +528,7 @@ def run_items(
         if early:
             audit.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
             job = wire.recv(go_fd)
+        _own_basetemp(factory, job["nodeid"])
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
         rlimits.apply(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup

@@ -247,3 +247,50 @@ def _xdist_outcomes(result: pytest.RunResult) -> dict[str, str]:
     """``[gw0] [ 25%] FAILED test_nw.py::test_x`` lines of ``-v`` under xdist."""
     found = (re.match(r"^\[gw\d+\] \[\s*\d+%\] (\w+) (\S+)", line) for line in result.outlines)
     return {m.group(2): m.group(1) for m in found if m}
+
+
+SESSION_ON_DISK = """
+    import pytest
+
+    BUILT = []
+
+    @pytest.fixture(scope="session")
+    def site(tmp_path_factory):
+        # "Copy the sources unless they are there, then build": what it found on disk
+        # and what it remembers in memory must agree (sphinx's test fixtures).
+        src = tmp_path_factory.getbasetemp() / "site"
+        fresh = not src.exists()
+        src.mkdir(exist_ok=True)
+        BUILT.append(fresh)
+        return src
+
+    def test_first(site, tmp_path):
+        assert BUILT == [True]
+        assert tmp_path.parent == site.parent  # tmp_path is below the same base
+
+    def test_second(site):
+        assert BUILT == [True]
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("scope", [None, "module"])
+def test_a_sandbox_has_a_base_temp_dir_of_its_own(
+    pytester: pytest.Pytester, run: Runner, tier: str, scope: str | None
+) -> None:
+    """A sandbox is a session of its own (its session fixtures run again), so, as each
+    pytest-xdist worker, it gets its own base temp dir: a session fixture's files and its
+    memory agree, as in-process. A shared one held what the previous sandbox's fixture
+    wrote, and the next one found it without the rest of its state."""
+    pytester.makepyfile(test_site=SESSION_ON_DISK)
+    base = run(None, "-p", "no:randomly")
+    args = ["-p", "no:randomly", f"--basetemp={pytester.path / 'bt'}"]
+    if scope:
+        args.append(f"--isolate-scope={scope}")
+    iso = run(tier, *args)
+    assert outcomes(iso) == outcomes(base) == {
+        "test_site.py::test_first": ["PASSED"], "test_site.py::test_second": ["PASSED"],
+    }, iso.stdout.str()
+    sites = sorted((pytester.path / "bt").rglob("site"))
+    assert len(sites) == (1 if scope else 2), sites  # one per sandbox, kept on the host
+    assert all(p.is_dir() and (pytester.path / "bt") in p.parents for p in sites)
