@@ -310,6 +310,33 @@ PROJECTS: tuple[Project, ...] = (
         "fixtures, per-backend test classes, xdist node hooks that name a follower database), "
         "SQLite; --maxfail, -p no:warnings, -p no:logging in addopts",
     ),
+    Project(
+        "pytest-rerunfailures", "16.7", ("pytest-xdist",),
+        "a plugin's own suite: testdir/pytester runs with --reruns inside each test, rerun "
+        "delays, xdist crash reruns (its tox xdist env); tests/ as its tox.ini",
+        ("tests/",),
+    ),
+    Project(
+        "pytest-timeout", "2.4.0", ("pexpect", "ipdb", "pytest-cov"),
+        "a plugin's own suite: SIGALRM and thread timeouts in pytester runs (inline and "
+        "subprocess), pexpect-driven pytest with pdb/ipdb, --cov; its tox.ini deps",
+    ),
+    Project(
+        "jsonschema", "4.26.0", ("jsonpath-ng",),
+        "unittest TestCases (its CI runs them with virtue) over the JSON-Schema-Test-Suite "
+        "files shipped in the sdist (~7,800 generated tests), a CLI, format checkers; its "
+        "dependency group 'test' and the 'format' extra",
+        ("jsonschema/tests",),
+        extras=("format",),
+    ),
+    Project(
+        "tqdm", "4.70.1", ("pytest-timeout", "pytest-asyncio", "rich", "numpy", "pandas", "dask[delayed]"),
+        "terminal rendering of progress bars (widths, ANSI escapes, monitor threads), "
+        "-W=error and --durations in addopts, pytest-timeout (30 s), asyncio strict mode, "
+        "rich/pandas/dask integrations; -k 'not perf' as its tox.ini (in place of rich "
+        "15.0.0, whose sdist ships no tests)",
+        ("-k", "not perf"),
+    ),
 )
 
 RECORDER = '''\
