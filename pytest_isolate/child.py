@@ -16,6 +16,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, NoReturn
@@ -372,6 +373,16 @@ def _set_comm(name: bytes) -> None:
         pass
 
 
+def _main_thread_is_this_one() -> None:
+    """A forked child's ``threading.main_thread().native_id`` is still its parent's
+    (CPython updates the ident after ``fork()``, not the native id), so
+    ``threading.get_native_id() == threading.main_thread().native_id``, true in-process,
+    would be false in every sandbox."""
+    main = threading.main_thread()
+    if main is threading.current_thread() and hasattr(main, "_set_native_id"):
+        main._set_native_id()
+
+
 def _usage_now() -> dict[str, float]:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -522,6 +533,7 @@ def run_items(
         wire.guard(result_fd)
         wire.send(result_fd, {"t": "channel", "fd": result_fd})
         _set_comm(RUNNER_COMM)
+        _main_thread_is_this_one()
         # The server's frozen heap is the test's as it would be in-process: its
         # gc.collect() frees cycles through what existed before the fork (anyio's
         # "does not leak the event loop" test), at the cost of walking it then.

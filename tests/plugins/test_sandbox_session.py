@@ -294,3 +294,33 @@ def test_a_sandbox_has_a_base_temp_dir_of_its_own(
     sites = sorted((pytester.path / "bt").rglob("site"))
     assert len(sites) == (1 if scope else 2), sites  # one per sandbox, kept on the host
     assert all(p.is_dir() and (pytester.path / "bt") in p.parents for p in sites)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_main_thread_has_its_own_native_id(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """A test runs on the main thread, and the main thread's native id is the process's
+    own, as in-process; a thread it starts has another one. (A forked child kept its
+    parent's: CPython updates only the ident after fork.)"""
+    pytester.makepyfile(
+        test_tid="""
+        import threading
+
+        def test_main_thread_native_id():
+            main = threading.main_thread()
+            assert threading.current_thread() is main
+            assert main.native_id == threading.get_native_id()
+
+        def test_a_thread_has_another():
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(threading.get_native_id()))
+            t.start()
+            t.join()
+            assert seen and seen[0] != threading.main_thread().native_id
+            assert t.native_id == seen[0]
+        """
+    )
+    base = run(None)
+    iso = run(tier)
+    want = {f"test_tid.py::{n}": ["PASSED"] for n in ("test_main_thread_native_id", "test_a_thread_has_another")}
+    assert outcomes(base) == want, base.stdout.str()
+    assert outcomes(iso) == want, iso.stdout.str()
