@@ -278,7 +278,6 @@ def _parent(path: str, create: bool) -> tuple[int, str]:
 
 def _write(path: str, data: bytes) -> None:
     fd, name = _parent(path, create=True)
-    tmp = f".{name}.isolate-{os.getpid()}"
     try:
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -288,23 +287,34 @@ def _write(path: str, data: bytes) -> None:
         if mode is not None and mode & 0o111:
             # Its new content would run as whoever runs it next (a script, a hook).
             raise ValueError("an executable file on the host")
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=fd)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(out, view):]
-                if mode is not None:
-                    os.fchmod(out, mode & 0o777)  # as in-process: rewriting a file keeps its mode
-            finally:
-                os.close(out)
-            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-        except BaseException:  # Ctrl-C included: no temporary file left in your tree
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=fd)
-            raise
+        # As in-process: rewriting a file keeps its mode.
+        replace_at(fd, name, data, mode)
     finally:
         os.close(fd)
+
+
+def replace_at(dir_fd: int, name: str, data: bytes, mode: int | None = None) -> None:
+    """Put ``data`` at ``name`` in the directory ``dir_fd`` for a sandbox: written to a
+    new temporary name beside it, then renamed over it, so a link at ``name`` is replaced
+    and never written through, and nothing half-written is ever seen there. The
+    temporary goes on any exception, Ctrl-C included: nothing of ours is left in the
+    user's tree. ``mode``: the permissions it gets (else the umask's)."""
+    tmp = f".{name[:200]}.isolate-{os.getpid()}"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out, view):]
+            if mode is not None:
+                os.fchmod(out, mode & 0o777)
+        finally:
+            os.close(out)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def _delete(path: str) -> bool:

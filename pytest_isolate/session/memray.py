@@ -17,7 +17,6 @@ carried with it and is filed only when memray's own reader takes that file.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import stat
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from pytest_isolate.facets import keep
 from pytest_isolate.session.kind import PluginCollector
 
 NAME = "memray"
@@ -102,39 +102,27 @@ class Collector(PluginCollector):
             raw = base64.b64decode(text, validate=True)
         except ValueError:
             return False
-        target = where / name
         try:
-            st = os.lstat(target)
-        except FileNotFoundError:
-            st = None
-        except OSError:
-            return False
-        if st is not None:
-            if not stat.S_ISREG(st.st_mode):
-                return False  # never through a link
-            if st.st_size == len(raw):
-                try:
-                    if target.read_bytes() == raw:
-                        return True
-                except OSError:
-                    return False
-        tmp = where / f".{name[:200]}.isolate-{os.getpid()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
             try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)  # replaces the name itself, never what it points to
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not stat.S_ISREG(st.st_mode):
+                    return False  # never through a link
+                if st.st_size == len(raw):
+                    with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), "rb") as f:
+                        if f.read() == raw:
+                            return True
+            keep.replace_at(fd, name, raw)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
         return True
 
 
