@@ -367,7 +367,14 @@ def _emit(rec):
         if _fh is not None:
             _inherited.append(_fh)
         _pid = os.getpid()
-        _fh = open(os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % _pid), "a", encoding="utf-8")
+        try:
+            _fh = open(os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % _pid), "a", encoding="utf-8")
+        except OSError:
+            # A sandbox that does not see the out dir (an unprivileged jail's /tmp is a
+            # fresh tmpfs when mounts sit below the host's): only the controller's
+            # records are read, so this process records nothing.
+            _fh = None
+            return
     _fh.write(json.dumps(rec) + "\\n")
     _fh.flush()
 
@@ -587,12 +594,15 @@ def fresh_tree(pristine: Path, work: Path, name: str) -> Path:
     return dest
 
 
-def make_venv(proj: Project, src: Path, wheel: Path, work: Path) -> tuple[Path, list[str]]:
-    """A fresh venv with the project, its test deps and the plugin; returns (python, freeze)."""
+def make_venv(
+    proj: Project, src: Path, wheel: Path, work: Path, base: str = sys.executable
+) -> tuple[Path, list[str]]:
+    """A fresh venv with the project, its test deps and the plugin; returns (python, freeze).
+    ``base``: the interpreter it is made from (``--python``)."""
     venv = work / "venvs" / proj.name
     if venv.exists():
         shutil.rmtree(venv)
-    sh([sys.executable, "-m", "venv", str(venv)])
+    sh([base, "-m", "venv", str(venv)])
     py = venv / "bin" / "python"
     target = f"{src}[{','.join(proj.extras)}]" if proj.extras else str(src)
     sh([str(py), "-m", "pip", "install", "-q", target, *proj.test_deps, str(wheel)])
@@ -679,10 +689,29 @@ def offline(cmd: list[str]) -> list[str]:
     return ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
 
 
+def as_user(cmd: list[str], user: tuple[int, int] | None) -> list[str]:
+    """``cmd`` run as ``(uid, gid)`` with no supplementary groups and no capabilities, as
+    a rootless user runs pytest; unchanged without a user."""
+    if user is None:
+        return cmd
+    uid, gid = user
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *cmd]
+
+
+def chown_tree(path: Path, user: tuple[int, int]) -> None:
+    """The user's own tree: the suite writes into it, as in a checkout of theirs."""
+    os.chown(path, *user, follow_symlinks=False)
+    for root, dirs, files in os.walk(path):
+        for n in (*dirs, *files):
+            os.chown(os.path.join(root, n), *user, follow_symlinks=False)
+
+
 def run_suite(
-    proj: Project, py: Path, src: Path, tier: str | None, work: Path, timeout: float
+    proj: Project, py: Path, src: Path, tier: str | None, work: Path, timeout: float,
+    user: tuple[int, int] | None = None,
 ) -> Run:
-    """One pytest run; outcomes come from the recorder file of the pid we started."""
+    """One pytest run; outcomes come from the recorder file of the pid we started.
+    ``user``: run it as this uid and gid instead of root (``--user``)."""
     name = tier or "inproc"
     out_dir = work / "out" / proj.name / name
     if out_dir.exists():
@@ -701,11 +730,20 @@ def run_suite(
     env.update(proj.env)
     env["FIDELITY_OUT_DIR"] = str(out_dir)
     env["PATH"] = f"{py.parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    log(f"{proj.name} {name}: {' '.join(cmd[1:])}")
+    if user is not None:
+        home = work / "home" / proj.name
+        if home.exists():
+            shutil.rmtree(home)
+        home.mkdir(parents=True)
+        for path in (src, out_dir, home):
+            chown_tree(path, user)
+        env["HOME"] = str(home)
+        env.pop("XDG_RUNTIME_DIR", None)
+    log(f"{proj.name} {name}: {' '.join(cmd[1:])}" + (f" (as uid {user[0]})" if user else ""))
     with open(out_dir / "output.txt", "w") as outf:
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            offline(cmd),
+            offline(as_user(cmd, user)),
             cwd=src,
             env=env,
             stdout=outf,
@@ -921,7 +959,29 @@ def main(argv: list[str] | None = None) -> int:
         "--plugin-ref",
         help="build the plugin from this git ref (default: the working tree as it is)",
     )
+    ap.add_argument(
+        "--user",
+        help="run every pytest (in-process and isolated) as this UID[:GID], unprivileged, "
+        "in a tree that user owns (needs root; see --python)",
+    )
+    ap.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter the venvs are made from (default: this one); with --user, one "
+        "that user can run, e.g. /usr/bin/python3",
+    )
     ns = ap.parse_args(argv)
+    user = None
+    if ns.user:
+        uid_s, _, gid_s = ns.user.partition(":")
+        try:
+            user = (int(uid_s), int(gid_s or uid_s))
+        except ValueError:
+            ap.error(f"--user {ns.user!r}: expected UID or UID:GID, numbers")
+        if os.geteuid() != 0:
+            ap.error("--user needs root: the runs switch to that user")
+        if user[0] == 0:
+            ap.error("--user 0 is root: leave --user out")
 
     # SIGTERM (and SIGINT, which a background job ignores) unwind through ``finally``:
     # the running pytest is stopped and the table of what finished is still printed.
@@ -952,7 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
         ),
-        "python": sys.version.split()[0],
+        "python": sh([ns.python, "-c", "import sys; print(sys.version.split()[0])"]).strip(),
+        "user": list(user) if user else None,
         "plugin_head": sh(
             ["git", "-C", str(ns.plugin_src), "rev-parse", ns.plugin_ref or "HEAD"]
         ).strip(),
@@ -969,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         for proj in wanted:
             try:
                 src = fetch_sdist(proj, work)
-                py, freeze = make_venv(proj, src, wheel, work)
+                py, freeze = make_venv(proj, src, wheel, work, ns.python)
             except Exception as exc:  # a project that cannot be set up is reported, not fatal
                 log(f"{proj.name}: setup failed: {exc}")
                 meta["projects"][proj.name] = {"version": proj.version, "setup_error": str(exc)}
@@ -982,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[proj.name] = {}
             for tier in [None, *tiers]:
                 tree = fresh_tree(src, work, proj.name)
-                run = run_suite(proj, py, tree, tier, work, ns.timeout)
+                run = run_suite(proj, py, tree, tier, work, ns.timeout, user)
                 runs[proj.name][run.tier] = run
     finally:
         meta["total_seconds"] = round(time.monotonic() - t_all, 1)
