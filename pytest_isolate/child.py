@@ -12,7 +12,6 @@ import ctypes
 import faulthandler
 import io
 import os
-import re
 import resource
 import signal
 import sys
@@ -426,7 +425,7 @@ def _stop_frame(exc: BaseException) -> dict[str, Any]:
             "returncode": code if isinstance(code, int) and not isinstance(code, bool) else None}
 
 
-def _own_basetemp(factory: Any, nodeid: str) -> None:
+def _own_basetemp(factory: Any, seq: Any) -> None:
     """A sandbox is a session of its own, as an xdist worker is: its session-scoped
     fixtures run again, so it gets a base temp dir of its own too (xdist gives each
     worker one). With one shared by all sandboxes, what a session fixture built there
@@ -436,15 +435,15 @@ def _own_basetemp(factory: Any, nodeid: str) -> None:
     if factory is None:
         return
     # Named now, made when first asked for (pytest's own "given basetemp" path): most
-    # tests never ask, and a mkdir on the test's path cost ~1 ms a test here. The name:
-    # a pattern compiled in the server, and 64 random bits (pytest empties a given
-    # basetemp that exists).
-    name = _UNSAFE.sub("_", nodeid.rsplit("::", 1)[-1])[:30] or "test"
-    factory._given_basetemp = factory.getbasetemp() / f"{name}-{os.urandom(8).hex()}"
+    # tests never ask, and a mkdir on the test's path cost ~1 ms a test here. The name
+    # is the sandbox's number in its worker (``seq``), unique in the worker's own dir
+    # (pytest empties a given basetemp that exists) and short: a test's ``tmp_path`` is
+    # then about as long as under pytest-xdist (``popen-gw0/``), where the suites' unix
+    # socket paths (at most 107 bytes) already fit. Named after the test, werkzeug's
+    # unix socket test failed for a user whose ``pytest-of-<name>`` is longer than root's.
+    name = str(seq) if isinstance(seq, int) and not isinstance(seq, bool) else f"x{os.urandom(6).hex()}"
+    factory._given_basetemp = factory.getbasetemp() / name
     factory._basetemp = None
-
-
-_UNSAFE = re.compile(r"[^\w.-]")
 
 
 def match_depth(expected: int | None) -> None:
@@ -546,7 +545,7 @@ def run_items(
         if early:
             audit.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
             job = wire.recv(go_fd)
-        _own_basetemp(factory, job["nodeid"])
+        _own_basetemp(factory, job.get("seq"))
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
         rlimits.apply(
             IsolationSpec.from_dict(job["spec"]), cgroup_memory=enforced_by_cgroup, cgroup_pids=enforced_by_cgroup

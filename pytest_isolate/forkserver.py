@@ -285,6 +285,7 @@ class ForkServer:
         waiting = ahead.take(nodeid, spec, group)
         ahead.want_zygote = spec.tier == "process" and not job["next"]
         slot = waiting or ahead.new_slot()
+        job["seq"] = slot.seq  # the sandbox's number: its base temp dir's name (child.py)
         r, stack_fd = slot.r, slot.stack_fd
         box = slot.box if waiting is not None and waiting.box is not None else Box(
             nodeid, spec, slot.seq, _hostname(nodeid), slot.w

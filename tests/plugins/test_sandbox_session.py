@@ -4,7 +4,10 @@ calls, another plugin's signal in the controller, markers that came too late."""
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -324,3 +327,44 @@ def test_the_main_thread_has_its_own_native_id(pytester: pytest.Pytester, run: R
     want = {f"test_tid.py::{n}": ["PASSED"] for n in ("test_main_thread_native_id", "test_a_thread_has_another")}
     assert outcomes(base) == want, base.stdout.str()
     assert outcomes(iso) == want, iso.stdout.str()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_tmp_path_is_about_as_long_as_under_xdist(
+    pytester: pytest.Pytester, run: Runner, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sandbox's ``tmp_path`` is at most 10 characters longer than in-process, as under
+    pytest-xdist (``popen-gw0/``): a unix socket a test binds there (AF_UNIX paths hold
+    107 bytes) fits wherever it fits under xdist. Named after the test, werkzeug's unix
+    socket test failed for uid 65534, whose ``pytest-of-nobody`` is 2 characters longer
+    than root's."""
+    base = Path(tempfile.mkdtemp(prefix="ipt", dir="/tmp"))
+    try:
+        pytester.makepyfile(
+            test_sock="""
+            import os
+            import socket
+
+            def test_unix_socket_in_tmp_path(tmp_path):
+                print(f"TMP_PATH_LENGTH={len(str(tmp_path))}")
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(str(tmp_path / os.environ["SOCK_NAME"]))
+                s.close()
+            """
+        )
+        want = {"test_sock.py::test_unix_socket_in_tmp_path": ["PASSED"]}
+
+        def length(result: pytest.RunResult) -> int:
+            assert outcomes(result) == want, result.stdout.str()
+            (n,) = re.findall(r"TMP_PATH_LENGTH=(\d+)", result.stdout.str())
+            return int(n)
+
+        monkeypatch.setenv("SOCK_NAME", "s")
+        inside = length(run(None, "-rP", f"--basetemp={base / 'a'}"))
+        # A socket path of 97 bytes in-process: 107 under xdist, the most AF_UNIX takes.
+        monkeypatch.setenv("SOCK_NAME", "s" * (97 - inside - 1))
+        assert length(run(None, "-rP", f"--basetemp={base / 'b'}")) == inside
+        isolated = length(run(tier, "-rP", f"--basetemp={base / 'c'}"))
+        assert isolated - inside <= 10, (inside, isolated)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
