@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -191,14 +192,37 @@ def apply_policy(
 def warn(config: pytest.Config, item: pytest.Item, lines: list[str]) -> None:
     """Each line an ``IsolationWarning`` of ``item`` in pytest's warnings summary."""
     for w in lines:
-        config.hook.pytest_warning_recorded.call_historic(
-            kwargs=dict(
-                warning_message=_warning(w, item),
-                when="runtest",
-                nodeid=item.nodeid,
-                location=item.location,
-            )
+        _record_warning(
+            config,
+            dict(warning_message=_warning(w, item), when="runtest", nodeid=item.nodeid, location=item.location),
         )
+
+
+#: While a test's protocol runs (``held_warnings``): what it warned, recorded at its end.
+_held: list[tuple[pytest.Config, dict[str, Any]]] | None = None
+
+
+@contextlib.contextmanager
+def held_warnings() -> Iterator[None]:
+    """Record the warnings of one isolated test when its protocol ends, as pytest records
+    the warnings a test raised in-process: after its reports and ``logfinish``, on every
+    way out (pytest's ``catch_warnings_for_item``). Recorded as each came, plugins that
+    log events in order (pytest-reportlog) had them before the test's reports."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+    finally:
+        held, _held = _held, outer
+        for config, kwargs in held:
+            config.hook.pytest_warning_recorded.call_historic(kwargs=kwargs)
+
+
+def _record_warning(config: pytest.Config, kwargs: dict[str, Any]) -> None:
+    if _held is not None:
+        _held.append((config, kwargs))
+    else:
+        config.hook.pytest_warning_recorded.call_historic(kwargs=kwargs)
 
 
 def _fail(reports: list[pytest.TestReport], lines: list[str]) -> None:
@@ -382,7 +406,5 @@ def _replay_warning(config: pytest.Config, w: dict[str, Any]) -> None:
         message = UserWarning(w["message"])
     wm = warnings.WarningMessage(message, category, w["filename"], w["lineno"])
     loc = tuple(w["location"]) if w.get("location") else None
-    config.hook.pytest_warning_recorded.call_historic(
-        kwargs=dict(warning_message=wm, when=w["when"], nodeid=w["nodeid"], location=loc)
-    )
+    _record_warning(config, dict(warning_message=wm, when=w["when"], nodeid=w["nodeid"], location=loc))
 

@@ -424,13 +424,14 @@ class IsolatePlugin:
             faulthandler.cancel_dump_traceback_later()
         ihook = item.ihook
         attempt = 0
-        while True:
-            ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-            again = self._attempt(item, nextitem, spec, bad, attempt)
-            ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-            if not again or attempt >= adapters.Reruns.LIMIT:
-                return True
-            attempt += 1
+        with answer.held_warnings():
+            while True:
+                ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+                again = self._attempt(item, nextitem, spec, bad, attempt)
+                ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+                if not again or attempt >= adapters.Reruns.LIMIT:
+                    return True
+                attempt += 1
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logfinish(self, nodeid: str) -> None:

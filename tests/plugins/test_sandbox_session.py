@@ -3,6 +3,7 @@ calls, another plugin's signal in the controller, markers that came too late."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -368,3 +369,67 @@ def test_tmp_path_is_about_as_long_as_under_xdist(
         assert isolated - inside <= 10, (inside, isolated)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+WARN_ORDER_CONFTEST = """
+import json
+import os
+
+
+def _log(config, what):
+    if os.getpid() != pytest_configure.pid:  # a sandbox, forked after its session's configure
+        return
+    with open(config.rootpath / "events", "a") as f:
+        f.write(json.dumps(what) + "\\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    import pytest
+
+    _log(pytest_runtest_logstart.config, ["start", nodeid])
+
+
+def pytest_runtest_logreport(report):
+    _log(pytest_runtest_logstart.config, [report.when, report.nodeid, report.outcome])
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _log(pytest_runtest_logstart.config, ["finish", nodeid])
+
+
+def pytest_warning_recorded(warning_message, when, nodeid, location):
+    _log(pytest_runtest_logstart.config, ["warning", nodeid, str(warning_message.message)])
+
+
+def pytest_configure(config):
+    pytest_runtest_logstart.config = config
+    pytest_configure.pid = os.getpid()
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_tests_warnings_come_after_its_reports(pytester: pytest.Pytester, run: Runner, tier: str) -> None:
+    """pytest records the warnings a test raised when its protocol ends, after its
+    reports and ``logfinish``; plugins that log events in order (pytest-reportlog) show
+    them there. Isolated they came before the test's first report."""
+    pytester.makeconftest(WARN_ORDER_CONFTEST)
+    pytester.makepyfile(
+        test_w="""
+        import warnings
+
+        def test_warns():
+            warnings.warn("first")
+            warnings.warn("second", DeprecationWarning)
+
+        def test_quiet():
+            pass
+        """
+    )
+    events = pytester.path / "events"
+    run(None, "-p", "no:randomly")
+    base = events.read_text().splitlines()
+    events.unlink()
+    run(tier, "-p", "no:randomly")
+    assert events.read_text().splitlines() == base
+    kinds = [json.loads(line)[0] for line in base]
+    assert kinds[:7] == ["start", "setup", "call", "teardown", "finish", "warning", "warning"], kinds
