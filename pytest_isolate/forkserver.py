@@ -121,6 +121,7 @@ class ForkServer:
 
             tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
         junit.stand_in(config, self.forwarder)
+        adapters.server_configured(config)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:

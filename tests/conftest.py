@@ -31,7 +31,7 @@ OPTIONAL_PLUGINS = (
     "hypothesispytest", "benchmark", "randomly", "asyncio", "rerunfailures", "timeout", "syrupy",
     "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov", "dependency",
     "flaky", "pytest-bdd", "allure_pytest", "inline_snapshot", "pytest-testmon",
-    "pytest-retry", "memray", "regressions", "datadir",
+    "pytest-retry", "memray", "regressions", "datadir", "pytest-split", "pytest_reportlog",
 )
 FAST_ADDOPTS = " ".join(f"-p no:{name}" for name in OPTIONAL_PLUGINS)
 #: How long objects of a finished run may take to disappear before it counts as a leak.

@@ -97,6 +97,23 @@ def in_server() -> None:
     rr.ClientStatusDB = client_or_local
 
 
+#: Plugins that write, at their session's end, a file the controller's session writes
+#: too, from what its reports showed: in the fork server, which runs no test, the same
+#: plugin would write what it read at start (at the same time or after the controller).
+#: Each is unregistered in the server once configured. pytest-split's
+#: ``--store-durations``: the run's durations were lost.
+CONTROLLER_WRITERS = ("pytestsplitcacheplugin",)
+
+
+def server_configured(config: pytest.Config) -> None:
+    """In the fork server, after every plugin's ``pytest_configure``."""
+    pm = config.pluginmanager
+    for name in CONTROLLER_WRITERS:
+        plugin = pm.get_plugin(name)
+        if plugin is not None:
+            pm.unregister(plugin, name)
+
+
 class NextAttempt(BaseException):
     """Raised in a test's child when pytest-rerunfailures starts another attempt: that
     attempt gets a sandbox of its own (the controller sends the test again)."""
