@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pytest_isolate import wire
+from pytest_isolate import stem, wire
 from pytest_isolate.ahead import Ahead, _collect_and_freeze, _hostname
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.observe import audit, usage
@@ -80,6 +80,11 @@ class ForkServer:
         #: so a test cannot forge results or commands on them.
         self.private_fds = [cmd_fd, evt_fd]
         self.term_fd = term_fd
+        #: What its tests see (``stem.adopt``): the controller's environment, tripwires in.
+        self.environ = init.get("environ")
+        if self.environ:
+            for view in self.environ.values():
+                view.update(init.get("env") or {})
         c = init["ctx"]
         self.ctx = WorkerContext(
             run_id=c["run_id"],
@@ -122,6 +127,8 @@ class ForkServer:
             tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
         junit.stand_in(config, self.forwarder)
         adapters.server_configured(config)
+        if self.environ:
+            stem.adopt(self.environ)  # the controller's, not configured a second time
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
@@ -595,7 +602,6 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
     A forked server is given ``start`` (command line, directory, paths) with its fork
     and configures before the rest of its set-up comes (``Worker._launch``); a spawned
     one reads all of it first."""
-    from pytest_isolate import stem
 
     stem.disabled = True
     if cmd_fd is None or evt_fd is None:

@@ -114,7 +114,7 @@ class Stem:
     """The controller's end: asks the stem for gateways, and stops it."""
 
     def __init__(self) -> None:
-        self.env = _c_environ()
+        self.env = c_environ()
         with open("/proc/self/comm", "rb") as f:
             comm = f.read().rstrip(b"\n")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -140,7 +140,7 @@ class Stem:
         caller works while the stem forks it, and may still be importing. ``start``:
         what its fork server configures with before its set-up comes
         (``forkserver.main``). None: spawn one."""
-        env = _c_environ()
+        env = c_environ()
         if any(
             env.get(k) != self.env.get(k)
             for k in set(env) | set(self.env)
@@ -286,7 +286,7 @@ def _forked_io(outfile: Any, infile: Any, execmodel: Any, popen: _Forked) -> Any
     return ForkedIO(outfile, infile, execmodel, popen)
 
 
-def _c_environ() -> dict[str, str]:
+def c_environ() -> dict[str, str]:
     """The process's environment as a child it spawned would get it: the C ``environ``,
     which ``os.environ`` writes through to but does not read back (readline, imported
     by pytest's capture, sets ``LINES`` and ``COLUMNS`` there)."""
@@ -300,6 +300,35 @@ def _c_environ() -> dict[str, str]:
         out[os.fsdecode(key)] = os.fsdecode(value)
         i += 1
     return out
+
+
+def environment() -> dict[str, dict[str, str]]:
+    """This process's environment as its tests see it: ``os.environ`` (``py``) and what
+    a process they spawn inherits (``c``, see ``c_environ``). They differ: readline sets
+    ``LINES`` and ``COLUMNS`` in the C ``environ`` only."""
+    return {"py": dict(os.environ), "c": c_environ()}
+
+
+def adopt(env: dict[str, dict[str, str]]) -> None:
+    """Make this process's environment ``env`` (``environment()`` of the controller),
+    both views: ``os.environ`` without writing through, the C ``environ`` for the
+    processes tests spawn.
+
+    Why: a sandbox's session configures again from the controller's environment, which
+    its own configuration has changed already; an entry that builds on its own value
+    (pytest-env's ``PATH=/opt/bin:{PATH}``, a conftest prepending to a variable) was
+    applied twice. And the fresh view of the C ``environ`` put the terminal's
+    ``COLUMNS`` into ``os.environ``, where ``shutil.get_terminal_size`` (argparse's help,
+    rich) reads it; in-process it is not there."""
+    import ctypes
+
+    ctypes.CDLL(None).clearenv()
+    for key, value in env["c"].items():
+        os.putenv(key, value)
+    data = os.environ._data  # type: ignore[attr-defined]
+    data.clear()
+    for key, value in env["py"].items():
+        data[os.environ.encodekey(key)] = os.environ.encodevalue(value)  # type: ignore[attr-defined]
 
 
 # --- below: runs in the stem and the processes it forks ---------------------------

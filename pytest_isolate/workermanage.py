@@ -235,6 +235,9 @@ class Worker:
             "carry": self.ctl.carry.server_init(),
             # The tripwires' names (a forked server's environment predates them).
             "env": self.ctl.canary_env(),
+            # What its tests see, once its own configuration is done (``stem.adopt``);
+            # a guest has its own.
+            "environ": None if self.uml else stem.environment(),
             # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
             "python_flags": ["-S"] if self.uml else [],
             "workerinput": workerinput,

@@ -433,3 +433,59 @@ def test_a_tests_warnings_come_after_its_reports(pytester: pytest.Pytester, run:
     assert events.read_text().splitlines() == base
     kinds = [json.loads(line)[0] for line in base]
     assert kinds[:7] == ["start", "setup", "call", "teardown", "finish", "warning", "warning"], kinds
+
+
+ENV_CONFTEST = """
+import os
+
+
+def pytest_configure(config):
+    # Builds on its own value: a second configuration would apply it twice.
+    os.environ["GROWS"] = "/opt/bin:" + os.environ.get("GROWS", "/usr/bin")
+    # In the C environ only, as readline sets LINES and COLUMNS: not in os.environ, but
+    # in a spawned process's environment.
+    os.putenv("ONLY_IN_C", "from-c")
+"""
+
+ENV_TESTS = """
+import os
+import subprocess
+
+
+def test_configured_once():
+    assert os.environ["GROWS"] == "/opt/bin:/usr/bin"
+
+
+def test_pytest_env_applied_once():
+    assert os.environ["MYPATH"] == "/opt/tool/bin:/usr/local/bin"
+
+
+def test_c_environ_only_in_spawned_processes():
+    assert "ONLY_IN_C" not in os.environ
+    out = subprocess.run(["sh", "-c", 'printf %s "$ONLY_IN_C"'], capture_output=True, text=True).stdout
+    assert out == "from-c"
+"""
+
+
+@pytest.mark.parametrize("stem", ["1", "0"])
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_environment_is_the_controllers(
+    pytester: pytest.Pytester, run: Runner, tier: str, stem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test sees the environment it sees in-process: what configuration changed, once
+    (pytest-env's ``MYPATH=/opt/tool/bin:{MYPATH}``, a conftest prepending to a
+    variable; the sandbox's session configures again), and ``os.environ`` without what
+    is only in the C ``environ`` (readline's ``COLUMNS``, which ``shutil`` and argparse
+    would take as the terminal's width), which processes the test spawns still get."""
+    pytester.makeconftest(ENV_CONFTEST)
+    pytester.makeini("[pytest]\nenv =\n    MYPATH=/opt/tool/bin:{MYPATH}\n")
+    pytester.makepyfile(test_env=ENV_TESTS)
+    monkeypatch.setenv("MYPATH", "/usr/local/bin")
+    monkeypatch.delenv("GROWS", raising=False)
+    monkeypatch.setenv("PYTEST_ISOLATE_STEM", stem)
+    names = ("test_configured_once", "test_pytest_env_applied_once", "test_c_environ_only_in_spawned_processes")
+    want = {f"test_env.py::{n}": ["PASSED"] for n in names}
+    base = run(None, plugins=("env",))
+    assert outcomes(base) == want, base.stdout.str()
+    iso = run(tier, plugins=("env",))
+    assert outcomes(iso) == want, iso.stdout.str()

@@ -67,6 +67,7 @@ def _suite(pytester: pytest.Pytester, conftest: str = CONFTEST) -> None:
     pytester.makepyfile(
         test_kind="""
         import os
+        import subprocess
         import sys
         import warnings
 
@@ -78,9 +79,11 @@ def _suite(pytester: pytest.Pytester, conftest: str = CONFTEST) -> None:
         def test_environment_is_the_configured_one():
             assert os.environ["SET_BY_CONFTEST"] == "configured"
             assert "GONE_BY_CONFIGURE" not in os.environ
-            if os.environ.get("PYTEST_ISOLATE_TIER"):
-                # A worker's environment is what a process the controller spawned gets.
-                assert os.environ.get("ONLY_IN_C") == "seen"
+            # As in-process: what only the C environ holds is not in os.environ, and a
+            # process the test spawns gets it.
+            assert "ONLY_IN_C" not in os.environ
+            out = subprocess.run(["sh", "-c", 'printf %s "$ONLY_IN_C"'], capture_output=True, text=True)
+            assert out.stdout == "seen"
 
         def test_argv_is_pytests():
             assert repr(sys.argv) == os.environ["CONTROLLER_ARGV"]
