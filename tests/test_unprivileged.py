@@ -375,3 +375,49 @@ def _check_kept(path: Path, result: pytest.RunResult) -> None:
     assert kept.read_text() == "kept"
     assert (kept.stat().st_uid, kept.parent.stat().st_uid) == (UID, UID)
     assert not (path / "outside.txt").exists()
+
+
+TREE_FILES = {
+    "data.txt": "original\n",
+    "test_tree.py": (
+        "import os\n"
+        "import pathlib\n"
+        "import time\n"
+        "HERE = pathlib.Path(__file__).parent\n"
+        "def test_write_a_new_file():\n"
+        "    (HERE / 'new.txt').write_text('new')\n"
+        "    assert (HERE / 'new.txt').read_text() == 'new'\n"
+        "def test_change_a_file():\n"
+        "    (HERE / 'data.txt').write_text('changed')\n"
+        "    os.utime(HERE / 'data.txt', (time.time(), time.time()))\n"
+        "    assert (HERE / 'data.txt').read_text() == 'changed'\n"
+        "def test_make_dirs():\n"
+        "    (HERE / 'sub' / 'deep').mkdir(parents=True)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("mount_below_tmp", [False, True])
+def test_a_project_below_roots_directories_is_writable(nobody_venv: Path, h: Any, mount_below_tmp: bool) -> None:
+    """A test writes into its project, in a user namespace as in-process, though the
+    project lies below a directory root owns (here the venv's parent in /tmp, as a
+    checkout in /srv/ci/ or /var/lib/jenkins/ does): the project is an overlay layer of
+    its own, so only its own directories are copied up. Before, every write failed
+    with EOVERFLOW; and with something mounted below /tmp (a fresh tmpfs there) the
+    project was a read-only bind. The writes stay in the sandbox, as ever."""
+    mnt = Path(tempfile.mkdtemp(prefix="isolate-mnt-", dir="/tmp")) if mount_below_tmp else None
+    try:
+        if mnt is not None:
+            subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
+        names = ("test_write_a_new_file", "test_change_a_file", "test_make_dirs")
+        for tier in ("none", "jail"):
+            path, result = run_as_nobody(nobody_venv, f"tree-{tier}", TREE_FILES, ESCAPE, "-rA", f"--isolate={tier}", h=h)
+            assert result.ret == 0, "\n".join(result.outlines)
+            result.stdout.fnmatch_lines([f"PASSED test_tree.py::{n}" for n in names], consecutive=False)
+            written = ((path / "data.txt").read_text(), (path / "new.txt").exists(), (path / "sub").exists())
+            # In-process the writes are the user's; from the jail none reaches the tree.
+            assert written == (("changed", True, True) if tier == "none" else ("original\n", False, False))
+    finally:
+        if mnt is not None:
+            subprocess.run(["umount", str(mnt)], check=False)
+            mnt.rmdir()

@@ -419,12 +419,40 @@ def plan_split(lower: str | os.PathLike[str], mps: Sequence[str] | None = None) 
     return layers
 
 
+def with_project(
+    layers: list[Layer], lower: str | os.PathLike[str], rootdir: str | os.PathLike[str] | None,
+    mps: Sequence[str] | None = None,
+) -> tuple[list[Layer], bool]:
+    """A split root plus the project (pytest's rootdir) as an overlay layer of its own,
+    mounted over the layer that holds it; True when it was added.
+
+    Why: in a user namespace overlayfs cannot copy up a directory whose owner has no id
+    there. A test that writes into its project copies up every directory between the
+    layer's root and the file, so a project below a directory root owns (``/srv/ci/``,
+    ``/var/lib/jenkins/``, a checkout in ``/tmp/build/``) refused every write
+    (``EOVERFLOW``), and below a fresh tmpfs (``/tmp`` with mounts below it) it was a
+    read-only bind. A layer of its own starts at the project: only the project's own
+    directories are copied up. Not added where the host's root is not the lower layer
+    (a prepared rootfs binds the project), where the project is a layer already, or
+    where something is mounted below it (overlayfs refuses such a lower layer there).
+    """
+    if os.path.realpath(lower).rstrip("/") or rootdir is None:
+        return layers, False
+    root = os.path.realpath(rootdir)
+    if root == "/" or any(layer.path == root for layer in layers):
+        return layers, False
+    if any(m.startswith(root + "/") for m in (mountpoints() if mps is None else mps)):
+        return layers, False
+    return [*layers, Layer(root, "overlay", key=str(len(layers)))], True
+
+
 def needed_binds(
     lower: Path,
     rootdir: Path | None,
     basetemp: Path | None,
     extra: Iterable[Path] = (),
     hidden: Sequence[str] | None = None,
+    layered: Path | None = None,
 ) -> list[tuple[Path, bool]]:
     """Paths the already-running Python and pytest need inside the root, parents first.
 
@@ -434,7 +462,10 @@ def needed_binds(
     (debootstrap) the interpreter, its ``sys.path`` and the rootdir are all bound
     read-only. In a split root (``hidden`` not None) every filesystem has its own layer,
     so only what lies under ``hidden`` (fresh tmpfs dirs, read-only binds) is bound.
-    basetemp is always bound read-write so ``tmp_path`` writes are kept.
+    basetemp is always bound read-write so ``tmp_path`` writes are kept. Nothing is
+    bound in ``layered``, a layer of its own (``with_project``): it shows all of it, and
+    a read-only bind over it (``python -m pytest`` puts the project on ``sys.path``)
+    would hide the layer.
     """
     candidates: list[Path] = [Path(sys.prefix), Path(sys.base_prefix)]
     candidates += [Path(p) for p in sys.path if p and os.path.isdir(p)]
@@ -451,6 +482,8 @@ def needed_binds(
         except OSError:
             continue
         if not stat.S_ISDIR(st.st_mode) or c == Path("/"):
+            continue
+        if layered is not None and c.is_relative_to(layered):
             continue
         if hidden is not None:
             if not any(c.is_relative_to(h) for h in hidden):
@@ -534,7 +567,8 @@ def _build_split(plan: RootPlan, layers: list[Layer]) -> None:
             os.mkdir(t, 0o755)
             bind(host, t, recursive=True, readonly=True)
         else:  # overlay
-            os.mkdir(t, 0o755)
+            if not os.path.lexists(t):  # the project's (``with_project``) may be in view
+                os.makedirs(t, 0o755)
             up, wk = plan.upper / layer.key, plan.work / layer.key
             os.mkdir(up)
             os.mkdir(wk)

@@ -156,7 +156,7 @@ class JailTier(Tier):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
         self._pidns_fd: int | None = None
-        self._binds: dict[tuple[str, tuple[str, ...] | None], list[tuple[Path, bool]]] = {}
+        self._binds: dict[tuple[str, tuple[str, ...] | None, bool], list[tuple[Path, bool]]] = {}
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._privileged = _privileged()
         self._box_dir = ctx.workdir / BOX_DIR
@@ -192,12 +192,16 @@ class JailTier(Tier):
         # Planned here, per test, from the current mount table: a mount that appeared
         # below an overlay layer since the last test would make that layer fail.
         split = mounts.plan_split(lower) if mounts.needs_split(lower, userns) else None
+        project = False
+        if split is not None:
+            split, project = mounts.with_project(split, lower, self.ctx.rootdir)
         hidden = mounts.hidden_by(split) if split is not None else None
-        key = (os.fspath(lower), tuple(hidden) if hidden is not None else None)
+        key = (os.fspath(lower), tuple(hidden) if hidden is not None else None, project)
         binds = self._binds.get(key)
         if binds is None:
             binds = self._binds[key] = mounts.needed_binds(
-                lower, self.ctx.rootdir, self.ctx.basetemp, hidden=hidden
+                lower, self.ctx.rootdir, self.ctx.basetemp, hidden=hidden,
+                layered=Path(os.path.realpath(self.ctx.rootdir)) if project else None,
             )
         cwd = os.getcwd()
         if box.spec.rootfs and not any(Path(cwd).is_relative_to(p) for p, _ in binds):
