@@ -153,19 +153,26 @@ def test_process(tmp_path):
     dump(tmp_path, "process", {"uid": os.getuid(), "euid": os.geteuid()})
 
 
+def _errno(fn):
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
 @pytest.mark.isolate("jail")
 def test_jail(tmp_path):
     (tmp_path / "mine").write_text("x")
-    Path("/etc/isolate-" + TOKEN).write_text("inside")
-    try:
-        os.chown(tmp_path / "mine", 1, 1)
-        chown = 0
-    except OSError as exc:
-        chown = exc.errno
+    readonly = tmp_path / "readonly"
+    readonly.write_text("x")
+    readonly.chmod(0o444)
+    chown = _errno(lambda: os.chown(tmp_path / "mine", 1, 1))
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     dump(tmp_path, "jail", {
         "uid": os.getuid(),
         "gid": os.getgid(),
+        "euid": os.geteuid(),
         "uid_map": open("/proc/self/uid_map").read().split(),
         "mine_uid_inside": os.stat(tmp_path / "mine").st_uid,
         "etc_shadow_uid_inside": os.stat("/etc/shadow").st_uid,
@@ -174,7 +181,9 @@ def test_jail(tmp_path):
         "pid": os.getpid(),
         "pids": pids,
         "links": sorted(os.listdir("/sys/class/net")),
-        "etc_written": Path("/etc/isolate-" + TOKEN).read_text(),
+        # Below a top-level dir: each of those is a layer whose root the user owns inside.
+        "etc_errno": _errno(lambda: Path("/usr/lib/isolate-" + TOKEN).write_text("inside")),
+        "readonly_errno": _errno(lambda: open(readonly, "w").close()),
     })
 
 
@@ -231,19 +240,21 @@ def test_process_tier_runs_as_the_user(nobody_run: dict[str, Any]) -> None:
 
 
 def test_jail_in_a_user_namespace(nobody_run: dict[str, Any]) -> None:
-    """uid 0 inside, mapped to the user outside, and nothing more of the host's ids."""
+    """The test runs as the user, as in-process: the same ids, no capability (its user
+    namespace maps them to uid 0 of the sandbox's, which is the user outside), so
+    permission checks come out as in-process; nothing more of the host's ids."""
     got = seen(nobody_run["path"], "jail")
-    assert (got["uid"], got["gid"]) == (0, 0)
-    assert got["uid_map"] == ["0", str(UID), "1"]
-    assert got["mine_uid_inside"] == 0
+    assert (got["uid"], got["gid"], got["euid"]) == (UID, GID, UID)
+    assert got["uid_map"] == [str(UID), "0", "1"]
+    assert got["mine_uid_inside"] == UID
     assert got["etc_shadow_uid_inside"] == 65534  # root's file: unmapped, shown as nobody
     assert got["chown_errno"] in (1, 22)  # EPERM / EINVAL: no other ids to give away
+    assert got["etc_errno"] == got["readonly_errno"] == 13  # EACCES, as in-process
     # The same view as a root jail: own hostname, PID namespace, network, root.
     assert got["hostname"] == "test-jail"
     assert got["pid"] <= 3 and max(got["pids"]) <= 5, got
     assert got["links"] == ["lo"]
-    assert got["etc_written"] == "inside"
-    assert not os.path.exists(f"/etc/isolate-{nobody_run['token']}")
+    assert not os.path.exists(f"/usr/lib/isolate-{nobody_run['token']}")
 
 
 def test_jail_tmp_path_files_belong_to_the_user(nobody_run: dict[str, Any]) -> None:
@@ -251,7 +262,7 @@ def test_jail_tmp_path_files_belong_to_the_user(nobody_run: dict[str, Any]) -> N
     st = mine.stat()
     assert (st.st_uid, st.st_gid) == (UID, GID)
     rec = nobody_run["records"]["test_unpriv.py::test_jail"]
-    assert f"created /etc/isolate-{nobody_run['token']}" in rec["changes"]
+    assert not any("/usr/lib/" in c for c in rec["changes"] or ()), rec["changes"]
 
 
 def test_jail_network_ip_unprivileged(nobody_run: dict[str, Any]) -> None:

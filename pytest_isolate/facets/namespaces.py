@@ -72,6 +72,16 @@ def write_id_maps(
         f.write(f"{inside_gid} {gid} 1\n")
 
 
+def enter_own_ids(uid: int, gid: int) -> None:
+    """Into a user namespace of the caller's own in which it is ``uid``/``gid`` (its ids on
+    the host) again: mapped to the ids it has where it is now (uid 0 of the sandbox's
+    user namespace). The caller keeps capabilities only in that new namespace, which
+    owns nothing; it drops them itself."""
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    unshare(CLONE_NEWUSER)
+    write_id_maps(outer_uid, outer_gid, inside_uid=uid, inside_gid=gid)
+
+
 def _read_int(path: str) -> int | None:
     try:
         return int(Path(path).read_text().strip())

@@ -392,7 +392,19 @@ class JailTier(Tier):
     def _confine_runner(self, box: Box) -> None:
         """Last steps in the runner, after the root is in place (base.py's order)."""
         os.setpgid(0, 0)
-        caps.drop(self.drop_caps)
+        if self._privileged:
+            caps.drop(self.drop_caps)
+        else:
+            self._as_the_user()
+
+    def _as_the_user(self) -> None:
+        """Unprivileged: the test runs as the user who started pytest, as in-process: the
+        same uid and gid, no capability. As uid 0 of the sandbox's user namespace, with
+        its capabilities, it passed permission checks that fail in-process (a file made
+        read-only, ``chmod 000``), its own "am I root" checks said yes, and paths built
+        from ``os.getuid()`` differed (platformdirs' ``/tmp/runtime-0``)."""
+        ns.enter_own_ids(self._uid, self._gid)
+        caps.drop(range(caps.last_cap() + 1))
 
 
 def _guarded(body: Callable[[], NoReturn], result_fd: int) -> NoReturn:

@@ -79,7 +79,10 @@ class ZoneTier(JailTier):
         box.state["zone_cg"].attach(pid)
 
     def _confine_runner(self, box: Box) -> None:
-        caps.drop(self.drop_caps)
+        if self._privileged:
+            caps.drop(self.drop_caps)
+        else:
+            self._as_the_user()
         caps.no_new_privs()
         caps.new_session()
         # Last: the filter needs no_new_privs, and nothing after it may need a key call.

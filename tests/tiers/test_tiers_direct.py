@@ -428,9 +428,15 @@ def test_unprivileged_jail_in_user_namespace(harness):
     tag = f"pytest-isolate-{harness.run_id}"
 
     def body(box):
-        Path(f"/etc/{tag}-new").write_text("inside\n")
+        Path(f"/etc/{tag}-new").write_text("inside\n")  # /etc's layer root is the user's inside
+        try:
+            Path(f"/usr/lib/{tag}-new").write_text("inside\n")
+            usr_lib = 0
+        except OSError as exc:
+            usr_lib = exc.errno  # as in-process: the user may not write there
         (harness.ctx.basetemp / "nobody.txt").write_text("kept\n")
         return {
+            "usr_lib": usr_lib,
             "uid": os.getuid(),
             "uid_map": Path("/proc/self/uid_map").read_text().split(),
             "pid": os.getpid(),
@@ -458,8 +464,9 @@ def test_unprivileged_jail_in_user_namespace(harness):
     assert got["euid"] == 65534
     assert got["avail"] is None
     assert got["res"] == {
-        "uid": 0,
-        "uid_map": ["0", "65534", "1"],
+        "usr_lib": 13,
+        "uid": 65534,  # the user, as in-process (its own user namespace maps it)
+        "uid_map": ["65534", "0", "1"],
         "pid": 2,
         "hostname": got["res"]["hostname"],
         "links": ["lo"],
