@@ -359,21 +359,27 @@ _pid = None
 _inherited = []
 
 
+_silent = None
+
+
 def _emit(rec):
     # The pid when the record is written, not when this module was imported: a worker
     # forked from the controller (the plugin's stem) inherits the module as it was.
-    global _fh, _pid
+    global _fh, _pid, _silent
+    if _silent == os.getpid():
+        return
     if _fh is None or _pid != os.getpid():
         if _fh is not None:
             _inherited.append(_fh)
         _pid = os.getpid()
         try:
             _fh = open(os.path.join(os.environ["FIDELITY_OUT_DIR"], "outcomes-%d.jsonl" % _pid), "a", encoding="utf-8")
-        except OSError:
+        except (OSError, KeyError):
             # A sandbox that does not see the out dir (an unprivileged jail's /tmp is a
-            # fresh tmpfs when mounts sit below the host's): only the controller's
-            # records are read, so this process records nothing.
-            _fh = None
+            # fresh tmpfs when mounts sit below the host's), or a test that emptied the
+            # environment: only the controller's records are read, so this process
+            # records nothing.
+            _fh, _silent = None, os.getpid()
             return
     _fh.write(json.dumps(rec) + "\\n")
     _fh.flush()
