@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session import inline_snapshot, retry
+from pytest_isolate.session import inline_snapshot, profiling, retry
 
 Isolated = Callable[[pytest.Item], bool]
 
@@ -49,6 +49,7 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     if dependency is not None:
         pm.register(Dependencies(dependency, isolated), Dependencies.NAME)
     inline_snapshot.register(config, isolated)
+    profiling.register(config, isolated)
 
 
 def kept_by_plugins(item: pytest.Item) -> list[str]:

@@ -25,6 +25,7 @@ from pytest_isolate.session import (
     hypothesis_db,
     inline_snapshot,
     memray,
+    profiling,
     pytest_cache,
     retry,
     syrupy,
@@ -33,7 +34,7 @@ from pytest_isolate.session import (
 #: Kinds made the same way: a module with ``NAME``, ``Collector(config)`` (controller
 #: side) and ``sandbox(config, init)`` (its sandbox side in the server, or None).
 KINDS: tuple[Any, ...] = (
-    syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot, pytest_cache, retry, memray,
+    syrupy, benchmark, flaky, bdd, allure, hypothesis_db, inline_snapshot, pytest_cache, retry, memray, profiling,
 )
 
 
