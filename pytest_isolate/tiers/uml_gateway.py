@@ -262,6 +262,10 @@ def gateway_spec(
             # as a host worker's server does (``uml_init.set_cmdline``).
             "cmdline": _own_cmdline(),
             "startup_env": list(STARTUP_ENV),
+            # What the guest's worker and tests see: this process's os.environ, as a
+            # host worker's tests do (``stem.adopt``); the launcher's own would be the
+            # C environ it inherited, with readline's COLUMNS and LINES.
+            "env": dict(os.environ),
         },
     }
     cfg_path = workdir / "launch.json"

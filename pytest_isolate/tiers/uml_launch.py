@@ -209,7 +209,7 @@ class Launcher:
             "heartbeat": HEARTBEAT_PORT,
             "netmask": "255.255.255.252",
         }
-        g["env"] = dict(os.environ)
+        g.setdefault("env", dict(os.environ))
         path = os.path.join(self.workdir, "guest.json")
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
