@@ -191,10 +191,13 @@ class JailTier(Tier):
         userns = not self._privileged
         # Planned here, per test, from the current mount table: a mount that appeared
         # below an overlay layer since the last test would make that layer fail.
-        split = mounts.plan_split(lower) if mounts.needs_split(lower, userns) else None
+        # One read of the mount table for the three questions (a split, its layers, the
+        # project's own layer): mountinfo is regenerated on every read.
+        mps = mounts.mountpoints() if userns else None
+        split = mounts.plan_split(lower, mps) if mounts.needs_split(lower, userns, mps) else None
         project = False
         if split is not None:
-            split, project = mounts.with_project(split, lower, self.ctx.rootdir)
+            split, project = mounts.with_project(split, lower, self.ctx.rootdir, mps)
         hidden = mounts.hidden_by(split) if split is not None else None
         key = (os.fspath(lower), tuple(hidden) if hidden is not None else None, project)
         binds = self._binds.get(key)
