@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.session.kind import PluginCollector
+from pytest_isolate.session.kind import ListRecorder, PluginCollector
 
 NAME = "benchmark"
 _MAX = 10_000
@@ -133,25 +133,21 @@ def _metadata(entry: Any) -> Any:
 
 
 # -- fork server and its children ----------------------------------------------------
-class Recorder:
+class Recorder(ListRecorder):
     """Sandbox side: the benchmarks the child's tests ran."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.start = 0
-
-    def begin(self) -> None:
+    def items(self) -> list[Any] | None:
         bs = _bsession(self.config)
-        self.start = len(bs.benchmarks) if bs is not None else 0
+        return bs.benchmarks if bs is not None else None
 
     def collect(self) -> list[dict[str, Any]] | None:
-        bs = _bsession(self.config)
-        if bs is None:
+        added = self.added()
+        if added is None:
             return None
         from pytest_benchmark.utils import funcname, safe_dumps
 
         out = []
-        for bench in bs.benchmarks[self.start :]:
+        for bench in added:
             fields = {
                 "name": bench.name,
                 "fullname": bench.fullname,

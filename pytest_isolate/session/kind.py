@@ -66,3 +66,24 @@ class StreamRecorder:
         stream = self.stream(self.config)
         text = stream.getvalue()[self.start :] if stream is not None else ""
         return text or None
+
+
+class ListRecorder:
+    """Sandbox side of a plugin that appends each test's result to a list of its own
+    (pytest-benchmark's benchmarks, pytest-profiling's files): what the child's tests
+    appended. ``items`` is that list, or None when the plugin is not active."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.start = 0
+
+    def items(self) -> list[Any] | None:
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        items = self.items()
+        self.start = len(items) if items is not None else 0
+
+    def added(self) -> list[Any] | None:
+        items = self.items()
+        return None if items is None else items[self.start :]

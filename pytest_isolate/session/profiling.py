@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from pytest_isolate.facets import keep
-from pytest_isolate.session.kind import PluginCollector, registered
+from pytest_isolate.session.kind import ListRecorder, PluginCollector, registered
 
 NAME = "profiling"
 #: Functions one sandbox may send (a test's profile holds hundreds to a few thousand).
@@ -168,23 +168,16 @@ class Collector(PluginCollector):
                 plugin.profs.append(path)
 
 
-class Recorder:
+class Recorder(ListRecorder):
     """Sandbox side: the profiles pytest-profiling wrote for the child's tests."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.start = 0
-
-    def begin(self) -> None:
+    def items(self) -> list[Any] | None:
         plugin = _profiling(self.config)
-        self.start = len(plugin.profs) if plugin is not None else 0
+        return plugin.profs if plugin is not None else None
 
     def collect(self) -> dict[str, Any] | None:
-        plugin = _profiling(self.config)
-        if plugin is None:
-            return None
         profiles = []
-        for path in plugin.profs[self.start :]:
+        for path in self.added() or ():
             try:
                 stats = pstats.Stats(path).stats  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001 - a file the test damaged: its profile is lost
