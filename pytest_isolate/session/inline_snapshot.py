@@ -37,6 +37,8 @@ NAME = "inline_snapshot"
 PLUGIN = "isolate-inline-snapshot"
 #: inline-snapshot's flags that change files (``review`` asks, then applies).
 WRITING = ("create", "fix", "fix-assert", "update", "trim", "review")
+#: Where inline-snapshot keeps its session state: ``_core`` since 0.37.
+STATE_MODULES = ("inline_snapshot._core._global_state", "inline_snapshot._global_state")
 #: Categories a sandbox may report counts for (inline-snapshot's ``Flags``).
 CATEGORIES = ("create", "fix", "fix-assert", "update", "trim")
 
@@ -48,7 +50,7 @@ def _loaded(config: pytest.Config) -> bool:
 def _state(config: pytest.Config) -> Any:
     """inline-snapshot's session state, when its pytest plugin is a plugin of this
     session and checks snapshots (not disabled: in CI, under xdist, ``disable``)."""
-    glob = sys.modules.get("inline_snapshot._global_state")
+    glob = next((sys.modules[m] for m in STATE_MODULES if m in sys.modules), None)
     if glob is None or not _loaded(config):
         return None
     try:
