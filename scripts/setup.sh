@@ -22,10 +22,19 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# Test tools at the versions in scripts/constraints.txt (the set the suite last passed
+# with), or the newest ones with ISOLATE_UNPINNED=1.
+if [ "${ISOLATE_UNPINNED:-0}" = 1 ]; then
+  pins=(--upgrade --upgrade-strategy eager)
+  stamp=.venv/.installed-unpinned-$(date +%F)-$(sha1sum pyproject.toml | cut -c1-12)
+else
+  pins=(-c scripts/constraints.txt)
+  stamp=.venv/.installed-$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -c1-12)
+fi
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q "${pins[@]}" -e '.[test]'
+  rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
