@@ -25,12 +25,15 @@ they change nothing without the user's answer, and the summary says what was lef
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from pytest_isolate.answer import IsolationWarning
 from pytest_isolate.session.kind import PluginCollector, registered
 
 NAME = "inline_snapshot"
@@ -60,6 +63,18 @@ def _state(config: pytest.Config) -> Any:
     return state if getattr(state, "active", False) is True else None
 
 
+def _unknown() -> bool:
+    """inline-snapshot is imported, but its state is in none of the places known."""
+    return "inline_snapshot" in sys.modules and not any(m in sys.modules for m in STATE_MODULES)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("inline-snapshot")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 def _asked(config: pytest.Config) -> list[str]:
     """The flags given with ``--inline-snapshot`` (or a shortcut) that change files."""
     value = getattr(config.option, "inline_snapshot", None)
@@ -79,6 +94,17 @@ class Guard:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if _unknown() and any(self.isolated(item) for item in session.items):
+            # Said rather than guessed: a release that moved its state again would
+            # otherwise lose the refusal and the summary without a word.
+            warnings.warn(
+                IsolationWarning(
+                    f"inline-snapshot {_version()}: pytest-isolate does not know where this version keeps "
+                    f"its session state (none of {', '.join(STATE_MODULES)}); for isolated tests its flags "
+                    "that change files are not refused, and what it would change is not summed up"
+                ),
+                stacklevel=1,
+            )
         asked = _asked(self.config)
         if not asked or self.config.option.collectonly or _state(self.config) is None:
             return

@@ -108,3 +108,32 @@ def test_in_process_tests_are_fixed_once_nothing_is_isolated(
     result = run(None, "--inline-snapshot=create,fix", "-k", "not marked", plugins=PLUGINS)
     text = source.read_text()
     assert "snapshot(2)" in text and "snapshot([1, 2, 3])" in text, result.stdout.str()
+
+
+def test_a_version_that_keeps_its_state_elsewhere_is_named(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that moves its session state again (0.37 moved it to ``_core``) is said
+    in the warnings, not passed over: the refusal and the summary need that state."""
+    pytester.path.joinpath("newer/inline_snapshot").mkdir(parents=True)
+    pytester.path.joinpath("newer/inline_snapshot/_state_elsewhere.py").write_text("state = {}\n")
+    pytester.path.joinpath("newer/inline_snapshot/pytest_plugin.py").write_text(
+        "import pytest\nfrom inline_snapshot import _state_elsewhere\n"
+    )
+    pytester.path.joinpath("newer/inline_snapshot/__init__.py").write_text(
+        "def snapshot(value=None):\n    return value\n"
+    )
+    pytester.makepyfile(test_snap=SUITE)
+    monkeypatch.setenv("PYTHONPATH", str(pytester.path / "newer"))
+    result = run("process", "-p", "inline_snapshot.pytest_plugin")
+    result.stdout.fnmatch_lines(
+        [
+            "*IsolationWarning: inline-snapshot *: pytest-isolate does not know where this version keeps its"
+            " session state (none of inline_snapshot._core._global_state, inline_snapshot._global_state); for"
+            " isolated tests its flags that change files are not refused, and what it would change is not"
+            " summed up",
+        ]
+    )
+    # Without an isolated test there is nothing to say.
+    quiet = run(None, "-k", "not marked", "-p", "inline_snapshot.pytest_plugin")
+    assert "IsolationWarning" not in quiet.stdout.str(), quiet.stdout.str()
