@@ -268,6 +268,8 @@ def test_junit_properties_carry_the_same_figures(runs: Runs, h: Any) -> None:
         assert p["isolate_tier"] == "process"
         for key in ("peak_rss", "cpu_user", "cpu_sys", "exit_code"):
             assert p[f"isolate_{key}"] == str(r[key]), (name, key)
+        for key in ("cpu_user", "cpu_sys"):  # seconds to the microsecond, as getrusage counts
+            assert len(p[f"isolate_{key}"].partition(".")[2]) <= 6, (name, key, p[f"isolate_{key}"])
 
 
 def test_hooks_fire_once_per_test_and_once_per_session(runs: Runs) -> None:
