@@ -235,9 +235,9 @@ class Worker:
             "carry": self.ctl.carry.server_init(),
             # The tripwires' names (a forked server's environment predates them).
             "env": self.ctl.canary_env(),
-            # What its tests see, once its own configuration is done (``stem.adopt``);
-            # a guest has its own.
-            "environ": None if self.uml else stem.environment(),
+            # What its tests see, once its own configuration is done (``stem.adopt``).
+            # A guest's processes get its os.environ (``uml_init``), C environ alike.
+            "environ": {"py": dict(os.environ), "c": dict(os.environ)} if self.uml else stem.environment(),
             # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
             "python_flags": ["-S"] if self.uml else [],
             "workerinput": workerinput,

@@ -57,6 +57,19 @@ DUMP_TEST = textwrap.dedent(
 )
 
 
+#: A conftest that builds on a variable's own value when pytest configures, as
+#: pytest-env's ``PATH=/opt/bin:{PATH}`` does: applied once in the controller, and the
+#: sandbox's session (which configures again) must not apply it a second time.
+STACKING_CONFTEST = textwrap.dedent(
+    """
+    import os
+
+    def pytest_configure(config):
+        os.environ["ISOLATE_UML_STACK"] = os.environ.get("ISOLATE_UML_STACK", "base") + ":conf"
+    """
+)
+
+
 def _host_path_without_venv_bin() -> str:
     """The current PATH minus the directory of ``sys.executable`` (the venv's bin)."""
     venv_bin = os.path.dirname(os.path.abspath(sys.executable))
@@ -91,6 +104,7 @@ def test_guest_sees_the_host_workers_interpreter_and_environment(
 ) -> None:
     monkeypatch.setenv(*PROBE)
     pytester.makepyfile(test_dump=DUMP_TEST)
+    pytester.makeconftest(STACKING_CONFTEST)
     host = _run_dump(pytester, "process")
     guest = _run_dump(pytester, "uml")
 
@@ -109,6 +123,8 @@ def test_guest_sees_the_host_workers_interpreter_and_environment(
     # guest's PID 1's, whose code a report would then name for a process left running).
     assert guest["parent"] == host["parent"] == [sys.executable, "-mpytest"], (guest["parent"], host["parent"])
     assert guest["environ"][PROBE[0]] == PROBE[1]
+    assert host["environ"]["ISOLATE_UML_STACK"] == "base:conf"
+    assert guest["environ"]["ISOLATE_UML_STACK"] == "base:conf"
     # The whole environment, not just the probe: only the run's own canaries (a run id,
     # a port, a pid) differ from one run to the next.
     per_run = {k for k in host["environ"] if k.startswith("PYTEST_ISOLATE_")}
