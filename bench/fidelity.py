@@ -337,6 +337,70 @@ PROJECTS: tuple[Project, ...] = (
         "15.0.0, whose sdist ships no tests)",
         ("-k", "not perf"),
     ),
+    Project(
+        "pytest", "9.2.0",
+        ("argcomplete", "attrs>=23.1", "hypothesis>=6.75", "mock", "numpy>=1.26", "pexpect>=4.9",
+         "pytest-xdist>=3.5", "pyyaml", "requests", "setuptools", "xmlschema"),
+        "pytest's own suite (testing/): pytester everywhere (inline runs and pytest in "
+        "subprocesses, runpytest_subprocess, spawn via pexpect), -p pytester in addopts, "
+        "strict=true, filterwarnings=error, capture and faulthandler tests that look at the "
+        "process's own file descriptors; its dependency group dev without coverage; "
+        "PYTHONWARNDEFAULTENCODING=1 as its tox.ini",
+        env=(("PYTHONWARNDEFAULTENCODING", "1"),),
+    ),
+    Project(
+        "filelock", "4.2.9",
+        ("pytest-asyncio>=1.3", "pytest-mock>=3.15.1", "pytest-randomly>=3.16", "pytest-timeout>=2.4",
+         "virtualenv>=21.2"),
+        "fcntl/soft/SQLite read-write locks across threads, forked children and subprocesses, "
+        "os.register_at_fork and audit hooks installed at import, PID/time-namespace identity, "
+        "pytest-randomly (seed fixed here so every run has one order), pytest-timeout (20 s), "
+        "filterwarnings=error, asyncio; its dependency group test without coverage tools. "
+        "4.2.9: the newest whose sdist builds here (4.2.10 on need python-sbom, not on the index)",
+        ("--randomly-seed=1", "tests"),
+    ),
+    Project(
+        "psutil", "7.2.2", ("pytest-instafail", "pytest-xdist", "setuptools"),
+        "system and process introspection (a C extension built from the sdist): /proc of its own "
+        "and spawned processes (pids, ppid, children, zombies, open files, connections on "
+        "loopback, threads, memory maps, rlimits, signals), --capture=no, -p xdist/instafail in "
+        "addopts; its Makefile's test env but plugin autoload (PYTEST_DISABLE_PLUGIN_AUTOLOAD) "
+        "left on, or the plugin would not load; test_memleaks.py left out (as make test says), "
+        "and test_sudo.py (sets the host's clock; its Makefile runs it with unittest)",
+        ("--ignore=tests/test_memleaks.py", "--ignore=tests/test_sudo.py"),
+        env=(("PSUTIL_TESTING", "1"), ("PSUTIL_DEBUG", "1"), ("PYTHONWARNINGS", "always"),
+             ("PYTHONUNBUFFERED", "1")),
+    ),
+    Project(
+        "trio", "0.35.0",
+        ("astor==0.8.1", "async-generator==1.10", "black==26.10.1", "cryptography==50.0.2",
+         "jedi==0.20.1", "mypy==2.4.0", "pylint==4.1.3", "pyopenssl==26.4.0", "pyyaml==6.0.3",
+         "ruff==0.17.2", "trustme==1.2.1"),
+        "its own pytest plugin (-p trio._tests.pytest_plugin in addopts), --import-mode=importlib, "
+        "xfail_strict, filterwarnings=error, faulthandler_timeout; signals, subprocesses, "
+        "threads, sockets and DTLS/TLS on loopback, pipes; ci.sh's --run-slow and "
+        "-p _trio_check_attrs_aliases (PYTHONPATH=tests), its test-requirements' pins; "
+        "pyright's tests deselected (pyright fetches node from the Internet)",
+        ("--run-slow", "-p", "_trio_check_attrs_aliases", "-k", "not pyright", "src/trio"),
+        env=(("PYTHONPATH", "tests"),),
+    ),
+    Project(
+        "black", "26.10.1", (),
+        "filterwarnings=error, xfail_strict, its own --run-optional option (tests/optional.py), "
+        "blackd over aiohttp's test server, a process pool for formatting many files, the cache "
+        "dir; tox's first command (the d extra, --run-optional no_jupyter, "
+        "PYTHONWARNDEFAULTENCODING=1) without xdist and coverage",
+        ("tests", "--run-optional", "no_jupyter"),
+        env=(("PYTHONWARNDEFAULTENCODING", "1"),),
+        extras=("d",),
+    ),
+    Project(
+        "watchdog", "7.1.1", ("flaky==3.8.1", "pytest-timeout==2.4.0"),
+        "inotify observers and emitter threads over files in tmp_path, watchmedo launching "
+        "subprocesses and signalling them, flaky's reruns, pytest-timeout, -vvv --showlocals; "
+        "its requirements-tests.txt (without xdist and coverage) and the watchmedo extra",
+        extras=("watchmedo",),
+    ),
 )
 
 RECORDER = '''\
