@@ -24,7 +24,7 @@ import pytest
 from _pytest import faulthandler as _pytest_faulthandler
 
 from pytest_isolate import frozen, wire
-from pytest_isolate.facets import rlimits
+from pytest_isolate.facets import keep, rlimits
 from pytest_isolate.observe import audit
 from pytest_isolate.session import adapters, extras
 from pytest_isolate.session.adapters import NextAttempt, Reruns
@@ -446,6 +446,35 @@ def _own_basetemp(factory: Any, seq: Any) -> None:
     factory._basetemp = None
 
 
+#: Trees no project's rootdir stands for: a rootdir there would make them writable.
+_NOT_A_PROJECT = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/sbin", "/sys", "/usr")
+
+
+def pytest_writes(config: pytest.Config) -> list[str]:
+    """What pytest itself writes for a test, at every tier: its cache dir (``cache.set``
+    values are carried to the controller's, ``cache.mkdir`` dirs are the test's) and the
+    staging dirs it makes beside it. Not an escape in-process, and not one here."""
+    cachedir = getattr(getattr(config, "cache", None), "_cachedir", None)
+    if cachedir is None:
+        return []
+    return [str(cachedir), os.path.join(str(cachedir.parent), "pytest-cache-files-*")]
+
+
+def project_writes(config: pytest.Config, spec: dict[str, Any]) -> list[str]:
+    """At ``process`` the project's tree is the test's to write, as in-process: the tier
+    confines no file, and a test that writes its output, a golden file or a cache there
+    did nothing outside what it runs on (tests under /tmp never saw this; real projects
+    live elsewhere). From ``chroot`` up such writes stay in the overlay and are reported
+    so, but for the paths the test keeps (``isolate_keep``): those reach the host on the
+    user's word."""
+    out = [keep.literal_prefix(p) for p in spec.get("keep") or ()]
+    if spec.get("tier") == "process":
+        for root in dict.fromkeys((str(config.rootpath), os.path.realpath(str(config.rootpath)))):
+            if root not in _NOT_A_PROJECT and not root.startswith(tuple(d + "/" for d in _NOT_A_PROJECT[1:])):
+                out.append(root)
+    return [p for p in out if p != "/"]
+
+
 def match_depth(expected: int | None) -> None:
     """Give the test the recursion budget it has in-process.
 
@@ -543,7 +572,7 @@ def run_items(
         # come and its own set-up below is done (nothing in it depends on the job).
         early = job is None
         if early:
-            audit.arm(result_fd, [basetemp], str(config.rootpath), paused=True)
+            audit.arm(result_fd, [basetemp, *pytest_writes(config)], str(config.rootpath), paused=True)
             job = wire.recv(go_fd)
         _own_basetemp(factory, job.get("seq"))
         # A tier with a cgroup (zone, uml) enforces memory and pids for the whole tree.
@@ -553,10 +582,11 @@ def run_items(
         if forwarder.carry is not None:
             forwarder.carry.begin()
         # Last: from here on the audit layer watches, and our own set-up is not the test's.
+        project = project_writes(config, job["spec"])
         if early:
-            audit.resume()
+            audit.resume(project)
         else:
-            audit.arm(result_fd, [basetemp], str(config.rootpath))
+            audit.arm(result_fd, [basetemp, *pytest_writes(config), *project], str(config.rootpath))
         match_depth(job.get("depth"))
         while True:
             item = items[job["nodeid"]]

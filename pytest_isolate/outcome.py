@@ -18,13 +18,34 @@ from typing import Any
 
 import pytest
 
-from pytest_isolate.child import CHANNEL_NOTE
-from pytest_isolate.facets import rlimits
+from pytest_isolate.child import CHANNEL_NOTE, pytest_writes
+from pytest_isolate.facets import keep, rlimits
 from pytest_isolate.observe import escapes, usage
 from pytest_isolate.tiers.base import Box, rusage_dict
 
 #: Tiers whose sandbox has a cgroup of its own (readings, memory and pids limits).
 CGROUP_TIERS = ("zone", "uml")
+
+
+def _not_escapes(config: pytest.Config, kept: tuple[str, ...], changes: list[str]) -> list[str]:
+    """The overlay's change lines but those that are no escape: pytest's own cache (its
+    values reach the controller's, ``session/pytest_cache.py``) and what the test's
+    ``keep`` patterns brought back to the host on the user's word."""
+    if not changes:
+        return changes
+    own = tuple(w.rstrip("*") if w.endswith("*") else w.rstrip("/") + "/" for w in pytest_writes(config))
+    match = keep.matcher(kept) if kept else None
+    prefixes = [keep.literal_prefix(p).rstrip("/") + "/" for p in kept]
+
+    def ours(line: str) -> bool:
+        path = line.partition(" ")[2].split(" (", 1)[0]
+        if path.startswith(own) or path.rstrip("/") + "/" in own:
+            return True
+        if match is None:
+            return False
+        return match(path.rstrip("/")) or (path.endswith("/") and path.startswith(tuple(prefixes)))
+
+    return [line for line in changes if line.startswith("... and") or not ours(line)]
 
 
 def _signame(sig: int) -> str:
@@ -115,7 +136,8 @@ def done_message(
         terminal.append(pending)
         pending = ""
     terminal.append(pending)
-    escapes_found = escapes.verdicts(box.spec.tier, msgs, box.state.get("changes", []), leftovers, [])
+    changes = _not_escapes(config, box.spec.keep, box.state.get("changes", []))
+    escapes_found = escapes.verdicts(box.spec.tier, msgs, changes, leftovers, [])
     cg = _cgroup(box)
     enforced = rlimits.enforced(box.spec, cgroup_memory=cg, cgroup_pids=cg) | {"timeout"}
     if cg:

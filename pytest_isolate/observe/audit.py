@@ -638,7 +638,7 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
         except OSError:
             st.fd, st.pipe = -1, None
         st.me = _os.getpid()
-        st.writable = tuple(os.path.join(w, "") for w in writable if w) + _WRITABLE
+        st.writable = _prefixes(writable) + _WRITABLE
         st.seen.clear()
         st.nodes.clear()
         st.sent = st.spawns = 0
@@ -661,7 +661,9 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
         finally:
             st.busy = paused
 
-    def resume() -> None:
+    def resume(writable: list[str]) -> None:
+        if writable:
+            st.writable = _prefixes(writable) + st.writable
         st.busy = False
 
     return install, resume, from_environment
@@ -725,6 +727,13 @@ def arm(result_fd: int, writable: list[str], rootdir: str | None = None, paused:
     _install(result_fd, writable, paused)
 
 
-def resume() -> None:
-    """From here on the audit layer watches (after ``arm(..., paused=True)``)."""
-    _resume()
+def resume(writable: list[str] = ()) -> None:  # type: ignore[assignment]
+    """From here on the audit layer watches (after ``arm(..., paused=True)``), with
+    ``writable`` added to what the test may write (known once its job came)."""
+    _resume(list(writable))
+
+
+def _prefixes(writable: list[str]) -> tuple[str, ...]:
+    """Path prefixes: each dir with a trailing "/", or as it is when it ends in "*"
+    (``.../pytest-cache-files-*``: names that begin so)."""
+    return tuple(w[:-1] if w.endswith("*") else os.path.join(w, "") for w in writable if w)

@@ -1,0 +1,100 @@
+"""A project outside the temp dirs, where real projects live: what its tests write into
+its own tree, and pytest's cache, are not escapes.
+
+pytester's projects sit under /tmp, which the audit layer always lets a test write: a
+suite run from ``/home/<user>/proj`` saw every write into its tree (an output file, a
+golden file, ``config.cache.set``) fail its test at ``process``, and warn from ``chroot``
+up even for the paths the user asked to keep. These tests build their project in the
+user's home instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SUITE = """
+def test_output(request):
+    (request.config.rootpath / "out.txt").write_text("x")
+
+def test_cache_set(request):
+    request.config.cache.set("proj/key", 41)
+
+def test_cache_mkdir(request):
+    (request.config.cache.mkdir("mine") / "f").write_text("x")
+
+def test_golden(request):
+    d = request.config.rootpath / "golden"
+    d.mkdir(exist_ok=True)
+    (d / "out.txt").write_text("golden")
+"""
+
+
+@pytest.fixture
+def project() -> Iterator[Path]:
+    """A project below the home dir (not /tmp, /var/tmp or /dev/shm), removed after."""
+    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "pytest-isolate-tests"  # pytester moves HOME
+    assert not str(base).startswith(("/tmp/", "/var/tmp/", "/dev/shm/")), base
+    d = base / f"proj-{uuid.uuid4().hex[:12]}"
+    d.mkdir(parents=True)
+    (d / "pytest.ini").write_text("[pytest]\n")
+    (d / "test_writes.py").write_text(SUITE)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+
+def _run(pytester: pytest.Pytester, project: Path, *args: str) -> tuple[pytest.RunResult, dict]:
+    for p in ("out.txt", "golden", ".pytest_cache"):
+        shutil.rmtree(project / p, ignore_errors=True) if (project / p).is_dir() else (project / p).unlink(missing_ok=True)
+    report = project.parent / f"{project.name}.json"
+    result = pytester.runpytest_subprocess(
+        str(project), "-p", "no:randomly", f"--isolate-report={report}", *args, timeout=120
+    )
+    doc = json.loads(report.read_text()) if report.exists() else {}
+    report.unlink(missing_ok=True)
+    return result, doc
+
+
+def test_at_process_the_projects_tree_and_pytests_cache_are_the_tests(
+    pytester: pytest.Pytester, project: Path
+) -> None:
+    base, _ = _run(pytester, project, "--isolate=none")
+    base.assert_outcomes(passed=4)
+    result, doc = _run(pytester, project, "--isolate=process")
+    result.assert_outcomes(passed=4)
+    assert "escape" not in result.stdout.str(), result.stdout.str()
+    assert [r["escapes"] for r in doc["tests"]] == [[], [], [], []]
+    # What the tests wrote is on disk, as in-process.
+    assert (project / "out.txt").read_text() == "x"
+    assert (project / "golden" / "out.txt").read_text() == "golden"
+    assert json.loads((project / ".pytest_cache" / "v" / "proj" / "key").read_text()) == 41
+
+
+@pytest.mark.parametrize("tier", ["chroot", "jail"])
+def test_from_chroot_up_only_writes_left_in_the_sandbox_are_reported(
+    pytester: pytest.Pytester, project: Path, tier: str
+) -> None:
+    result, doc = _run(pytester, project, f"--isolate={tier}", "--isolate-keep=golden/**")
+    result.assert_outcomes(passed=4, warnings=1)
+    escapes = {r["nodeid"].split("::")[1]: r["escapes"] for r in doc["tests"]}
+    # The output file stayed in the sandbox: said so.
+    (out,) = escapes.pop("test_output")
+    assert (out["technique"], out["verdict"]) == ("write-host-file", "blocked")
+    assert f"created {project}/out.txt (kept in the sandbox's overlay)" in out["evidence"]
+    # pytest's cache (its values are carried) and the kept golden file reached the host.
+    assert escapes == {"test_cache_set": [], "test_cache_mkdir": [], "test_golden": []}
+    assert not (project / "out.txt").exists()
+    assert (project / "golden" / "out.txt").read_text() == "golden"
+    assert json.loads((project / ".pytest_cache" / "v" / "proj" / "key").read_text()) == 41
