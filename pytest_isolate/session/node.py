@@ -103,6 +103,20 @@ def _shims(config: pytest.Config, data: dict[str, Any]) -> None:
     if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
         data.setdefault("randomly_seed", seed)
     retry.shim(config, data)
+    _mypy_shim(config, data)
+
+
+def _mypy_shim(config: pytest.Config, data: dict[str, Any]) -> None:
+    """pytest-mypy's workers read where its results go from ``workerinput``, which its
+    controller fills only when pytest-xdist is installed: without it, every isolated
+    test failed (the server's configuration raised ``KeyError``)."""
+    mod = sys.modules.get("pytest_mypy")
+    if mod is None or "mypy_config_stash_serialized" in data or not config.pluginmanager.is_registered(mod):
+        return
+    try:
+        data["mypy_config_stash_serialized"] = config.stash[mod.stash_key["config"]].serialized()
+    except Exception:  # noqa: BLE001 - another version's internals: as before
+        pass
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
