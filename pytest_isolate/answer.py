@@ -113,8 +113,12 @@ def unpack(
     if "error" in done:
         reports = synthetic(item, "failed", done["error"])
         return reports, new_record(item, spec, reports, {"worker_error": done["error"]})
-    reports = [_subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(extras.unpack(d))), d)
-               for d in done["reports"]]
+    reports = [
+        extras.restore_text(
+            _subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(extras.unpack(d))), d)
+        )
+        for d in done["reports"]
+    ]
     for when in done.get("pdbshown") or ():
         # Its failure was shown in the sandbox's debugger: the summary leaves it out.
         for rep in reports:

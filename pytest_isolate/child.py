@@ -110,7 +110,9 @@ class Forwarder:
             # report there, from what only this process knows (pytest 9 fails a passed
             # test that had failed subtests, counted here).
             self.config.hook.pytest_report_teststatus(report=report, config=self.config)
-        data = extras.pack(self.config.hook.pytest_report_to_serializable(config=self.config, report=report))
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        extras.plain_text(report, data)
+        data = extras.pack(data)
         frame = wire.encode({"t": "report", "data": data})
         if len(frame) > wire.MAX_MESSAGE - _FRAME_SLACK:
             frame = wire.encode(_fitted({"t": "report", "data": data}))

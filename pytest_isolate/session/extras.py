@@ -16,20 +16,25 @@ which is untrusted, can send no code this way.
 from __future__ import annotations
 
 import base64
+import io
 import math
 from typing import Any
 
+from _pytest._code.code import TerminalRepr
+from _pytest._io import TerminalWriter
 from execnet.gateway_base import dumps_internal, loads_internal
 
 #: Where the encoded attributes travel in a serialized report (taken out again before
 #: pytest rebuilds the report, so no plugin sees it).
 KEY = "_isolate_extras"
+#: A failure shown by a repr of its own (a doctest's, sybil's): its text as it prints.
+TEXT = "_isolate_text"
 #: Fields pytest's own serialization makes (and ``answer._tuples`` repairs), and ours.
 STANDARD = frozenset(
     {
         "nodeid", "location", "keywords", "outcome", "longrepr", "when", "user_properties",
         "sections", "duration", "start", "stop", "$report_type", "_report_type",
-        "_subtest.context", "wasxfail", "result", "_isolate_bdd", KEY,
+        "_subtest.context", "wasxfail", "result", "_isolate_bdd", KEY, TEXT,
     }
 )  # fmt: skip
 #: An encoded attribute larger than this is dropped on arrival (frames are bounded too).
@@ -93,3 +98,45 @@ def unpack(data: Any) -> Any:
         except Exception:  # noqa: BLE001 - a damaged or hostile value: the attribute is left out
             continue
     return data
+
+
+class PlainRepr(TerminalRepr):
+    """A failure's text as the sandbox's repr printed it, line for line.
+
+    pytest serializes a repr that is not an exception's (``ReprFailDoctest``, sybil's,
+    a plugin's ``repr_failure``) as ``str(longrepr)``, stripped, and a string longrepr
+    is a message: isolated, a doctest's failure lost its blank lines and its short
+    summary line read ``FAILED mod.py::mod.f - 002`` where in-process it has none (as
+    under xdist). This prints the text unstripped and, like the original, has no
+    ``reprcrash``; ``str()`` of it is what ``str()`` of the original was.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def toterminal(self, tw: Any) -> None:
+        for line in self.text.split("\n")[:-1] if self.text.endswith("\n") else self.text.split("\n"):
+            tw.line(line)
+
+
+def plain_text(report: Any, data: Any) -> None:
+    """In the sandbox: the unstripped text of a repr pytest would send as a string."""
+    longrepr = getattr(report, "longrepr", None)
+    if not isinstance(data, dict) or not isinstance(data.get("longrepr"), str) or not isinstance(longrepr, TerminalRepr):
+        return
+    out = io.StringIO()
+    tw = TerminalWriter(file=out)
+    tw.hasmarkup = False
+    try:
+        longrepr.toterminal(tw)
+    except Exception:  # noqa: BLE001 - the repr's own failure: pytest's string stays
+        return
+    data[TEXT] = out.getvalue()
+
+
+def restore_text(report: Any) -> Any:
+    """In the controller: the repr back where the sandbox sent its text."""
+    text = report.__dict__.pop(TEXT, None)
+    if isinstance(text, str) and isinstance(report.longrepr, str) and len(text) <= LIMIT:
+        report.longrepr = PlainRepr(text)
+    return report
