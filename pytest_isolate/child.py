@@ -74,6 +74,8 @@ class Forwarder:
         #: In a child whose test makes attempts (``adapters.Reruns``): the test started.
         self.attempts = False
         self.started: str | None = None
+        #: A failed report, sent once ``pytest_exception_interact`` is over.
+        self.held: pytest.TestReport | None = None
         #: The process that runs the test (set in the runner): a process the test forked
         #: that returns into pytest is not it, and must not report as the test.
         self.runner = 0
@@ -104,12 +106,38 @@ class Forwarder:
         if self.fd < 0:
             return
         self.check_runner()
+        self.flush_report()
         if self.terminal.writer is not None:
             # What the terminal reporter's logging, muted here, would have done in this
             # process first: ask about the report's status. Implementations may change the
             # report there, from what only this process knows (pytest 9 fails a passed
             # test that had failed subtests, counted here).
             self.config.hook.pytest_report_teststatus(report=report, config=self.config)
+        if report.failed and not self.config.getvalue("usepdb"):
+            # pytest calls pytest_exception_interact with it next, where plugins may
+            # still change it (pytest-ruff puts its own longrepr there): sent after.
+            # (With --pdb the debugger shows it in this process, in pytest's order.)
+            self.held = report
+            return
+        self.send_report(report)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_exception_interact(self) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            self.flush_report()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logfinish(self) -> None:
+        self.flush_report()
+
+    def flush_report(self) -> None:
+        report, self.held = self.held, None
+        if report is not None and self.fd >= 0:
+            self.send_report(report)
+
+    def send_report(self, report: pytest.TestReport) -> None:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         extras.plain_text(report, data)
         data = extras.pack(data)

@@ -61,9 +61,15 @@ CONFTEST = """
 def _shown(result: pytest.RunResult) -> list[str]:
     """The failures section and the short summary, timings masked."""
     lines = result.stdout.lines
-    start = next(i for i, line in enumerate(lines) if "= FAILURES =" in line)
-    end = next(i for i, line in enumerate(lines) if re.match(r"=+ \d+ failed", line))
-    return [line for line in lines[start:end] if "= isolation =" not in line and not line.startswith("tests per tier")]
+    start = next(i for i, line in enumerate(lines) if "= FAILURES =" in line or "= ERRORS =" in line)
+    end = next(i for i, line in enumerate(lines) if re.match(r"=+ \d+ (failed|error)", line))
+    out, ours = [], False
+    for line in lines[start:end]:
+        if line.startswith("="):
+            ours = "= isolation =" in line
+        if not ours:
+            out.append(line)
+    return out
 
 
 @pytest.mark.parametrize("tier", ["process", "jail"])
@@ -79,3 +85,43 @@ def test_doctest_and_plugin_reprs_print_as_in_process(pytester: pytest.Pytester,
     assert "FAILED mod.py::mod.f" in _shown(iso) and "FAILED a.chk::check" in _shown(iso)
     text = "\n".join(_shown(iso))
     assert "\n\n  expected: 1\n\n  got:      2\n" in text, text
+
+
+INTERACT_CONFTEST = """
+    def pytest_exception_interact(node, call, report):
+        report.longrepr = "replaced in pytest_exception_interact"
+"""
+
+INTERACT_SUITE = """
+    import pytest
+
+    @pytest.fixture
+    def bad():
+        raise RuntimeError("setup")
+
+    def test_fail():
+        assert 1 == 2
+
+    def test_setup(bad):
+        pass
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_a_report_changed_in_exception_interact_is_the_one_logged(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """pytest calls ``pytest_exception_interact`` after logging a failed report, and
+    plugins change the report there (pytest-ruff sets its own longrepr): the sandbox
+    sent the report before, unchanged."""
+    pytester.makeconftest(INTERACT_CONFTEST)
+    pytester.makepyfile(test_i=INTERACT_SUITE)
+    base = run(None, "-rA")
+    iso = run(tier, "-rA")
+    assert _shown(iso) == _shown(base), iso.stdout.str()
+    iso.stdout.fnmatch_lines(
+        [
+            "ERROR test_i.py::test_setup - replaced in pytest_exception_interact",
+            "FAILED test_i.py::test_fail - replaced in pytest_exception_interact",
+        ]
+    )
