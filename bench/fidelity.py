@@ -25,7 +25,7 @@ It needs the package index, so it is not part of the test command.
 
     python bench/fidelity.py                               # all projects, process,jail,zone
     python bench/fidelity.py --projects iniconfig --tiers process
-    python bench/fidelity.py --json bench/out/fidelity.json --keep --workdir /tmp/fid
+    python bench/fidelity.py --json bench/out/fidelity.json --keep --workdir /var/lib/isolate-fidelity/fid
 """
 
 from __future__ import annotations
@@ -403,6 +403,11 @@ PROJECTS: tuple[Project, ...] = (
     ),
 )
 
+#: Where runs go by default: outside the temp dirs, below root-owned directories, as a
+#: CI checkout often is (readable by the ``--user`` a run may take).
+FIDELITY_HOME = Path("/var/lib/isolate-fidelity")
+TEMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
+
 RECORDER = '''\
 """Written by bench/fidelity.py: one JSON line per test outcome, from the controller only.
 
@@ -424,13 +429,24 @@ _inherited = []
 
 
 _silent = None
+#: The session's controller: the first process configured as no worker. Sandboxes (forks
+#: of a fork server configured as a worker) never open the file: outside the temp dirs
+#: that write would be an escape of the harness's own.
+_controller = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    global _controller
+    if _controller is None and not hasattr(config, "workerinput"):
+        _controller = os.getpid()
 
 
 def _emit(rec):
     # The pid when the record is written, not when this module was imported: a worker
     # forked from the controller (the plugin's stem) inherits the module as it was.
     global _fh, _pid, _silent
-    if _silent == os.getpid():
+    if _silent == os.getpid() or _controller != os.getpid():
         return
     if _fh is None or _pid != os.getpid():
         if _fh is not None:
@@ -1013,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--timeout", type=float, default=1200.0, help="seconds per pytest run (default %(default)s)"
     )
-    ap.add_argument("--workdir", type=Path, help="where venvs and sources go (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, help=f"where venvs and sources go (default: a new dir in {FIDELITY_HOME}; not below /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--json", type=Path, help="write the raw data here")
     ap.add_argument(
@@ -1066,7 +1082,15 @@ def main(argv: list[str] | None = None) -> int:
         wanted = tuple(p for p in PROJECTS if p.name in names)
     tiers = [t for t in ns.tiers.split(",") if t]
 
-    work = ns.workdir or Path(tempfile.mkdtemp(prefix="isolate-fidelity-"))
+    # Real projects live outside the temp dirs, where the audit layer lets a test write
+    # anything: run from /tmp, a write into the project's tree is never an escape, and
+    # the harness missed that at `process` every such test failed (session 25).
+    if ns.workdir is None:
+        FIDELITY_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
+    work = ns.workdir or Path(tempfile.mkdtemp(prefix="run-", dir=FIDELITY_HOME))
+    if str(work.resolve()).startswith(TEMP_DIRS):
+        print(f"fidelity: --workdir {work} is below a temp dir ({', '.join(TEMP_DIRS)}): writes into the "
+              "projects' trees are never escapes there, as they are where real projects live", file=sys.stderr)
     configs = ("pytest.ini", ".pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
     above = [d / c for d in work.resolve().parents for c in configs if (d / c).is_file()]
     if above:
