@@ -532,7 +532,7 @@ def _find_run_id():
     _tries += 1
     for owner in glob.glob("/tmp/pytest-isolate-*/owner"):
         try:
-            with open(owner) as fh:
+            with open(owner, encoding="utf-8") as fh:
                 pid = int(fh.read().split()[0])
         except (OSError, ValueError, IndexError):
             continue
