@@ -347,9 +347,10 @@ PROJECTS: tuple[Project, ...] = (
         "pytest's own suite (testing/): pytester everywhere (inline runs and pytest in "
         "subprocesses, runpytest_subprocess, spawn via pexpect), -p pytester in addopts, "
         "strict=true, filterwarnings=error, capture and faulthandler tests that look at the "
-        "process's own file descriptors; its dependency group dev without coverage; "
-        "PYTHONWARNDEFAULTENCODING=1 as its tox.ini",
-        env=(("PYTHONWARNDEFAULTENCODING", "1"),),
+        "process's own file descriptors; its dependency group dev without coverage; without "
+        "its tox.ini's PYTHONWARNDEFAULTENCODING=1: with it and filterwarnings=error every "
+        "isolated run stops at its start (the plugin's own open() calls without an encoding "
+        "warn: INTERNALERROR; black in run 66)",
     ),
     Project(
         "filelock", "4.2.9",
@@ -395,12 +396,13 @@ PROJECTS: tuple[Project, ...] = (
         "black", "26.10.1", ("pytest<9.2",),
         "filterwarnings=error, xfail_strict, its own --run-optional option (tests/optional.py), "
         "blackd over aiohttp's test server, a process pool for formatting many files, the cache "
-        "dir; tox's first command (the d extra, --run-optional no_jupyter, "
-        "PYTHONWARNDEFAULTENCODING=1) without xdist and coverage; pytest 9.1 (its "
-        "tests/optional.py reads config.inicfg, which warns from pytest 9.2 on: an error at "
-        "configure under filterwarnings=error)",
+        "dir; tox's first command (the d extra, --run-optional no_jupyter) without xdist and "
+        "coverage, and without its PYTHONWARNDEFAULTENCODING=1: with it every isolated run "
+        "stopped at its start (run 66: the plugin's own open() calls without an encoding warn, "
+        "an INTERNALERROR under filterwarnings=error); pytest 9.1 (its tests/optional.py reads "
+        "config.inicfg, which warns from pytest 9.2 on: an error at configure under "
+        "filterwarnings=error)",
         ("tests", "--run-optional", "no_jupyter"),
-        env=(("PYTHONWARNDEFAULTENCODING", "1"),),
         extras=("d",),
     ),
     Project(
@@ -502,11 +504,14 @@ def pytest_collectreport(report):
 def _key(report):
     """A subtest (pytest 9 ``subtests``, unittest ``subTest``) is an entry of its own.
     Its label may hold an object's repr, whose address differs from run to run: the
-    address is masked (and ``parse_records`` numbers the labels that then repeat)."""
+    address is masked, and so is a pid (psutil's ``Process(pid=..., ...)``: the test's
+    own process is another one isolated) (and ``parse_records`` numbers the labels that
+    then repeat)."""
     describe = getattr(report, "_sub_test_description", None)
     if getattr(report, "context", None) is not None and callable(describe):
         try:
-            return "%s %s" % (report.nodeid, re.sub(r" at 0x[0-9a-fA-F]+", " at 0x?", describe())), True
+            label = re.sub(r" at 0x[0-9a-fA-F]+", " at 0x?", describe())
+            return "%s %s" % (report.nodeid, re.sub(r"\\bpid=\\d+", "pid=?", label)), True
         except Exception:
             return report.nodeid + " [subtest]", True
     return report.nodeid, False
