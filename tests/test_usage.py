@@ -356,7 +356,8 @@ def test_sample_cost():
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
         print(f"TreeSampler.sample, 3 processes / 6 tasks: median {med * 1e6:.0f} us")
-        assert med < 0.002
+        # Its cost is printed, not asserted (speed is the bench's); what it saw is.
+        assert s.samples == 200 and s.peak_procs == 3, (s.samples, s.peak_procs)
     finally:
         _finish(p)
 
