@@ -124,7 +124,7 @@ class ForkServer:
         if tr is not None:
             from _pytest._io import TerminalWriter
 
-            tr._tw = TerminalWriter(open(os.devnull, "w"))  # noqa: SIM115
+            tr._tw = TerminalWriter(open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
         junit.stand_in(config, self.forwarder)
         adapters.server_configured(config)
         if self.environ:

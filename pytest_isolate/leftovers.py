@@ -66,7 +66,7 @@ def _identity() -> tuple[str, str]:
     cgroup, named by its run id, held the very test that swept it).
     """
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as f:
             boot = f.read().strip()
     except OSError:
         boot = "?"
@@ -86,7 +86,7 @@ def _write_owner(rundir: Path) -> None:
     pid = os.getpid()
     boot, pidns = _identity()
     tmp = rundir / "owner.tmp"
-    tmp.write_text(f"{pid} {_starttime(pid)} {boot} {pidns}\n")
+    tmp.write_text(f"{pid} {_starttime(pid)} {boot} {pidns}\n", encoding="utf-8")
     tmp.rename(rundir / "owner")
 
 
@@ -124,7 +124,7 @@ def sweep_stale() -> list[str]:
     me = _identity()
     for owner in Path("/tmp").glob("pytest-isolate-*/owner"):
         try:
-            text = owner.read_text()
+            text = owner.read_text(encoding="utf-8")
         except OSError:
             continue
         if not owner_dead(text, me):
@@ -198,7 +198,7 @@ def _unmount_under(root: Path) -> list[str]:
     libc = ctypes.CDLL(None, use_errno=True)
     prefix = str(root)
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
             points = [line.split()[4] for line in f]
     except OSError:
         return []

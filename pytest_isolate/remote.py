@@ -189,7 +189,7 @@ def _kill_orphans() -> None:
         kids: list[int] = []
         for tid in os.listdir(f"/proc/{me}/task"):
             try:
-                with open(f"/proc/{me}/task/{tid}/children") as f:
+                with open(f"/proc/{me}/task/{tid}/children", encoding="utf-8") as f:
                     kids += [int(x) for x in f.read().split()]
             except OSError:
                 pass

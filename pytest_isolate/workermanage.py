@@ -385,7 +385,7 @@ class Worker:
                 tail = uml_gateway.console_tail(self.workdir / "uml")
         log = self.workdir / "server.log"
         with contextlib.suppress(OSError):
-            text = log.read_text(errors="replace").strip()
+            text = log.read_text(encoding="utf-8", errors="replace").strip()
             if text:
                 # The server's pytest prefixes an error at start-up as its own internal
                 # error; it is the error of the session it was configuring (a plugin's,

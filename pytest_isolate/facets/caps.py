@@ -135,7 +135,7 @@ def _prctl(op: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> int:
 
 def last_cap() -> int:
     try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="utf-8") as f:
             return int(f.read())
     except OSError:
         return CAP_CHECKPOINT_RESTORE

@@ -340,7 +340,7 @@ _SPECIAL = ("/proc", "/sys", "/dev")
 def mountpoints() -> list[str]:
     """Every mount point of this mount namespace (as this process's root sees them)."""
     out: list[str] = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             out.append(_unescape(line.split()[4]))
     return out
@@ -702,7 +702,7 @@ def mounts_below(prefix: str | os.PathLike[str]) -> list[str]:
     """Mount points at or below ``prefix`` in this mount namespace, deepest first."""
     pre = os.fspath(prefix).rstrip("/")
     out: list[str] = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             mp = _unescape(line.split()[4])
             if mp == pre or mp.startswith(pre + "/"):

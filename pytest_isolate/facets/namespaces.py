@@ -62,13 +62,13 @@ def write_id_maps(
     """
     base = f"/proc/{pid}"
     try:
-        with open(f"{base}/setgroups", "w") as f:
+        with open(f"{base}/setgroups", "w", encoding="utf-8") as f:
             f.write("deny")
     except FileNotFoundError:  # kernels before 3.19: no setgroups file, nothing to deny
         pass
-    with open(f"{base}/uid_map", "w") as f:
+    with open(f"{base}/uid_map", "w", encoding="utf-8") as f:
         f.write(f"{inside_uid} {uid} 1\n")
-    with open(f"{base}/gid_map", "w") as f:
+    with open(f"{base}/gid_map", "w", encoding="utf-8") as f:
         f.write(f"{inside_gid} {gid} 1\n")
 
 
@@ -84,7 +84,7 @@ def enter_own_ids(uid: int, gid: int) -> None:
 
 def _read_int(path: str) -> int | None:
     try:
-        return int(Path(path).read_text().strip())
+        return int(Path(path).read_text(encoding="utf-8").strip())
     except (OSError, ValueError):
         return None
 
@@ -211,7 +211,7 @@ def in_initial_userns() -> bool:
     """Is this process in the host's own user namespace (the identity uid map)? Its root
     can then mount, make devices and join /run/netns; root of a user namespace cannot."""
     try:
-        with open("/proc/self/uid_map") as f:
+        with open("/proc/self/uid_map", encoding="utf-8") as f:
             return f.read().split() == ["0", "0", "4294967295"]
     except OSError:
         return False

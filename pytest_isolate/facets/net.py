@@ -237,7 +237,7 @@ def _setup_switch_netns() -> None:
 
     for conf in ("all", "default"):
         with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
-            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w") as f:
+            with open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w", encoding="utf-8") as f:
                 f.write("1")
     with IPRoute() as ipr:
         ipr.link("set", index=1, state="up")
@@ -390,11 +390,11 @@ def _holder_main() -> None:
         if lock:  # opened before the user namespace: the file belongs to the real uid
             lock_fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         _unshare(CLONE_NEWUSER)
-        with open("/proc/self/setgroups", "w") as f:
+        with open("/proc/self/setgroups", "w", encoding="utf-8") as f:
             f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
+        with open("/proc/self/uid_map", "w", encoding="utf-8") as f:
             f.write(f"0 {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
+        with open("/proc/self/gid_map", "w", encoding="utf-8") as f:
             f.write(f"0 {gid} 1")
         _unshare(CLONE_NEWNET)
         _setup_switch_netns()
@@ -435,7 +435,7 @@ def _holders(name: str) -> list[int]:
 
 def _dead(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
@@ -688,7 +688,7 @@ def _probe_unprivileged() -> None:
             ("uid_map", f"0 {uid} 1"),
             ("gid_map", f"0 {gid} 1"),
         ):
-            with open(f"/proc/self/{name}", "w") as f:
+            with open(f"/proc/self/{name}", "w", encoding="utf-8") as f:
                 f.write(value)
     except OSError as e:
         sys.exit(f"user namespaces: {e.strerror}")
@@ -716,7 +716,7 @@ def ip_available() -> str | None:
     )
     try:
         r = subprocess.run(
-            [sys.executable, "-c", code, pkg_root], capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", code, pkg_root], capture_output=True, text=True, encoding="utf-8", timeout=60
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"network='ip': probe failed to run ({e})"

@@ -76,7 +76,7 @@ class _Iovec(ctypes.Structure):
 
 def _anonymous_writable() -> list[tuple[int, int]]:
     spans = []
-    with open("/proc/self/maps") as f:
+    with open("/proc/self/maps", encoding="utf-8") as f:
         for line in f:
             fields = line.split()
             name = fields[5] if len(fields) > 5 else ""

@@ -68,7 +68,7 @@ def _global_root() -> bool:
     """
     uid = os.getuid()
     try:
-        with open("/proc/self/uid_map") as f:
+        with open("/proc/self/uid_map", encoding="utf-8") as f:
             for line in f:
                 inside, outside, count = (int(x) for x in line.split())
                 if inside <= uid < inside + count:

@@ -211,5 +211,5 @@ def sweep_stale_switches(switch_id: str = "*") -> list[str]:
 
 
 def _is_mountpoint(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
         return any(line.split()[4] == path for line in f)

@@ -64,7 +64,7 @@ def _close_quietly(fd: int) -> None:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError:
         return None
@@ -79,7 +79,7 @@ def _pread(fd: int) -> str | None:
 
 def _key_lines() -> dict[str, str]:
     out: dict[str, str] = {}
-    with contextlib.suppress(OSError), open("/proc/keys") as f:
+    with contextlib.suppress(OSError), open("/proc/keys", encoding="utf-8") as f:
         for line in f:
             parts = line.split(None, 1)
             if parts:
@@ -147,7 +147,7 @@ def _mountinfo(text: str | None = None) -> dict[str, tuple[str, str, str]]:
     out: dict[str, tuple[str, str, str]] = {}
     if text is None:
         try:
-            with open("/proc/self/mountinfo") as f:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
                 text = f.read()
         except OSError:
             return out
@@ -206,7 +206,7 @@ def _host_services_env(max_names: int = 64) -> dict[str, str]:
         ports = _proc_listening_ports()
     names: list[str] = []
     try:
-        with open("/proc/net/unix") as f:
+        with open("/proc/net/unix", encoding="utf-8") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 8 and parts[7].startswith("@") and "\n" not in parts[7]:
@@ -223,7 +223,7 @@ def _proc_listening_ports() -> set[int]:
     ports: set[int] = set()
     for name in ("tcp", "tcp6"):
         try:
-            with open(f"/proc/net/{name}") as f:
+            with open(f"/proc/net/{name}", encoding="utf-8") as f:
                 next(f)
                 for line in f:
                     parts = line.split()
@@ -292,7 +292,7 @@ class Canaries:
         d.mkdir(mode=0o755, parents=True)
         self.dir = d
         self.file = d / "marker"
-        self.file.write_text(self.token + "\n")
+        self.file.write_text(self.token + "\n", encoding="utf-8")
         fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
@@ -427,7 +427,7 @@ class Canaries:
                 continue
             undone = ""
             try:
-                with open(path, "w") as f:
+                with open(path, "w", encoding="utf-8") as f:
                     f.write(was if was.strip() else "\n")
                 undone = " (restored)"
             except OSError as exc:

@@ -111,7 +111,7 @@ def _ctty() -> int:
 
 def _read_int(path: str) -> int | None:
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
@@ -119,7 +119,7 @@ def _read_int(path: str) -> int | None:
 
 def _has_cap(cap: int) -> bool:
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding='utf-8') as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     return bool(int(line.split()[1], 16) >> cap & 1)
@@ -168,7 +168,7 @@ def _port_owner(proto: str, port: int, own: Callable[[int], bool]) -> str | None
     inodes: set[str] = set()
     for name in (proto, proto + "6"):
         try:
-            with open(f"/proc/net/{name}") as f:
+            with open(f"/proc/net/{name}", encoding='utf-8') as f:
                 next(f)
                 for line in f:
                     parts = line.split()
@@ -190,7 +190,7 @@ def _port_owner(proto: str, port: int, own: Callable[[int], bool]) -> str | None
 def _unix_owner(name: str, own: Callable[[int], bool]) -> str | None:
     inodes: set[str] = set()
     try:
-        with open("/proc/net/unix") as f:
+        with open("/proc/net/unix", encoding='utf-8') as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 8 and parts[7] == "@" + name:

@@ -225,7 +225,7 @@ def _state(pid: int) -> str:
 
 def _comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
             return f.read().strip()
     except OSError:
         return "?"
@@ -240,7 +240,7 @@ def children(pid: int) -> list[int]:
     out: list[int] = []
     for t in tasks:
         try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
+            with open(f"/proc/{pid}/task/{t}/children", encoding="utf-8") as f:
                 out.extend(int(x) for x in f.read().split())
         except OSError:
             continue

@@ -31,7 +31,7 @@ TMP_DIRS = ("/tmp", "/var/tmp")
 
 def overlay_available() -> str | None:
     try:
-        with open("/proc/filesystems") as f:
+        with open("/proc/filesystems", encoding="utf-8") as f:
             kinds = {line.split()[-1] for line in f if line.strip()}
     except OSError:
         return None

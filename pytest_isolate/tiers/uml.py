@@ -201,7 +201,7 @@ class UmlTier(Tier):
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
         try:
-            with open(GUEST_INFO) as f:
+            with open(GUEST_INFO, encoding="utf-8") as f:
                 self.info: dict[str, Any] = json.load(f)
         except OSError:
             raise Unavailable(
@@ -264,7 +264,7 @@ class UmlTier(Tier):
         parts = [repr(socket.if_nameindex())]
         for name in ("fib_trie", "route", "if_inet6", "ipv6_route"):
             try:
-                with open(f"/proc/self/net/{name}") as f:
+                with open(f"/proc/self/net/{name}", encoding="utf-8") as f:
                     parts.append(f.read())
             except OSError:
                 parts.append("")

@@ -309,7 +309,7 @@ def _make_readonly_recursive() -> None:
     if r == 0:
         return
     points = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             points.append(line.split()[4].encode().decode("unicode_escape"))
     for mp in sorted(points, key=len):
@@ -350,11 +350,11 @@ def _idmap_userns(uid: int, gid: int, shown_as: int) -> int:
     try:
         if os.read(r, 1) != b"1":
             raise OSError(errno.EPERM, "idmap helper could not create a user namespace")
-        with open(f"/proc/{pid}/uid_map", "w") as f:
+        with open(f"/proc/{pid}/uid_map", "w", encoding="utf-8") as f:
             f.write(f"{uid} {shown_as} 1\n")
-        with open(f"/proc/{pid}/setgroups", "w") as f:
+        with open(f"/proc/{pid}/setgroups", "w", encoding="utf-8") as f:
             f.write("deny")
-        with open(f"/proc/{pid}/gid_map", "w") as f:
+        with open(f"/proc/{pid}/gid_map", "w", encoding="utf-8") as f:
             f.write(f"{gid} {shown_as} 1\n")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
@@ -460,7 +460,7 @@ def _minimal_dev(privileged: bool, tun: bool) -> None:
             os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
             os.chmod(path, 0o666)
         else:
-            with open(path, "w"):
+            with open(path, "w", encoding="utf-8"):
                 pass
             mount(f"/proc/self/fd/{host[name]}", path, None, MS_BIND)
             # a bind keeps its source mount's flags: the host /dev is nodev by now;
@@ -487,7 +487,7 @@ def _capset(caps: int) -> None:
 
 def _last_cap() -> int:
     try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="utf-8") as f:
             return int(f.read())
     except OSError:
         return 40
@@ -649,10 +649,10 @@ def _privileged() -> bool:
     if os.geteuid() != 0:
         return False
     try:
-        with open("/proc/self/uid_map") as f:
+        with open("/proc/self/uid_map", encoding="utf-8") as f:
             if f.read().split() != ["0", "0", "4294967295"]:
                 return False
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("CapEff:"):
                     return bool(int(line.split()[1], 16) >> 21 & 1)  # CAP_SYS_ADMIN

@@ -269,7 +269,7 @@ def gateway_spec(
         },
     }
     cfg_path = workdir / "launch.json"
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
     launcher = shlex.join([sys.executable, "-I", "-S", str(LAUNCHER), str(cfg_path)])
     return f"popen//python={launcher}"
 
@@ -315,6 +315,7 @@ def resolve_python(python: str) -> str:
         [path, "-c", "import sys; print(sys.executable)"],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=60,
     )
     exe = out.stdout.strip()
@@ -373,7 +374,7 @@ def console_tail(workdir: Path, lines: int = 40) -> str:
 
 def _pid_from(path: Path) -> int | None:
     try:
-        return int(path.read_text().split()[0])
+        return int(path.read_text(encoding="utf-8").split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -422,7 +423,7 @@ def close_guest(workdir: Path) -> None:
         # PID 1 of its namespace: SIGKILL takes every helper with it.
         _stop(umlpid, grace=2.0)
     try:
-        cfg = json.loads((workdir / "launch.json").read_text())
+        cfg = json.loads((workdir / "launch.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cfg = {}
     if cfg.get("switch_tap") and cfg.get("switch") and os.path.exists(cfg["switch"]):

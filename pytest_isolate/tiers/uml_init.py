@@ -119,7 +119,7 @@ def modules_dir() -> str | None:
 
 def _loaded() -> set[str]:
     try:
-        with open("/proc/modules") as f:
+        with open("/proc/modules", encoding="utf-8") as f:
             return {line.split()[0] for line in f}
     except OSError:
         return set()
@@ -133,14 +133,14 @@ def load_module(name: str, moddir: str | None = None) -> bool:
         return False
     norm = name.replace("-", "_")
     deps: dict[str, list[str]] = {}
-    with open(moddir + "/modules.dep") as f:
+    with open(moddir + "/modules.dep", encoding="utf-8") as f:
         for line in f:
             path, _, rest = line.partition(":")
             deps[os.path.basename(path)[:-3].replace("-", "_")] = [path, *rest.split()]
     if norm not in deps:
         target = None
         try:
-            with open(moddir + "/modules.alias") as f:
+            with open(moddir + "/modules.alias", encoding="utf-8") as f:
                 for line in f:
                     parts = line.split()
                     if (
@@ -154,7 +154,7 @@ def load_module(name: str, moddir: str | None = None) -> bool:
             pass
         if target is None:
             try:
-                with open(moddir + "/modules.builtin") as f:
+                with open(moddir + "/modules.builtin", encoding="utf-8") as f:
                     return any(
                         os.path.basename(x.strip())[:-3].replace("-", "_") == norm for x in f
                     )
@@ -302,14 +302,14 @@ def setup_modprobe(python: str) -> None:
     """Install ourselves as the kernel's modprobe helper (autoload of dummy, veth, ...)."""
     here = os.path.dirname(os.path.abspath(__file__))
     path = ISOLATE_DIR + "/modprobe"
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.write(
             f"#!{python} -S\nimport sys\nsys.path.insert(0, {here!r})\n"
             f"import uml_init\numl_init.MODULE_ROOTS[:] = {MODULE_ROOTS!r}\n"
             "sys.exit(uml_init.modprobe_main(sys.argv[1:]))\n"
         )
     os.chmod(path, 0o755)
-    with open("/proc/sys/kernel/modprobe", "w") as f:
+    with open("/proc/sys/kernel/modprobe", "w", encoding="utf-8") as f:
         f.write(path)
 
 
@@ -488,7 +488,7 @@ def set_cmdline(args: list[str]) -> None:
 
 def poweroff() -> None:
     try:
-        with open("/proc/sysrq-trigger", "w") as f:
+        with open("/proc/sysrq-trigger", "w", encoding="utf-8") as f:
             f.write("o")
     except OSError as e:
         log(f"power off failed: {e}")
@@ -521,7 +521,7 @@ def pid1(cfg: dict) -> None:
             "channel_if": cfg.get("channel_if", "eth0"),
             "workdir": cfg.get("workdir"),
         }
-        with open(GUEST_INFO, "w") as f:
+        with open(GUEST_INFO, "w", encoding="utf-8") as f:
             json.dump(info, f)
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(50))
@@ -595,7 +595,7 @@ def main() -> None:
     ):
         sys.exit(modprobe_main(sys.argv[2:]))
     try:
-        with open(sys.argv[1]) as f:
+        with open(sys.argv[1], encoding="utf-8") as f:
             cfg = json.load(f)
     except BaseException as e:  # noqa: BLE001
         log(f"cannot read the guest config: {e}")

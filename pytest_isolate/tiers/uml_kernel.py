@@ -99,6 +99,7 @@ def _kernel_config_cached(path: str, mtime: float) -> dict[str, str]:
             [path, "--showconfig"],
             capture_output=True,
             text=True,
+            encoding="utf-8",
             timeout=10,
             stdin=subprocess.DEVNULL,
         ).stdout
@@ -215,7 +216,7 @@ def _boot_probe(key: tuple[str, int, int]) -> str | None:
         # guest, whose working directory it is.
         _write_owner(Path(tmp))
         init = os.path.join(tmp, "init")
-        with open(init, "w") as f:
+        with open(init, "w", encoding="utf-8") as f:
             f.write(_PROBE_INIT)
         os.chmod(init, 0o755)
         os.chmod(tmp, 0o755)

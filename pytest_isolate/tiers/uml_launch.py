@@ -169,11 +169,11 @@ class Launcher:
         if not privileged and not (self.switch_tap and self._join_switch_userns()):
             uid, gid = os.getuid(), os.getgid()
             unshare(CLONE_NEWUSER)
-            with open("/proc/self/setgroups", "w") as f:
+            with open("/proc/self/setgroups", "w", encoding="utf-8") as f:
                 f.write("deny")
-            with open("/proc/self/uid_map", "w") as f:
+            with open("/proc/self/uid_map", "w", encoding="utf-8") as f:
                 f.write(f"0 {uid} 1\n")
-            with open("/proc/self/gid_map", "w") as f:
+            with open("/proc/self/gid_map", "w", encoding="utf-8") as f:
                 f.write(f"0 {gid} 1\n")
         unshare(CLONE_NEWNET)
         owner = NOBODY if privileged else 0
@@ -213,7 +213,7 @@ class Launcher:
         path = os.path.join(self.workdir, "guest.json")
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "w") as f:
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(g, f)
         os.replace(tmp, path)
         return path
@@ -242,7 +242,7 @@ class Launcher:
         os.close(ready_w)
         self.uml_pid = pid
         self.pidfd = os.pidfd_open(pid)
-        with open(os.path.join(self.workdir, "uml.pid"), "w") as f:
+        with open(os.path.join(self.workdir, "uml.pid"), "w", encoding="utf-8") as f:
             f.write(f"{pid}\n")
         self.console_r = r
         os.set_blocking(r, False)
@@ -362,7 +362,7 @@ class Launcher:
         # decides what happens to its gateways.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        with open(os.path.join(self.workdir, "launcher.pid"), "w") as f:
+        with open(os.path.join(self.workdir, "launcher.pid"), "w", encoding="utf-8") as f:
             f.write(f"{os.getpid()}\n")
         try:
             privileged = self.setup_namespaces()
@@ -497,7 +497,7 @@ class Launcher:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.lsock.close()
                     last_hb = last_hb or time.monotonic()
-                    with open(os.path.join(self.workdir, "ready"), "w") as f:
+                    with open(os.path.join(self.workdir, "ready"), "w", encoding="utf-8") as f:
                         f.write(f"{time.monotonic() - t0:.3f}\n")
                     if self.switch_tap:
                         try:
@@ -589,7 +589,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         sys.stderr.write("usage: uml_launch.py <launch.json> [python args...]\n")
         return 2
-    with open(argv[1]) as f:
+    with open(argv[1], encoding="utf-8") as f:
         cfg = json.load(f)
     launcher = Launcher(cfg, argv[2:])
     try:

@@ -299,3 +299,19 @@ def test_import_path_order_as_in_process(pytester: pytest.Pytester, run: Runner,
         base = run(None)
         iso = run(tier)
     assert outcomes(iso) == outcomes(base) == {"tests/test_x.py::test_settings": ["PASSED"]}, iso.stdout.str()
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_encoding_warnings_as_errors(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    """``-X warn_default_encoding`` with EncodingWarning as an error (a project's CI
+    checking its own code): the plugin's own text files (its run dir's owner file, /proc
+    reads, the report) warned, and every isolated run ended in INTERNALERROR."""
+    pytester.makepyfile(test_enc="def test_ok():\n    pass\n\ndef test_fail():\n    assert 0\n")
+    monkeypatch.setenv("PYTHONWARNDEFAULTENCODING", "1")
+    monkeypatch.setenv("PYTHONWARNINGS", "error::EncodingWarning")
+    base = run(None)
+    iso = run(tier)
+    assert "INTERNALERROR" not in iso.stdout.str() + iso.stderr.str(), iso.stderr.str()[-2000:]
+    assert outcomes(iso) == outcomes(base) == {"test_enc.py::test_ok": ["PASSED"], "test_enc.py::test_fail": ["FAILED"]}
