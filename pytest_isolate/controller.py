@@ -26,7 +26,7 @@ import pytest
 from pytest_isolate import frozen
 from pytest_isolate.facets.switch import SharedSwitch, sweep_stale_switches
 from pytest_isolate.leftovers import _write_owner, sweep, sweep_stale
-from pytest_isolate.session import adapters
+from pytest_isolate.session import adapters, rewritten
 from pytest_isolate.session.carry import Carry
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.workermanage import Worker, WorkerDied
@@ -388,6 +388,7 @@ class Controller:
             self.canaries = None
         for key in list(self.workers):
             self.drop(key, fast)
+        rewritten.close()  # its thread writes into the run dir
         while self.stopping:
             self.stopping.pop(0).close(fast)
         carry = getattr(self, "carry", None)

@@ -29,7 +29,7 @@ from pytest_isolate.ahead import Ahead, _collect_and_freeze, _hostname
 from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.observe import audit, usage
 from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
-from pytest_isolate.session import adapters, junit, node
+from pytest_isolate.session import adapters, junit, node, rewritten
 from pytest_isolate.session.carry import SandboxCarry
 from pytest_isolate.session.node import SERVER_KEY
 from pytest_isolate.spawner import Spawner, SpawnerGone
@@ -613,6 +613,9 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
     sys.argv[:] = init.get("argv") or sys.argv
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
+    rewritten.stop()  # the controller's job, not a server's
+    if init.get("pyc_share"):
+        rewritten.use(init["pyc_share"])  # a guest's: what the controller rewrote
     # Orphans of a test reparent to us, so nothing a test started can outlive it.
     import ctypes
 

@@ -24,7 +24,7 @@ import pytest
 # configuration.
 from pytest_isolate import answer, report, stem
 from pytest_isolate.facets import keep
-from pytest_isolate.session import adapters
+from pytest_isolate.session import adapters, rewritten
 from pytest_isolate.spec import (
     TIERS,
     IsolationSpec,
@@ -34,6 +34,9 @@ from pytest_isolate.spec import (
     parse_values,
     resolve,
 )
+
+# What pytest rewrites from now on is kept for a UML guest's server (see the module).
+rewritten.capture()
 
 SPEC_KEY = pytest.StashKey[IsolationSpec]()
 #: Tiers whose fork server runs on this host (one worker for all of them).
@@ -374,6 +377,8 @@ class IsolatePlugin:
         _keep_groups(items)
         specs = [item.stash.get(SPEC_KEY, None) for item in items]
         self.needs_switch = any(s is not None and s.network == "ip" and s.tier in ("jail", "zone", "uml") for s in specs)
+        if not any(s is not None and s.tier == "uml" for s in specs):
+            rewritten.stop()
         if self.ctl is not None:
             self.ctl.collected(self.needs_switch)
 

@@ -27,7 +27,7 @@ import execnet
 import pytest
 
 from pytest_isolate import remote, stem, wire
-from pytest_isolate.session import node
+from pytest_isolate.session import node, rewritten
 from pytest_isolate.spec import IsolationSpec
 from pytest_isolate.tiers.base import kill_tree
 
@@ -187,6 +187,11 @@ class Worker:
             "sys_path": _remote_sys_path(),
             "log": str(self.workdir / "server.log"),
         }
+        if self.uml:
+            # What this process rewrote, for the guest's server to read instead.
+            share = rewritten.share(self.ctl.rundir / "pyc", cfg)
+            if share is not None:
+                start["pyc_share"] = str(share.directory)
         if self.uml and early:
             self._boot_early(spec, start, extra)
             return
