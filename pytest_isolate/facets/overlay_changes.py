@@ -52,8 +52,8 @@ def scan_upper(
     ``changes`` lines read ``created /etc/x``, ``modified /etc/passwd``, ``deleted
     /etc/hosts`` (an overlay whiteout), ``replaced /opt/d/`` (an opaque dir). A new
     directory is one line with its entry count instead of one line per file. Paths under
-    ``ignore`` (tmp dirs, mount points the tier made) and ``__pycache__`` files are left
-    out of ``changes`` but counted in ``bytes`` (the disk the test used in the upper).
+    ``ignore`` (tmp dirs, mount points the tier made) and ``.pyc`` files in ``__pycache__``
+    directories (new or not) are left out of ``changes`` but counted in ``bytes`` (the disk the test used in the upper).
     Without ``lower`` nothing can be told apart from new, so everything is "created".
     ``prefix`` is where this upper's layer sits in the root (split roots).
     """
@@ -95,6 +95,12 @@ def scan_upper(
                 total += st.st_blocks * 512 if st.st_blocks else st.st_size
                 if stat.S_ISDIR(st.st_mode):
                     skip = count_only or ignored(inside)
+                    if e.name == "__pycache__":
+                        # The import system's cache (a module imported for the first
+                        # time, pytest's rewritten copy): a new one is no more the
+                        # test's doing than the .pyc files in it; anything else in it is.
+                        n += walk(r, skip)
+                        continue
                     if not skip and not _lower_exists(low, r):
                         sub = walk(r, True)
                         n += sub

@@ -98,3 +98,28 @@ def test_from_chroot_up_only_writes_left_in_the_sandbox_are_reported(
     assert not (project / "out.txt").exists()
     assert (project / "golden" / "out.txt").read_text() == "golden"
     assert json.loads((project / ".pytest_cache" / "v" / "proj" / "key").read_text()) == 41
+
+
+@pytest.mark.parametrize("tier", ["none", "process", "chroot", "jail", "zone"])
+def test_a_first_import_is_not_an_escape(
+    pytester: pytest.Pytester, project: Path, tier: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test that imports a module nobody compiled yet (a fresh checkout, a package
+    installed without bytecode) makes Python write its ``__pycache__``: from ``chroot``
+    up that new directory was reported as a blocked ``write-host-file`` in every such
+    test (a warning in-process pytest never gives). This machine's environment sets
+    ``PYTHONDONTWRITEBYTECODE``, which hid it from every suite run here."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    lib = project / "lib"
+    (lib / "freshpkg").mkdir(parents=True)
+    (lib / "freshpkg" / "__init__.py").write_text("")
+    (lib / "freshpkg" / "mod.py").write_text("X = 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    (project / "test_writes.py").write_text(
+        "def test_first_import():\n    import freshpkg.mod\n\n    assert freshpkg.mod.X == 1\n"
+    )
+    result, doc = _run(pytester, project, f"--isolate={tier}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "escape" not in result.stdout.str(), result.stdout.str()
+    if tier != "none":  # in-process tests have no record
+        assert [r["escapes"] for r in doc["tests"]] == [[]]

@@ -51,6 +51,7 @@ def test_overlay_changes_are_listed(tmp_path):
     (lower / "opt" / "d" / "old").write_text("old\n")
     (lower / "tmp").mkdir()
     (lower / "lib" / "__pycache__").mkdir(parents=True)
+    (lower / "lib2").mkdir()
     work = tmp_path / "fs"
     work.mkdir()
 
@@ -70,6 +71,12 @@ def test_overlay_changes_are_listed(tmp_path):
         (m / "srv" / "deep" / "f").write_text("f\n")
         (m / "tmp" / "junk").write_text("junk\n")
         (m / "lib" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0" * 10)
+        # A module imported for the first time: a new __pycache__ of .pyc files only.
+        (m / "lib2" / "__pycache__").mkdir()
+        (m / "lib2" / "__pycache__" / "y.cpython-311.pyc").write_bytes(b"\0" * 10)
+        (m / "lib2" / "__pycache__" / "y.cpython-311-pytest-9.2.0.pyc").write_bytes(b"\0" * 10)
+        # What the import system would not write there is listed all the same.
+        (m / "lib" / "__pycache__" / "note.txt").write_text("x\n")
         changes, used = overlay_changes.scan_upper(work / "upper", ["/tmp"], lower)
         return {
             "changes": changes,
@@ -86,6 +93,7 @@ def test_overlay_changes_are_listed(tmp_path):
             "created /etc/new",
             "replaced /opt/d/ (1 entries)",
             "created /srv/ (2 entries)",
+            "created /lib/__pycache__/note.txt",
         ]
     )
     assert got["host_a"] == "a\n"
