@@ -829,6 +829,10 @@ def run_suite(
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "COV_"))
     }
+    # As a user's pytest runs: Python writes bytecode. This machine's environment sets
+    # PYTHONDONTWRITEBYTECODE=1, which hid what a test's first import of a module writes
+    # (its __pycache__, reported from chroot up until 8351549).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(proj.env)
     env["FIDELITY_OUT_DIR"] = str(out_dir)
     env["PATH"] = f"{py.parent}:{env.get('PATH', '/usr/bin:/bin')}"
