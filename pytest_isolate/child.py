@@ -494,12 +494,18 @@ def project_writes(config: pytest.Config, spec: dict[str, Any]) -> list[str]:
     """At ``process`` the project's tree is the test's to write, as in-process: the tier
     confines no file, and a test that writes its output, a golden file or a cache there
     did nothing outside what it runs on (tests under /tmp never saw this; real projects
-    live elsewhere). From ``chroot`` up such writes stay in the overlay and are reported
-    so, but for the paths the test keeps (``isolate_keep``): those reach the host on the
-    user's word."""
+    live elsewhere). So is the user's cache dir (``$XDG_CACHE_HOME``, else ``~/.cache``):
+    disposable by definition, it is where black, parso, matplotlib or pre-commit keep
+    what they build on first use, in-process too. From ``chroot`` up such writes stay in
+    the overlay and are reported so, but for the paths the test keeps
+    (``isolate_keep``): those reach the host on the user's word."""
     out = [keep.literal_prefix(p) for p in spec.get("keep") or ()]
     if spec.get("tier") == "process":
-        for root in dict.fromkeys((str(config.rootpath), os.path.realpath(str(config.rootpath)))):
+        cache = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(cache):  # unset, or relative: invalid, says the XDG spec
+            cache = os.path.join(os.path.expanduser("~"), ".cache")
+        roots = (str(config.rootpath), os.path.realpath(str(config.rootpath)), cache, os.path.realpath(cache))
+        for root in dict.fromkeys(roots):
             if root not in _NOT_A_PROJECT and not root.startswith(tuple(d + "/" for d in _NOT_A_PROJECT[1:])):
                 out.append(root)
     return [p for p in out if p != "/"]

@@ -123,3 +123,44 @@ def test_a_first_import_is_not_an_escape(
     assert "escape" not in result.stdout.str(), result.stdout.str()
     if tier != "none":  # in-process tests have no record
         assert [r["escapes"] for r in doc["tests"]] == [[]]
+
+
+CACHE_SUITE = """
+import os
+from pathlib import Path
+
+def test_xdg_cache():
+    d = Path(os.environ["XDG_CACHE_HOME"]) / "sometool"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "grammar.pickle").write_text("x")
+
+def test_config_dir():
+    d = Path(os.environ["ISOLATE_CONFIG_DIR"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "settings.ini").write_text("x")
+"""
+
+
+def test_at_process_the_users_cache_dir_is_the_tests(
+    pytester: pytest.Pytester, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a tool builds on first use in the user's cache dir (black, parso, matplotlib)
+    is written in-process too: not an escape at ``process``. Any other file outside the
+    project still is (here a config dir beside it)."""
+    outside = project.parent / f"{project.name}-home"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(outside / "cache"))
+    monkeypatch.setenv("ISOLATE_CONFIG_DIR", str(outside / "config"))
+    (project / "test_writes.py").write_text(CACHE_SUITE)
+    try:
+        base, _ = _run(pytester, project, "--isolate=none")
+        base.assert_outcomes(passed=2)
+        shutil.rmtree(outside)
+        result, doc = _run(pytester, project, "--isolate=process")
+        result.assert_outcomes(passed=1, failed=1)
+        escapes = {r["nodeid"].split("::")[1]: r["escapes"] for r in doc["tests"]}
+        assert escapes["test_xdg_cache"] == []
+        (cfg,) = escapes["test_config_dir"]
+        assert (cfg["technique"], cfg["verdict"]) == ("write-host-file", "escaped")
+        assert (outside / "cache" / "sometool" / "grammar.pickle").read_text() == "x"
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
