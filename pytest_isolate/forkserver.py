@@ -172,12 +172,15 @@ class ForkServer:
         factory = getattr(self.config, "_tmp_path_factory", None)
         if factory is not None:
             factory.getbasetemp()
-        self.forwarder.terminal.prepare(self.term_fd)
         # The gateway opens these too, so a test's captured output outlives this server
         # (a test that kills its worker still shows what it printed).
         fds = [f.fileno() for f in self._capture_files()]
         wire.send(self.evt_fd, {"t": "ready", "pid": os.getpid(), "items": len(self.items), "capture_fds": fds})
         self._connect_direct()
+        # After the direct link, which brings the controller's stdout: pytest's markup and
+        # width follow it (``pytest > out.txt`` on a terminal has none), not our stderr.
+        out = self.forwarder.term_out
+        self.forwarder.terminal.prepare(out if out >= 0 else self.term_fd)
         self.ahead.start_spawner()
         try:
             self.serve()
