@@ -235,6 +235,7 @@ class TerminalRelay:
         self.file = _RelayFile(self, term_fd)
         self.writer = create_terminal_writer(self.config, self.file)  # type: ignore[arg-type]
         self.writer.fullwidth = _terminal_width(term_fd)
+        _color_log_levels(self.config, self.writer)
         self._quiet_reporter()
 
     def _quiet_reporter(self) -> None:
@@ -315,6 +316,30 @@ class TerminalRelay:
 
 def _nothing(*args: object) -> None:
     return None
+
+
+def _color_log_levels(config: pytest.Config, writer: Any) -> None:
+    """Logging's level colors as for the user's terminal.
+
+    pytest's logging plugin chooses them once, in ``pytest_configure``, from a terminal
+    writer on ``sys.stdout``: the fork server's is ``/dev/null``, so under
+    ``--color=auto`` on a terminal captured and live log lines had no colors. Its level
+    formats are made again with markup when the writer the test's text goes through has
+    it (``--color=yes`` and ``PY_COLORS=1`` had them already; a ``--color=no`` formatter
+    has no colors to give)."""
+    if not writer.hasmarkup:
+        return
+    from _pytest.logging import ColoredLevelFormatter
+
+    plugin = config.pluginmanager.get_plugin("logging-plugin")
+    for name in ("caplog_handler", "report_handler", "log_cli_handler"):
+        fmt = getattr(getattr(plugin, name, None), "formatter", None)
+        tw = getattr(fmt, "_terminalwriter", None)
+        if not isinstance(fmt, ColoredLevelFormatter) or tw is None or tw.hasmarkup:
+            continue
+        tw.hasmarkup = True  # the formatter's own writer: it only marks levels up
+        for level, opts in fmt.LOGLEVEL_COLOROPTS.items():
+            fmt.add_color_level(level, *opts)
 
 
 def _fitted(msg: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A test's log lines (captured and live), its highlighted assertion diffs and the 
 log's separators are formatted in the sandbox. Their markup and width followed the
 controller's stderr, where pytest's follow its stdout: ``pytest | tee log`` or
 ``pytest > out.txt`` from a terminal wrote escape codes (and separators as wide as the
-terminal) into the file, where in-process there are none.
+terminal) into the file, where in-process there are none. And logging's level colors
+were chosen while the fork server configured, its stdout ``/dev/null``: on a terminal,
+captured and live log lines lost their levels' colors.
 """
 
 from __future__ import annotations
@@ -58,3 +60,15 @@ def test_output_redirected_from_a_terminal_has_no_markup(pytester: pytest.Pytest
     assert "\x1b[" not in iso, iso
     live = [line for line in base.splitlines() if "live log call" in line]
     assert live and live == [line for line in iso.splitlines() if "live log call" in line], (base, iso)
+
+
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_log_levels_colored_on_a_terminal(pytester: pytest.Pytester, tier: str) -> None:
+    pytester.makepyfile(test_l=LOGS)
+    args = ["--log-cli-level=WARNING"]
+    base = _in_a_terminal(pytester.path, args)
+    iso = _in_a_terminal(pytester.path, [*args, f"--isolate={tier}"])
+    shown = [line for line in base.splitlines() if "WARNING" in line and "careful" in line]
+    # live, then captured: both with the level's color
+    assert len(shown) == 2 and all("\x1b[33mWARNING" in line for line in shown), base
+    assert [line for line in iso.splitlines() if "WARNING" in line and "careful" in line] == shown, iso
