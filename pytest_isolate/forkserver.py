@@ -50,6 +50,11 @@ from pytest_isolate.tiers.base import (
 STACK_GRACE = 1.0
 #: How often a running test's process tree is sampled (tiers without a cgroup).
 SAMPLE_INTERVAL = 0.05
+#: How often zombies the server adopted are reaped while a test runs. A process whose
+#: parent died reparents to the server (a subreaper) at `process` and `chroot`; in-process
+#: init adopts it and reaps it at once, and a test may wait for its pid to go (psutil's
+#: test_zombie_process kills a zombie's parent, then polls until the zombie is gone).
+ADOPTED_REAP_INTERVAL = 0.05
 
 
 def load_tier(name: str, ctx: WorkerContext) -> Tier:
@@ -428,6 +433,7 @@ class ForkServer:
             sampler = usage.TreeSampler(box.spec.memory)
         box.state["sampler"] = sampler
         next_sample = time.monotonic() + SAMPLE_INTERVAL
+        next_reap = time.monotonic() + ADOPTED_REAP_INTERVAL
         # The command pipe too: when it hangs up the controller is gone (SIGKILLed, its
         # host lost), nobody will read this test's result, and the test must not run on.
         watch = [r, pidfd, self.cmd_fd]
@@ -450,7 +456,11 @@ class ForkServer:
                         sampler.sample(pid)
                         next_sample = now + SAMPLE_INTERVAL
                     wait = min(wait, next_sample - now) if wait is not None else max(0.0, next_sample - now)
+                wait = max(0.0, min(wait, next_reap - now) if wait is not None else next_reap - now)
                 ready, _, _ = select.select(watch, [], [], wait)
+                if time.monotonic() >= next_reap:
+                    self._reap_adopted(pid)
+                    next_reap = time.monotonic() + ADOPTED_REAP_INTERVAL
                 if self.cmd_fd in ready:
                     watch.remove(self.cmd_fd)  # a command waits (read after the test), or:
                     if _hung_up(self.cmd_fd):
@@ -533,6 +543,24 @@ class ForkServer:
         if box is not None:
             with contextlib.suppress(Exception):
                 self.tier(box.spec.tier).release(box)
+
+    def _reap_adopted(self, runner: int) -> None:
+        """Reap the zombies among our children while a test runs: orphans of the test's
+        processes, adopted by us. Never one whose status is waited for elsewhere: the
+        runner, the spawner, the child waiting for its job, one still exiting, a tier's
+        own. (Live orphans are left to ``_reap_orphans`` after the test.)"""
+        ahead = self.ahead
+        keep = {runner, *self.exiting}
+        if ahead.spawner is not None:
+            keep.add(ahead.spawner.pid)
+        if ahead.waiting is not None:
+            keep.add(ahead.waiting.pid)
+        for t in self.tiers.values():
+            keep |= t.own_pids()
+        for p in children(os.getpid()):
+            if p not in keep and _zombie(p):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(p, os.WNOHANG)
 
     def _kill_descendants(self, pid: int) -> list[dict[str, Any]]:
         """Live descendants of a runner that is about to exit would outlive its test."""

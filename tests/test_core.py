@@ -959,3 +959,36 @@ def test_a_traceback_shows_the_source_when_no_descriptor_is_left(pytester: pytes
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*def test_fails_with_no_descriptor_left():*", "E       AssertionError: no-fds"])
     assert "???" not in result.stdout.str()
+
+
+ADOPTED_ZOMBIE = """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    GRANDCHILD = "import os, time\\npid = os.fork()\\nif pid == 0:\\n    os._exit(0)\\nprint(pid, flush=True)\\ntime.sleep(60)\\n"
+
+    def test_orphan_is_reaped():
+        p = subprocess.Popen([sys.executable, "-c", GRANDCHILD], stdout=subprocess.PIPE, text=True)
+        zombie = int(p.stdout.readline())
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{zombie}"):
+            assert time.monotonic() < deadline, "the orphaned zombie was never reaped"
+            time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "chroot"])
+def test_an_orphan_that_dies_while_its_test_runs_is_reaped(pytester: pytest.Pytester, tier: str) -> None:
+    """A zombie whose parent the test killed reparents to the fork server (a subreaper);
+    in-process init adopts it and reaps it at once. The server reaps it while the test
+    runs, not only after: psutil's test_zombie_process waits for such a pid to go, and at
+    `process` it hung until the harness's timeout killed the whole run."""
+    pytester.makepyfile(test_adopted=ADOPTED_ZOMBIE)
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", "-p", "no:randomly", timeout=60)
+    result.stdout.fnmatch_lines(["*1 passed*"])
+    result.stdout.no_fnmatch_line("*never reaped*")
