@@ -54,6 +54,7 @@ from pytest_isolate.observe.calls import (
     _fspath,
     _isdir,
     _num,
+    _pgid,
     _ppid,
     _text,
     _where,
@@ -163,16 +164,19 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
         _send(st, msg)
 
     def own(pid: int) -> bool:
-        """Is ``pid`` this test's process or one of its descendants?"""
+        """Is ``pid`` this test's process or one of its descendants? A descendant whose
+        parent died was adopted by the fork server (a subreaper; in-process: init), so
+        it is no longer below us: it is still the test's while it stays in the process
+        group the test leads (psutil's tests kill a child, then its orphaned child)."""
         if pid == st.me:
             return True
-        seen = 0
+        target, seen = pid, 0
         while pid > 1 and seen < 64:
             pid = _ppid(pid)
             if pid == st.me:
                 return True
             seen += 1
-        return False
+        return _os.getpgrp() == st.me and _pgid(target) == st.me
 
     def at_host_root() -> bool:
         try:

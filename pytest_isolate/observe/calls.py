@@ -219,6 +219,16 @@ def _ppid(pid: int) -> int:
         return 0
 
 
+def _pgid(pid: int) -> int:
+    """The process group of ``pid`` (0: gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 _INFO_ARGS = frozenset({"--version", "-V", "--help", "-h", "--list", "show", "list", "print", "describe",
                         "rdescribe", "read", "pipe", "search"})
 
