@@ -982,12 +982,13 @@ ADOPTED_ZOMBIE = """
 """
 
 
-@pytest.mark.parametrize("tier", ["process", "chroot"])
+@pytest.mark.parametrize("tier", ["process", "chroot", "uml"])
 def test_an_orphan_that_dies_while_its_test_runs_is_reaped(pytester: pytest.Pytester, tier: str) -> None:
     """A zombie whose parent the test killed reparents to the fork server (a subreaper);
     in-process init adopts it and reaps it at once. The server reaps it while the test
     runs, not only after: psutil's test_zombie_process waits for such a pid to go, and at
-    `process` it hung until the harness's timeout killed the whole run."""
+    `process` it hung until the harness's timeout killed the whole run. A guest's fork
+    server is one too (at `jail` and `zone` the sandbox's init reaps)."""
     pytester.makepyfile(test_adopted=ADOPTED_ZOMBIE)
     result = pytester.runpytest_subprocess(f"--isolate={tier}", "-p", "no:randomly", timeout=60)
     result.stdout.fnmatch_lines(["*1 passed*"])
