@@ -8,7 +8,6 @@ tier has already confined the process. It never returns; it ``os._exit``s so no
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import io
 import os
@@ -32,9 +31,6 @@ from pytest_isolate.spec import IsolationSpec
 
 #: Signal the fork server sends a timed-out runner so it dumps its Python stack.
 STACK_SIGNAL = signal.SIGRTMIN + 3
-#: comm name of the process that runs the test, so the fork server finds it in the
-#: sandbox's process tree whatever tier structure sits above it.
-RUNNER_COMM = b"isolate-test"
 #: Starts the line a runner writes into its stack file when the test took its result
 #: channel away: the one place left that the fork server reads (outcome._faults).
 CHANNEL_NOTE = "pytest-isolate channel: "
@@ -416,17 +412,6 @@ def _terminal_width(term_fd: int) -> int:
 #: before it checks the sandbox and releases the test (jail.py, ``_wait_runner``).
 end_notify_fd = -1
 
-#: Looked up once in the fork server (~0.2 ms per child otherwise): children inherit it.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _set_comm(name: bytes) -> None:
-    try:
-        _PRCTL(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
-    except Exception:  # noqa: BLE001 - cosmetic, never fatal
-        pass
-
-
 def _main_thread_is_this_one() -> None:
     """A forked child's ``threading.main_thread().native_id`` is still its parent's
     (CPython updates the ident after ``fork()``, not the native id), so
@@ -620,8 +605,10 @@ def run_items(
         # Which pipe the channel is, and its number here: the server names it in the
         # failure of a test that writes onto it, closes it or replaces it.
         wire.guard(result_fd)
-        wire.send(result_fd, {"t": "channel", "fd": result_fd})
-        _set_comm(RUNNER_COMM)
+        # Its pid too, as its own PID namespace numbers it: the server finds the test's
+        # process by it (a timed-out test's stack). Its name stays the controller's, as
+        # in-process (``ps``, psutil's ``name()``).
+        wire.send(result_fd, {"t": "channel", "fd": result_fd, "pid": _getpid()})
         _main_thread_is_this_one()
         # The server's frozen heap is the test's as it would be in-process: its
         # gc.collect() frees cycles through what existed before the fork (anyio's

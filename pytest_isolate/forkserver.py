@@ -26,7 +26,7 @@ import pytest
 
 from pytest_isolate import stem, wire
 from pytest_isolate.ahead import Ahead, _collect_and_freeze, _hostname
-from pytest_isolate.child import RUNNER_COMM, STACK_SIGNAL, Forwarder, run_items
+from pytest_isolate.child import STACK_SIGNAL, Forwarder, run_items
 from pytest_isolate.observe import audit, usage
 from pytest_isolate.outcome import CGROUP_TIERS, _cgroup, _frame_ok, done_message
 from pytest_isolate.session import adapters, junit, node, rewritten
@@ -489,7 +489,7 @@ class ForkServer:
                     break
                 if not ready and deadline is not None and not timed_out and time.monotonic() >= deadline:
                     timed_out = True
-                    self._dump_stack(pid, stack_fd)
+                    self._dump_stack(self._runner(box, pid, msgs), stack_fd)
                     tier.kill(box, pid)
                     deadline = None
             status, ru = self.ahead.reap(pid)
@@ -512,24 +512,37 @@ class ForkServer:
                 return
             msgs.extend(reader.feed(data))
 
-    def _dump_stack(self, pid: int, stack_fd: int) -> None:
+    @staticmethod
+    def _runner(box: Box, pid: int, msgs: list[dict[str, Any]]) -> int | None:
+        """The process that runs the test, in the tree of ``pid`` (the sandbox's top,
+        an init above it from ``jail`` up): the outermost one numbered as the runner
+        numbered itself in its first frame (a kept child's comes with its first test)."""
+        ns = next((m["pid"] for m in msgs if m.get("t") == "channel"), box.state.get("runner_ns_pid"))
+        box.state["runner_ns_pid"] = ns
+        if ns is None:
+            return None
+        best: tuple[int, int] | None = None
         for p in [pid, *descendants(pid)]:
-            try:
-                with open(f"/proc/{p}/comm", "rb") as f:
-                    if f.read().strip() != RUNNER_COMM:
-                        continue
-                os.kill(p, STACK_SIGNAL)
-            except OSError:
-                continue
-            end = time.monotonic() + STACK_GRACE
-            size = -1
-            while time.monotonic() < end:
-                time.sleep(0.05)
-                new = os.fstat(stack_fd).st_size
-                if new and new == size:
-                    break
-                size = new
+            chain = _ns_pids(p)
+            if chain and chain[-1] == ns and (best is None or len(chain) < best[0]):
+                best = (len(chain), p)
+        return best[1] if best else None
+
+    def _dump_stack(self, runner: int | None, stack_fd: int) -> None:
+        if runner is None:
             return
+        try:
+            os.kill(runner, STACK_SIGNAL)
+        except OSError:
+            return
+        end = time.monotonic() + STACK_GRACE
+        size = -1
+        while time.monotonic() < end:
+            time.sleep(0.05)
+            new = os.fstat(stack_fd).st_size
+            if new and new == size:
+                break
+            size = new
 
     def _reap_exiting(self) -> None:
         for pid in list(self.exiting):
@@ -609,6 +622,18 @@ class ForkServer:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(p["pid"], os.WNOHANG)
         return found
+
+
+def _ns_pids(pid: int) -> list[int]:
+    """``pid``'s numbers in each PID namespace it is in, outermost first (``NSpid``)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 def _hung_up(fd: int) -> bool:

@@ -277,7 +277,7 @@ def _crash_report(
 #: Frame types a sandbox sends and the fields the server and controller rely on: a
 #: frame of another shape is the test's doing and counts as bytes that are not frames.
 _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "channel": {"fd": int},
+    "channel": {"fd": int, "pid": int},
     "report": {"data": dict},
     "term": {"text": str},
     "warning": {"message": str, "category": str, "category_module": str, "when": str, "nodeid": str},

@@ -1029,3 +1029,26 @@ def test_a_signal_to_the_tests_own_orphan_is_no_escape(pytester: pytest.Pytester
     result = pytester.runpytest_subprocess(f"--isolate={tier}", "-p", "no:randomly", "-W", "error", timeout=60)
     result.stdout.fnmatch_lines(["*1 passed*"])
     result.stdout.no_fnmatch_line("*escape signal*")
+
+
+COMM = """
+    import pathlib
+
+    def test_name():
+        # Said in the failure: a uml guest's uncaptured output does not reach the host.
+        assert False, "COMM=" + pathlib.Path("/proc/self/comm").read_text().strip() + "="
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "jail", "uml"])
+def test_the_tests_process_has_the_name_it_has_in_process(pytester: pytest.Pytester, tier: str) -> None:
+    """``ps``, ``psutil.Process().name()`` and ``/proc/self/comm`` show the test's process
+    as in-process (the interpreter's name), not a name of the plugin's (psutil's
+    serialization tests labelled their subtests with it)."""
+    pytester.makepyfile(test_comm=COMM)
+    names = []
+    for args in ((), (f"--isolate={tier}",)):
+        result = pytester.runpytest_subprocess("-p", "no:randomly", *args, timeout=120)
+        result.assert_outcomes(failed=1)
+        names.append(re.findall(r"COMM=([^=\s]*)=", result.stdout.str()))
+    assert names[0] == names[1] != [], names
