@@ -85,6 +85,9 @@ class ForkServer:
         #: so a test cannot forge results or commands on them.
         self.private_fds = [cmd_fd, evt_fd]
         self.term_fd = term_fd
+        #: In a UML guest: the write end of the pipe for the tests' uncaptured stdout
+        #: (``uml_init.fork_server``); -1 elsewhere.
+        self.guest_out: int = init.get("guest_out", -1)
         #: What its tests see (``stem.adopt``): the controller's environment, tripwires in.
         self.environ = init.get("environ")
         if self.environ:
@@ -186,6 +189,10 @@ class ForkServer:
         # width follow it (``pytest > out.txt`` on a terminal has none), not our stderr.
         out = self.forwarder.term_out
         self.forwarder.terminal.prepare(out if out >= 0 else self.term_fd)
+        if self.guest_out >= 0:
+            # A UML guest's: a pipe its worker relays to the controller's stdout (the
+            # test's uncaptured prints); stderr goes the same way through ``term_fd``.
+            self.forwarder.term_out = self.guest_out
         self.ahead.start_spawner()
         try:
             self.serve()
@@ -666,6 +673,7 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
         init = start if start is not None else wire.recv(cmd_fd)
     except EOFError:
         return  # the gateway ended before the set-up came (``Stem.drop``): nothing to serve
+    guest_out = init.get("guest_out", -1)  # set in a guest, not by the controller
     sys.argv[:] = init.get("argv") or sys.argv
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
@@ -699,6 +707,7 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
             init = wire.recv(cmd_fd)
         except EOFError:
             return
+    init["guest_out"] = guest_out
     # The tripwires' names: planted after a forked server's environment was taken.
     os.environ.update(init.get("env") or {})
     # Imported before the run's environment was final when forked from the stem: the

@@ -74,9 +74,31 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
             channel.send(frame)
             del buf[: 4 + n]
 
+    # A UML guest's server writes its tests' uncaptured output into pipes of ours
+    # (``uml_init.fork_server``): relayed as ("out", 1 or 2, bytes), for the controller
+    # to write where in-process they would go.
+    stem = sys.modules.get("pytest_isolate.stem")
+    outputs = dict(zip(getattr(stem, "server_output", None) or (), (1, 2), strict=False))
+
+    def relay(fd: int, drain: bool = False) -> None:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                os.close(fd)
+                del outputs[fd]
+                return
+            channel.send(("out", outputs[fd], data))
+            if not drain:
+                return
+
     try:
         while True:
-            ready, _, _ = select.select([evt_r, pidfd], [], [])
+            ready, _, _ = select.select([evt_r, pidfd, *outputs], [], [])
+            for fd in [f for f in ready if f in outputs]:
+                relay(fd)
             if evt_r in ready:
                 data = os.read(evt_r, 1 << 20)
                 if not data:
@@ -90,6 +112,9 @@ def serve(channel) -> None:  # type: ignore[no-untyped-def]
                 except BlockingIOError:
                     pass
                 break
+        for fd in list(outputs):  # what the server's last tests wrote (a daemon may hold on)
+            os.set_blocking(fd, False)
+            relay(fd, drain=True)
     finally:
         code = proc.wait()
         output = _read_captures(captures)

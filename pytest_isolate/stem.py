@@ -53,6 +53,9 @@ disabled = False
 #: In a gateway forked from the stem: (pid, command fd, event fd) of the fork server
 #: it forked before execnet started; ``remote.serve`` takes it instead of spawning one.
 server: tuple[int, int, int] | None = None
+#: In a UML guest's worker: the read ends of its server's stdout and stderr pipes, which
+#: ``remote.serve`` relays to the controller (``uml_init.fork_server``).
+server_output: tuple[int, int] | None = None
 
 _current: Stem | None = None
 #: ``/proc/<pid>/comm`` of the stem and its gateways, for ``ps`` and leak checks: their

@@ -99,6 +99,8 @@ class Worker:
         self._listener: socket.socket | None = None
         #: The controller's stdout, for the server once it connects (``_accept``).
         self._term_out = -1
+        #: A guest's: this process's stdout and stderr, for its tests' uncaptured output.
+        self._guest_fds: tuple[int, int] | None = None
         #: Frames to send first once the server is up (``Controller.collected``).
         self._queued: list[dict[str, Any]] = []
         self._ready = False
@@ -177,6 +179,8 @@ class Worker:
             extra["direct"] = self._listener.getsockname()
             # Now: capture is off while a worker starts (see ``plugin.pytest_sessionstart``).
             self._term_out = os.dup(1)
+        else:
+            self._guest_fds = (os.dup(1), os.dup(2))
         # What the server needs to configure (``forkserver.main``); the rest follows.
         start = {
             "args": [*cfg.invocation_params.args, *self.ctl.carry.server_args()],
@@ -361,19 +365,35 @@ class Worker:
         return self._inbox.pop(0)
 
     def receive(self, timeout: float | None) -> dict[str, Any]:
-        try:
-            raw = self.ch.receive(timeout)
-        except self.ch.TimeoutError:
-            raise WorkerDied(f"no answer from the isolated worker within {timeout:g}s") from None
-        except (EOFError, OSError, execnet.RemoteError) as exc:
-            raise WorkerDied(self._death(str(exc))) from None
-        if isinstance(raw, (tuple, list)) and raw and raw[0] == "server":
-            self.server_pid = int(raw[1])  # spawned; it reports "ready" once it has collected
-            return self.receive(timeout)
-        if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
-            output = raw[2] if len(raw) > 2 else []
-            raise WorkerDied(self._death(_server_end(raw[1]), output))
-        return json.loads(raw)
+        while True:
+            try:
+                raw = self.ch.receive(timeout)
+            except self.ch.TimeoutError:
+                raise WorkerDied(f"no answer from the isolated worker within {timeout:g}s") from None
+            except (EOFError, OSError, execnet.RemoteError) as exc:
+                raise WorkerDied(self._death(str(exc))) from None
+            if isinstance(raw, (tuple, list)) and raw and raw[0] == "server":
+                self.server_pid = int(raw[1])  # spawned; it reports "ready" once it has collected
+                continue
+            if isinstance(raw, (tuple, list)) and raw and raw[0] == "out":
+                self._guest_output(raw)
+                continue
+            if isinstance(raw, (tuple, list)) and raw and raw[0] == "exit":
+                output = raw[2] if len(raw) > 2 else []
+                raise WorkerDied(self._death(_server_end(raw[1]), output))
+            return json.loads(raw)
+
+    def _guest_output(self, raw: Sequence[Any]) -> None:
+        """What a guest's test wrote uncaptured, written where it goes in-process: this
+        process's stdout or stderr as they were when the worker started."""
+        fds = self._guest_fds
+        data = raw[2] if len(raw) > 2 else b""
+        if not fds or raw[1] not in (1, 2) or not isinstance(data, bytes):
+            return
+        fd = fds[raw[1] - 1]
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(fd, data) :]
 
     def _death(self, why: str, output: Sequence[str] = ()) -> str:
         """The one line why, then the test's captured output and the worker's log tail."""
@@ -483,6 +503,11 @@ class Worker:
                 from pytest_isolate.tiers import uml_gateway
 
                 uml_gateway.close_guest(self.workdir / "uml")
+        if self._guest_fds is not None:
+            for fd in self._guest_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._guest_fds = None
         self.gw = self.ch = None
 
 

@@ -439,8 +439,25 @@ def fork_server(start: dict, names: list[str], cmdline: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - remote.serve spawns it, and says what fails
         log(f"fork server not forked: {type(e).__name__}: {e}")
         return
-    if _started_alike(dict(os.environ), names, stem.START_PREFIXES):
-        stem.server = stem.fork_server(start, lambda: _server_setup(cmdline))
+    if not _started_alike(dict(os.environ), names, stem.START_PREFIXES):
+        return
+    # What its tests write uncaptured (``-s``, a subprocess's output) reaches the host
+    # through this worker's channel: stdout and stderr through a pipe each, not the
+    # guest's console (``remote.serve`` reads them, the controller writes them out).
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+
+    def setup() -> None:
+        os.close(out_r)
+        os.close(err_r)
+        os.dup2(err_w, 2)  # the server's stderr, which its tests' uncaptured stderr is
+        os.close(err_w)
+        _server_setup(cmdline)
+
+    stem.server = stem.fork_server({**start, "guest_out": out_w}, setup)
+    os.close(out_w)
+    os.close(err_w)
+    stem.server_output = (out_r, err_r)
 
 
 def _server_setup(cmdline: list[str]) -> None:

@@ -207,13 +207,14 @@ def test_builtin_plugins_off_and_sys_capture(pytester: pytest.Pytester, run: Run
     iso.stdout.fnmatch_lines(["*Captured stdout call*", "seen in the failure"])
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", [*TIERS, "uml"])
 def test_uncaptured_output_goes_to_stdout_and_stderr_as_in_process(
     pytester: pytest.Pytester, run: Runner, tier: str
 ) -> None:
     """Under ``-s`` a test's prints reach pytest's stdout, what it writes to stderr
     pytest's stderr, whether the test runs in-process or in a sandbox (and so does a
-    subprocess it starts)."""
+    subprocess it starts). In a ``uml`` guest they went to the guest's console, lost:
+    its worker relays them now."""
     pytester.makepyfile(
         test_streams="""
             import subprocess
