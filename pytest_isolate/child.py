@@ -171,9 +171,12 @@ class Forwarder:
 class _RelayFile(io.TextIOBase):
     """The file under the child's terminal writer: text waits here until the relay sends it."""
 
-    def __init__(self, relay: TerminalRelay, term_fd: int) -> None:
+    def __init__(self, relay: TerminalRelay, term_fd: int, tty: bool | None = None) -> None:
         self.relay = relay
         self.term_fd = term_fd
+        #: Whether the user's stdout is a terminal, when ``term_fd`` cannot say (a UML
+        #: guest's is a pipe to its worker): the controller's word.
+        self.tty = tty
         self.pending: list[str] = []
         #: Straight to this process's stdout (the user's terminal) instead: while a
         #: debugger has the terminal (``TerminalRelay.pytest_exception_interact``).
@@ -194,6 +197,8 @@ class _RelayFile(io.TextIOBase):
 
     def isatty(self) -> bool:
         # Markup as for the user's terminal (the controller writes the text there).
+        if self.tty is not None:
+            return self.tty
         try:
             return os.isatty(self.term_fd)
         except OSError:
@@ -221,16 +226,20 @@ class TerminalRelay:
         self.writer: Any = None
         self.sink: Any = None
 
-    def prepare(self, term_fd: int) -> None:
+    def prepare(self, term_fd: int, told: dict[str, Any] | None = None) -> None:
         """In the fork server, once: the writer every child starts with (~0.3 ms a child
-        otherwise). Its buffer stays empty here; each child fills its own copy."""
+        otherwise). Its buffer stays empty here; each child fills its own copy. ``told``:
+        the controller's stdout as it sees it (``isatty``, ``columns``), for a server
+        whose ``term_fd`` is not that stdout (a UML guest's)."""
         if self.config.pluginmanager.get_plugin("terminalreporter") is None:
             return
         from _pytest.config import create_terminal_writer
 
-        self.file = _RelayFile(self, term_fd)
+        told = told or {}
+        tty, columns = told.get("isatty"), told.get("columns")
+        self.file = _RelayFile(self, term_fd, tty if isinstance(tty, bool) else None)
         self.writer = create_terminal_writer(self.config, self.file)  # type: ignore[arg-type]
-        self.writer.fullwidth = _terminal_width(term_fd)
+        self.writer.fullwidth = columns if isinstance(columns, int) and columns >= 40 else _terminal_width(term_fd)
         _color_log_levels(self.config, self.writer)
         self._quiet_reporter()
 

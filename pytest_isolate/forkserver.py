@@ -88,6 +88,8 @@ class ForkServer:
         #: In a UML guest: the write end of the pipe for the tests' uncaptured stdout
         #: (``uml_init.fork_server``); -1 elsewhere.
         self.guest_out: int = init.get("guest_out", -1)
+        #: The controller's stdout as it sees it (a guest's: its ``term_fd`` is a pipe).
+        self.told_terminal: dict[str, Any] | None = init.get("terminal")
         #: What its tests see (``stem.adopt``): the controller's environment, tripwires in.
         self.environ = init.get("environ")
         if self.environ:
@@ -188,7 +190,7 @@ class ForkServer:
         # After the direct link, which brings the controller's stdout: pytest's markup and
         # width follow it (``pytest > out.txt`` on a terminal has none), not our stderr.
         out = self.forwarder.term_out
-        self.forwarder.terminal.prepare(out if out >= 0 else self.term_fd)
+        self.forwarder.terminal.prepare(out if out >= 0 else self.term_fd, self.told_terminal)
         if self.guest_out >= 0:
             # A UML guest's: a pipe its worker relays to the controller's stdout (the
             # test's uncaptured prints); stderr goes the same way through ``term_fd``.

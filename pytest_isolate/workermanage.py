@@ -249,6 +249,9 @@ class Worker:
             "environ": {"py": dict(os.environ), "c": dict(os.environ)} if self.uml else stem.environment(),
             # Inside UML every syscall is slow: skip site (sys.path is sent anyway).
             "python_flags": ["-S"] if self.uml else [],
+            # A guest cannot look at this process's stdout: whether it is a terminal and
+            # how wide, for pytest's markup and width in its tests' terminal output.
+            "terminal": _terminal_facts(self._guest_fds[0]) if self._guest_fds else None,
             "workerinput": workerinput,
             "ctx": {
                 "run_id": self.ctl.run_id,
@@ -509,6 +512,17 @@ class Worker:
                     os.close(fd)
             self._guest_fds = None
         self.gw = self.ch = None
+
+
+def _terminal_facts(fd: int) -> dict[str, Any]:
+    """Whether ``fd`` is a terminal, and the width pytest's own writer uses."""
+    import shutil
+
+    try:
+        tty = os.isatty(fd)
+    except OSError:
+        tty = False
+    return {"isatty": tty, "columns": shutil.get_terminal_size().columns}
 
 
 def _server_end(code: Any) -> str:

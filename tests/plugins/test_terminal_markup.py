@@ -49,7 +49,7 @@ def _in_a_terminal(cwd: Path, args: list[str], redirect: Path | None = None) -> 
     return text.replace("\r", "")
 
 
-@pytest.mark.parametrize("tier", ("process", "jail"))
+@pytest.mark.parametrize("tier", ("process", "jail", "uml"))
 def test_output_redirected_from_a_terminal_has_no_markup(pytester: pytest.Pytester, tier: str) -> None:
     pytester.makepyfile(test_l=LOGS)
     args = ["-vv", "--log-cli-level=WARNING"]
@@ -62,7 +62,7 @@ def test_output_redirected_from_a_terminal_has_no_markup(pytester: pytest.Pytest
     assert live and live == [line for line in iso.splitlines() if "live log call" in line], (base, iso)
 
 
-@pytest.mark.parametrize("tier", ("process", "jail"))
+@pytest.mark.parametrize("tier", ("process", "jail", "uml"))
 def test_log_levels_colored_on_a_terminal(pytester: pytest.Pytester, tier: str) -> None:
     pytester.makepyfile(test_l=LOGS)
     args = ["--log-cli-level=WARNING"]
