@@ -328,9 +328,10 @@ def _build() -> tuple[Callable[[int, list[str], bool], None], Callable[[], None]
         if family in (AF_INET, AF_INET6) and isinstance(address, tuple) and address:
             addr, port = str(address[0]), address[1] if len(address) > 1 else 0
             if verb == "bind":
-                # Listening on the host's network (not its loopback) exposes the test.
+                # A socket bound on the host's network (not its loopback) is reachable from
+                # outside once it listens or receives; a client's bind says as much.
                 if host_net and not _is_loopback(addr):
-                    report("network", f"listen on {addr or '*'}:{port} (the host's network)", host=True)
+                    report("network", f"bind {addr or '*'}:{port} on the host's network", host=True)
                 return
             if _is_loopback(addr):
                 proto = "tcp" if getattr(sock, "type", 1) & 0xF == 1 else "udp"
