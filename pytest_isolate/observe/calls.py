@@ -210,23 +210,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _ppid(pid: int) -> int:
+def _stat_number(pid: int, index: int) -> int:
+    """Field ``index`` after the command name in ``/proc/<pid>/stat`` (0: gone or
+    unreadable): 1 the parent, 2 the process group."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return int(data[data.rindex(b")") + 2 :].split()[1])
+        return int(data[data.rindex(b")") + 2 :].split()[index])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _ppid(pid: int) -> int:
+    return _stat_number(pid, 1)
 
 
 def _pgid(pid: int) -> int:
-    """The process group of ``pid`` (0: gone or unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2 :].split()[2])
-    except (OSError, ValueError, IndexError):
-        return 0
+    return _stat_number(pid, 2)
 
 
 _INFO_ARGS = frozenset({"--version", "-V", "--help", "-h", "--list", "show", "list", "print", "describe",
