@@ -961,73 +961,55 @@ def test_a_traceback_shows_the_source_when_no_descriptor_is_left(pytester: pytes
     assert "???" not in result.stdout.str()
 
 
-ADOPTED_ZOMBIE = """
-    import os
-    import subprocess
-    import sys
-    import time
-
-    GRANDCHILD = "import os, time\\npid = os.fork()\\nif pid == 0:\\n    os._exit(0)\\nprint(pid, flush=True)\\ntime.sleep(60)\\n"
-
-    def test_orphan_is_reaped():
-        p = subprocess.Popen([sys.executable, "-c", GRANDCHILD], stdout=subprocess.PIPE, text=True)
-        zombie = int(p.stdout.readline())
-        p.kill()
-        p.wait()
-        p.stdout.close()
-        deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{zombie}"):
-            assert time.monotonic() < deadline, "the orphaned zombie was never reaped"
-            time.sleep(0.02)
-"""
-
-
-@pytest.mark.parametrize("tier", ["process", "chroot", "uml"])
-def test_an_orphan_that_dies_while_its_test_runs_is_reaped(pytester: pytest.Pytester, tier: str) -> None:
-    """A zombie whose parent the test killed reparents to the fork server (a subreaper);
-    in-process init adopts it and reaps it at once. The server reaps it while the test
-    runs, not only after: psutil's test_zombie_process waits for such a pid to go, and at
-    `process` it hung until the harness's timeout killed the whole run. A guest's fork
-    server is one too (at `jail` and `zone` the sandbox's init reaps)."""
-    pytester.makepyfile(test_adopted=ADOPTED_ZOMBIE)
-    result = pytester.runpytest_subprocess(f"--isolate={tier}", "-p", "no:randomly", timeout=60)
-    result.stdout.fnmatch_lines(["*1 passed*"])
-    result.stdout.no_fnmatch_line("*never reaped*")
-
-
-ORPHAN_SIGNAL = """
+ORPHANS = """
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    CHILD = "import subprocess, sys\\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\\nprint(p.pid, flush=True)\\np.wait()\\n"
+    # A child that starts a grandchild, prints its pid, then waits (or, ZOMBIE, whose
+    # grandchild exits at once and stays a zombie while the child lives).
+    CHILD = "import os, subprocess, sys, time\\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\\nprint(p.pid, flush=True)\\np.wait()\\n"
+    ZOMBIE = "import os, time\\npid = os.fork()\\nif pid == 0:\\n    os._exit(0)\\nprint(pid, flush=True)\\ntime.sleep(60)\\n"
 
-    def test_signal_orphaned_grandchild():
-        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    def orphan(code):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         grandchild = int(child.stdout.readline())
-        child.terminate()
+        child.kill()
         child.wait()
         child.stdout.close()
-        os.kill(grandchild, signal.SIGTERM)
+        return grandchild
+
+    def gone(pid):
         deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{grandchild}"):
-            assert time.monotonic() < deadline, "the grandchild is still there"
+        while os.path.exists(f"/proc/{pid}"):
+            assert time.monotonic() < deadline, f"orphan {pid} is still there"
             time.sleep(0.02)
+
+    def test_orphan_is_reaped():
+        gone(orphan(ZOMBIE))
+
+    def test_signal_orphaned_grandchild():
+        grandchild = orphan(CHILD)
+        os.kill(grandchild, signal.SIGTERM)
+        gone(grandchild)
 """
 
 
-@pytest.mark.parametrize("tier", ["process", "jail"])
-def test_a_signal_to_the_tests_own_orphan_is_no_escape(pytester: pytest.Pytester, tier: str) -> None:
-    """A grandchild whose parent the test killed is adopted by the fork server (at
-    `jail`, by the sandbox's init), no longer below the test: it is still the test's
-    own, in the process group the test leads, and signalling it reaches nothing else
-    (psutil's spawn_children_pair cleanup: 8 tests failed at `process` on a `signal`
-    escape, and warned at `jail`)."""
-    pytester.makepyfile(test_orphan_signal=ORPHAN_SIGNAL)
+@pytest.mark.parametrize("tier", ["process", "chroot", "jail", "uml"])
+def test_the_tests_orphans_are_reaped_and_its_own(pytester: pytest.Pytester, tier: str) -> None:
+    """A test kills a child and waits for the orphaned grandchild to go, or signals it
+    first (psutil's process tests and clean-ups). The orphan is adopted by the fork
+    server (a subreaper, in a uml guest too; at `jail` and `zone` the sandbox's init),
+    as in-process init adopts it: it must be reaped while the test runs (psutil's
+    test_zombie_process hung the whole run at `process`), and a signal to it is no
+    escape while it stays in the process group the test leads (8 psutil tests failed
+    on a `signal` escape at `process`, and warned at `jail`)."""
+    pytester.makepyfile(test_orphans=ORPHANS)
     result = pytester.runpytest_subprocess(f"--isolate={tier}", "-p", "no:randomly", "-W", "error", timeout=60)
-    result.stdout.fnmatch_lines(["*1 passed*"])
+    result.stdout.fnmatch_lines(["*2 passed*"])
+    result.stdout.no_fnmatch_line("*still there*")
     result.stdout.no_fnmatch_line("*escape signal*")
 
 
