@@ -252,7 +252,7 @@ spec = IsolationSpec(tier="uml")
 parts = {"prepare": [], "spawn → running": [], "exit + wait": [], "finish": [], "total": []}
 for i in range(15):
     r, w = os.pipe()
-    box = Box(f"t{i}", spec, i, Path(f"/tmp/s{i}"), "bench", w)
+    box = Box(f"t{i}", spec, i, "bench", w)
     t0 = time.perf_counter()
     tier.prepare(box)
     t1 = time.perf_counter()
