@@ -332,7 +332,7 @@ def bench_channel(repeat: int, out: dict[str, Any]) -> None:
     print(f"  guest → host   {c['guest_to_host_MBps']:7.1f} MB/s")
 
 
-def bench_pytest(tests: int, out: dict[str, Any]) -> None:
+def bench_pytest(tests: int, out: dict[str, Any], autoload: bool = False) -> None:
     d = Path(tempfile.mkdtemp(prefix="pytest-isolate-umlbench-suite-"))
     try:
         (d / "pytest.ini").write_text("[pytest]\nisolate_on_escape = ignore\n")
@@ -344,7 +344,16 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
         env["PYTHONPATH"] = f"{d}{os.pathsep}{ROOT}" + (
             os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
         )
-        env["PYTEST_ADDOPTS"] = "-p no:hypothesispytest -p no:benchmark -p no:cacheprovider"
+        if autoload:
+            # What this venv happens to have installed (this repo's test venv: ~25 plugins).
+            env.pop("PYTEST_DISABLE_PLUGIN_AUTOLOAD", None)
+            env["PYTEST_ADDOPTS"] = "-p no:hypothesispytest -p no:benchmark -p no:cacheprovider"
+        else:
+            # As bench.py's rows: pytest and this plugin only, so that the figures are the
+            # plugin's and not those of whatever else is installed (each plugin is imported
+            # and configured again in the guest, where an import costs ~5x the host's).
+            env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+            env["PYTEST_ADDOPTS"] = "-p pytest_isolate.plugin -p no:cacheprovider"
         env["UML_BENCH_STAMPS"] = str(d / "stamps.json")
         report = d / "report.json"
         t0 = time.perf_counter()
@@ -377,6 +386,7 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
         gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
         res = {
             "tests": tests,
+            "autoload": autoload,
             "total_s": total,
             "first_result_s": stamps[0] - st["start"] if stamps else float("nan"),
             # perf_counter is CLOCK_MONOTONIC: the child's stamps and our t0 share it.
@@ -393,7 +403,8 @@ def bench_pytest(tests: int, out: dict[str, Any]) -> None:
         return "PASS" if value <= limit else "MISS"
 
     whole_limit = 3.7 if tests == 20 else None
-    print(f"== warm guest: {tests} trivial tests through the fork server (pytest --isolate=uml)")
+    which = "every plugin of this venv" if autoload else "pytest and this plugin only"
+    print(f"== warm guest: {tests} trivial tests through the fork server (pytest --isolate=uml; {which})")
     whole = f"   target ≤ {whole_limit} s: {verdict(res['total_s'], whole_limit)}" if whole_limit else ""
     print(f"  whole run, pytest's start → exit          {res['total_s']:6.2f} s{whole}")
     first = res["start_to_first_result_s"]
@@ -420,6 +431,12 @@ def main() -> int:
     ap.add_argument("--tests", type=int, default=20)
     ap.add_argument("--only", default="boot,kernel,python,fork,channel,pytest")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--autoload",
+        action="store_true",
+        help="pytest section: load every plugin installed in this venv (default: pytest and "
+        "this plugin only, as bench.py's rows)",
+    )
     ap.add_argument(
         "--channel",
         choices=("auto", *uml_kernel.CHANNELS),
@@ -451,7 +468,7 @@ def main() -> int:
     if "channel" in only:
         bench_channel(a.repeat, out)
     if "pytest" in only:
-        bench_pytest(a.tests, out)
+        bench_pytest(a.tests, out, a.autoload)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=2))
