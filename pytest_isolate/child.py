@@ -572,6 +572,41 @@ def match_depth(expected: int | None) -> None:
 _depth_delta = 0
 
 
+def _sets_up_again(item: pytest.Item, after: pytest.Item) -> bool:
+    """Whether ``after``, in a sandbox of its own, sets up again every fixture of
+    ``item``'s that pytest keeps up for it: then that sandbox (or a later one) tears it
+    down where in-process it is torn down, and reports its errors there. Otherwise this
+    sandbox tears everything down with the test, reported (an error is never lost)."""
+    mine = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
+    theirs = getattr(getattr(after, "_fixtureinfo", None), "name2fixturedefs", None)
+    if mine is None or theirs is None:
+        return False
+    kept = {id(node) for node in after.listchain()}
+    parents = {"module": pytest.Module, "class": pytest.Class, "package": pytest.Package}
+    for name, defs in mine.items():
+        if not defs:
+            continue
+        fixturedef = defs[-1]
+        scope = getattr(fixturedef, "scope", "function")
+        if scope == "function":
+            continue
+        node = item.session if scope == "session" else item.getparent(parents.get(scope, pytest.Module))
+        if node is None or id(node) not in kept:
+            continue  # torn down (and reported) with this test, as in-process
+        other = theirs.get(name) or ()
+        if not other or other[-1] is not fixturedef:
+            return False
+    return True
+
+
+def _teardown_rest(session: Any) -> None:
+    """What pytest kept up for the next test, torn down as this sandbox ends: in-process
+    it stays up and comes down (reported) after a later test, whose own sandbox tears
+    it down in its report. Nothing is reported from here."""
+    with contextlib.suppress(BaseException):
+        session._setupstate.teardown_exact(None)
+
+
 def run_items(
     config: pytest.Config,
     forwarder: Forwarder,
@@ -652,6 +687,17 @@ def run_items(
             if loc and "location" not in item.__dict__:  # pytest's cached property: the controller's
                 item.__dict__["location"] = (loc[0], loc[1], loc[2])
             nxt = items.get(job["next"]) if job.get("next") else None
+            # The test pytest runs next, when it is not this sandbox's: in-process the
+            # fixtures it shares stay up, and their teardown (and its errors) belongs to
+            # a later test's report. The same here; this sandbox ends after the test,
+            # so it tears them down afterwards without a report (``_teardown_rest``).
+            # The failures so far: ``--maxfail`` reached brings everything down, reported.
+            teardown = job.get("teardown") or {}
+            after = items.get(teardown["after"]) if nxt is None and teardown.get("after") else None
+            if after is not None and not _sets_up_again(item, after):
+                after = None
+            if isinstance(teardown.get("failed"), int):
+                session.testsfailed = teardown["failed"]
             if job.get("dependency"):
                 adapters.apply(adapters.dependency_module(config), items, job["dependency"])
             forwarder.attempts = Reruns.applies(item)
@@ -659,7 +705,7 @@ def run_items(
             if forwarder.attempts:
                 Reruns.resume(item, int(job.get("attempt") or 0))
             try:
-                config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+                config.hook.pytest_runtest_protocol(item=item, nextitem=nxt or after)
             except NextAttempt:
                 Reruns.end(item)
                 wire.send(result_fd, {"t": "next_attempt"})
@@ -673,6 +719,8 @@ def run_items(
                 wire.send(result_fd, _stop_frame(exc))
                 break
             forwarder.check_runner()
+            if after is not None:
+                _teardown_rest(session)
             if nxt is None or go_fd < 0:
                 break
             sys.stdout.flush()

@@ -250,20 +250,24 @@ class Controller:
     def run(
         self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None,
         attempt: int = 0, location: tuple[str, int | None, str] | None = None,
+        teardown: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Run one test; a dead worker yields a failure for that test and is replaced.
 
         ``group``/``nextid``: with ``scope="module"``/``"session"`` the sandbox child keeps
-        its fixtures up for ``nextid`` when that test belongs to the same group."""
+        its fixtures up for ``nextid`` when that test belongs to the same group.
+        ``teardown``: the test pytest runs next and the failures so far, so the sandbox
+        reports the teardown in-process would have (``child.run_items``)."""
         if self.pending is not None and self.pending[0] == nodeid:
             return self.collect(nodeid, spec)
         self.discard_pending()
-        failed = self.submit(nodeid, spec, group, nextid, attempt, location)
+        failed = self.submit(nodeid, spec, group, nextid, attempt, location, teardown)
         return failed if failed is not None else self.collect(nodeid, spec)
 
     def submit(
         self, nodeid: str, spec: IsolationSpec, group: str | None = None, nextid: str | None = None,
         attempt: int = 0, location: tuple[str, int | None, str] | None = None,
+        teardown: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """Send a test to its worker without waiting; a "done" error if it cannot start.
 
@@ -286,6 +290,8 @@ class Controller:
         cmd = {"t": "run", "nodeid": nodeid, "spec": spec.to_dict(), "group": group, "next": nextid, "attempt": attempt}
         if location is not None:
             cmd["location"] = list(location)
+        if teardown is not None:
+            cmd["teardown"] = teardown
         if self.depth is not None:
             cmd["depth"] = self.depth
         dependency = self.config.pluginmanager.get_plugin(adapters.Dependencies.NAME)
@@ -324,7 +330,10 @@ class Controller:
             "error": f"{type(exc).__name__} raised in the controller while the test ran isolated: {text}",
         }
 
-    def prefetch(self, nodeid: str, spec: IsolationSpec, location: tuple[str, int | None, str] | None = None) -> None:
+    def prefetch(
+        self, nodeid: str, spec: IsolationSpec, location: tuple[str, int | None, str] | None = None,
+        teardown: dict[str, Any] | None = None,
+    ) -> None:
         """Start the next test while this process logs the last one: the fork server and
         the sandbox then work in parallel with pytest's reporting here.
 
@@ -336,7 +345,7 @@ class Controller:
         w = self.workers.get(pool_key(spec))
         if w is None or w.link is None or self.pending is not None:
             return
-        self.submit(nodeid, spec, location=location)
+        self.submit(nodeid, spec, location=location, teardown=teardown)
 
     def discard_pending(self) -> None:
         """Wait out a prefetched test nobody will log (pytest moved elsewhere): its

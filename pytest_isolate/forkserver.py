@@ -305,6 +305,7 @@ class ForkServer:
             "location": cmd.get("location"),
             "depth": cmd.get("depth"),
             "dependency": cmd.get("dependency"),
+            "teardown": cmd.get("teardown"),
         }
         ahead = self.ahead
         waiting = ahead.take(nodeid, spec, group)

@@ -280,6 +280,8 @@ class IsolatePlugin:
         self._last_in_process: str | None = None
         #: How deep pytest called the current test's protocol (``_caller_depth``).
         self._depth: int | None = None
+        #: session.items, their positions, their number (``_following``).
+        self._order: tuple[list[pytest.Item], dict[int, int], int] | None = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector):  # type: ignore[no-untyped-def]
@@ -470,7 +472,9 @@ class IsolatePlugin:
                 nextid = nextitem.nodeid
             self.controller().depth = self._depth
             try:
-                done = self.controller().run(item.nodeid, spec, group, nextid, attempt, item.location)
+                done = self.controller().run(
+                    item.nodeid, spec, group, nextid, attempt, item.location, self._teardown_for(item, nextitem)
+                )
             except (KeyboardInterrupt, pytest.exit.Exception):
                 raise
             except BaseException as exc:  # noqa: BLE001 - raised into us while waiting: this test's
@@ -516,7 +520,28 @@ class IsolatePlugin:
             return
         if self.availability(spec.tier) or getattr(self.config.option, "dist", None) == "worksteal":
             return
-        self.controller().prefetch(nextitem.nodeid, spec, nextitem.location)
+        self.controller().prefetch(
+            nextitem.nodeid, spec, nextitem.location, self._teardown_for(nextitem, self._following(nextitem))
+        )
+
+    @staticmethod
+    def _teardown_for(item: pytest.Item, nextitem: pytest.Item | None) -> dict[str, Any]:
+        """What the sandbox needs to tear ``item`` down as in-process: the next test (pytest
+        keeps up the fixtures it shares, their teardown and its errors belong to a later
+        test) and the failures so far (``--maxfail`` reached: everything comes down)."""
+        return {"after": nextitem.nodeid if nextitem is not None else None, "failed": item.session.testsfailed}
+
+    def _following(self, item: pytest.Item) -> pytest.Item | None:
+        """The test pytest runs after ``item`` (for a test sent ahead, whose own
+        ``nextitem`` is not known yet): the next in the session's order. Under
+        pytest-xdist a worker's order is its own queue's: None (all comes down)."""
+        if hasattr(item.config, "workerinput"):
+            return None
+        items = item.session.items
+        if self._order is None or self._order[0] is not items or self._order[2] != len(items):
+            self._order = (items, {id(it): i for i, it in enumerate(items)}, len(items))
+        i = self._order[1].get(id(item))
+        return items[i + 1] if i is not None and i + 1 < len(items) else None
 
     def _write_terminal(self, text: str | None) -> None:
         """What the sandbox wrote to its terminal writer (``--setup-show``, live logs, a

@@ -489,3 +489,65 @@ def test_the_environment_is_the_controllers(
     assert outcomes(base) == want, base.stdout.str()
     iso = run(tier, plugins=("env",))
     assert outcomes(iso) == want, iso.stdout.str()
+
+
+SHARED_TEARDOWN = {
+    "conftest": """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def server():
+            yield
+            raise RuntimeError("session teardown boom")
+    """,
+    "test_one": """
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def db(server):
+            yield
+            raise RuntimeError("module teardown boom")
+
+        def test_a(db):
+            pass
+
+        def test_b(db):
+            assert 0
+
+        def test_c(db):
+            pass
+    """,
+    "test_two": """
+        def test_d(server):
+            assert 0
+
+        def test_e(server):
+            pass
+    """,
+}
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("args", [(), ("-x",), ("--maxfail=3",)], ids=["all", "x", "maxfail3"])
+def test_a_shared_fixtures_teardown_error_is_reported_once_as_in_process(
+    pytester: pytest.Pytester, run: Runner, tier: str, args: tuple[str, ...]
+) -> None:
+    """A module- or session-scoped fixture whose teardown fails: in-process pytest keeps
+    it up for the next test that uses it and reports the error once, with the last one
+    (or where ``-x``/``--maxfail`` stops the run). Each sandbox tore it down with its
+    own test and reported it there: 7 errors instead of 2, and ``-x`` stopped the run
+    after the first test. The sandbox now tears down what pytest would keep up for the
+    next test (which sets it up again in its own sandbox) without a report."""
+    for name, body in SHARED_TEARDOWN.items():
+        if name == "conftest":
+            pytester.makeconftest(body)
+        else:
+            pytester.makepyfile(**{name: body})
+    base = run(None, "-p", "no:randomly", *args)
+    iso = run(tier, "-p", "no:randomly", *args)
+    assert iso.ret == base.ret
+    assert outcomes(iso) == outcomes(base)
+    summary = [line for line in base.outlines if line.startswith(("FAILED ", "ERROR "))]
+    assert summary, base.stdout.str()
+    iso.stdout.fnmatch_lines([*summary, f"*{base.outlines[-1].split(' in ')[0].strip('= ')}*"])
+    assert iso.stdout.str().count("teardown boom") == base.stdout.str().count("teardown boom")
