@@ -270,6 +270,20 @@ def _resolved_keep(patterns: tuple[str, ...], rootdir: str) -> tuple[str, ...]:
     return keep.resolve(patterns, rootdir)
 
 
+
+def _xdist_queue(config: pytest.Config) -> tuple[Any, int]:
+    """The indices of the tests pytest-xdist's worker runs next (its
+    ``WorkerInteractor.torun``), and where in it the test after ``nextitem`` is: a
+    ``TestQueue`` since 3.6, from which ``nextitem`` is already taken (0); a deque
+    before, which still holds it (1). (None, 0) when there is no such worker here."""
+    for plugin in config.pluginmanager.get_plugins():
+        if type(plugin).__name__ == "WorkerInteractor" and hasattr(plugin, "torun"):
+            inner = getattr(plugin.torun, "_items", None)
+            queue, ahead = (inner, 0) if inner is not None else (plugin.torun, 1)
+            if hasattr(queue, "__getitem__") and hasattr(queue, "__len__"):
+                return queue, ahead
+    return None, 0
+
 class IsolatePlugin:
     def __init__(self, config: pytest.Config, unavailable: str) -> None:
         self.config = config
@@ -520,9 +534,10 @@ class IsolatePlugin:
             return
         if self.availability(spec.tier) or getattr(self.config.option, "dist", None) == "worksteal":
             return
-        self.controller().prefetch(
-            nextitem.nodeid, spec, nextitem.location, self._teardown_for(nextitem, self._following(nextitem))
-        )
+        known, following = self._following(nextitem)
+        if not known:
+            return
+        self.controller().prefetch(nextitem.nodeid, spec, nextitem.location, self._teardown_for(nextitem, following))
 
     @staticmethod
     def _teardown_for(item: pytest.Item, nextitem: pytest.Item | None) -> dict[str, Any]:
@@ -531,17 +546,25 @@ class IsolatePlugin:
         test) and the failures so far (``--maxfail`` reached: everything comes down)."""
         return {"after": nextitem.nodeid if nextitem is not None else None, "failed": item.session.testsfailed}
 
-    def _following(self, item: pytest.Item) -> pytest.Item | None:
+    def _following(self, item: pytest.Item) -> tuple[bool, pytest.Item | None]:
         """The test pytest runs after ``item`` (for a test sent ahead, whose own
-        ``nextitem`` is not known yet): the next in the session's order. Under
-        pytest-xdist a worker's order is its own queue's: None (all comes down)."""
-        if hasattr(item.config, "workerinput"):
-            return None
+        ``nextitem`` is not known yet), if it can be known: the next in the session's
+        order; under pytest-xdist the next in the worker's queue (False while the queue
+        does not hold it yet)."""
         items = item.session.items
+        if hasattr(item.config, "workerinput"):
+            queue, ahead = _xdist_queue(item.config)
+            if queue is None or len(queue) <= ahead:
+                return False, None
+            head = queue[ahead]
+            if isinstance(head, int) and not isinstance(head, bool):
+                return (True, items[head]) if 0 <= head < len(items) else (False, None)
+            # xdist 3.6+: its shutdown marker, the worker's last test; before: unknown.
+            return (True, None) if ahead == 0 else (False, None)
         if self._order is None or self._order[0] is not items or self._order[2] != len(items):
             self._order = (items, {id(it): i for i, it in enumerate(items)}, len(items))
         i = self._order[1].get(id(item))
-        return items[i + 1] if i is not None and i + 1 < len(items) else None
+        return True, (items[i + 1] if i is not None and i + 1 < len(items) else None)
 
     def _write_terminal(self, text: str | None) -> None:
         """What the sandbox wrote to its terminal writer (``--setup-show``, live logs, a

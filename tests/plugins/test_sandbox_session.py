@@ -551,3 +551,26 @@ def test_a_shared_fixtures_teardown_error_is_reported_once_as_in_process(
     assert summary, base.stdout.str()
     iso.stdout.fnmatch_lines([*summary, f"*{base.outlines[-1].split(' in ')[0].strip('= ')}*"])
     assert iso.stdout.str().count("teardown boom") == base.stdout.str().count("teardown boom")
+
+
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_a_shared_fixtures_teardown_error_under_xdist_as_in_process(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """The same under pytest-xdist, where a test sent ahead learns the test after it
+    from the worker's queue."""
+    for name, body in SHARED_TEARDOWN.items():
+        if name == "conftest":
+            pytester.makeconftest(body)
+        else:
+            pytester.makepyfile(**{name: body})
+    args = ("-p", "no:randomly", "-n", "2", "--dist", "loadfile", "-rfE")
+    base = run(None, *args, plugins=("xdist",))
+    iso = run(tier, *args, plugins=("xdist",))
+
+    def summary(res: pytest.RunResult) -> list[str]:
+        return sorted(line for line in res.outlines if line.startswith(("FAILED ", "ERROR ")))
+
+    assert iso.ret == base.ret
+    assert summary(base) and summary(iso) == summary(base), (base.stdout.str(), iso.stdout.str())
+    assert iso.parseoutcomes() == base.parseoutcomes()
