@@ -270,7 +270,6 @@ def _resolved_keep(patterns: tuple[str, ...], rootdir: str) -> tuple[str, ...]:
     return keep.resolve(patterns, rootdir)
 
 
-
 def _xdist_queue(config: pytest.Config) -> tuple[Any, int]:
     """The indices of the tests pytest-xdist's worker runs next (its
     ``WorkerInteractor.torun``), and where in it the test after ``nextitem`` is: a
@@ -283,6 +282,7 @@ def _xdist_queue(config: pytest.Config) -> tuple[Any, int]:
             if hasattr(queue, "__getitem__") and hasattr(queue, "__len__"):
                 return queue, ahead
     return None, 0
+
 
 class IsolatePlugin:
     def __init__(self, config: pytest.Config, unavailable: str) -> None:
