@@ -642,3 +642,72 @@ def test_sandbox_built_ahead_serves_only_its_own_test(pytester: pytest.Pytester,
     expected = [f"test_ahead.py::test_own_sandbox[{n}]" for n in range(8)]
     assert [r["nodeid"] for r in report] == (expected if order == "collected" else expected[::-1])
     assert not os.path.exists("/tmp/ahead-marker")
+
+
+SOCKETS = """
+    import json, os, socket, time
+
+    PORTS = (47611, 47612)
+    HELD = []
+
+
+    def _listen(port):
+        s = socket.socket()  # no SO_REUSEADDR: a port still held anywhere in the namespace fails
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        return s
+
+
+    def _net(tmp_path, name):
+        with open("/proc/net/tcp") as f:
+            listening = [line.split()[1] for line in f.readlines()[1:] if line.split()[3] == "0A"]
+        links = [n for _, n in socket.if_nameindex()]
+        data = {"netns": os.stat("/proc/self/ns/net").st_ino, "links": links, "listening": listening}
+        (tmp_path / "net.json").write_text(json.dumps([name, data]))
+
+
+    def test_1_holds_a_port_as_it_ends(tmp_path):
+        _net(tmp_path, "1")
+        HELD.append(_listen(PORTS[0]))  # closed only once its process has exited
+        # Much memory: the kernel frees it before it closes the test's files.
+        HELD.append(bytearray(400 << 20))
+        HELD[-1][:: 4096] = b"x" * len(range(0, 400 << 20, 4096))
+
+
+    def test_2_binds_it_again(tmp_path):
+        _net(tmp_path, "2")
+        _listen(PORTS[0]).close()
+
+
+    def test_3_leaves_a_child_holding_a_port(tmp_path):
+        _net(tmp_path, "3")
+        if os.fork() == 0:  # killed with its test
+            HELD.append(_listen(PORTS[1]))
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.2)
+
+
+    def test_4_binds_it_again(tmp_path):
+        _net(tmp_path, "4")
+        _listen(PORTS[1]).close()
+"""
+
+
+@pytest.mark.parametrize("tier", ["jail", "zone"])
+def test_a_tests_sockets_do_not_reach_the_next_test(pytester: pytest.Pytester, tier: str) -> None:
+    """Consecutive tests of a worker run as root share one loopback-only network
+    namespace (what a new one costs per test is saved): nothing of an earlier test's is
+    in it. A test that ends holding a listening socket, in its own process (whose exit
+    frees 400 MiB before it closes it) or in a child it left running, hands the next
+    test a namespace where the same port binds without ``SO_REUSEADDR`` and nothing
+    listens, with loopback only."""
+    pytester.makepyfile(test_sockets=SOCKETS)
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", ESCAPE, "-p", "no:randomly", "--isolate-report=r.json")
+    result.assert_outcomes(passed=4)
+    seen_net = dict(json.loads(p.read_text()) for p in pytester.path.glob("**/test_*0/net.json"))
+    assert sorted(seen_net) == ["1", "2", "3", "4"], seen_net
+    for n in ("2", "4"):
+        assert (seen_net[n]["links"], seen_net[n]["listening"]) == (["lo"], []), seen_net
+    if os.geteuid() == 0:
+        assert len({v["netns"] for v in seen_net.values()}) == 1  # the shared namespace

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
@@ -43,6 +47,39 @@ def unshare(flags: int) -> None:
 def setns(fd: int, nstype: int = 0) -> None:
     """Join the namespace ``fd`` refers to (an open ``/proc/<pid>/ns/*`` or nsfs file)."""
     _check(_libc.setns(fd, nstype), f"setns({fd}, {nstype:#x})")
+
+
+def in_netns(fd: int, fn: Callable[[], T]) -> T:
+    """``fn()`` run inside the network namespace ``fd`` by this thread, which then goes
+    back to its own: for a single-threaded server that keeps namespaces for its tests."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd, CLONE_NEWNET)
+        try:
+            return fn()
+        finally:
+            setns(home, CLONE_NEWNET)
+    finally:
+        os.close(home)
+
+
+def new_netns(setup: Callable[[], T]) -> tuple[int, T]:
+    """A new network namespace, held by the returned fd (``O_CLOEXEC``), and what
+    ``setup()`` returned, run inside it; this thread alone goes in and comes back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        unshare(CLONE_NEWNET)  # this (single) thread only
+        try:
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return fd, setup()
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            setns(home, CLONE_NEWNET)
+    finally:
+        os.close(home)
 
 
 def sethostname(name: str) -> None:

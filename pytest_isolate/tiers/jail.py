@@ -160,6 +160,9 @@ class JailTier(Tier):
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._privileged = _privileged()
         self._box_dir = ctx.workdir / BOX_DIR
+        #: The loopback-only network namespace consecutive tests share (``_loopback``).
+        self._loopback_fd: int | None = None
+        self._loopback_failed = False
 
     @classmethod
     def availability(cls) -> str | None:
@@ -177,6 +180,9 @@ class JailTier(Tier):
         if self._pidns_fd is not None:
             os.close(self._pidns_fd)
             self._pidns_fd = None
+        if self._loopback_fd is not None:
+            os.close(self._loopback_fd)
+            self._loopback_fd = None
         with contextlib.suppress(OSError):  # never made, or a sandbox's init still has it
             self._box_dir.rmdir()
 
@@ -211,6 +217,29 @@ class JailTier(Tier):
             cwd = os.fspath(self.ctx.rootdir)
         box.state["jail_cwd"] = cwd
         box.state["jail_plan"] = (split, binds)
+        box.state["jail_net"] = self._loopback(box)
+
+    def _loopback(self, box: Box) -> int | None:
+        """The network namespace this test joins instead of making its own, or None.
+
+        A network namespace costs more to make and to dismantle (the kernel's netns
+        work queue) than every other namespace of a jail together, so consecutive tests
+        of a worker run as root with loopback only share one, made once. Nothing of a
+        test's stays in it: its sockets close with its processes (the init waits for a
+        runner that still holds one), and it cannot change the namespace itself, having
+        no ``CAP_NET_ADMIN`` (no link, address, route or netfilter rule) and a read-only
+        ``/proc/sys``. Unprivileged, each test's user namespace would own its network
+        namespace, so it gets one of its own; ``network="ip"`` gives each test its own
+        address."""
+        if not self._privileged or box.spec.network == "ip" or self._loopback_failed:
+            return None
+        if self._loopback_fd is None:
+            try:
+                self._loopback_fd, _ = ns.new_netns(netlink.loopback_up)
+            except OSError:
+                self._loopback_failed = True  # each test makes its own, as before
+                return None
+        return self._loopback_fd
 
     def _sync_needed(self, box: Box) -> bool:
         """Must the child wait until the host side has done something to it (cgroup)?"""
@@ -323,6 +352,11 @@ class JailTier(Tier):
         _set_pdeathsig()
         if maps:
             ns.write_id_maps(self._uid, self._gid)
+        shared = box.state.get("jail_net")
+        if shared is not None:
+            ns.setns(shared, ns.CLONE_NEWNET)
+            os.close(shared)  # no handle on it for the test
+            unshare_flags &= ~ns.CLONE_NEWNET
         if unshare_flags:
             ns.unshare(unshare_flags)
         userns = not self._privileged
@@ -350,7 +384,8 @@ class JailTier(Tier):
         ignore = list(TMP_DIRS)
         _add_hosts_entry(plan.merged, box.hostname, scratch, lower)
         ns.sethostname(box.hostname)
-        netlink.loopback_up()
+        if shared is None:
+            netlink.loopback_up()
         if switch is not None:
             address, prefixlen = net.address_for(self.ctx.extra.get("worker_index", 0), box.index)
             net.attach_ip(switch, address, prefixlen)
@@ -376,6 +411,11 @@ class JailTier(Tier):
         os.close(end_w)
         status, ru, ended = _wait_runner(rpid, end_r)
         _finish_namespace(box, rpid, status, ru, ended)
+        if shared is not None and ended and _holds_sockets(rpid):
+            # The next test shares this network namespace: a port the runner still
+            # holds while it exits would be taken for that test.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(rpid, 0)
         released: dict[str, Any] = {"t": "released"}
         try:
             changes, _ = overlay_changes.scan_root(layout, f"/proc/self/fd/{upfd}", f"/proc/self/fd/{lowfd}", "/", ignore)
@@ -475,6 +515,19 @@ def _wait_runner(target: int, end_r: int) -> tuple[int, resource.struct_rusage |
     finally:
         os.close(end_r)
         os.close(pidfd)
+
+
+def _holds_sockets(pid: int) -> bool:
+    """Whether ``pid`` (still exiting, not reaped) has a socket open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                return True
+    return False
 
 
 def _reap_all() -> None:

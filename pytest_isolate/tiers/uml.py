@@ -270,19 +270,6 @@ class UmlTier(Tier):
                 parts.append("")
         return "\0".join(parts)
 
-    def _in_netns(self, fd: int, fn: Callable[[], Any]) -> Any:
-        from pytest_isolate.facets import namespaces
-
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            namespaces.setns(fd, namespaces.CLONE_NEWNET)
-            try:
-                return fn()
-            finally:
-                namespaces.setns(home, namespaces.CLONE_NEWNET)
-        finally:
-            os.close(home)
-
     def _test_netns(self, kind: str) -> int:
         """The shared netns for ``kind``, made (again) when missing or left changed."""
         from pytest_isolate.facets import namespaces
@@ -290,23 +277,22 @@ class UmlTier(Tier):
         have = self._netns.get(kind)
         if have is not None:
             return have[0]
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            namespaces.unshare(namespaces.CLONE_NEWNET)  # this (single) thread only
-            try:
-                fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-                _if_up("lo", "127.0.0.1", 8)
-                if kind == "ip":
-                    assert self._nl is not None
-                    _macvlan_into(self._nl, self._switch_index, fd)
-                    _rename("isomv0", "eth0")
-                    addr, plen = guest_address(int(self.ctx.extra.get("worker_index", 0)), 0)
-                    _if_up("eth0", addr, plen)
-                fp = self._fingerprint()
-            finally:
-                namespaces.setns(home, namespaces.CLONE_NEWNET)
-        finally:
-            os.close(home)
+
+        def setup() -> str:
+            _if_up("lo", "127.0.0.1", 8)
+            if kind == "ip":
+                assert self._nl is not None
+                here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _macvlan_into(self._nl, self._switch_index, here)
+                finally:
+                    os.close(here)
+                _rename("isomv0", "eth0")
+                addr, plen = guest_address(int(self.ctx.extra.get("worker_index", 0)), 0)
+                _if_up("eth0", addr, plen)
+            return self._fingerprint()
+
+        fd, fp = namespaces.new_netns(setup)
         self._netns[kind] = (fd, fp)
         return fd
 
@@ -316,7 +302,9 @@ class UmlTier(Tier):
             return
         fd, fp = have
         try:
-            same = self._in_netns(fd, self._fingerprint) == fp
+            from pytest_isolate.facets import namespaces
+
+            same = namespaces.in_netns(fd, self._fingerprint) == fp
         except OSError:
             same = False
         if not same:
