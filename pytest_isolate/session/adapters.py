@@ -9,12 +9,13 @@ into the plugin's own socket read: an INTERNALERROR).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from pytest_isolate.session import inline_snapshot, profiling, retry
+from pytest_isolate.session import hypothesis_db, inline_snapshot, profiling, retry
 
 Isolated = Callable[[pytest.Item], bool]
 
@@ -52,17 +53,37 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     profiling.register(config, isolated)
 
 
+#: What hypothesis writes into its storage directory (``.hypothesis``) beside its example
+#: database: the ``.gitignore`` it puts there when it creates it, the Unicode tables
+#: ``st.text()``/``st.characters()`` compute on first use (built in ``tmp``, renamed into
+#: ``unicode_data``) and its cache of the constants in the user's modules. The example
+#: database (``examples``) is not among them: its writes are carried as operations
+#: (``session/hypothesis_db.py``).
+HYPOTHESIS_CACHES = (".gitignore", "tmp", "unicode_data", "constants")
+
+
 def kept_by_plugins(item: pytest.Item) -> list[str]:
     """Where plugins that write a test's expected files into the source tree write them
     by default, for tests that use them: kept (``facets.keep``) as in-process. A test
     that chose another place (its own ``original_datadir``) names it with
-    ``isolate(keep=...)``, as do other plugins' users (pytest-snapshot's ``snapshots``)."""
+    ``isolate(keep=...)``, as do other plugins' users (pytest-snapshot's ``snapshots``).
+
+    hypothesis's caches too, for its tests: in-process its first test that draws text
+    writes them into ``.hypothesis`` below the working directory and later ones read
+    them; from ``chroot`` up each such test wrote them into its overlay, which reported a
+    blocked ``write-host-file`` (a warning in-process pytest never gives: attrs, 24 of
+    its tests, when its tree is not below /tmp) and threw them away."""
     path = getattr(item, "path", None)
     names = getattr(item, "fixturenames", ())
-    if path is None or not names:
-        return []
-    pm = item.config.pluginmanager
     out = []
+    if isinstance(item, pytest.Function) and getattr(item.obj, "is_hypothesis_test", False):
+        examples = hypothesis_db.default_path()
+        if examples is not None:
+            home = os.path.dirname(examples)
+            out.extend(os.path.join(home, name) for name in HYPOTHESIS_CACHES)
+    if path is None or not names:
+        return out
+    pm = item.config.pluginmanager
     if pm.has_plugin("regressions") and any(n.endswith("_regression") for n in names):
         out.append(str(path.with_suffix("")))  # pytest-datadir's ``original_datadir``
     return out

@@ -34,7 +34,7 @@ _MAX_OPS = 10_000
 _OPS = ("save", "delete", "move")
 
 
-def _default_path() -> str | None:
+def default_path() -> str | None:
     """The default database's directory, where hypothesis would put it now."""
     configuration = sys.modules.get("hypothesis.configuration")
     if configuration is None or "hypothesis.database" not in sys.modules:
@@ -66,7 +66,7 @@ class Collector(PluginCollector):
     def merge(self, data: Any) -> None:
         if not isinstance(data, dict) or not isinstance(data.get("ops"), list):
             return
-        path = _default_path()
+        path = default_path()
         if path is None or data.get("path") != path:
             return
         from hypothesis import settings
@@ -137,7 +137,7 @@ class Recorder:
         imported: in the server once its session has collected (every child inherits
         it), or in a child whose test module is the first to import hypothesis."""
         if self.path is None:
-            self.path = _default_path()
+            self.path = default_path()
             if self.path is not None:
                 _install(self)
 

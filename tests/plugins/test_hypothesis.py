@@ -7,8 +7,17 @@ thrown away (and reported as a blocked escape), so the next run searched afresh.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
+from tests.conftest import OPTIONAL_PLUGINS
 from tests.plugins.conftest import TIERS, Runner
 
 SUITE = """
@@ -40,3 +49,49 @@ def test_failure_found_isolated_is_replayed(pytester: pytest.Pytester, run: Runn
         again.assert_outcomes(failed=1)
         again.stdout.fnmatch_lines(["*x=1000*"])
         assert calls(again) <= 3, again.stdout.str()  # the saved example, first
+
+
+TEXT_SUITE = """
+from hypothesis import given, settings, strategies as st
+
+@settings(max_examples=5, database=None)
+@given(st.text())
+def test_text(s):
+    assert isinstance(s, str)
+"""
+
+
+@pytest.fixture
+def home_project(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A project where real ones live (the home dir, not /tmp: a write into a tree below
+    /tmp is never an escape), removed after."""
+    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "pytest-isolate-tests"
+    d = base / f"hyp-{uuid.uuid4().hex[:12]}"
+    d.mkdir(parents=True)
+    (d / "pytest.ini").write_text("[pytest]\n")
+    (d / "test_text.py").write_text(TEXT_SUITE)
+    monkeypatch.chdir(d)  # hypothesis's storage dir is below the working directory
+    monkeypatch.setenv("PYTEST_ADDOPTS", " ".join(f"-p no:{p}" for p in OPTIONAL_PLUGINS if p != "hypothesispytest"))
+    monkeypatch.setenv("PY_COLORS", "0")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+
+@pytest.mark.parametrize("tier", ["none", "chroot", "jail"])
+def test_its_caches_are_written_as_in_process(pytester: pytest.Pytester, home_project: Path, tier: str) -> None:
+    """hypothesis computes its Unicode tables the first time a test draws text and writes
+    them (and the ``.gitignore`` of its storage dir) into ``.hypothesis`` below the
+    working directory. From ``chroot`` up each such test wrote them into its overlay: a
+    blocked ``write-host-file``, a warning in-process pytest never gives, and the
+    tables thrown away."""
+    result = pytester.runpytest_subprocess(str(home_project), f"--isolate={tier}", "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("*escape*")
+    result.stdout.no_fnmatch_line("*warning*")
+    storage = home_project / ".hypothesis"
+    assert (storage / ".gitignore").is_file()
+    assert list((storage / "unicode_data").glob("*/charmap.json.gz")), sorted(storage.rglob("*"))
