@@ -53,34 +53,30 @@ def register(config: pytest.Config, isolated: Isolated) -> None:
     profiling.register(config, isolated)
 
 
-#: What hypothesis writes into its storage directory (``.hypothesis``) beside its example
-#: database: the ``.gitignore`` it puts there when it creates it, the Unicode tables
-#: ``st.text()``/``st.characters()`` compute on first use (built in ``tmp``, renamed into
-#: ``unicode_data``) and its cache of the constants in the user's modules. The example
-#: database (``examples``) is not among them: its writes are carried as operations
-#: (``session/hypothesis_db.py``).
-HYPOTHESIS_CACHES = (".gitignore", "tmp", "unicode_data", "constants")
-
-
 def kept_by_plugins(item: pytest.Item) -> list[str]:
     """Where plugins that write a test's expected files into the source tree write them
     by default, for tests that use them: kept (``facets.keep``) as in-process. A test
     that chose another place (its own ``original_datadir``) names it with
     ``isolate(keep=...)``, as do other plugins' users (pytest-snapshot's ``snapshots``).
 
-    hypothesis's caches too, for its tests: in-process its first test that draws text
-    writes them into ``.hypothesis`` below the working directory and later ones read
-    them; from ``chroot`` up each such test wrote them into its overlay, which reported a
-    blocked ``write-host-file`` (a warning in-process pytest never gives: attrs, 24 of
-    its tests, when its tree is not below /tmp) and threw them away."""
+    hypothesis's storage directory too (``.hypothesis`` below the working directory),
+    for its tests: in-process the first test that draws text creates it (with a
+    ``.gitignore``) and writes the Unicode tables it computed into it (built in ``tmp``,
+    renamed into ``unicode_data``), and its cache of the constants in the user's modules;
+    later tests read them. From ``chroot`` up each such test wrote them into its
+    overlay, which reported a blocked ``write-host-file`` (a warning in-process pytest
+    never gives: attrs, 24 of its tests, when its tree is not below /tmp) and threw them
+    away. Its example database (``examples``) is in there too: its writes are carried as
+    operations (``session/hypothesis_db.py``), so the sandbox writes nothing there
+    itself, and a file a test put there would be one more example, which the
+    operations can add anyway."""
     path = getattr(item, "path", None)
     names = getattr(item, "fixturenames", ())
     out = []
     if isinstance(item, pytest.Function) and getattr(item.obj, "is_hypothesis_test", False):
         examples = hypothesis_db.default_path()
         if examples is not None:
-            home = os.path.dirname(examples)
-            out.extend(os.path.join(home, name) for name in HYPOTHESIS_CACHES)
+            out.append(os.path.dirname(examples))
     if path is None or not names:
         return out
     pm = item.config.pluginmanager

@@ -70,6 +70,12 @@ def home_project(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     d.mkdir(parents=True)
     (d / "pytest.ini").write_text("[pytest]\n")
     (d / "test_text.py").write_text(TEXT_SUITE)
+    # A fresh checkout: nothing made .hypothesis before the first test. (hypothesis
+    # caches the constants of modules outside site-packages, this editable plugin's
+    # included, while the session collects.)
+    (d / "conftest.py").write_text(
+        "import shutil\n\ndef pytest_collection_finish(session):\n    shutil.rmtree('.hypothesis', ignore_errors=True)\n"
+    )
     monkeypatch.chdir(d)  # hypothesis's storage dir is below the working directory
     monkeypatch.setenv("PYTEST_ADDOPTS", " ".join(f"-p no:{p}" for p in OPTIONAL_PLUGINS if p != "hypothesispytest"))
     monkeypatch.setenv("PY_COLORS", "0")
