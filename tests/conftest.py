@@ -268,6 +268,27 @@ def write_files(path: Path, files: dict[str, str]) -> None:
         p.write_text(textwrap.dedent(text).lstrip("\n"))
 
 
+@contextlib.contextmanager
+def home_project(prefix: str, files: dict[str, str]) -> Iterator[Path]:
+    """A project where real ones live: below the home dir (not /tmp, /var/tmp or
+    /dev/shm, below which a write into a project is never an escape), removed after."""
+    import pwd
+    import shutil
+    import uuid
+
+    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "pytest-isolate-tests"  # pytester moves HOME
+    assert not str(base).startswith(("/tmp/", "/var/tmp/", "/dev/shm/")), base
+    d = base / f"{prefix}-{uuid.uuid4().hex[:12]}"
+    d.mkdir(parents=True)
+    write_files(d, files)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+
 def junit_cases(path: Path, drop_prefix: str = "isolate_") -> list[dict[str, object]]:
     """The testcases of a junit file as comparable dicts (properties without ours)."""
     import xml.etree.ElementTree as ET

@@ -10,14 +10,11 @@ user's home instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import pwd
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,20 +36,10 @@ def test_golden(request):
 
 
 @pytest.fixture
-def project() -> Iterator[Path]:
+def project(h: Any) -> Iterator[Path]:
     """A project below the home dir (not /tmp, /var/tmp or /dev/shm), removed after."""
-    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "pytest-isolate-tests"  # pytester moves HOME
-    assert not str(base).startswith(("/tmp/", "/var/tmp/", "/dev/shm/")), base
-    d = base / f"proj-{uuid.uuid4().hex[:12]}"
-    d.mkdir(parents=True)
-    (d / "pytest.ini").write_text("[pytest]\n")
-    (d / "test_writes.py").write_text(SUITE)
-    try:
+    with h.home_project("proj", {"pytest.ini": "[pytest]\n", "test_writes.py": SUITE}) as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            base.rmdir()
 
 
 def _run(pytester: pytest.Pytester, project: Path, *args: str) -> tuple[pytest.RunResult, dict]:
@@ -128,6 +115,7 @@ def test_a_first_import_is_not_an_escape(
 CACHE_SUITE = """
 import os
 from pathlib import Path
+from typing import Any
 
 def test_xdg_cache():
     d = Path(os.environ["XDG_CACHE_HOME"]) / "sometool"

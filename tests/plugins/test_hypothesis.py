@@ -7,13 +7,9 @@ thrown away (and reported as a blocked escape), so the next run searched afresh.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pwd
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,29 +58,23 @@ def test_text(s):
 
 
 @pytest.fixture
-def home_project(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def home_project(monkeypatch: pytest.MonkeyPatch, h: Any) -> Iterator[Path]:
     """A project where real ones live (the home dir, not /tmp: a write into a tree below
     /tmp is never an escape), removed after."""
-    base = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "pytest-isolate-tests"
-    d = base / f"hyp-{uuid.uuid4().hex[:12]}"
-    d.mkdir(parents=True)
-    (d / "pytest.ini").write_text("[pytest]\n")
-    (d / "test_text.py").write_text(TEXT_SUITE)
-    # A fresh checkout: nothing made .hypothesis before the first test. (hypothesis
-    # caches the constants of modules outside site-packages, this editable plugin's
-    # included, while the session collects.)
-    (d / "conftest.py").write_text(
-        "import shutil\n\ndef pytest_collection_finish(session):\n    shutil.rmtree('.hypothesis', ignore_errors=True)\n"
-    )
-    monkeypatch.chdir(d)  # hypothesis's storage dir is below the working directory
-    monkeypatch.setenv("PYTEST_ADDOPTS", " ".join(f"-p no:{p}" for p in OPTIONAL_PLUGINS if p != "hypothesispytest"))
-    monkeypatch.setenv("PY_COLORS", "0")
-    try:
+    files = {
+        "pytest.ini": "[pytest]\n",
+        "test_text.py": TEXT_SUITE,
+        # A fresh checkout: nothing made .hypothesis before the first test. (hypothesis
+        # caches the constants of modules outside site-packages, this editable plugin's
+        # included, while the session collects.)
+        "conftest.py": "import shutil\n\ndef pytest_collection_finish(session):\n"
+        "    shutil.rmtree('.hypothesis', ignore_errors=True)\n",
+    }
+    with h.home_project("hyp", files) as d:
+        monkeypatch.chdir(d)  # hypothesis's storage dir is below the working directory
+        monkeypatch.setenv("PYTEST_ADDOPTS", " ".join(f"-p no:{p}" for p in OPTIONAL_PLUGINS if p != "hypothesispytest"))
+        monkeypatch.setenv("PY_COLORS", "0")
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            base.rmdir()
 
 
 @pytest.mark.parametrize("tier", ["none", "chroot", "jail"])
