@@ -599,6 +599,24 @@ def _sets_up_again(item: pytest.Item, after: pytest.Item) -> bool:
     return True
 
 
+def _keep_up_for(session: Any, after: pytest.Item) -> Callable[[], None]:
+    """Until the returned undo: pytest's teardown of the sandbox's last test keeps up what
+    ``after`` shares, unless the session is about to fail or stop (then everything comes
+    down, reported, as in-process). Done in the setup state, not by passing ``after`` as
+    the protocol's ``nextitem``: plugins take ``nextitem=None`` for "the last test of this
+    process" (pytest-testmon sends its batched coverage then), which it is."""
+    state = session._setupstate
+    real = state.teardown_exact
+
+    def teardown_exact(nextitem: pytest.Item | None) -> None:
+        if nextitem is None and not (session.shouldfail or session.shouldstop):
+            nextitem = after
+        real(nextitem)
+
+    state.teardown_exact = teardown_exact
+    return lambda: state.__dict__.pop("teardown_exact", None)
+
+
 def _teardown_rest(session: Any) -> None:
     """What pytest kept up for the next test, torn down as this sandbox ends: in-process
     it stays up and comes down (reported) after a later test, whose own sandbox tears
@@ -704,8 +722,13 @@ def run_items(
             forwarder.started = None
             if forwarder.attempts:
                 Reruns.resume(item, int(job.get("attempt") or 0))
+            undo = _keep_up_for(session, after) if after is not None else None
             try:
-                config.hook.pytest_runtest_protocol(item=item, nextitem=nxt or after)
+                try:
+                    config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)
+                finally:
+                    if undo is not None:
+                        undo()
             except NextAttempt:
                 Reruns.end(item)
                 wire.send(result_fd, {"t": "next_attempt"})
