@@ -10,6 +10,7 @@ into the plugin's own socket read: an INTERNALERROR).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -77,12 +78,38 @@ def kept_by_plugins(item: pytest.Item) -> list[str]:
         examples = hypothesis_db.default_path()
         if examples is not None:
             out.append(os.path.dirname(examples))
+    out += _kept_by_mypy(item)
     if path is None or not names:
         return out
     pm = item.config.pluginmanager
     if pm.has_plugin("regressions") and any(n.endswith("_regression") for n in names):
         out.append(str(path.with_suffix("")))  # pytest-datadir's ``original_datadir``
     return out
+
+
+def _kept_by_mypy(item: pytest.Item) -> list[str]:
+    """pytest-mypy's items (``--mypy``): its results file and mypy's cache directory.
+
+    In-process the first of them runs mypy once for the session, writes its cache
+    (``.mypy_cache`` below the working directory) and puts the results in a file of
+    ``/tmp`` named by the run's configuration; every later item reads that file, and
+    the "mypy" summary section is read from it at the end. From ``chroot`` up both
+    stayed in the first item's sandbox: every later item ran mypy again (a project of
+    two files: three runs, 12 s against 2.8 s), each warned of a blocked
+    ``write-host-file`` into ``.mypy_cache``, and the summary section was missing.
+    Kept, the file reaches the host after that first item, and the items after it
+    read it there, as in-process. A ``cache_dir`` set in mypy's configuration is not
+    looked up: ``isolate_keep`` names it."""
+    mod = sys.modules.get("pytest_mypy")
+    kind = getattr(mod, "MypyItem", None)
+    if kind is None or not isinstance(item, kind):
+        return []
+    try:
+        results = item.config.stash[mod.stash_key["config"]].mypy_results_path  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError):
+        return []
+    cache = os.environ.get("MYPY_CACHE_DIR") or ".mypy_cache"
+    return [str(results), os.path.join(item.config.invocation_params.dir, cache)]
 
 
 def in_server() -> None:
@@ -95,7 +122,6 @@ def in_server() -> None:
     xdist restarted after a crash, and ``--max-suite-reruns``, neither of which a guest
     takes part in).
     """
-    import sys
 
     retry.in_server()
     rr = sys.modules.get("pytest_rerunfailures")  # loaded by the session, if at all
@@ -154,8 +180,6 @@ class Reruns:
 
     @staticmethod
     def applies(item: pytest.Item) -> bool:
-        import sys
-
         rr = sys.modules.get("pytest_rerunfailures")
         if rr is None or not item.config.pluginmanager.is_registered(rr):
             return False
@@ -181,8 +205,6 @@ class Reruns:
     def end(item: pytest.Item) -> None:
         """In the child, after an attempt that asked for another: tear down what
         rerunfailures held up for that attempt (module, class, session fixtures)."""
-        import sys
-
         rr = sys.modules.get("pytest_rerunfailures")
         restore = getattr(rr, "_restore_suspended_finalizers", None)
         if restore is not None:
@@ -279,7 +301,5 @@ def apply(module: Any, items: dict[str, pytest.Item], outcomes: Any) -> None:
 
 def dependency_module(config: pytest.Config) -> Any:
     """pytest-dependency's module, when this session runs it."""
-    import sys
-
     mod = sys.modules.get("pytest_dependency")
     return mod if mod is not None and config.pluginmanager.is_registered(mod) else None
