@@ -78,7 +78,7 @@ def kept_by_plugins(item: pytest.Item) -> list[str]:
         examples = hypothesis_db.default_path()
         if examples is not None:
             out.append(os.path.dirname(examples))
-    out += _kept_by_mypy(item)
+    out += _kept_by_mypy(item) + _kept_by_ruff(item)
     if path is None or not names:
         return out
     pm = item.config.pluginmanager
@@ -110,6 +110,25 @@ def _kept_by_mypy(item: pytest.Item) -> list[str]:
         return []
     cache = os.environ.get("MYPY_CACHE_DIR") or ".mypy_cache"
     return [str(results), os.path.join(item.config.invocation_params.dir, cache)]
+
+
+def _kept_by_ruff(item: pytest.Item) -> list[str]:
+    """pytest-ruff's items (``--ruff``, ``--ruff-format``): ruff's cache directory.
+
+    Each item runs ruff on its file, and ruff writes ``.ruff_cache`` into the project's
+    root (the directory of its configuration, else the working directory): from
+    ``chroot`` up every such item warned of a blocked ``write-host-file`` that
+    in-process pytest never gives. ``RUFF_CACHE_DIR`` moves it, as it moves ruff's;
+    a ``cache-dir`` in ruff's configuration is named in ``isolate_keep``."""
+    mod = sys.modules.get("pytest_ruff")
+    kind = getattr(mod, "RuffItem", None)
+    if kind is None or not isinstance(item, kind):
+        return []
+    cache = os.environ.get("RUFF_CACHE_DIR")
+    if cache:
+        return [os.path.join(item.config.invocation_params.dir, cache)]
+    roots = dict.fromkeys((str(item.config.rootpath), str(item.config.invocation_params.dir)))
+    return [os.path.join(root, ".ruff_cache") for root in roots]
 
 
 def in_server() -> None:
