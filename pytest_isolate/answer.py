@@ -418,3 +418,50 @@ def _replay_warning(config: pytest.Config, w: dict[str, Any]) -> None:
     loc = tuple(w["location"]) if w.get("location") else None
     _record_warning(config, dict(warning_message=wm, when=w["when"], nodeid=w["nodeid"], location=loc))
 
+
+
+class DeferredTeardowns:
+    """Teardown errors of fixtures a sandbox tore down after its test for a later one
+    (``child._teardown_rest``), each put where in-process pytest reports it: in the
+    teardown report of the test after which it tears down their node (the last test of
+    their class, module, package or session, or the last to run when the session
+    stops). Before, the sandbox reported them with its own test: an error at every
+    sandbox that had the fixture set up, one or more tests early, and with ``-x`` a run
+    that stopped there instead of at the test in-process pytest stops at."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        #: node id -> the serialized teardown report of its latest sandbox's error
+        self.pending: dict[str, dict[str, Any]] = {}
+
+    def add(self, deferred: list[dict[str, Any]] | None) -> None:
+        for d in deferred or ():
+            if isinstance(d, dict) and isinstance(d.get("node"), str) and isinstance(d.get("data"), dict):
+                self.pending[d["node"]] = d["data"]
+
+    def place(
+        self, item: pytest.Item, nextitem: pytest.Item | None, rep: pytest.TestReport,
+        reports: list[pytest.TestReport], record: dict[str, Any],
+    ) -> None:
+        """Into ``item``'s teardown report ``rep``, before it is logged: the errors of
+        the nodes pytest tears down after ``item`` (all of them once the session is to
+        stop, as ``runtestprotocol`` decides after the call). A report with an error of
+        its own keeps it: its sandbox had the fixture set up and tore it down here."""
+        if not self.pending:
+            return
+        session = item.session
+        if session.shouldfail or session.shouldstop:
+            nextitem = None
+        staying = {n.nodeid for n in nextitem.listchain()} if nextitem is not None else set()
+        found = [
+            self.pending.pop(n.nodeid)
+            for n in reversed(item.listchain())
+            if n.nodeid not in staying and n.nodeid in self.pending
+        ]
+        if not found or not rep.passed:
+            return
+        hook = self.config.hook
+        theirs = extras.restore_text(hook.pytest_report_from_serializable(config=self.config, data=_tuples(extras.unpack(found[0]))))
+        rep.outcome = "failed"
+        rep.longrepr = theirs.longrepr
+        record["outcome"] = outcome_of(reports)

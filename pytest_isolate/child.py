@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import io
 import os
 import resource
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 
 import pytest
 from _pytest import faulthandler as _pytest_faulthandler
+from _pytest.runner import CallInfo
 
 from pytest_isolate import frozen, wire
 from pytest_isolate.facets import keep, rlimits
@@ -572,33 +574,6 @@ def match_depth(expected: int | None) -> None:
 _depth_delta = 0
 
 
-def _sets_up_again(item: pytest.Item, after: pytest.Item) -> bool:
-    """Whether ``after``, in a sandbox of its own, sets up again every fixture of
-    ``item``'s that pytest keeps up for it: then that sandbox (or a later one) tears it
-    down where in-process it is torn down, and reports its errors there. Otherwise this
-    sandbox tears everything down with the test, reported (an error is never lost)."""
-    mine = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None)
-    theirs = getattr(getattr(after, "_fixtureinfo", None), "name2fixturedefs", None)
-    if mine is None or theirs is None:
-        return False
-    kept = {id(node) for node in after.listchain()}
-    parents = {"module": pytest.Module, "class": pytest.Class, "package": pytest.Package}
-    for name, defs in mine.items():
-        if not defs:
-            continue
-        fixturedef = defs[-1]
-        scope = getattr(fixturedef, "scope", "function")
-        if scope == "function":
-            continue
-        node = item.session if scope == "session" else item.getparent(parents.get(scope, pytest.Module))
-        if node is None or id(node) not in kept:
-            continue  # torn down (and reported) with this test, as in-process
-        other = theirs.get(name) or ()
-        if not other or other[-1] is not fixturedef:
-            return False
-    return True
-
-
 def _keep_up_for(session: Any, after: pytest.Item) -> Callable[[], None]:
     """Until the returned undo: pytest's teardown of the sandbox's last test keeps up what
     ``after`` shares, unless the session is about to fail or stop (then everything comes
@@ -617,12 +592,37 @@ def _keep_up_for(session: Any, after: pytest.Item) -> Callable[[], None]:
     return lambda: state.__dict__.pop("teardown_exact", None)
 
 
-def _teardown_rest(session: Any) -> None:
-    """What pytest kept up for the next test, torn down as this sandbox ends: in-process
-    it stays up and comes down (reported) after a later test, whose own sandbox tears
-    it down in its report. Nothing is reported from here."""
-    with contextlib.suppress(BaseException):
-        session._setupstate.teardown_exact(None)
+class _Chain:
+    """Stands for a next item to ``SetupState.teardown_exact``, which asks it only for
+    the nodes it descends from: those stay up."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.nodes = nodes
+
+    def listchain(self) -> list[Any]:
+        return self.nodes
+
+
+def _teardown_rest(item: pytest.Item, result_fd: int) -> None:
+    """What pytest kept up for the next test, torn down as this sandbox ends. In-process
+    it stays up and comes down after a later test (the last of its class, module,
+    package or session, or the last to run), whose teardown report has its errors. So
+    each node comes down on its own here, and its errors go to the controller with its
+    node id (``deferred``), which puts them in that later test's report
+    (``answer.DeferredTeardowns``): reported once, where in-process pytest reports them,
+    whichever sandbox had the fixture set up."""
+    state = item.session._setupstate  # type: ignore[attr-defined]
+    while state.stack:
+        nodes = list(state.stack)
+        call = CallInfo.from_call(functools.partial(state.teardown_exact, _Chain(nodes[:-1])), when="teardown")
+        if call.excinfo is None:
+            continue
+        with contextlib.suppress(Exception):
+            report = pytest.TestReport.from_item_and_call(item, call)
+            data = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
+            extras.plain_text(report, data)
+            data = _fitted({"t": "report", "data": extras.pack(data)})["data"]
+            wire.send(result_fd, {"t": "deferred", "node": nodes[-1].nodeid, "data": data})
 
 
 def run_items(
@@ -705,15 +705,14 @@ def run_items(
             if loc and "location" not in item.__dict__:  # pytest's cached property: the controller's
                 item.__dict__["location"] = (loc[0], loc[1], loc[2])
             nxt = items.get(job["next"]) if job.get("next") else None
-            # The test pytest runs next, when it is not this sandbox's: in-process the
-            # fixtures it shares stay up, and their teardown (and its errors) belongs to
-            # a later test's report. The same here; this sandbox ends after the test,
-            # so it tears them down afterwards without a report (``_teardown_rest``).
+            # The test pytest runs next, when it is not this sandbox's: in-process what
+            # it descends from (its class, module, package, session) stays up, and the
+            # teardown errors of their fixtures belong to a later test's report. The
+            # same here; this sandbox ends after the test, so it tears them down
+            # afterwards and sends their errors on (``_teardown_rest``).
             # The failures so far: ``--maxfail`` reached brings everything down, reported.
             teardown = job.get("teardown") or {}
             after = items.get(teardown["after"]) if nxt is None and teardown.get("after") else None
-            if after is not None and not _sets_up_again(item, after):
-                after = None
             if isinstance(teardown.get("failed"), int):
                 session.testsfailed = teardown["failed"]
             if job.get("dependency"):
@@ -743,7 +742,7 @@ def run_items(
                 break
             forwarder.check_runner()
             if after is not None:
-                _teardown_rest(session)
+                _teardown_rest(item, result_fd)
             if nxt is None or go_fd < 0:
                 break
             sys.stdout.flush()

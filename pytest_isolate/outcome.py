@@ -168,6 +168,9 @@ def done_message(
         done["pdbshown"] = shown
     if xml:
         done["xml"] = xml
+    deferred = [{"node": m.get("node"), "data": m.get("data")} for m in msgs if m.get("t") == "deferred"]
+    if deferred:
+        done["deferred"] = deferred
     if carry:
         done["carry"] = carry
     if box.state.get("kept"):

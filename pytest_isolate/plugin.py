@@ -296,6 +296,8 @@ class IsolatePlugin:
         self._depth: int | None = None
         #: session.items, their positions, their number (``_following``).
         self._order: tuple[list[pytest.Item], dict[int, int], int] | None = None
+        #: Shared fixtures' teardown errors that belong to a later test's report.
+        self._deferred = answer.DeferredTeardowns(config)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_make_collect_report(self, collector: pytest.Collector):  # type: ignore[no-untyped-def]
@@ -471,6 +473,7 @@ class IsolatePlugin:
         terminal: dict[int | None, str] = {}
         again = False
         stop = None
+        deferred = None
         reason = self.availability(spec.tier) if spec is not None and bad is None else None
         if bad is not None or spec is None:
             reports = answer.synthetic(item, "failed", f"{item.nodeid}: {bad}")
@@ -495,6 +498,7 @@ class IsolatePlugin:
                 done = self.controller().abort(item.nodeid, spec, exc)
             again = bool(done.get("next_attempt"))
             stop = done.get("stop")
+            deferred = done.get("deferred")
             if nextitem is None and not again:
                 self.controller().finishing()
             # Tripwires are read before anything else can run: a contact is this test's.
@@ -514,8 +518,11 @@ class IsolatePlugin:
         reports = answer.finish(self.config, item, spec, reports, record, stopped=stop is not None)
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
+            if rep.when == "teardown" and not again:
+                self._deferred.place(item, nextitem, rep, reports, record)
             item.ihook.pytest_runtest_logreport(report=rep)
         self._write_terminal(terminal.get(None))
+        self._deferred.add(deferred)  # for a later test: none of this test's nodes came down
         if stop is not None:
             answer.stop_session(stop)
         return again

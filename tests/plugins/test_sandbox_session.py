@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -574,3 +575,82 @@ def test_a_shared_fixtures_teardown_error_under_xdist_as_in_process(
     assert iso.ret == base.ret
     assert summary(base) and summary(iso) == summary(base), (base.stdout.str(), iso.stdout.str())
     assert iso.parseoutcomes() == base.parseoutcomes()
+
+
+#: A class- and a package-scoped fixture whose teardowns fail, each used by some of the
+#: tests in its scope only: in-process pytest keeps them up to the last test of the class
+#: (``test_c3``) and of the package (``test_b2``) and reports each error there.
+PARTIAL_TEARDOWN = {
+    "pkg/__init__.py": "",
+    "pkg/conftest.py": """
+        import pytest
+
+        @pytest.fixture(scope="package")
+        def pkgres():
+            yield
+            raise RuntimeError("package teardown boom")
+
+        @pytest.fixture(scope="class")
+        def clsres():
+            yield
+            raise RuntimeError("class teardown boom")
+    """,
+    "pkg/test_a.py": """
+        def test_a1(pkgres):
+            pass
+
+        class TestC:
+            def test_c1(self, clsres, pkgres):
+                pass
+
+            def test_c2(self, clsres):
+                assert 0
+
+            def test_c3(self):
+                pass
+
+        def test_a2():
+            pass
+    """,
+    "pkg/test_b.py": """
+        def test_b1(pkgres):
+            pass
+
+        def test_b2():
+            pass
+    """,
+    "test_top.py": """
+        def test_top():
+            pass
+    """,
+}
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("args", [(), ("-x",)], ids=["all", "x"])
+def test_a_fixtures_teardown_error_is_reported_where_its_scope_ends(
+    pytester: pytest.Pytester, run: Runner, tier: str, args: tuple[str, ...]
+) -> None:
+    """A sandbox whose next test stays in a fixture's class or package tore that fixture
+    down with its own test and reported its error there, though the next test does not
+    use it: 3 errors at ``test_c1``, ``test_c2`` and ``test_b1`` where in-process pytest
+    reports 2 at ``test_c3`` and ``test_b2``, and ``-x`` stopped the run at ``test_c1``
+    instead of ``test_c2``. The sandbox now sends the error on, and the controller puts
+    it in the report of the test after which pytest tears the node down."""
+    for path, body in PARTIAL_TEARDOWN.items():
+        target = pytester.path / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(body))
+    base = run(None, "-p", "no:randomly", *args)
+    iso = run(tier, "-p", "no:randomly", *args)
+
+    def summary(res: pytest.RunResult) -> list[str]:
+        return [" ".join(line.split()[:2]) for line in res.outlines if line.startswith(("FAILED ", "ERROR "))]
+
+    assert iso.ret == base.ret
+    assert outcomes(iso) == outcomes(base)
+    assert summary(base) and summary(iso) == summary(base), (base.stdout.str(), iso.stdout.str())
+    assert iso.parseoutcomes() == base.parseoutcomes()
+    if not args:
+        assert outcomes(base)["pkg/test_a.py::TestC::test_c3"] == ["PASSED", "ERROR"]
+        assert outcomes(base)["pkg/test_b.py::test_b2"] == ["PASSED", "ERROR"]
