@@ -77,6 +77,8 @@ class Forwarder:
         #: The process that runs the test (set in the runner): a process the test forked
         #: that returns into pytest is not it, and must not report as the test.
         self.runner = 0
+        #: Called as the sandbox's last test's teardown starts (``_keep_up_for``).
+        self.before_teardown: Callable[[], None] | None = None
 
     def check_runner(self) -> None:
         """End a process the test forked that returned into pytest's protocol instead of
@@ -88,6 +90,12 @@ class Forwarder:
         with contextlib.suppress(BaseException):
             wire.send(self.fd, {"t": "stray", "pid": _getpid()})
         _exit(0)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self) -> None:
+        step, self.before_teardown = self.before_teardown, None
+        if step is not None:
+            step()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logstart(self, nodeid: str) -> None:
@@ -574,22 +582,39 @@ def match_depth(expected: int | None) -> None:
 _depth_delta = 0
 
 
-def _keep_up_for(session: Any, after: pytest.Item) -> Callable[[], None]:
+def _keep_up_for(session: Any, after: pytest.Item, forwarder: Forwarder) -> Callable[[], None]:
     """Until the returned undo: pytest's teardown of the sandbox's last test keeps up what
     ``after`` shares, unless the session is about to fail or stop (then everything comes
     down, reported, as in-process). Done in the setup state, not by passing ``after`` as
     the protocol's ``nextitem``: plugins take ``nextitem=None`` for "the last test of this
-    process" (pytest-testmon sends its batched coverage then), which it is."""
+    process" (pytest-testmon sends its batched coverage then), which it is.
+
+    As the teardown starts, the nodes ``after`` descends from are taken out of pytest's
+    setup stack, so ``teardown_exact(None)`` tears down the rest; the undo puts them
+    back. No frame of ours is then below a fixture's teardown error (a wrapper around
+    ``teardown_exact`` showed in its traceback)."""
     state = session._setupstate
-    real = state.teardown_exact
+    kept: dict[Any, Any] = {}
 
-    def teardown_exact(nextitem: pytest.Item | None) -> None:
-        if nextitem is None and not (session.shouldfail or session.shouldstop):
-            nextitem = after
-        real(nextitem)
+    def before_teardown() -> None:
+        if session.shouldfail or session.shouldstop:
+            return
+        chain = after.listchain()
+        for node in list(state.stack):
+            if len(kept) >= len(chain) or node is not chain[len(kept)]:
+                break
+            kept[node] = state.stack.pop(node)
 
-    state.teardown_exact = teardown_exact
-    return lambda: state.__dict__.pop("teardown_exact", None)
+    def undo() -> None:
+        forwarder.before_teardown = None
+        if kept:
+            rest = dict(state.stack)
+            state.stack.clear()
+            state.stack.update(kept)
+            state.stack.update(rest)
+
+    forwarder.before_teardown = before_teardown
+    return undo
 
 
 class _Chain:
@@ -721,7 +746,7 @@ def run_items(
             forwarder.started = None
             if forwarder.attempts:
                 Reruns.resume(item, int(job.get("attempt") or 0))
-            undo = _keep_up_for(session, after) if after is not None else None
+            undo = _keep_up_for(session, after, forwarder) if after is not None else None
             try:
                 try:
                     config.hook.pytest_runtest_protocol(item=item, nextitem=nxt)

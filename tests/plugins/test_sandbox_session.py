@@ -577,6 +577,58 @@ def test_a_shared_fixtures_teardown_error_under_xdist_as_in_process(
     assert iso.parseoutcomes() == base.parseoutcomes()
 
 
+KEPT_TEARDOWN = {
+    "conftest": """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def server():
+            yield
+
+        @pytest.fixture(scope="module")
+        def db():
+            yield
+            raise RuntimeError("module teardown boom")
+    """,
+    "test_one": """
+        def test_a(db, server):
+            pass
+    """,
+    "test_two": """
+        def test_b(server):
+            pass
+    """,
+}
+
+
+@pytest.mark.parametrize("tb", ["auto", "native"])
+def test_a_teardown_error_beside_a_kept_fixture_shows_no_frame_of_ours(
+    pytester: pytest.Pytester, run: Runner, tb: str
+) -> None:
+    """The sandbox keeps up the session fixture the next test (in another module) sets up
+    again and tears the module fixture down with its test, as in-process. Its error's
+    traceback showed a frame of the plugin (``child.py``, the wrapper that kept the
+    session up) between pytest's frames and the fixture's."""
+    pytester.makeconftest(KEPT_TEARDOWN["conftest"])
+    pytester.makepyfile(test_one=KEPT_TEARDOWN["test_one"], test_two=KEPT_TEARDOWN["test_two"])
+    base = run(None, "-p", "no:randomly", f"--tb={tb}")
+    iso = run("process", "-p", "no:randomly", f"--tb={tb}")
+    assert iso.ret == base.ret == 1
+    assert outcomes(iso) == outcomes(base) == {
+        "test_one.py::test_a": ["PASSED", "ERROR"], "test_two.py::test_b": ["PASSED"]
+    }
+    assert "module teardown boom" in iso.stdout.str()
+    assert "pytest_isolate" not in iso.stdout.str()
+
+    def tb_lines(res: pytest.RunResult) -> list[str]:
+        lines = res.outlines
+        start = next(i for i, ln in enumerate(lines) if "ERROR at teardown of test_a" in ln)
+        end = next(i for i, ln in enumerate(lines) if ln.startswith("=") and i > start)
+        return [re.sub(r"0x[0-9a-f]+", "0x", ln) for ln in lines[start:end]]
+
+    assert tb_lines(iso) == tb_lines(base)
+
+
 #: A class- and a package-scoped fixture whose teardowns fail, each used by some of the
 #: tests in its scope only: in-process pytest keeps them up to the last test of the class
 #: (``test_c3``) and of the package (``test_b2``) and reports each error there.
