@@ -41,6 +41,7 @@ _FRAME_SLACK = 1 << 20
 _getpid = os.getpid
 _exit = os._exit
 _os_write = os.write
+_dup, _dup2, _os_open, _os_close = os.dup, os.dup2, os.open, os.close
 #: What the tier asked this runner to do once its test ran to the end (passed or
 #: failed), before its last frame (the uml tier: record the pages it wrote,
 #: ``facets.prefault``). Set in the child.
@@ -628,26 +629,70 @@ class _Chain:
         return self.nodes
 
 
-def _teardown_rest(item: pytest.Item, result_fd: int) -> None:
+def _teardown_rest(item: pytest.Item, result_fd: int, forwarder: Forwarder) -> None:
     """What pytest kept up for the next test, torn down as this sandbox ends. In-process
     it stays up and comes down after a later test (the last of its class, module,
     package or session, or the last to run), whose teardown report has its errors. So
     each node comes down on its own here, and its errors go to the controller with its
     node id (``deferred``), which puts them in that later test's report
     (``answer.DeferredTeardowns``): reported once, where in-process pytest reports them,
-    whichever sandbox had the fixture set up."""
+    whichever sandbox had the fixture set up. Nothing it writes is shown: a fixture's
+    teardown that prints or logs (or ``--setup-show``'s ``TEARDOWN``) wrote once per
+    sandbox to the user's terminal, where in-process it is captured once."""
     state = item.session._setupstate  # type: ignore[attr-defined]
-    while state.stack:
-        nodes = list(state.stack)
-        call = CallInfo.from_call(functools.partial(state.teardown_exact, _Chain(nodes[:-1])), when="teardown")
-        if call.excinfo is None:
-            continue
+    errors: list[tuple[str, CallInfo[None]]] = []
+    with _silenced(forwarder):
+        while state.stack:
+            nodes = list(state.stack)
+            call = CallInfo.from_call(functools.partial(state.teardown_exact, _Chain(nodes[:-1])), when="teardown")
+            if call.excinfo is not None:
+                errors.append((nodes[-1].nodeid, call))
+    for nodeid, call in errors:
         with contextlib.suppress(Exception):
             report = pytest.TestReport.from_item_and_call(item, call)
             data = item.config.hook.pytest_report_to_serializable(config=item.config, report=report)
             extras.plain_text(report, data)
             data = _fitted({"t": "report", "data": extras.pack(data)})["data"]
-            wire.send(result_fd, {"t": "deferred", "node": nodes[-1].nodeid, "data": data})
+            wire.send(result_fd, {"t": "deferred", "node": nodeid, "data": data})
+
+
+@contextlib.contextmanager
+def _silenced(forwarder: Forwarder) -> Iterator[None]:
+    """Until the end: what this process writes to its stdout and stderr (Python's and the
+    file descriptors) or to pytest's terminal writer goes nowhere. What was written
+    before goes where it goes."""
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    relay = forwarder.terminal
+    with contextlib.suppress(BaseException):
+        relay.send()
+    relay_fd, relay.fd = relay.fd, -1  # what its writer is given waits, and is dropped
+    saved: list[tuple[int, int]] = []
+    try:
+        null = _os_open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):
+                    saved.append((fd, _dup(fd)))
+                    _dup2(null, fd)
+        finally:
+            _os_close(null)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        for fd, copy in saved:
+            with contextlib.suppress(OSError):
+                _dup2(copy, fd)
+                _os_close(copy)
+        if relay.file is not None:
+            relay.file.pending.clear()
+        relay.fd = relay_fd
 
 
 def run_items(
@@ -767,7 +812,7 @@ def run_items(
                 break
             forwarder.check_runner()
             if after is not None:
-                _teardown_rest(item, result_fd)
+                _teardown_rest(item, result_fd, forwarder)
             if nxt is None or go_fd < 0:
                 break
             sys.stdout.flush()

@@ -284,6 +284,11 @@ def _xdist_queue(config: pytest.Config) -> tuple[Any, int]:
     return None, 0
 
 
+def _set_up_here(item: pytest.Item) -> bool:
+    """Whether in-process tests set up anything in this process that is still up."""
+    return bool(getattr(getattr(item.session, "_setupstate", None), "stack", None))
+
+
 class IsolatePlugin:
     def __init__(self, config: pytest.Config, unavailable: str) -> None:
         self.config = config
@@ -516,16 +521,68 @@ class IsolatePlugin:
             answer.warn(self.config, item, kept_notes)
             terminal = answer.terminal_text(done, reports)
         reports = answer.finish(self.config, item, spec, reports, record, stopped=stop is not None)
+        tail = None
+        if not again and stop is None and reports and reports[-1].when == "teardown" and _set_up_here(item):
+            reports, tail = reports[:-1], reports[-1]
         for rep in reports:
             self._write_terminal(terminal.get(id(rep)))
             if rep.when == "teardown" and not again:
                 self._deferred.place(item, nextitem, rep, reports, record)
             item.ihook.pytest_runtest_logreport(report=rep)
+        if tail is not None:
+            # After the test's other reports, as in-process: a failure logged there may
+            # have reached --maxfail, and then everything comes down.
+            self._teardown_here(item, nextitem, reports, tail, record)
+            self._deferred.place(item, nextitem, tail, [*reports, tail], record)
+            self._write_terminal(terminal.get(id(tail)))
+            item.ihook.pytest_runtest_logreport(report=tail)
         self._write_terminal(terminal.get(None))
         self._deferred.add(deferred)  # for a later test: none of this test's nodes came down
         if stop is not None:
             answer.stop_session(stop)
         return again
+
+    def _teardown_here(
+        self, item: pytest.Item, nextitem: pytest.Item | None, reports: list[pytest.TestReport],
+        report: pytest.TestReport, record: dict[str, Any],
+    ) -> None:
+        """In-process, the teardown of every test brings down what the next one does not
+        share, whoever set it up: here, what in-process tests (no tier) set up in this
+        process. The sandbox ran the isolated test's protocol and this process none of
+        it, so a module fixture of an in-process test stayed up through the isolated
+        tests after it, and the next in-process test of another module errored at
+        setup ("previous item was not torn down properly"). Torn down here, its output
+        captured; an error is the test's teardown error (with that output), as
+        in-process, unless the sandbox reported one. Without an error the output is
+        dropped: a fixture the isolated test used too was torn down, and reported, in
+        its sandbox already."""
+        session = item.session
+        if session.shouldfail or session.shouldstop:
+            nextitem = None
+        state = session._setupstate  # type: ignore[attr-defined]
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        capturing = capman is not None and capman.is_globally_capturing()
+        if capturing:
+            capman.resume_global_capture()
+        out = err = ""
+        try:
+            call = pytest.CallInfo.from_call(
+                lambda: state.teardown_exact(nextitem), when="teardown",
+                reraise=(pytest.exit.Exception, KeyboardInterrupt),
+            )
+        finally:
+            if capturing:
+                capman.suspend_global_capture(in_=False)
+                out, err = capman.read_global_capture()
+        if call.excinfo is None or report.failed:
+            return
+        made = item.ihook.pytest_runtest_makereport(item=item, call=call)
+        report.outcome = "failed"
+        report.longrepr = made.longrepr
+        for name, text in (("stdout", out), ("stderr", err)):
+            if text:
+                report.sections.append((f"Captured {name} teardown", text))
+        record["outcome"] = answer.outcome_of([*reports, report])
 
     def _prefetch(self, item: pytest.Item, nextitem: pytest.Item) -> None:
         """Send the next test ahead when it is a plain per-test sandbox (see

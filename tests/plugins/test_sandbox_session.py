@@ -629,6 +629,144 @@ def test_a_teardown_error_beside_a_kept_fixture_shows_no_frame_of_ours(
     assert tb_lines(iso) == tb_lines(base)
 
 
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_a_fixture_the_next_test_shares_is_kept_up_beside_one_it_does_not(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """``test_a`` uses a session fixture and a module fixture whose teardown fails;
+    ``test_b`` after it uses only the module fixture. In-process the module fixture comes
+    down once, after ``test_b``: one error. The sandbox of ``test_a`` tore down every
+    fixture, reported, as soon as the next test did not share one of them: the error
+    came twice (``test_a`` and ``test_b``). Now only the fixture ``test_b`` does not
+    set up again comes down with ``test_a``."""
+    pytester.makeconftest(KEPT_TEARDOWN["conftest"])
+    pytester.makepyfile(test_one="def test_a(db, server):\n    pass\n\ndef test_b(db):\n    pass\n")
+    base = run(None, "-p", "no:randomly")
+    iso = run(tier, "-p", "no:randomly")
+    assert iso.ret == base.ret == 1
+    assert outcomes(iso) == outcomes(base) == {
+        "test_one.py::test_a": ["PASSED"], "test_one.py::test_b": ["PASSED", "ERROR"]
+    }
+    assert iso.stdout.str().count("module teardown boom") == base.stdout.str().count("module teardown boom")
+    iso.stdout.fnmatch_lines(["ERROR test_one.py::test_b - RuntimeError: module teardown boom", "*2 passed, 1 error*"])
+
+
+QUIET_TEARDOWN = """
+    import logging
+
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def db():
+        yield
+        print("db closed")
+        logging.getLogger("db").warning("db log at teardown")
+
+    def test_a(db):
+        pass
+
+    def test_b(db):
+        pass
+
+    def test_c(db):
+        pass
+"""
+
+
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_a_kept_fixtures_teardown_writes_nothing_until_reported(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """A module fixture shared by three tests: in-process it comes down once, after the
+    last, and what its teardown prints and logs is captured there (``-rA`` shows it
+    once; ``--setup-show`` has one ``TEARDOWN``). Each sandbox that kept it up for the
+    next test tore it down at its end without a report, but not without output: "db
+    closed" and the ``TEARDOWN`` line reached the terminal once per sandbox (each sandbox
+    sets the fixture up again, so ``--setup-show`` has a ``SETUP`` line per test)."""
+    pytester.makepyfile(test_one=QUIET_TEARDOWN)
+    for args in (("-rA",), ("--setup-show",), ("-s",)):
+        base = run(None, "-p", "no:randomly", *args)
+        iso = run(tier, "-p", "no:randomly", *args)
+        assert iso.ret == base.ret == 0
+        for text in ("db closed", "TEARDOWN M db", "db log at teardown"):
+            assert iso.stdout.str().count(text) + iso.stderr.str().count(text) == (
+                base.stdout.str().count(text) + base.stderr.str().count(text)
+            ), (args, text, iso.stdout.str())
+
+
+@pytest.mark.parametrize("uses", ["shared", ""], ids=["isolated-uses-it", "isolated-does-not"])
+def test_an_in_process_tests_fixture_comes_down_before_the_next_module(
+    pytester: pytest.Pytester, run: Runner, uses: str
+) -> None:
+    """``test_plain`` runs in-process (no marker) and sets up a module fixture; the
+    isolated ``test_iso`` comes next, ``test_other`` in the next module runs in-process.
+    The controller runs none of an isolated test's protocol, so it kept the fixture up
+    through ``test_iso``, and pytest's setup of ``test_other`` errored ("previous item
+    was not torn down properly", pytest's own traceback). The controller now tears down
+    what in-process tests set up where in-process pytest does: with ``test_iso``, whose
+    teardown reports the fixture's error once (the sandbox's copy, or the controller's
+    when the sandbox never set it up)."""
+    pytester.makepyfile(
+        test_m=f"""
+            import pytest
+
+            @pytest.fixture(scope="module")
+            def shared():
+                yield 1
+                print("shared down")
+                raise RuntimeError("shared teardown boom")
+
+            def test_plain(shared):
+                pass
+
+            @pytest.mark.isolate("process")
+            def test_iso({uses}):
+                pass
+        """,
+        test_n="def test_other():\n    pass\n",
+    )
+    base = run(None, "-p", "no:randomly", "-p", "no:isolate", "-rA")
+    iso = run(None, "-p", "no:randomly", "-rA")
+    assert "not torn down properly" not in iso.stdout.str()
+    assert iso.ret == base.ret == 1
+    assert outcomes(iso) == outcomes(base) == {
+        "test_m.py::test_plain": ["PASSED"], "test_m.py::test_iso": ["PASSED", "ERROR"],
+        "test_n.py::test_other": ["PASSED"],
+    }
+    for text in ("shared teardown boom", "shared down"):
+        assert iso.stdout.str().count(text) == base.stdout.str().count(text), (text, iso.stdout.str())
+    iso.stdout.fnmatch_lines(["ERROR test_m.py::test_iso - RuntimeError: shared teardown boom"])
+
+
+@pytest.mark.parametrize("tier", ("process", "jail"))
+def test_a_module_sandbox_reports_what_its_earlier_test_set_up(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """``isolate(scope="module")``: one sandbox runs ``test_a`` (a session fixture whose
+    teardown fails) and ``test_b`` (no fixture); ``test_c`` of the next module uses
+    neither. The sandbox kept the session fixture up for ``test_c``, judging by
+    ``test_b``'s fixtures only, and tore it down unreported: the error was lost (in
+    0 errors, in-process 1). It is now reported, early (with ``test_b``: the known
+    layout difference of a fixture the next test does not use)."""
+    pytester.makepyfile(
+        conftest="""
+            import pytest
+
+            @pytest.fixture(scope="session")
+            def server():
+                yield
+                raise RuntimeError("session teardown boom")
+        """,
+        test_one="def test_a(server):\n    pass\n\ndef test_b():\n    pass\n",
+        test_two="def test_c():\n    pass\n",
+    )
+    base = run(None, "-p", "no:randomly")
+    iso = run(tier, "-p", "no:randomly", "--isolate-scope=module")
+    assert iso.ret == base.ret == 1
+    assert iso.parseoutcomes() == base.parseoutcomes() == {"passed": 3, "errors": 1}
+    assert iso.stdout.str().count("session teardown boom") == base.stdout.str().count("session teardown boom")
+
+
 #: A class- and a package-scoped fixture whose teardowns fail, each used by some of the
 #: tests in its scope only: in-process pytest keeps them up to the last test of the class
 #: (``test_c3``) and of the package (``test_b2``) and reports each error there.
