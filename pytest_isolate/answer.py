@@ -435,9 +435,16 @@ class DeferredTeardowns:
         self.pending: dict[str, dict[str, Any]] = {}
 
     def add(self, deferred: list[dict[str, Any]] | None) -> None:
+        """The sandbox's errors, in its order; one without data: the sandbox tore that
+        node down with its own test and reported what it had (``child._reparametrizes``),
+        so what earlier sandboxes sent for it is settled."""
         for d in deferred or ():
-            if isinstance(d, dict) and isinstance(d.get("node"), str) and isinstance(d.get("data"), dict):
+            if not isinstance(d, dict) or not isinstance(d.get("node"), str):
+                continue
+            if isinstance(d.get("data"), dict):
                 self.pending[d["node"]] = d["data"]
+            elif d.get("data") is None:
+                self.pending.pop(d["node"], None)
 
     def place(
         self, item: pytest.Item, nextitem: pytest.Item | None, rep: pytest.TestReport,

@@ -618,6 +618,34 @@ def _keep_up_for(session: Any, after: pytest.Item, forwarder: Forwarder) -> Call
     return undo
 
 
+_NO_PARAM = object()
+
+
+def _reparametrizes(item: pytest.Item, after: pytest.Item) -> bool:
+    """Whether ``after`` takes a shared fixture of ``item``'s with another parameter (a
+    parametrized module fixture's next instance). In-process pytest tears the old
+    instance down while it sets ``after`` up, and an error there is ``after``'s setup
+    error, which a sandbox of its own cannot give; kept up and its error sent on, it met
+    the next instance's at the module's end and was lost. So this sandbox tears
+    everything down with its test, reported: one test early, never lost. The
+    comparison is pytest's own for its fixture cache."""
+    mine = getattr(getattr(item, "callspec", None), "params", None) or {}
+    theirs = getattr(getattr(after, "callspec", None), "params", None) or {}
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", None) or {}
+    for name, value in mine.items():
+        other = theirs.get(name, _NO_PARAM)
+        fixturedefs = defs.get(name) or ()
+        if other is _NO_PARAM or not fixturedefs or getattr(fixturedefs[-1], "scope", "function") == "function":
+            continue
+        try:
+            if not bool(value == other):
+                return True
+        except (ValueError, RuntimeError, TypeError):
+            if value is not other:
+                return True
+    return False
+
+
 class _Chain:
     """Stands for a next item to ``SetupState.teardown_exact``, which asks it only for
     the nodes it descends from: those stay up."""
@@ -783,6 +811,13 @@ def run_items(
             # The failures so far: ``--maxfail`` reached brings everything down, reported.
             teardown = job.get("teardown") or {}
             after = items.get(teardown["after"]) if nxt is None and teardown.get("after") else None
+            if after is not None and _reparametrizes(item, after):
+                # Everything comes down with this test, reported: what earlier sandboxes
+                # sent on for the nodes pytest keeps up is this report's now.
+                for node in item.listchain():
+                    if node in after.listchain():
+                        wire.send(result_fd, {"t": "deferred", "node": node.nodeid, "data": None})
+                after = None
             if isinstance(teardown.get("failed"), int):
                 session.testsfailed = teardown["failed"]
             if job.get("dependency"):

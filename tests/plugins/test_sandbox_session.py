@@ -844,3 +844,44 @@ def test_a_fixtures_teardown_error_is_reported_where_its_scope_ends(
     if not args:
         assert outcomes(base)["pkg/test_a.py::TestC::test_c3"] == ["PASSED", "ERROR"]
         assert outcomes(base)["pkg/test_b.py::test_b2"] == ["PASSED", "ERROR"]
+
+
+REPARAMETRIZED = """
+    import pytest
+
+    @pytest.fixture(scope="module", params=["p1", "p2"])
+    def res(request):
+        yield request.param
+        if request.param == "p1" or FAIL_BOTH:
+            raise RuntimeError(f"teardown {request.param} boom")
+
+    def test_x(res):
+        pass
+
+    def test_y(res):
+        pass
+
+    def test_z():
+        pass
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+@pytest.mark.parametrize("both", [False, True], ids=["p1-fails", "both-fail"])
+def test_a_parametrized_fixtures_teardown_error_is_reported_once(
+    pytester: pytest.Pytester, run: Runner, tier: str, both: bool
+) -> None:
+    """A parametrized module fixture's first instance, whose teardown fails: in-process
+    pytest tears it down at the setup of the first test of the next parameter, which
+    errors instead of running. A sandbox cannot give that test's setup error; its own
+    errors sent on for the module's end were lost there behind the next instance's (or
+    came twice), so the sandbox before now reports it with its own test: the same errors,
+    once each, one test early."""
+    pytester.makepyfile(test_par=f"FAIL_BOTH = {both}\n" + textwrap.dedent(REPARAMETRIZED))
+    base = run(None, "-p", "no:randomly")
+    iso = run(tier, "-p", "no:randomly")
+    assert iso.ret == base.ret == 1
+    for word in ("teardown p1 boom", "teardown p2 boom"):
+        assert iso.stdout.str().count(word) == base.stdout.str().count(word), iso.stdout.str()
+    assert iso.parseoutcomes()["errors"] == base.parseoutcomes()["errors"] == (2 if both else 1)
+    assert outcomes(iso)["test_par.py::test_y[p1]"] == ["PASSED", "ERROR"]
