@@ -416,6 +416,12 @@ class ForkServer:
                     os.close(r)
             else:
                 leftovers = []
+        if box.state.get("jail_net_dropped"):
+            # The shared network namespace could not be emptied of this test's sockets
+            # (jail.py, ``_empty_loopback``): a sandbox built ahead in it is built again.
+            w = ahead.waiting
+            if w is not None and w.box is not None and w.box.state.get("jail_net") is not None:
+                ahead.drop_waiting()
         result = done_message(self.config, item, box, msgs, status, ru, timed_out, wall, stack_fd, captures, leftovers)  # type: ignore[arg-type]
         if not kept:
             os.close(stack_fd)

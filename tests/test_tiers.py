@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -711,3 +712,67 @@ def test_a_tests_sockets_do_not_reach_the_next_test(pytester: pytest.Pytester, t
         assert (seen_net[n]["links"], seen_net[n]["listening"]) == (["lo"], []), seen_net
     if os.geteuid() == 0:
         assert len({v["netns"] for v in seen_net.values()}) == 1  # the shared namespace
+
+
+SERVER_CONFTEST = """
+    import socket
+
+    import pytest
+
+    PORT = 47613
+
+
+    @pytest.fixture(scope="session")
+    def server():
+        s = socket.socket()  # no SO_REUSEADDR
+        s.bind(("127.0.0.1", PORT))
+        s.listen()
+        yield s
+        s.close()
+"""
+SERVER_TESTS = """
+    import socket
+
+    from conftest import PORT
+
+
+    def _talk(server):
+        client = socket.create_connection(("127.0.0.1", PORT))
+        conn, _ = server.accept()
+        conn.close()  # the server's side closes first: its end waits in TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+
+
+    def test_1(server):
+        _talk(server)
+
+
+    def test_2(server):
+        _talk(server)
+
+
+    def test_3(server):
+        _talk(server)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shared network namespace is root's (jail.py, _loopback)")
+@pytest.mark.parametrize("tier", ["jail", "zone"])
+def test_a_closed_connection_leaves_no_time_wait_for_the_next_test(pytester: pytest.Pytester, tier: str) -> None:
+    """A session fixture binds a fixed port without ``SO_REUSEADDR`` and each test's
+    connection is closed by the server's side first, which leaves that side in
+    TIME_WAIT for 60 s. In-process the fixture binds once: 3 passed. Each sandbox sets
+    it up again, in the network namespace consecutive tests share: the TIME_WAIT the
+    first test left made the next ones' bind fail (``EADDRINUSE``, 2 errors) until the
+    namespace was emptied of a test's closed sockets after it, as a namespace of its
+    own would be. In-process runs in a namespace of its own too: no traffic on the
+    host's loopback."""
+    pytester.makeconftest(SERVER_CONFTEST)
+    pytester.makepyfile(test_server=SERVER_TESTS)
+    inproc = pytester.run(
+        "unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} -m pytest -p no:randomly",
+    )
+    inproc.assert_outcomes(passed=3)
+    result = pytester.runpytest_subprocess(f"--isolate={tier}", ESCAPE, "-p", "no:randomly")
+    result.assert_outcomes(passed=3)

@@ -226,11 +226,12 @@ class JailTier(Tier):
         work queue) than every other namespace of a jail together, so consecutive tests
         of a worker run as root with loopback only share one, made once. Nothing of a
         test's stays in it: its sockets close with its processes (the init waits for a
-        runner that still holds one), and it cannot change the namespace itself, having
-        no ``CAP_NET_ADMIN`` (no link, address, route or netfilter rule) and a read-only
-        ``/proc/sys``. Unprivileged, each test's user namespace would own its network
-        namespace, so it gets one of its own; ``network="ip"`` gives each test its own
-        address."""
+        runner that still holds one), what they leave in the kernel (TIME_WAIT) is
+        destroyed after it (``_empty_loopback``), and it cannot change the namespace
+        itself, having no ``CAP_NET_ADMIN`` (no link, address, route or netfilter rule)
+        and a read-only ``/proc/sys``. Unprivileged, each test's user namespace would own
+        its network namespace, so it gets one of its own; ``network="ip"`` gives each
+        test its own address."""
         if not self._privileged or box.spec.network == "ip" or self._loopback_failed:
             return None
         if self._loopback_fd is None:
@@ -317,6 +318,30 @@ class JailTier(Tier):
         used = frame.get("disk_bytes")
         if isinstance(used, int) and not isinstance(used, bool):
             box.usage["disk_bytes"] = used
+        if box.state.get("jail_net") is not None:
+            self._empty_loopback(box)
+
+    def _empty_loopback(self, box: Box) -> None:
+        """After a test in the shared network namespace (every process of its sandbox is
+        gone): the TCP sockets it closed, left in TIME_WAIT and the other closing
+        states, go too, as they would with a namespace of its own. A session or module
+        fixture that binds a fixed port without ``SO_REUSEADDR`` binds it once
+        in-process; each sandbox sets it up again, and the next test's bind failed with
+        ``EADDRINUSE`` for 60 s after a connection the server side closed first. A
+        kernel that cannot destroy them: from here on each test makes its own
+        namespace, and the sandbox built ahead in this one is dropped
+        (``box.state["jail_net_dropped"]``, ``ForkServer.run_test``)."""
+        if self._loopback_fd is None:
+            return
+        try:
+            if ns.in_netns(self._loopback_fd, netlink.clear_orphaned_tcp):
+                return
+        except OSError:
+            pass
+        os.close(self._loopback_fd)
+        self._loopback_fd = None
+        self._loopback_failed = True
+        box.state["jail_net_dropped"] = True
 
     # -- in the child ---------------------------------------------------------------
 

@@ -279,6 +279,43 @@ def test_loopback_up_in_fresh_netns() -> None:
     _children_all_ok(_Child(body))
 
 
+def test_clear_orphaned_tcp_takes_time_wait_and_leaves_held_sockets() -> None:
+    """What a test's closed connections leave in a shared namespace (jail.py,
+    ``_empty_loopback``): TIME_WAIT, IPv4 and IPv6, goes, and the port binds again
+    without ``SO_REUSEADDR``; a socket a live process holds stays, listening."""
+
+    def body(_: _Child) -> None:
+        _unshare(CLONE_NEWNET)
+        netlink.loopback_up()
+        assert netlink.clear_orphaned_tcp()  # nothing there: sockstat says so
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = {}
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            srv = socket.socket(family)
+            srv.bind((host, 0))
+            srv.listen()
+            ports[family] = (host, srv.getsockname()[1])
+            c = socket.create_connection(ports[family], timeout=2)
+            peer, _ = srv.accept()
+            peer.close()  # the server's end closes first: TIME_WAIT on its port
+            assert c.recv(1) == b""
+            c.close()
+            srv.close()
+            with socket.socket(family) as again, pytest.raises(OSError) as busy:
+                again.bind(ports[family])
+            assert busy.value.errno == errno.EADDRINUSE
+        assert netlink.clear_orphaned_tcp()
+        for family, addr in ports.items():
+            with socket.socket(family) as again:
+                again.bind(addr)
+        with socket.create_connection(held.getsockname(), timeout=2):
+            pass  # still listening
+
+    _children_all_ok(_Child(body))
+
+
 def test_ip_available_as_root() -> None:
     assert net.ip_available() is None
 
