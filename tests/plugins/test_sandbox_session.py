@@ -885,3 +885,41 @@ def test_a_parametrized_fixtures_teardown_error_is_reported_once(
         assert iso.stdout.str().count(word) == base.stdout.str().count(word), iso.stdout.str()
     assert iso.parseoutcomes()["errors"] == base.parseoutcomes()["errors"] == (2 if both else 1)
     assert outcomes(iso)["test_par.py::test_y[p1]"] == ["PASSED", "ERROR"]
+
+
+
+DYNAMIC_TEARDOWN = """
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def srv():
+        yield 1
+        raise RuntimeError("dynamic teardown boom")
+
+    def test_a(request):
+        assert request.getfixturevalue("srv") == 1
+
+    def test_b():
+        pass
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_fixture_asked_for_by_name_reports_its_teardown_error(
+    pytester: pytest.Pytester, run: Runner, tier: str
+) -> None:
+    """A module fixture only ``request.getfixturevalue`` asks for, whose teardown fails:
+    in-process it stays up until the module's last test and fails that test's teardown.
+    The sandbox of ``test_a`` judged what to keep up for ``test_b`` by the fixtures
+    ``test_a`` declares, kept this one up, tore it down unreported, and the error was
+    lost (``test_b`` never sets it up). Now what the test asked for counts too: the
+    error is ``test_a``'s teardown error, early, as for a declared fixture the next
+    test does not use (docs/compatibility.md)."""
+    pytester.makepyfile(test_dynamic=DYNAMIC_TEARDOWN)
+    base = run(None, "-p", "no:randomly")
+    iso = run(tier, "-p", "no:randomly")
+    assert iso.ret == base.ret == 1
+    assert iso.parseoutcomes() == base.parseoutcomes() == {"passed": 2, "errors": 1}, iso.stdout.str()
+    assert iso.stdout.str().count("RuntimeError: dynamic teardown boom") == base.stdout.str().count(
+        "RuntimeError: dynamic teardown boom"
+    )
