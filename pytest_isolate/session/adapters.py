@@ -78,13 +78,31 @@ def kept_by_plugins(item: pytest.Item) -> list[str]:
         examples = hypothesis_db.default_path()
         if examples is not None:
             out.append(os.path.dirname(examples))
-    out += _kept_by_mypy(item) + _kept_by_ruff(item)
+    out += _kept_by_mypy(item) + _kept_by_ruff(item) + _kept_by_recording(item)
     if path is None or not names:
         return out
     pm = item.config.pluginmanager
     if pm.has_plugin("regressions") and any(n.endswith("_regression") for n in names):
         out.append(str(path.with_suffix("")))  # pytest-datadir's ``original_datadir``
     return out
+
+
+def _kept_by_recording(item: pytest.Item) -> list[str]:
+    """pytest-recording's tests (``@pytest.mark.vcr``): their module's cassette directory.
+
+    Such a test records its HTTP exchanges (``--record-mode=once`` and the other
+    recording modes) into ``cassettes/<module>/`` beside its module (its
+    ``vcr_cassette_dir`` fixture), and the next run replays them. From ``chroot`` up
+    the cassettes stayed in the sandbox's root: the next run found none, recorded again
+    (or, with ``--record-mode=none``, failed where in-process it replays). A test that
+    overrides ``vcr_cassette_dir`` names its directory with ``isolate(keep=...)``."""
+    mod = sys.modules.get("pytest_recording.plugin")
+    path = getattr(item, "path", None)
+    if mod is None or path is None or not item.config.pluginmanager.is_registered(mod):
+        return []
+    if item.get_closest_marker("vcr") is None:
+        return []
+    return [os.path.join(os.path.dirname(path), "cassettes", path.stem)]
 
 
 def _kept_by_mypy(item: pytest.Item) -> list[str]:
