@@ -113,12 +113,12 @@ def unpack(
     if "error" in done:
         reports = synthetic(item, "failed", done["error"])
         return reports, new_record(item, spec, reports, {"worker_error": done["error"]})
-    reports = [
-        extras.restore_text(
-            _subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=_tuples(extras.unpack(d))), d)
-        )
-        for d in done["reports"]
-    ]
+    reports = []
+    for d in done["reports"]:
+        data = _tuples(extras.unpack(d))
+        crash = extras.sent_crash(data)
+        rep = _subtest_kwargs(hook.pytest_report_from_serializable(config=config, data=data), d)
+        reports.append(extras.restore_text(rep, crash))
     for when in done.get("pdbshown") or ():
         # Its failure was shown in the sandbox's debugger: the summary leaves it out.
         for rep in reports:
@@ -468,7 +468,9 @@ class DeferredTeardowns:
         if not found or not rep.passed:
             return
         hook = self.config.hook
-        theirs = extras.restore_text(hook.pytest_report_from_serializable(config=self.config, data=_tuples(extras.unpack(found[0]))))
+        data = _tuples(extras.unpack(found[0]))
+        crash = extras.sent_crash(data)
+        theirs = extras.restore_text(hook.pytest_report_from_serializable(config=self.config, data=data), crash)
         rep.outcome = "failed"
         rep.longrepr = theirs.longrepr
         record["outcome"] = outcome_of(reports)

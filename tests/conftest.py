@@ -32,7 +32,7 @@ OPTIONAL_PLUGINS = (
     "html", "html_fixtures", "metadata", "env", "pytest_mock", "pytest_cov", "dependency",
     "flaky", "pytest-bdd", "allure_pytest", "inline_snapshot", "pytest-testmon",
     "pytest-retry", "memray", "regressions", "datadir", "pytest-split", "pytest_reportlog",
-    "profiling", "mypy", "ruff", "recording",
+    "profiling", "mypy", "ruff", "recording", "check",
 )
 FAST_ADDOPTS = " ".join(f"-p no:{name}" for name in OPTIONAL_PLUGINS)
 #: How long objects of a finished run may take to disappear before it counts as a leak.

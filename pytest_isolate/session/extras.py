@@ -20,7 +20,7 @@ import io
 import math
 from typing import Any
 
-from _pytest._code.code import TerminalRepr
+from _pytest._code.code import ExceptionChainRepr, ReprFileLocation, TerminalRepr
 from _pytest._io import TerminalWriter
 from execnet.gateway_base import dumps_internal, loads_internal
 
@@ -134,9 +134,38 @@ def plain_text(report: Any, data: Any) -> None:
     data[TEXT] = out.getvalue()
 
 
-def restore_text(report: Any) -> Any:
-    """In the controller: the repr back where the sandbox sent its text."""
+def restore_text(report: Any, crash: tuple[str, int, str] | None = None) -> Any:
+    """In the controller: the repr back where the sandbox sent its text, and the crash
+    line a chained repr names (``crash``: :func:`sent_crash` of its data)."""
     text = report.__dict__.pop(TEXT, None)
     if isinstance(text, str) and isinstance(report.longrepr, str) and len(text) <= LIMIT:
         report.longrepr = PlainRepr(text)
+    longrepr = report.longrepr
+    if crash is not None and isinstance(longrepr, ExceptionChainRepr):
+        have = longrepr.reprcrash
+        if have is None or (have.path, have.lineno, have.message) != crash:
+            longrepr.reprcrash = ReprFileLocation(*crash)
     return report
+
+
+def sent_crash(data: Any) -> tuple[str, int, str] | None:
+    """The ``reprcrash`` of a chained failure repr as the sandbox serialized it, taken
+    before pytest rebuilds the report (which replaces the dict in place).
+
+    pytest serializes a chained repr's own ``reprcrash`` and each link's, but rebuilds
+    the repr from its links alone, and ``ExceptionChainRepr`` takes the last link's
+    crash for its own. A plugin that sets another one had it lost on the way:
+    pytest-check, for a test whose checks failed and which then raised, names the first
+    failed check (the short summary's ``FAILED t.py::test - check 1 == 2: first``, the
+    junit ``message``); isolated, they named the exception raised after it (as under
+    pytest-xdist, whose workers pytest-check leaves alone)."""
+    sent = data.get("longrepr") if isinstance(data, dict) else None
+    if not isinstance(sent, dict) or not sent.get("chain"):
+        return None
+    crash = sent.get("reprcrash")
+    if not isinstance(crash, dict):
+        return None
+    try:
+        return str(crash["path"]), int(crash["lineno"]), str(crash["message"])
+    except (KeyError, TypeError, ValueError):
+        return None
