@@ -369,4 +369,51 @@ PROJECTS: tuple[Project, ...] = (
         "its requirements-tests.txt (without xdist and coverage) and the watchmedo extra",
         extras=("watchmedo",),
     ),
+    Project(
+        "urllib3", "2.8.0",
+        ("anyio[trio]>=4.8.0", "h2>=4.1.0", "httpx>=0.28.1", "hypercorn>=0.15.0", "pysocks>=1.7.1",
+         "pytest-socket>=0.7.0", "pytest-timeout>=2.3.1", "quart>=0.20.0", "quart-trio>=0.12.0",
+         "trio>=0.27.0", "cryptography>=44.0.2", "idna>=3.10", "pyopenssl>=25.0.0", "trustme>=1.2.1"),
+        "local HTTP/HTTPS/proxy servers (hypercorn + quart in threads, trustme certificates, "
+        "SOCKS, HTTP/2 via h2), sockets with timeouts, filterwarnings=error, xfail_strict, "
+        "log_level DEBUG; its dependency groups test and dev's TLS packages (hypercorn from PyPI, "
+        "not its git fork); requires_network tests skip themselves (no route in the run's "
+        "network namespace: the Internet is left out), --integration tests are off by default",
+        extras=("brotli", "zstd", "socks", "h2"),
+    ),
+    Project(
+        "pyyaml", "6.0.4", (),
+        "data-driven legacy tests (tests/legacy_tests: ~1,300 cases generated from files in "
+        "data/ by its conftest), the libyaml C extension built from the sdist, recursion limits",
+    ),
+    Project(
+        "starlette", "1.10.0",
+        ("httpx2[zstd]>=2.0.0", "blockbuster>=1.5.23", "importlib-metadata>=9.0.1",
+         "opentelemetry-sdk>=1.44.0", "trio>=0.34.0"),
+        "ASGI apps through TestClient (anyio portals in threads, asyncio and trio), websockets, "
+        "file responses, sessions, blockbuster (blocking calls in the event loop fail), "
+        "-rXs --strict-config --strict-markers, xfail_strict, filterwarnings=error; its "
+        "dependency group dev without type checkers, linters and coverage, and the full extra",
+        extras=("full",),
+    ),
+    Project(
+        "msgpack", "1.2.4", ("setuptools",),
+        "a C extension (Cython-generated _cmsgpack.c) built in place first, as the flat layout's "
+        "tests import msgpack from the tree; no pytest config; test/ as its CI",
+        ("test",),
+        prepare=("setup.py", "build_ext", "-i"),
+    ),
+    Project(
+        "boltons", "26.2.0", (),
+        "--doctest-modules over the package and tests/ (tox.ini's command), doctest_optionflags, "
+        "file utilities (atomic saves, mkdir_p), socket utilities over socketpairs, gc/tb "
+        "utilities, signal-free timeouts",
+        ("--doctest-modules", "boltons", "tests"),
+    ),
+    Project(
+        "ptyprocess", "0.7.0", (),
+        "pseudo-terminals: processes spawned on a pty (fork + setsid + controlling tty), "
+        "echo and window size, waiting on exit statuses, preexec_fn; no pytest config",
+        ("tests",),
+    ),
 )
