@@ -397,9 +397,10 @@ PROJECTS: tuple[Project, ...] = (
         extras=("full",),
     ),
     Project(
-        "msgpack", "1.2.4", ("setuptools",),
+        "msgpack", "1.2.4", ("setuptools>=78.1.1",),
         "a C extension (Cython-generated _cmsgpack.c) built in place first, as the flat layout's "
-        "tests import msgpack from the tree; no pytest config; test/ as its CI",
+        "tests import msgpack from the tree; no pytest config; test/ as its CI; setuptools>=78.1.1 "
+        "(its build-system pin: an older one rejects its SPDX project.license)",
         ("test",),
         prepare=("setup.py", "build_ext", "-i"),
     ),
