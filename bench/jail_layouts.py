@@ -67,6 +67,16 @@ def runner() -> None:
     os._exit(0)
 
 
+def sandboxed_runner(box: str) -> None:
+    """Fork a runner that makes its own namespaces and root, and wait for it."""
+    r = os.fork()
+    if r == 0:
+        ns.unshare(SANDBOX_NS)
+        build_root(box)
+        runner()
+    os.waitpid(r, 0)
+
+
 def init_per_test(n: int, box: str, pidns: bool = True) -> None:
     own = os.open("/proc/self/ns/pid", os.O_RDONLY)
     try:
@@ -99,12 +109,7 @@ def holder(n: int, box: str) -> None:
         os.close(to_w)
         os.close(back_r)
         while os.read(to_r, 1):
-            r = os.fork()
-            if r == 0:
-                ns.unshare(SANDBOX_NS)
-                build_root(box)
-                runner()
-            os.waitpid(r, 0)
+            sandboxed_runner(box)
             os.write(back_w, b"x")
         os._exit(0)
     ns.setns(own, ns.CLONE_NEWPID)
@@ -120,12 +125,7 @@ def holder(n: int, box: str) -> None:
 
 def one_fork(n: int, box: str) -> None:
     for _ in range(n):
-        r = os.fork()
-        if r == 0:
-            ns.unshare(SANDBOX_NS)
-            build_root(box)
-            runner()
-        os.waitpid(r, 0)
+        sandboxed_runner(box)
 
 
 def measure(fn: Callable[[int, str], None], n: int, box: str) -> tuple[float, float]:
