@@ -167,6 +167,7 @@ class ForkServer:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
         self.ahead.collected(self.items, session.items)
+        rewritten.pyc_again()
         # The collected files' sources, read once here, before any child is forked:
         # in-process, a test's module is in linecache from the moment pytest computes the
         # test's location; a child that cannot open a file any more (a test that lowered
@@ -687,6 +688,7 @@ def main(cmd_fd: int | None = None, evt_fd: int | None = None, start: dict[str, 
     os.chdir(init["dir"])
     sys.path[:] = init["sys_path"]
     rewritten.stop()  # the controller's job, not a server's
+    rewritten.no_pyc_until_collected()
     if init.get("pyc_share"):
         rewritten.use(init["pyc_share"])  # a guest's: what the controller rewrote
     # Orphans of a test reparent to us, so nothing a test started can outlive it.

@@ -175,3 +175,41 @@ def use(directory: str) -> None:
         return co
 
     rewrite._read_pyc = _read_pyc
+
+
+def no_pyc_until_collected() -> None:
+    """In a fork server: what pytest rewrites while this server configures and collects
+    is not written to ``__pycache__`` (``pyc_again`` undoes it).
+
+    The server configures and collects while the controller does, and pytest's rewriter
+    warns (``PytestAssertRewriteWarning``: an assert on a tuple) only when it compiles a
+    module, not when it loads its cached copy. A server that cached a test module or a
+    conftest first took the warning from the controller's summary (pyyaml's "1 warning",
+    fidelity.md difference 36): the controller then loaded the server's copy. The
+    server's own warnings at collection go nowhere. Reading a copy the controller wrote
+    is harmless, and the controller writes its own as in-process."""
+    try:
+        from _pytest.assertion import rewrite
+
+        orig = rewrite._write_pyc
+    except (ImportError, AttributeError):
+        return
+    if getattr(orig, "_isolate_orig", None) is not None:
+        return
+
+    def _write_pyc(*_args: Any, **_kwargs: Any) -> bool:
+        return False
+
+    _write_pyc._isolate_orig = orig  # type: ignore[attr-defined]
+    rewrite._write_pyc = _write_pyc
+
+
+def pyc_again() -> None:
+    """After the server's collection: tests' own imports write their cache as in-process."""
+    try:
+        from _pytest.assertion import rewrite
+    except ImportError:
+        return
+    orig = getattr(rewrite._write_pyc, "_isolate_orig", None)
+    if orig is not None:
+        rewrite._write_pyc = orig

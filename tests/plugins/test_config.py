@@ -316,3 +316,37 @@ def test_encoding_warnings_as_errors(
     iso = run(tier)
     assert "INTERNALERROR" not in iso.stdout.str() + iso.stderr.str(), iso.stderr.str()[-2000:]
     assert outcomes(iso) == outcomes(base) == {"test_enc.py::test_ok": ["PASSED"], "test_enc.py::test_fail": ["FAILED"]}
+
+
+REWRITE_WARNS = """
+    def test_tuple_assert():
+        assert (1, "always true")
+"""
+
+SLOW_CONTROLLER = """
+    import time
+
+
+    def pytest_collect_file(file_path, parent):
+        # Only the controller collects slowly: the worker's collection reaches the module
+        # first, as it can whenever the worker starts early (the stem) and the
+        # controller has more to do before it.
+        if file_path.name == "test_rewrite.py" and not parent.config.pluginmanager.has_plugin("isolate-forkserver"):
+            time.sleep(2)
+"""
+
+
+@pytest.mark.parametrize("tier", ["process", "jail"])
+def test_an_assert_rewrite_warning_is_counted_as_in_process(
+    pytester: pytest.Pytester, run: Runner, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    """pytest's rewriter warns about an assert on a tuple when it compiles the module,
+    not when it loads the copy it cached in ``__pycache__``. The fork server collects
+    beside the controller, and when it cached the module first the controller loaded
+    its copy and the summary lost the warning (pyyaml's "1 warning", run 53)."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # a user's runs write it
+    pytester.makepyfile(test_rewrite=REWRITE_WARNS)
+    pytester.makeconftest(SLOW_CONTROLLER)
+    iso = run(tier, "-p", "no:cacheprovider")
+    iso.stdout.fnmatch_lines(["*PytestAssertRewriteWarning: assertion is always true*", "*1 passed, 1 warning*"])
+    assert (pytester.path / "__pycache__").is_dir()
