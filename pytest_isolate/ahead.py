@@ -29,7 +29,7 @@ from pytest_isolate.child import Forwarder, run_items
 from pytest_isolate.outcome import CGROUP_TIERS
 from pytest_isolate.spawner import Spawner, SpawnerGone
 from pytest_isolate.spec import IsolationSpec
-from pytest_isolate.tiers.base import Box, Tier, kill_tree
+from pytest_isolate.tiers.base import HOLDER_ENTRY, Box, Tier, kill_tree
 
 #: Tiers whose next sandbox is built while the current test runs (``build_ahead``).
 AHEAD_TIERS = ("chroot", "jail", "zone", "uml")
@@ -58,6 +58,7 @@ class _Slot:
     tier: Tier | None = None
     box: Box | None = None
     spawned: bool = False  # forked by the spawner (a zygote, or a chroot built ahead)
+    parent: Spawner | None = None  # which spawner forked it (a jail holder, or the spawner)
 
 
 def _collect_and_freeze() -> None:
@@ -101,6 +102,11 @@ class Ahead:
         self.waiting: _Slot | None = None
         self.spawner: Spawner | None = None
         self.spawner_wanted = False
+        #: `jail`'s holders: spawners that are PID 1 of a PID namespace each, taking turns
+        #: so that a test never shares its PID namespace with the sandbox built ahead.
+        #: Per tier (each joins its tier's own shared loopback namespace).
+        self.holders: dict[str, list[Spawner]] = {}
+        self.turn = 0
         self.ahead_misses = 0
         #: The running test's fds: a child forked meanwhile closes them (``_close_busy``).
         self.busy: tuple[int, ...] = ()
@@ -180,8 +186,9 @@ class Ahead:
         """The pid of a zygote asked of the spawner, read when first needed, with a
         pidfd opened while it still waits for its job: once it has run, the spawner
         reaps it and the pid is gone (not our child: no zombie holds it for us)."""
-        if slot.pid == 0 and self.spawner is not None:
-            slot.pid = self.spawner.next_pid()
+        parent = slot.parent or self.spawner
+        if slot.pid == 0 and parent is not None:
+            slot.pid = parent.next_pid()
             self.pidfds[slot.pid] = os.pidfd_open(slot.pid)
         return slot.pid
 
@@ -202,12 +209,19 @@ class Ahead:
     def _zygote(self, result_w: int, stack_fd: int, go_r: int, root: str, cwd: str) -> NoReturn:
         """In the spawner's new child: wait for a job, run it (``run_items``). ``root``:
         a `chroot` sandbox's root, mounted by the server, entered first (tiers/chroot.py)."""
+        cgroup_memory = False  # a zone's cgroup, not an rlimit, holds its memory budget
         try:
-            os.setpgid(0, 0)
-            if root:
+            if root.startswith(HOLDER_ENTRY):  # a holder's zygote builds its own sandbox
+                name, plan = root[len(HOLDER_ENTRY) :].split(":", 1)
+                self.tier(name).enter_built(plan, cwd, result_w)  # type: ignore[attr-defined]
+                cgroup_memory = name in CGROUP_TIERS
+            elif root:
+                os.setpgid(0, 0)
                 os.chroot(root)
                 os.chdir(cwd)
-            run_items(self.config, self.forwarder, self.items, None, result_w, stack_fd, self.term_fd, False, go_r)
+            else:
+                os.setpgid(0, 0)
+            run_items(self.config, self.forwarder, self.items, None, result_w, stack_fd, self.term_fd, cgroup_memory, go_r)
         finally:
             os._exit(70)
 
@@ -215,7 +229,8 @@ class Ahead:
         """The waiting child of a spawner that died is ours now (we are the subreaper):
         end it quietly, it is nobody's leftover (a sandbox built ahead: its root too)."""
         z = self.waiting
-        if z is None or not z.spawned:
+        if z is None or not z.spawned or (z.parent or self.spawner) is not spawner:
+            self.gone(spawner)
             return
         self.waiting = None
         pid = z.pid or (spawner.named[0] if spawner.named else 0)
@@ -233,7 +248,7 @@ class Ahead:
         for fd in (z.go, z.r, z.stack_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._spawner_gone()
+        self.gone(spawner)
 
     def _spawner_gone(self) -> None:
         """The spawner died (a test may kill anything it can see): the server forks
@@ -252,13 +267,53 @@ class Ahead:
         fd = self.pidfds.pop(pid, -1)
         return fd if fd >= 0 else os.pidfd_open(pid)
 
+    def spawners(self) -> list[Spawner]:
+        return [*([self.spawner] if self.spawner is not None else []), *self.all_holders()]
+
+    def all_holders(self) -> list[Spawner]:
+        return [h for hs in self.holders.values() for h in hs]
+
+    def parent_of(self, pid: int) -> Spawner | None:
+        """The spawner (or jail holder) that forked ``pid``, if one did."""
+        return next((sp for sp in self.spawners() if pid in sp.children), None)
+
+    def gone(self, spawner: Spawner) -> None:
+        """``spawner`` died: the server forks its own, or makes a new holder next time."""
+        hs = next((hs for hs in self.holders.values() if spawner in hs), None)
+        if hs is not None:
+            hs.remove(spawner)
+            with contextlib.suppress(ValueError):
+                self.private_fds.remove(spawner.sock.fileno())
+            with contextlib.suppress(Exception):
+                kill_tree(spawner.pid)
+            with contextlib.suppress(Exception):
+                spawner.close()
+        else:
+            self._spawner_gone()
+
+    def holder(self, tier: Tier) -> Spawner | None:
+        """The jail holder whose turn it is (made on first use), or None."""
+        netns = tier.holder_netns()  # type: ignore[attr-defined]
+        if netns is None:
+            return None
+        hs = self.holders.setdefault(tier.name, [])
+        if len(hs) < 2:
+            _collect_and_freeze()
+            sp = Spawner(self._zygote, self.private_fds, netns)
+            self.private_fds.append(sp.sock.fileno())
+            hs.append(sp)
+            return sp
+        self.turn += 1
+        return hs[self.turn % len(hs)]
+
     def reap(self, pid: int) -> tuple[int, Any]:
         """wait4() for our own children; the spawner's report for its zygotes."""
-        if self.spawner is not None and pid in self.spawner.children:
+        parent = self.parent_of(pid)
+        if parent is not None:
             try:
-                return self.spawner.status(pid)
+                return parent.status(pid)
             except SpawnerGone:
-                self._spawner_gone()
+                self.gone(parent)
         # Ours, or the spawner's orphan: it died and we are the subreaper.
         try:
             _, status, ru = os.wait4(pid, 0)
@@ -326,15 +381,29 @@ class Ahead:
         there is no spawner). Forked here, every child costs this server ~1.5 ms of
         copy-on-write faults on its own pages and the page-table copy of the fork."""
         where = tier.entry(box)
-        if where is None or self.spawner is None:
+        if where is None:
+            return None
+        parent = self.holder(tier) if where[0].startswith(HOLDER_ENTRY) else self.spawner
+        if parent is None:
+            box.state.pop("holder", None)
             return None
         try:
-            self.spawner.spawn(slot.w, slot.stack_fd, go_r, *where)
+            parent.spawn(slot.w, slot.stack_fd, go_r, *where)
         except SpawnerGone:
-            self._spawner_gone()
+            self.gone(parent)
+            box.state.pop("holder", None)
             return None
         slot.spawned = True
-        return 0
+        slot.parent = parent
+        if box.state.get("holder"):
+            # Before its job: host-side work on it (zone: its cgroup holds it).
+            pid = self.named(slot)
+            try:
+                tier.adopt(box, pid)
+            except BaseException:
+                kill_tree(pid)
+                raise
+        return slot.pid  # 0 until named
 
     def _close_busy(self) -> None:
         """After every fork here: a child forked while a test runs lets go of its fds.

@@ -42,6 +42,7 @@ from pytest_isolate.tiers.base import (
     children,
     descendants,
     describe_procs,
+    holds_sockets,
     kill_tree,
     still_running,
 )
@@ -55,6 +56,8 @@ SAMPLE_INTERVAL = 0.05
 #: init adopts it and reaps it at once, and a test may wait for its pid to go (psutil's
 #: test_zombie_process kills a zombie's parent, then polls until the zombie is gone).
 ADOPTED_REAP_INTERVAL = 0.05
+#: How long a runner that said "end" is given to close its sockets (``_wait``).
+SOCKETS_GRACE = 5.0
 
 
 def load_tier(name: str, ctx: WorkerContext) -> Tier:
@@ -202,9 +205,9 @@ class ForkServer:
         finally:
             self.ahead.drop_waiting()
             self._reap_exiting()
-            if self.ahead.spawner is not None:
+            for sp in self.ahead.spawners():
                 with contextlib.suppress(Exception):
-                    self.ahead.spawner.close()
+                    sp.close()
             for tier in self.tiers.values():
                 with contextlib.suppress(Exception):
                     tier.close()
@@ -346,8 +349,7 @@ class ForkServer:
                 pid = ahead.named(waiting)
                 # Its parent, taken now: making the next child below may find the spawner
                 # dead (this test may kill it at once) and replace it before ``_wait``.
-                if ahead.spawner is not None and pid in ahead.spawner.children:
-                    parent = ahead.spawner
+                parent = ahead.parent_of(pid)
                 wire.send(waiting.go, job)
                 if ahead.want_zygote:
                     with contextlib.suppress(SpawnerGone):  # next time: forked here
@@ -386,8 +388,10 @@ class ForkServer:
                 ahead.waiting = slot
             elif status is None:  # the runner ended cleanly and is exiting: don't wait
                 leftovers_early = self._kill_descendants(pid)
-                if ahead.spawner is not None and pid in ahead.spawner.children:
-                    ahead.spawner.forget(pid)  # the spawner reaps it
+                if (spawner := ahead.parent_of(pid)) is not None:
+                    spawner.forget(pid)  # the spawner reaps it
+                    if box.state.get("holder"):
+                        box.state["released"] = next((m for m in reversed(msgs) if m.get("t") == "changes"), {})
                 else:
                     self.exiting[pid] = None
                 status = 0
@@ -407,13 +411,15 @@ class ForkServer:
                 slot.go = -1
             wall = time.perf_counter() - t0
             if not kept:
+                exclude = [*self.exiting, *(p["pid"] for p in leftovers_early)]
+                # A holder's orphans are in the shared network namespace that ``finish``
+                # empties of closed sockets: they go first (an init killed them itself).
+                left = self._reap_orphans(exclude=exclude) if box.state.get("holder") else None
                 try:
                     if pid:
                         tier.finish(box, pid, status, ru)  # type: ignore[arg-type]
                 finally:
-                    leftovers = leftovers_early + self._reap_orphans(
-                        exclude=[*self.exiting, *(p["pid"] for p in leftovers_early)]
-                    )
+                    leftovers = leftovers_early + (left if left is not None else self._reap_orphans(exclude=exclude))
                     os.close(r)
             else:
                 leftovers = []
@@ -457,7 +463,7 @@ class ForkServer:
         # A test may kill whatever it sees, its parent too: for a zygote, the spawner.
         # Then the test dies with it, as when a test kills the fork server.
         spawner = parent
-        if spawner is not None and spawner is not self.ahead.spawner:  # found dead meanwhile
+        if spawner is not None and spawner not in self.ahead.spawners():  # found dead meanwhile
             spawner = None
             box.state["spawner_killed"] = True
             tier.kill(box, pid)
@@ -498,7 +504,11 @@ class ForkServer:
                     last = msgs[-1].get("t") if msgs else None
                     if last == "item_done":
                         return "kept", None, False  # type: ignore[return-value]
-                    if tier.direct and last == "end":
+                    if (tier.direct or box.state.get("holder")) and last == "end":
+                        if box.state.get("holder") and holds_sockets(pid):
+                            # Its network namespace is the next test's: a port it
+                            # still holds while it exits would be taken for that test's.
+                            select.select([pidfd], [], [], SOCKETS_GRACE)
                         return None, None, False
                     if last == "released":
                         return "released", None, False  # type: ignore[return-value]
@@ -581,8 +591,7 @@ class ForkServer:
         own. (Live orphans are left to ``_reap_orphans`` after the test.)"""
         ahead = self.ahead
         keep = {runner, *self.exiting}
-        if ahead.spawner is not None:
-            keep.add(ahead.spawner.pid)
+        keep |= {sp.pid for sp in ahead.spawners()}
         if ahead.waiting is not None:
             keep.add(ahead.waiting.pid)
         for t in self.tiers.values():
@@ -609,6 +618,7 @@ class ForkServer:
         waiting = ahead.waiting.pid if ahead.waiting is not None else None
         # A released init's subtree is its own to end (it already killed the rest).
         keep = {spawner, waiting, *(p for p, box in self.exiting.items() if box is not None)}
+        keep |= {h.pid for h in ahead.all_holders()}
         for t in self.tiers.values():
             keep |= t.own_pids()
         # The zygotes' subtrees first, then our own children: an orphan of an exiting
@@ -617,6 +627,17 @@ class ForkServer:
         # it could move between the two reads and be seen in neither (a daemon then
         # counted as the next test's).
         mine = [q for z in children(spawner) for q in descendants(z)] if spawner is not None else []
+        # A jail holder is PID 1 of its namespace: what a test left there reparents to
+        # it, not to us. Its children that it did not fork as zygotes are such orphans.
+        for h in ahead.all_holders():
+            try:
+                orphans = h.orphans()
+            except SpawnerGone:
+                ahead.gone(h)
+                continue
+            zygotes = [z for z in children(h.pid) if z not in orphans]
+            mine += [q for z in zygotes for q in descendants(z)]
+            mine += [q for z in orphans for q in (z, *descendants(z))]
         mine += [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]
         mine = list(dict.fromkeys(mine))
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])

@@ -47,12 +47,27 @@ class Spawner:
         self,
         zygote: Callable[[int, int, int, str, str], NoReturn],
         close_in_child: list[int],
+        netns: int | None = None,
     ) -> None:
+        """``netns``: the spawner becomes PID 1 of a PID namespace of its own and joins
+        this network namespace (the jail holder, prototype)."""
+        from pytest_isolate.facets import namespaces as ns
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         frozen.freeze()
+        own = -1
+        if netns is not None:
+            own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            ns.unshare(ns.CLONE_NEWPID)
         pid = os.fork()
+        if pid != 0 and own >= 0:
+            ns.setns(own, ns.CLONE_NEWPID)
+            os.close(own)
         if pid == 0:
             try:
+                if netns is not None:
+                    os.close(own)
+                    ns.setns(netns, ns.CLONE_NEWNET)
                 ours.close()
                 for fd in close_in_child:
                     with contextlib.suppress(OSError):
@@ -80,6 +95,17 @@ class Spawner:
             socket.send_fds(self.sock, [fields.encode()], [result_w, stack_fd, go_r])
         except OSError as exc:
             raise SpawnerGone(str(exc)) from None
+
+    def orphans(self) -> list[int]:
+        """A holder's children it did not fork: what a test left in its PID namespace."""
+        try:
+            self.sock.send(b"o")
+        except OSError as exc:
+            raise SpawnerGone(str(exc)) from None
+        self.found: list[int] | None = None
+        while self.found is None:
+            self._read()
+        return self.found
 
     def next_pid(self) -> int:
         """The pid of the oldest zygote asked for and not yet named."""
@@ -123,6 +149,8 @@ class Spawner:
         if kind == "pid":
             self.children.add(pid)
             self.named.append(pid)
+        if kind == "orphans":
+            self.found = [pid for pid in map(int, rest) if pid]
         if kind == "exit":
             status, fields = int(rest[0]), [float(x) for x in rest[1:]]
             ints = [*fields[:2], *(int(x) for x in fields[2:])]
@@ -142,17 +170,46 @@ class Spawner:
 def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoReturn]) -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     kids: dict[int, int] = {}  # pidfd -> pid
+    host: dict[int, int] = {}  # pid -> the server's name for it (a PID namespace's own)
+    pid1 = os.getpid() == 1
+    early: dict[int, tuple[int, resource.struct_rusage]] = {}  # zygotes reaped with orphans
+    wake: list[int] = []
+    if pid1:
+        # A test's orphans are ours, and a test may wait for one to go (psutil's tests):
+        # reaped as they die, woken by SIGCHLD.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(wake_w)
+        wake = [wake_r]
     while True:
-        ready, _, _ = select.select([sock, *kids], [], [])
+        ready, _, _ = select.select([sock, *kids, *wake], [], [])
+        if wake and wake[0] in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake[0], 4096)
+            ready.remove(wake[0])
+        if pid1:
+            # PID 1 of its namespace: a test's orphans are ours to reap.
+            while True:
+                try:
+                    pid, status, ru = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                if pid in host:
+                    early[pid] = (status, ru)
         for fd in ready:
             if fd is sock:
                 continue
             pid = kids.pop(fd)
             os.close(fd)
-            _, status, ru = os.wait4(pid, 0)
+            if pid in early:
+                status, ru = early.pop(pid)
+            else:
+                _, status, ru = os.wait4(pid, 0)
             figures = " ".join(repr(v) for v in tuple(ru)[:_RUSAGE_FIELDS])
             with contextlib.suppress(OSError):
-                sock.send(f"exit {pid} {status} {figures}".encode())
+                sock.send(f"exit {host.pop(pid, pid)} {status} {figures}".encode())
         if sock not in ready:
             continue
         try:
@@ -167,6 +224,16 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoRe
                     os.waitpid(pid, 0)
                 os.close(fd)
             os._exit(0)
+        if msg == b"o":  # which of our children did we not fork? (a test's orphans)
+            ours = set(host.values())
+            me = int(os.readlink("/proc/self"))
+            try:
+                with open(f"/proc/{me}/task/{me}/children") as f:
+                    orphans = [p for p in map(int, f.read().split()) if p not in ours]
+            except OSError:
+                orphans = []
+            sock.send(" ".join(["orphans", "0", *map(str, orphans)]).encode())
+            continue
         _, root, cwd = msg.decode().split("\0")
         gc.collect()  # what became garbage since the last fork: frozen, it would stay
         frozen.freeze()
@@ -175,9 +242,28 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoRe
             sock.close()
             for fd in kids:
                 os.close(fd)
+            if wake:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(wake[0])
+                os.close(wake_w)
             zygote(fds[0], fds[1], fds[2], root, cwd)
         for fd in fds:
             os.close(fd)
-        kids[os.pidfd_open(pid)] = pid
-        sock.send(f"pid {pid}".encode())
+        pidfd = os.pidfd_open(pid)
+        kids[pidfd] = pid
+        host[pid] = _host_pid(pidfd, pid)
+        sock.send(f"pid {host[pid]}".encode())
+
+
+def _host_pid(pidfd: int, pid: int) -> int:
+    """``pid`` as the server sees it: a pidfd's ``Pid:`` is in /proc's PID namespace,
+    the host's, also from a spawner that is PID 1 of its own."""
+    if os.getpid() != 1:
+        return pid
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return pid
 

@@ -29,6 +29,7 @@ capabilities → no_new_privs/setsid → seccomp (zone) → run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -39,6 +40,10 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from pytest_isolate.spec import IsolationSpec
+
+#: How ``Tier.entry`` marks a sandbox that a holder's zygote builds itself (jail.py):
+#: ``holder:<tier>:<plan>`` instead of a root to chroot into.
+HOLDER_ENTRY = "holder:"
 
 
 class Unavailable(Exception):
@@ -102,6 +107,10 @@ class Tier:
         sandbox: the root to chroot into and the cwd in it. None: only ``spawn`` can
         make its child (namespaces, an init between the server and the runner)."""
         return None
+
+    def adopt(self, box: Box, pid: int) -> None:
+        """``pid``, forked elsewhere for ``box`` (``entry``), waits for its job: the
+        host-side work ``spawn`` would have done on its own child (zone: the cgroup)."""
 
     def own_pids(self) -> set[int]:
         """Children of the server that are the tier's own, not a test's leftovers."""
@@ -283,3 +292,16 @@ def rusage_dict(ru: resource.struct_rusage | None) -> dict[str, float]:
         "max_rss": ru.ru_maxrss * 1024,
         "write_bytes": float(ru.ru_oublock * 512),
     }
+
+
+def holds_sockets(pid: int) -> bool:
+    """Whether ``pid`` (still exiting, not reaped) has a socket open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                return True
+    return False

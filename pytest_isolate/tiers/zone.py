@@ -29,7 +29,7 @@ import resource
 import sys
 
 from pytest_isolate.facets import caps, cgroup_host, cgroups, seccomp
-from pytest_isolate.tiers.base import Box, Unavailable, kill_tree
+from pytest_isolate.tiers.base import Box, Unavailable, WorkerContext, kill_tree
 from pytest_isolate.tiers.jail import JailTier
 
 
@@ -42,6 +42,10 @@ class ZoneTier(JailTier):
     drop_caps = caps.ZONE_DROP
     dev_mode = "minimal"
     mask = True
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        super().__init__(ctx)
+        self._exiting: list[cgroups.TestCgroup] = []
 
     @classmethod
     def availability(cls) -> str | None:
@@ -78,7 +82,7 @@ class ZoneTier(JailTier):
     def _after_fork(self, box: Box, pid: int) -> None:
         box.state["zone_cg"].attach(pid)
 
-    def _confine_runner(self, box: Box) -> None:
+    def _confine_runner(self) -> None:
         if self._privileged:
             caps.drop(self.drop_caps)
         else:
@@ -104,10 +108,26 @@ class ZoneTier(JailTier):
                 try:
                     box.usage.update(cg.read())
                 finally:
-                    if box.state.get("released"):
+                    if box.state.get("holder"):
+                        self._exiting.append(cg)  # its runner is still exiting: ``tidy``
+                    elif box.state.get("released"):
                         box.state["zone_cg_exiting"] = cg  # its init is still in it
                     else:
                         self._remove(box, cg)
+
+    def tidy(self) -> None:
+        """The groups of runners that a holder forked (jail.py): the runner said "end"
+        and is exiting, and no status of it reaches this server to say when it is gone,
+        so its group goes once the next test runs (``remove`` kills what is left)."""
+        exiting, self._exiting = self._exiting, []
+        for cg in exiting:
+            cg.remove()
+            if cg.leftover:
+                sys.stderr.write(f"zone: cgroup not removed: {', '.join(cg.leftover)}\n")  # the server's log
+
+    def close(self) -> None:
+        self.tidy()
+        super().close()
 
     def release(self, box: Box) -> None:
         cg: cgroups.TestCgroup | None = box.state.pop("zone_cg_exiting", None)
