@@ -102,11 +102,12 @@ class Ahead:
         self.waiting: _Slot | None = None
         self.spawner: Spawner | None = None
         self.spawner_wanted = False
-        #: `jail`'s holders: spawners that are PID 1 of a PID namespace each, taking turns
-        #: so that a test never shares its PID namespace with the sandbox built ahead.
-        #: Per tier (each joins its tier's own shared loopback namespace).
+        #: `jail`'s and `zone`'s holders (tiers/jail.py): spawners that are PID 1 of a
+        #: PID namespace each, two per tier taking turns, so that a test never shares
+        #: its PID namespace with the sandbox built ahead. Per tier: each joins its
+        #: tier's own shared loopback namespace.
         self.holders: dict[str, list[Spawner]] = {}
-        self.turn = 0
+        self.last_holder: dict[str, Spawner] = {}
         self.ahead_misses = 0
         #: The running test's fds: a child forked meanwhile closes them (``_close_busy``).
         self.busy: tuple[int, ...] = ()
@@ -292,19 +293,21 @@ class Ahead:
             self._spawner_gone()
 
     def holder(self, tier: Tier) -> Spawner | None:
-        """The jail holder whose turn it is (made on first use), or None."""
+        """The holder whose turn it is (made on first use), or None: no holder."""
         netns = tier.holder_netns()  # type: ignore[attr-defined]
         if netns is None:
             return None
         hs = self.holders.setdefault(tier.name, [])
-        if len(hs) < 2:
+        # Not the last one used: the running test may be its zygote (at most one
+        # sandbox waits, so the test before the running one is over).
+        sp = next((h for h in hs if h is not self.last_holder.get(tier.name)), None)
+        if sp is None:
             _collect_and_freeze()
             sp = Spawner(self._zygote, self.private_fds, netns)
             self.private_fds.append(sp.sock.fileno())
             hs.append(sp)
-            return sp
-        self.turn += 1
-        return hs[self.turn % len(hs)]
+        self.last_holder[tier.name] = sp
+        return sp
 
     def reap(self, pid: int) -> tuple[int, Any]:
         """wait4() for our own children; the spawner's report for its zygotes."""
