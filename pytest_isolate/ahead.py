@@ -256,12 +256,15 @@ class Ahead:
         its own children until ``after_test`` can start a new one with no test's fd open."""
         spawner, self.spawner = self.spawner, None
         if spawner is not None:
-            with contextlib.suppress(ValueError):
-                self.private_fds.remove(spawner.sock.fileno())
-            with contextlib.suppress(Exception):
-                kill_tree(spawner.pid)
-            with contextlib.suppress(Exception):
-                spawner.close()
+            self._let_go(spawner)
+
+    def _let_go(self, spawner: Spawner) -> None:
+        with contextlib.suppress(ValueError):
+            self.private_fds.remove(spawner.sock.fileno())
+        with contextlib.suppress(Exception):
+            kill_tree(spawner.pid)
+        with contextlib.suppress(Exception):
+            spawner.close()
 
     def pidfd(self, pid: int) -> int:
         """A pidfd of ``pid``: the one opened when the spawner made it, or a new one."""
@@ -283,12 +286,7 @@ class Ahead:
         hs = next((hs for hs in self.holders.values() if spawner in hs), None)
         if hs is not None:
             hs.remove(spawner)
-            with contextlib.suppress(ValueError):
-                self.private_fds.remove(spawner.sock.fileno())
-            with contextlib.suppress(Exception):
-                kill_tree(spawner.pid)
-            with contextlib.suppress(Exception):
-                spawner.close()
+            self._let_go(spawner)
         else:
             self._spawner_gone()
 

@@ -309,27 +309,9 @@ class JailTier(Tier):
         runner's confinement (``_init`` and ``_confine_runner`` in the other layout)."""
         plan_d = json.loads(plan_s)
         ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS)
-        mounts.make_private("/")
-        scratch = self._box_dir
-        mounts.mount_tmpfs(scratch, size=plan_d["disk"], mode=0o700)
-        for sub in ("upper", "work", "root"):
-            os.mkdir(scratch / sub, 0o755)
         lower = Path(plan_d["lower"])
-        plan = mounts.RootPlan(
-            merged=scratch / "root",
-            upper=scratch / "upper",
-            work=scratch / "work",
-            lower=lower,
-            binds=[(Path(p), ro) for p, ro in plan_d["binds"]],
-            dev=self.dev_mode,
-            mask=self.mask,
-            readonly=self.readonly_proc,
-            userns=False,
-            overlay_flags=mounts.MS_NODEV,
-        )
-        layout = mounts.build_root(plan, None)
-        _add_hosts_entry(plan.merged, plan_d["hostname"], scratch, lower)
-        ns.sethostname(plan_d["hostname"])
+        binds = [(Path(p), ro) for p, ro in plan_d["binds"]]
+        plan, layout = self._build_root(plan_d["disk"], lower, binds, None, plan_d["hostname"])
         upfd = os.open(plan.upper, os.O_RDONLY | os.O_DIRECTORY)
         lowfd = os.open(lower, os.O_PATH | os.O_DIRECTORY)
         mounts.enter_root(plan.merged)
@@ -354,6 +336,34 @@ class JailTier(Tier):
         except OSError:
             os.chdir("/")
         self._confine_runner()
+
+    def _build_root(
+        self, disk: Any, lower: Path, binds: list[tuple[Path, bool]], split: Any, hostname: str
+    ) -> tuple[mounts.RootPlan, Any]:
+        """In the sandbox's own mount and UTS namespaces (an init, or a holder's zygote):
+        the test's writable layer on a tmpfs only this mount namespace sees, the overlay
+        root, the sandbox's hostname (resolvable)."""
+        mounts.make_private("/")
+        scratch = self._box_dir
+        mounts.mount_tmpfs(scratch, size=disk, mode=0o700)
+        for sub in ("upper", "work", "root"):
+            os.mkdir(scratch / sub, 0o755)
+        plan = mounts.RootPlan(
+            merged=scratch / "root",
+            upper=scratch / "upper",
+            work=scratch / "work",
+            lower=lower,
+            binds=binds,
+            dev=self.dev_mode,
+            mask=self.mask,
+            readonly=self.readonly_proc,
+            userns=not self._privileged,
+            overlay_flags=mounts.MS_NODEV,
+        )
+        layout = mounts.build_root(plan, split)
+        _add_hosts_entry(plan.merged, hostname, scratch, lower)
+        ns.sethostname(hostname)
+        return plan, layout
 
     def _sync_needed(self, box: Box) -> bool:
         """Must the child wait until the host side has done something to it (cgroup)?"""
@@ -497,31 +507,10 @@ class JailTier(Tier):
             unshare_flags &= ~ns.CLONE_NEWNET
         if unshare_flags:
             ns.unshare(unshare_flags)
-        userns = not self._privileged
         split, binds = box.state["jail_plan"]
-        mounts.make_private("/")
-        scratch = self._box_dir
-        # The test's writable layer: a tmpfs only this mount namespace sees.
-        mounts.mount_tmpfs(scratch, size=box.spec.disk, mode=0o700)
-        for sub in ("upper", "work", "root"):
-            os.mkdir(scratch / sub, 0o755)
         lower = lower_for(box)
-        plan = mounts.RootPlan(
-            merged=scratch / "root",
-            upper=scratch / "upper",
-            work=scratch / "work",
-            lower=lower,
-            binds=binds,
-            dev=self.dev_mode,
-            mask=self.mask,
-            readonly=self.readonly_proc,
-            userns=userns,
-            overlay_flags=mounts.MS_NODEV,
-        )
-        layout = mounts.build_root(plan, split)
+        plan, layout = self._build_root(box.spec.disk, lower, binds, split, box.hostname)
         ignore = list(TMP_DIRS)
-        _add_hosts_entry(plan.merged, box.hostname, scratch, lower)
-        ns.sethostname(box.hostname)
         if shared is None:
             netlink.loopback_up()
         if switch is not None:
