@@ -635,7 +635,9 @@ class ForkServer:
             except SpawnerGone:
                 ahead.gone(h)
                 continue
-            zygotes = [z for z in children(h.pid) if z not in orphans]
+            kids = children(h.pid)
+            orphans = [z for z in orphans if z in kids]  # still its children, nobody else
+            zygotes = [z for z in kids if z not in orphans]
             mine += [q for z in zygotes for q in descendants(z)]
             mine += [q for z in orphans for q in (z, *descendants(z))]
         mine += [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]

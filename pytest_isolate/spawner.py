@@ -36,6 +36,15 @@ from pytest_isolate import frozen
 _RUSAGE_FIELDS = 16
 
 
+#: The largest message either side sends. A datagram longer than the reader's buffer
+#: is cut short (``SOCK_SEQPACKET``): a list of pids cut inside a number names another
+#: process.
+MAX_MESSAGE = 1 << 16
+#: Orphans named at once (``Spawner.orphans``): well within ``MAX_MESSAGE``. What is
+#: left is named after the next test.
+MAX_ORPHANS = 4000
+
+
 class SpawnerGone(Exception):
     """The spawner process died: the server replaces it."""
 
@@ -50,7 +59,7 @@ class Spawner:
         netns: int | None = None,
     ) -> None:
         """``netns``: the spawner becomes PID 1 of a PID namespace of its own and joins
-        this network namespace (the jail holder, prototype)."""
+        this network namespace (a holder of `jail`/`zone`, tiers/jail.py)."""
         from pytest_isolate.facets import namespaces as ns
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -137,7 +146,7 @@ class Spawner:
 
     def _read(self, flags: int = 0) -> tuple[str, int]:
         try:
-            msg = self.sock.recv(512, flags)
+            msg = self.sock.recv(MAX_MESSAGE, flags)
         except BlockingIOError:
             raise
         except OSError:
@@ -229,7 +238,7 @@ def _serve(sock: socket.socket, zygote: Callable[[int, int, int, str, str], NoRe
             me = int(os.readlink("/proc/self"))
             try:
                 with open(f"/proc/{me}/task/{me}/children") as f:
-                    orphans = [p for p in map(int, f.read().split()) if p not in ours]
+                    orphans = [p for p in map(int, f.read().split()) if p not in ours][:MAX_ORPHANS]
             except OSError:
                 orphans = []
             sock.send(" ".join(["orphans", "0", *map(str, orphans)]).encode())
