@@ -38,6 +38,7 @@ FAST_ADDOPTS = " ".join(f"-p no:{name}" for name in OPTIONAL_PLUGINS)
 #: How long objects of a finished run may take to disappear before it counts as a leak.
 LEAK_GRACE = 5.0
 RUN_DIR_RE = re.compile(r"/tmp/pytest-isolate-[0-9a-f]+")
+RUN_CGROUP_RE = re.compile(r"pytest-isolate-([0-9a-f]+)")
 
 
 # -- /proc helpers -----------------------------------------------------------------
@@ -135,6 +136,19 @@ def run_dirs() -> set[str]:
     return {str(p) for p in Path("/tmp").glob("pytest-isolate-*") if RUN_DIR_RE.fullmatch(str(p))}
 
 
+def isolate_cgroups() -> set[str]:
+    """Every cgroup directory a run names after itself (``pytest-isolate-<run id>``),
+    at any depth of every hierarchy: a run inside a cgroup makes its own below it."""
+    out: set[str] = set()
+    for hier in Path("/sys/fs/cgroup").iterdir():
+        if hier.is_symlink() or not hier.is_dir():
+            continue
+        for dirpath, dirnames, _ in os.walk(hier):
+            out.update(os.path.join(dirpath, d) for d in dirnames if RUN_CGROUP_RE.fullmatch(d))
+            dirnames[:] = [d for d in dirnames if not RUN_CGROUP_RE.fullmatch(d)]  # a run's own groups
+    return out
+
+
 def isolate_mounts() -> set[str]:
     text = _read("/proc/self/mountinfo").decode(errors="replace")
     return {line for line in text.splitlines() if "pytest-isolate" in line}
@@ -174,13 +188,15 @@ class LeakSnapshot:
         self.root = root
         self.dirs = run_dirs()
         self.mounts = isolate_mounts()
+        self.cgroups = isolate_cgroups()
 
     def _current(self) -> list[str]:
         problems = [f"fork server left running: pid {p} {c}" for p, c in fork_servers_under(self.root)]
         problems += [f"{c} left running: pid {p}" for p, c in workers_under(self.root)]
         new_dirs = run_dirs() - self.dirs
         new_mounts = isolate_mounts() - self.mounts
-        if new_dirs or new_mounts:
+        new_cgroups = isolate_cgroups() - self.cgroups
+        if new_dirs or new_mounts or new_cgroups:
             used = paths_in_use()
             for d in sorted(new_dirs):
                 if not _in_use(d, used):
@@ -189,6 +205,10 @@ class LeakSnapshot:
                 owner = RUN_DIR_RE.search(m)
                 if owner is None or not _in_use(owner.group(0), used):
                     problems.append(f"mount left behind: {m}")
+            for c in sorted(new_cgroups):
+                run = RUN_CGROUP_RE.fullmatch(os.path.basename(c))
+                if run is None or not _in_use(f"/tmp/pytest-isolate-{run.group(1)}", used):
+                    problems.append(f"cgroup left behind: {c}")
         return problems
 
     def leaks(self, grace: float = LEAK_GRACE) -> list[str]:
