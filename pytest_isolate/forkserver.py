@@ -414,7 +414,8 @@ class ForkServer:
                 exclude = [*self.exiting, *(p["pid"] for p in leftovers_early)]
                 # A holder's orphans are in the shared network namespace that ``finish``
                 # empties of closed sockets: they go first (an init killed them itself).
-                left = self._reap_orphans(exclude=exclude) if box.state.get("holder") else None
+                holder = parent if box.state.get("holder") else None
+                left = self._reap_orphans(exclude=exclude, holder=holder) if holder is not None else None
                 try:
                     if pid:
                         tier.finish(box, pid, status, ru)  # type: ignore[arg-type]
@@ -605,9 +606,11 @@ class ForkServer:
         """Live descendants of a runner that is about to exit would outlive its test."""
         return self._kill(descendants(pid))
 
-    def _reap_orphans(self, exclude: list[int] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+    def _reap_orphans(self, exclude: list[int] = (), holder: Spawner | None = None) -> list[dict[str, Any]]:  # type: ignore[assignment]
         """Processes a test left behind reparent to us (we are a subreaper): kill and
-        report them, so nothing of one test outlives it."""
+        report them, so nothing of one test outlives it. ``holder``: the jail holder
+        the test ran in, whose PID namespace its orphans reparent to (no other holder
+        ran a test since its own orphans were taken)."""
         skip = set(exclude)
         # The spawner's children are its zygotes (waiting, or exiting cleanly), one of
         # which it may be forking right now: never taken. What they started is: a
@@ -629,7 +632,7 @@ class ForkServer:
         mine = [q for z in children(spawner) for q in descendants(z)] if spawner is not None else []
         # A jail holder is PID 1 of its namespace: what a test left there reparents to
         # it, not to us. Its children that it did not fork as zygotes are such orphans.
-        for h in ahead.all_holders():
+        for h in [holder] if holder is not None and holder in ahead.all_holders() else []:
             try:
                 orphans = h.orphans()
             except SpawnerGone:

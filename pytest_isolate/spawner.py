@@ -93,6 +93,7 @@ class Spawner:
         self.forgotten: set[int] = set()
         self.children: set[int] = set()
         self.named: list[int] = []  # pids the spawner sent, oldest first, not yet taken
+        self.asked = 0  # zygotes asked for whose pid has not come yet
 
     def spawn(self, result_w: int, stack_fd: int, go_r: int, root: str = "", cwd: str = "") -> None:
         """Ask for a new zygote holding these three fds; ``next_pid()`` answers which it is.
@@ -104,9 +105,22 @@ class Spawner:
             socket.send_fds(self.sock, [fields.encode()], [result_w, stack_fd, go_r])
         except OSError as exc:
             raise SpawnerGone(str(exc)) from None
+        self.asked += 1
 
     def orphans(self) -> list[int]:
-        """A holder's children it did not fork: what a test left in its PID namespace."""
+        """A holder's children it did not fork: what a test left in its PID namespace.
+
+        Read here from /proc when every zygote it forked is named (each is in
+        ``children``, or ``forgotten`` while it exits): asking the holder costs a round
+        trip, and a wait while it forks the next sandbox's zygote. Asked otherwise: a
+        zygote it is forking now would be taken for an orphan."""
+        if not self.asked:
+            known = self.children | self.forgotten
+            try:
+                with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                    return [p for p in map(int, f.read().split()) if p not in known][:MAX_ORPHANS]
+            except OSError:
+                pass  # gone, or /proc elsewhere: the holder answers (or its end shows)
         try:
             self.sock.send(b"o")
         except OSError as exc:
@@ -156,6 +170,7 @@ class Spawner:
         kind, pid_s, *rest = msg.decode().split()
         pid = int(pid_s)
         if kind == "pid":
+            self.asked -= 1
             self.children.add(pid)
             self.named.append(pid)
         if kind == "orphans":
