@@ -396,14 +396,6 @@ class Ahead:
             return None
         slot.spawned = True
         slot.parent = parent
-        if box.state.get("holder"):
-            # Before its job: host-side work on it (zone: its cgroup holds it).
-            pid = self.named(slot)
-            try:
-                tier.adopt(box, pid)
-            except BaseException:
-                kill_tree(pid)
-                raise
         return slot.pid  # 0 until named
 
     def _close_busy(self) -> None:

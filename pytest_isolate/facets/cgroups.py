@@ -122,6 +122,15 @@ def _kill_loop(dirs: list[Path], freezer: tuple[Path, str] | None, timeout: floa
         time.sleep(0.002)
 
 
+def join(paths: list[str], pid: int = 0) -> None:
+    """Move ``pid`` (0: the caller) into the groups at ``paths`` (``TestCgroup.paths``):
+    a process that only knows where its group is, not how it was made (a holder's
+    zygote, tiers/jail.py), joins it itself."""
+    val = str(pid) if pid else "0"  # "0" = the writer, whatever its PID namespace
+    for d in paths:
+        _write(Path(d) / "cgroup.procs", val)
+
+
 class TestCgroup:
     """The cgroup(s) of one test: one directory in every hierarchy it needs."""
 
@@ -206,9 +215,11 @@ class TestCgroup:
         Call it before unsharing namespaces: after a user-namespace unshare the caller
         may no longer have the rights to write cgroup.procs.
         """
-        val = str(pid) if pid else "0"  # "0" = the writer, whatever its PID namespace
-        for d in self._unique():
-            _write(d / "cgroup.procs", val)
+        join(self.paths(), pid)
+
+    def paths(self) -> list[str]:
+        """The group's directories, one per hierarchy: what ``join`` takes elsewhere."""
+        return [os.fspath(d) for d in self._unique()]
 
     def read(self) -> dict:
         """Exact figures for the whole group; keys absent when this host cannot tell.
@@ -317,6 +328,20 @@ class TestCgroup:
             freezer = (self.dirs["freezer"], "v1")
         _kill_loop(dirs, freezer)
         _wait_empty(dirs, 2.0)
+
+    def try_remove(self) -> bool:
+        """rmdir every group that is empty now, without killing or waiting: True once
+        all are gone. For a group whose last process may still be exiting, when
+        something else can be done meanwhile (``remove`` kills and waits)."""
+        done = True
+        for d in self._unique():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                done = False
+        return done
 
     def remove(self) -> None:
         """rmdir every group; already-gone is fine; a busy one is killed and retried."""

@@ -108,10 +108,6 @@ class Tier:
         make its child (namespaces, an init between the server and the runner)."""
         return None
 
-    def adopt(self, box: Box, pid: int) -> None:
-        """``pid``, forked elsewhere for ``box`` (``entry``), waits for its job: the
-        host-side work ``spawn`` would have done on its own child (zone: the cgroup)."""
-
     def own_pids(self) -> set[int]:
         """Children of the server that are the tier's own, not a test's leftovers."""
         return set()

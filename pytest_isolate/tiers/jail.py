@@ -295,19 +295,26 @@ class JailTier(Tier):
             "lower": os.fspath(lower_for(box)),
             "disk": box.spec.disk,
             "hostname": box.hostname,
+            **self._holder_plan(box),
         }
         box.state["holder"] = True
         return f"{HOLDER_ENTRY}{self.name}:{json.dumps(plan)}", box.state["jail_cwd"]
 
-    def adopt(self, box: Box, pid: int) -> None:
-        if self._sync_needed(box):
-            self._after_fork(box, pid)
+    def _holder_plan(self, box: Box) -> dict[str, Any]:
+        """What else a holder's zygote needs of this box to confine itself (zone: its
+        cgroup, which it joins itself)."""
+        return {}
+
+    def _join_host_side(self, plan: dict[str, Any]) -> None:
+        """In a holder's zygote, still in the host's mount namespace and before its job:
+        what ``_after_fork`` does from the host in the other layout (zone: the cgroup)."""
 
     def enter_built(self, plan_s: str, cwd: str, result_fd: int) -> None:
         """In a holder's zygote, which will run the test itself: own mount, IPC and UTS
         namespaces (PID and network are the holder's), the root built and entered, the
         runner's confinement (``_init`` and ``_confine_runner`` in the other layout)."""
         plan_d = json.loads(plan_s)
+        self._join_host_side(plan_d)
         ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWIPC | ns.CLONE_NEWUTS)
         lower = Path(plan_d["lower"])
         binds = [(Path(p), ro) for p, ro in plan_d["binds"]]

@@ -7,6 +7,8 @@ On top of the jail (see jail.py for the process layout):
   right after the fork (the middle process, unprivileged with ``network="ip"``), while
   the init builds its root; the init forks the runner only once that is done (a pipe),
   so everything the test starts is in the group before it runs a single instruction.
+  A holder's zygote (jail.py) joins the group itself, before its job: the server never
+  waits for a holder's fork to learn a pid to move.
   Limits come from the spec (memory, pids, cpu share, io bytes/s); ``finish`` records
   the group's readings, ``kill`` kills the whole group (nothing can double-fork out of
   it).
@@ -27,10 +29,15 @@ import os
 import re
 import resource
 import sys
+from typing import Any
 
 from pytest_isolate.facets import caps, cgroup_host, cgroups, seccomp
 from pytest_isolate.tiers.base import Box, Unavailable, WorkerContext, kill_tree
 from pytest_isolate.tiers.jail import JailTier
+
+#: Tests after its own that a holder runner's cgroup may stay busy before ``tidy`` kills
+#: what is left in it (its runner said "end" and exits; see ``tidy``).
+TIDY_TRIES = 3
 
 
 def limits_for(spec) -> cgroup_host.Limits:  # type: ignore[no-untyped-def]
@@ -45,7 +52,7 @@ class ZoneTier(JailTier):
 
     def __init__(self, ctx: WorkerContext) -> None:
         super().__init__(ctx)
-        self._exiting: list[cgroups.TestCgroup] = []
+        self._exiting: list[tuple[cgroups.TestCgroup, int]] = []
 
     @classmethod
     def availability(cls) -> str | None:
@@ -82,6 +89,14 @@ class ZoneTier(JailTier):
     def _after_fork(self, box: Box, pid: int) -> None:
         box.state["zone_cg"].attach(pid)
 
+    def _holder_plan(self, box: Box) -> dict[str, Any]:
+        return {"cgroup": box.state["zone_cg"].paths()}
+
+    def _join_host_side(self, plan: dict[str, Any]) -> None:
+        # The zygote joins its group itself, before it unshares anything: the server
+        # would have to wait for its holder to fork it to learn its pid (~2 ms a test).
+        cgroups.join(plan["cgroup"])
+
     def _confine_runner(self) -> None:
         if self._privileged:
             caps.drop(self.drop_caps)
@@ -109,24 +124,29 @@ class ZoneTier(JailTier):
                     box.usage.update(cg.read())
                 finally:
                     if box.state.get("holder"):
-                        self._exiting.append(cg)  # its runner is still exiting: ``tidy``
+                        self._exiting.append((cg, 0))  # its runner is still exiting: ``tidy``
                     elif box.state.get("released"):
                         box.state["zone_cg_exiting"] = cg  # its init is still in it
                     else:
                         self._remove(box, cg)
 
-    def tidy(self) -> None:
+    def tidy(self, wait: bool = False) -> None:
         """The groups of runners that a holder forked (jail.py): the runner said "end"
         and is exiting, and no status of it reaches this server to say when it is gone,
-        so its group goes once the next test runs (``remove`` kills what is left)."""
+        so its group goes while the next tests run. One still busy (the exit of a big
+        heap takes milliseconds) is tried again next time; after ``TIDY_TRIES``, or
+        with ``wait``, ``remove`` kills what is left and waits."""
         exiting, self._exiting = self._exiting, []
-        for cg in exiting:
+        for cg, tries in exiting:
+            if not wait and tries < TIDY_TRIES and not cg.try_remove():
+                self._exiting.append((cg, tries + 1))
+                continue
             cg.remove()
             if cg.leftover:
                 sys.stderr.write(f"zone: cgroup not removed: {', '.join(cg.leftover)}\n")  # the server's log
 
     def close(self) -> None:
-        self.tidy()
+        self.tidy(wait=True)
         super().close()
 
     def release(self, box: Box) -> None:
