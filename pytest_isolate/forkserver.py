@@ -630,19 +630,8 @@ class ForkServer:
         # it could move between the two reads and be seen in neither (a daemon then
         # counted as the next test's).
         mine = [q for z in children(spawner) for q in descendants(z)] if spawner is not None else []
-        # A jail holder is PID 1 of its namespace: what a test left there reparents to
-        # it, not to us. Its children that it did not fork as zygotes are such orphans.
-        for h in [holder] if holder is not None and holder in ahead.all_holders() else []:
-            try:
-                orphans = h.orphans()
-            except SpawnerGone:
-                ahead.gone(h)
-                continue
-            kids = children(h.pid)
-            orphans = [z for z in orphans if z in kids]  # still its children, nobody else
-            zygotes = [z for z in kids if z not in orphans]
-            mine += [q for z in zygotes for q in descendants(z)]
-            mine += [q for z in orphans for q in (z, *descendants(z))]
+        if holder is not None and holder in ahead.all_holders():
+            mine += self._holder_leftovers(holder)
         mine += [q for p in children(os.getpid()) if p not in keep for q in (p, *descendants(p))]
         mine = list(dict.fromkeys(mine))
         found = self._kill([p for p in mine if p not in skip and not _zombie(p)])
@@ -656,6 +645,20 @@ class ForkServer:
                 break
             self._gone(pid)
         return found
+
+    def _holder_leftovers(self, h: Spawner) -> list[int]:
+        """A jail holder is PID 1 of its namespace: what a test left there reparents to
+        it, not to us. Its children that it did not fork as zygotes are such orphans;
+        what its zygotes started is the test's too."""
+        try:
+            orphans = h.orphans()
+        except SpawnerGone:
+            self.ahead.gone(h)
+            return []
+        kids = children(h.pid)
+        orphans = [z for z in orphans if z in kids]  # still its children, nobody else
+        zygotes = [z for z in kids if z not in orphans]
+        return [q for z in zygotes for q in descendants(z)] + [q for z in orphans for q in (z, *descendants(z))]
 
     def _kill(self, pids: list[int]) -> list[dict[str, Any]]:
         found = describe_procs(still_running(pids))
