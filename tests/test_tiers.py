@@ -682,11 +682,16 @@ SOCKETS = """
 
     def test_3_leaves_a_child_holding_a_port(tmp_path):
         _net(tmp_path, "3")
+        r, w = os.pipe()
         if os.fork() == 0:  # killed with its test
+            # Much memory again: killed, it frees it before it closes the port.
+            HELD.append(bytearray(400 << 20))
+            HELD[-1][:: 4096] = b"x" * len(range(0, 400 << 20, 4096))
             HELD.append(_listen(PORTS[1]))
+            os.write(w, b"listening")
             time.sleep(60)
             os._exit(0)
-        time.sleep(0.2)
+        os.read(r, 9)
 
 
     def test_4_binds_it_again(tmp_path):
@@ -702,7 +707,8 @@ def test_a_tests_sockets_do_not_reach_the_next_test(pytester: pytest.Pytester, t
     in it. A test that ends holding a listening socket, in its own process (whose exit
     frees 400 MiB before it closes it) or in a child it left running, hands the next
     test a namespace where the same port binds without ``SO_REUSEADDR`` and nothing
-    listens, with loopback only."""
+    listens, with loopback only. The child also frees 400 MiB before it closes its
+    port: a leftover is not only killed but gone before the next test starts."""
     pytester.makepyfile(test_sockets=SOCKETS)
     result = pytester.runpytest_subprocess(f"--isolate={tier}", ESCAPE, "-p", "no:randomly", "--isolate-report=r.json")
     result.assert_outcomes(passed=4)
