@@ -161,6 +161,23 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _terminal_signals() -> None:
+    """A terminal's dispositions: an ignored signal is inherited across exec, and a
+    suite started under ``nohup`` (SIGHUP) or as a shell's background job (SIGINT,
+    SIGQUIT) would hand its ignores to the pytest these tests cancel."""
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+#: ``python -c`` this, then pytest's arguments: pytest from a terminal's dispositions.
+AS_FROM_A_TERMINAL = (
+    "import os, signal, sys\n"
+    "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):\n"
+    "    signal.signal(s, signal.SIG_DFL)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'pytest', *sys.argv[1:]])\n"
+)
+
+
 def popen_pytest(path: Path, *args: str) -> subprocess.Popen[bytes]:
     """pytest in a session (and process group) of its own, as a terminal would run it."""
     out = open(path / "out.txt", "wb")  # noqa: SIM115 - closed with the process
@@ -172,6 +189,7 @@ def popen_pytest(path: Path, *args: str) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_terminal_signals,
         )
     finally:
         out.close()
@@ -608,7 +626,10 @@ def test_cancel_signal_handlers_are_restored_and_respect_the_users(
     under ``nohup``), stays theirs throughout."""
     pytester.makeconftest(HANDLERS_CONFTEST.replace("{users}", str(users)))
     pytester.makepyfile(test_handlers=HANDLERS_TEST)
-    result = pytester.runpytest_subprocess("-p", "no:randomly", "-s")
+    # From a terminal's dispositions (``_terminal_signals``), whatever this suite inherited.
+    result = pytester.run(
+        sys.executable, "-c", AS_FROM_A_TERMINAL, "-p", "no:randomly", "-s", f"--basetemp={pytester.path / 'bt'}"
+    )
     result.assert_outcomes(passed=2)
     if users:
         result.stdout.fnmatch_lines(["*DURING SIG_IGN _mine*", "AT END SIG_IGN _mine"])
