@@ -161,15 +161,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _terminal_signals() -> None:
-    """A terminal's dispositions: an ignored signal is inherited across exec, and a
-    suite started under ``nohup`` (SIGHUP) or as a shell's background job (SIGINT,
-    SIGQUIT) would hand its ignores to the pytest these tests cancel."""
-    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
-
-
 #: ``python -c`` this, then pytest's arguments: pytest from a terminal's dispositions.
+#: An ignored signal is inherited across exec: a suite started under ``nohup`` (SIGHUP)
+#: or as a shell's background job (SIGINT, SIGQUIT) would hand its ignores down to the
+#: pytest these tests cancel.
 AS_FROM_A_TERMINAL = (
     "import os, signal, sys\n"
     "for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):\n"
@@ -183,13 +178,12 @@ def popen_pytest(path: Path, *args: str) -> subprocess.Popen[bytes]:
     out = open(path / "out.txt", "wb")  # noqa: SIM115 - closed with the process
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "pytest", f"--basetemp={path / 'basetemp'}", *args],
+            [sys.executable, "-c", AS_FROM_A_TERMINAL, f"--basetemp={path / 'basetemp'}", *args],
             cwd=path,
             env=_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_terminal_signals,
         )
     finally:
         out.close()
@@ -626,7 +620,7 @@ def test_cancel_signal_handlers_are_restored_and_respect_the_users(
     under ``nohup``), stays theirs throughout."""
     pytester.makeconftest(HANDLERS_CONFTEST.replace("{users}", str(users)))
     pytester.makepyfile(test_handlers=HANDLERS_TEST)
-    # From a terminal's dispositions (``_terminal_signals``), whatever this suite inherited.
+    # From a terminal's dispositions, whatever this suite inherited.
     result = pytester.run(
         sys.executable, "-c", AS_FROM_A_TERMINAL, "-p", "no:randomly", "-s", f"--basetemp={pytester.path / 'bt'}"
     )
