@@ -419,7 +419,7 @@ class ForkServer:
                 if left is not None:
                     # Killed is not gone: one that frees a big heap first still holds its
                     # sockets, and the next test binds in this network namespace.
-                    _wait_gone([p["pid"] for p in (*leftovers_early, *left)], SOCKETS_GRACE)
+                    still_running([p["pid"] for p in (*leftovers_early, *left)], SOCKETS_GRACE)
                 try:
                     if pid:
                         tier.finish(box, pid, status, ru)  # type: ignore[arg-type]
@@ -672,27 +672,6 @@ class ForkServer:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(p["pid"], os.WNOHANG)
         return found
-
-
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    """Until each of ``pids`` (killed, not necessarily ours) has exited, or ``timeout``:
-    a pidfd is readable once its process is dead, its files closed."""
-    fds: list[int] = []
-    for p in pids:
-        with contextlib.suppress(OSError):  # gone already
-            fds.append(os.pidfd_open(p))
-    deadline = time.monotonic() + timeout
-    try:
-        while fds:
-            ready, _, _ = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return
-            for fd in ready:
-                fds.remove(fd)
-                os.close(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def _ns_pids(pid: int) -> list[int]:

@@ -16,7 +16,8 @@ waits for its job: the test runs in it, with no init and no second fork. What th
 does in the other layout is shared out: the runner scans its own upper layer before
 "end" (a ``changes`` frame, ``enter_built``); the holder reaps the test's orphans as
 they die, and the server kills and reports the holder's children it did not fork as
-zygotes (``Spawner.orphans``); the server waits for a runner that still holds a socket (``holds_sockets``).
+zygotes (``Spawner.orphans``), and waits until they are gone; it also waits for a
+runner that still holds a socket (``holds_sockets``).
 One thing the init does better: the runner scans its own layer, so a test whose process
 dies before its end (a crash, ``os._exit``, a signal, its timeout) or that gave up root
 (``setuid``) lists no changes (its outcome says why it ended). Measured (bench.py, a
